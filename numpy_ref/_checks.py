@@ -1,0 +1,97 @@
+"""Input validation shared by every public op (DESIGN.md, "Bad input").
+
+Every public function validates before it computes. A wrong rank or size is a `ValueError`, a
+wrong dtype (integer data, float16, mixed float32/float64) is a `TypeError`; each message names
+the argument, what was expected and what was received, so a user can fix the call without
+reading our source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(name: str, a: Any, labels: Sequence[str]) -> np.ndarray:
+    """Return `a` as a float32/float64 ndarray of rank ``len(labels)``.
+
+    `labels` names the axes (for example ``("T", "B", "I")``) and only serves the error
+    message. Strided and Fortran-ordered arrays are returned as they are (no copy).
+    """
+    if not isinstance(a, np.ndarray):
+        raise TypeError(
+            f"{name}: expected a numpy.ndarray [{', '.join(labels)}], got {type(a).__name__}"
+        )
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
+    if a.ndim != len(labels):
+        raise ValueError(
+            f"{name}: expected a {len(labels)}-D array [{', '.join(labels)}], "
+            f"got shape {a.shape}"
+        )
+    return a
+
+
+def same_dtype(name: str, a: np.ndarray, dtype: np.dtype, reference: str) -> None:
+    """Raise `TypeError` unless `a` has the dtype of the reference argument."""
+    if a.dtype != dtype:
+        raise TypeError(
+            f"{name}: dtype {a.dtype} does not match {reference}'s dtype {dtype} "
+            "(cast one of them; mixed precision is not supported)"
+        )
+
+
+def shape_is(name: str, a: np.ndarray, expected: tuple[int, ...], labels: str) -> None:
+    """Raise `ValueError` unless ``a.shape == expected``; `labels` spells the axes out."""
+    if a.shape != tuple(expected):
+        raise ValueError(f"{name}: expected shape {labels} = {tuple(expected)}, got {a.shape}")
+
+
+def lengths_array(lengths: Any, batch: int, steps: int, name: str = "lengths") -> np.ndarray:
+    """Return `lengths` as an int64 array [B], each value in 1..T.
+
+    Accepts a numpy integer array or a sequence of Python ints. A length of 0 is refused: an
+    empty sequence has no last step (LSTM) and an all-masked row has no softmax (attention).
+    """
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"{name}: expected shape [B] = ({batch},), got {arr.shape}")
+    if batch and (arr.min() < 1 or arr.max() > steps):
+        raise ValueError(
+            f"{name}: every length must be in 1..{steps}, got min {arr.min()} and max {arr.max()}"
+        )
+    return arr.astype(np.int64)
+
+
+def param(
+    params: Mapping[str, Any],
+    key: str,
+    expected: tuple[int, ...],
+    labels: str,
+    dtype: np.dtype,
+    reference: str,
+) -> np.ndarray:
+    """Fetch ``params[key]`` and check it is an ndarray of the given shape and dtype."""
+    if key not in params:
+        raise ValueError(f"params: missing key {key!r} (expected shape {labels} = {expected})")
+    a = params[key]
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"params[{key!r}]: expected a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"params[{key!r}]: expected dtype float32 or float64, got {a.dtype}")
+    same_dtype(f"params[{key!r}]", a, dtype, reference)
+    shape_is(f"params[{key!r}]", a, expected, labels)
+    return a
+
+
+def no_unexpected_keys(params: Mapping[str, Any], allowed: set[str], hint: str) -> None:
+    """Raise `ValueError` if `params` holds keys the options do not use (e.g. an extra layer)."""
+    extra = sorted(set(params) - allowed)
+    if extra:
+        raise ValueError(f"params: unexpected keys {extra}; {hint}")

@@ -1,0 +1,506 @@
+r"""LSTM forward and backward in NumPy, with `torch.nn.LSTM`'s exact semantics. No autograd.
+
+Shapes
+------
+T  time steps                    B  batch
+I  input size (layer 0)          H  hidden (cell) size
+P  projection size (proj_size)   Ho output size of one direction: P if proj_size > 0 else H
+D  directions (1, or 2 when bidirectional)
+L  layers; layer k > 0 reads the previous layer's output, so its input size is D * Ho
+
+Forward, one step of one direction (gate order i, f, g, o, as PyTorch stores them)
+-------------------------------------------------------------------------------------
+    a_t  = x_t W_ih^T + b_ih + b_hh + h_{t-1} W_hh^T           [B, 4H] pre-activations
+    i, f, g, o = sigmoid(a_i), sigmoid(a_f), tanh(a_g), sigmoid(a_o)      each [B, H]
+    c_t  = f * c_{t-1} + i * g                                  [B, H]
+    r_t  = o * tanh(c_t)                                        [B, H]
+    h_t  = r_t W_hr^T  if proj_size > 0  else  r_t              [B, Ho]
+
+The input projection ``x W_ih^T + b_ih + b_hh`` of all T steps is one matrix product before the
+time loop. The reverse direction runs the same recurrence from t = T-1 down to 0.
+
+Variable lengths (torch's pack_padded_sequence(enforce_sorted=False) + pad_packed_sequence)
+--------------------------------------------------------------------------------------------
+Let m_t[b] = (t < lengths[b]). A padded step leaves the state alone and outputs exactly zero:
+
+    h_t = m_t ? h_t^new : h_{t-1}      c_t = m_t ? c_t^new : c_{t-1}      out_t = m_t ? h_t^new : 0
+
+so the forward direction's final state is the state at each row's last real step, and the
+reverse direction, walking down from T-1, keeps (h0, c0) untouched until it reaches that step.
+
+Backward (backpropagation through time), one direction, walking the forward loop in reverse
+---------------------------------------------------------------------------------------------
+Carry dh = dL/dh_t and dc = dL/dc_t (initialised from d_h_n, d_c_n). At step t:
+
+    dh^new = m_t * (d_out_t + dh)              dh_keep = (1 - m_t) * dh      (same for dc)
+    dr     = dh^new W_hr   (or dh^new)         dW_hr  += dh^new^T r_t
+    do     = dr * tanh(c_t)
+    dc^new = dc^new + dr * o * (1 - tanh(c_t)^2)
+    di, df, dg = dc^new * g, dc^new * c_{t-1}, dc^new * i
+    da     = [di i(1-i), df f(1-f), dg (1-g^2), do o(1-o)]                 [B, 4H]
+    dh     = da W_hh + dh_keep                 dc = dc^new * f + dc_keep
+
+After the loop, with every step's da stacked as [T*B, 4H], the weight gradients are one matrix
+product each: dW_ih = da^T x, dW_hh = da^T h_{t-1}, db_ih = db_hh = sum(da), dx = da W_ih; what
+is left in (dh, dc) is (d_h0, d_c0). Layers are processed last to first; a layer's dx is the
+previous layer's d_output.
+
+Parameters use `torch.nn.LSTM.state_dict()` names and shapes, e.g. ``weight_ih_l0`` [4H, I],
+``weight_hh_l1_reverse`` [4H, Ho], ``bias_ih_l0`` [4H], ``weight_hr_l0`` [P, H].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from numpy_ref import _checks
+
+# --------------------------------------------------------------------------------------------
+# pointwise helpers
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, accurate and overflow-free for any finite x (same dtype as x)."""
+    e = np.exp(-np.abs(x))  # in (0, 1]: never overflows
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _gates_forward(a: np.ndarray, c_prev: np.ndarray):
+    """Pre-activations a [B, 4H] and c_{t-1} [B, H] -> (gates [B, 4H] = i,f,g,o, c_t, tanh(c_t))."""
+    H = c_prev.shape[-1]
+    gates = np.empty_like(a)
+    gates[:, : 2 * H] = sigmoid(a[:, : 2 * H])  # i, f
+    gates[:, 2 * H : 3 * H] = np.tanh(a[:, 2 * H : 3 * H])  # g
+    gates[:, 3 * H :] = sigmoid(a[:, 3 * H :])  # o
+    i, f, g = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H]
+    c = f * c_prev + i * g
+    return gates, c, np.tanh(c)
+
+
+def _gates_backward(d_r, d_c, gates, c_prev, tanh_c):
+    """Undo `_gates_forward` and ``r = o * tanh(c)``.
+
+    (dL/dr [B, H], dL/dc_t [B, H]) -> (dL/da [B, 4H], dL/dc_{t-1} [B, H]).
+    """
+    H = c_prev.shape[-1]
+    i, f, g, o = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H], gates[:, 3 * H :]
+    d_c = d_c + d_r * o * (1 - tanh_c * tanh_c)  # r = o * tanh(c)
+    da = np.empty_like(gates)
+    da[:, :H] = d_c * g * i * (1 - i)  # c = f * c_prev + i * g, i = sigmoid(a_i)
+    da[:, H : 2 * H] = d_c * c_prev * f * (1 - f)
+    da[:, 2 * H : 3 * H] = d_c * i * (1 - g * g)  # g = tanh(a_g)
+    da[:, 3 * H :] = d_r * tanh_c * o * (1 - o)
+    return da, d_c * f
+
+
+# --------------------------------------------------------------------------------------------
+# one step: the cell (parameters named as torch.nn.LSTMCell's, plus an optional weight_hr)
+
+
+class LSTMCellCache(NamedTuple):
+    """What `lstm_cell_backward` needs from one `lstm_cell_forward` call."""
+
+    x: np.ndarray  # [B, I]   input; read for d_weight_ih
+    h: np.ndarray  # [B, Ho]  previous hidden state; read for d_weight_hh
+    c: np.ndarray  # [B, H]   previous cell state; read for d_f
+    gates: np.ndarray  # [B, 4H]  activated gates i, f, g, o; read
+    tanh_c: np.ndarray  # [B, H]   tanh of the new cell state; read (r = o * tanh_c recomputed)
+    params: Mapping[str, np.ndarray]  # the weights; read
+
+
+def _cell_params(params: Mapping[str, Any], I: int, dtype: np.dtype):
+    if "weight_hh" not in params or not isinstance(params["weight_hh"], np.ndarray):
+        raise ValueError("params: missing key 'weight_hh' (expected shape [4H, Ho])")
+    w_hh = params["weight_hh"]
+    if w_hh.ndim != 2 or w_hh.shape[0] % 4:
+        raise ValueError(f"params['weight_hh']: expected shape [4H, Ho], got {w_hh.shape}")
+    H = w_hh.shape[0] // 4
+    P = params["weight_hr"].shape[0] if "weight_hr" in params else 0
+    Ho = P or H
+    p = {
+        "weight_ih": _checks.param(params, "weight_ih", (4 * H, I), "[4H, I]", dtype, "x"),
+        "weight_hh": _checks.param(params, "weight_hh", (4 * H, Ho), "[4H, Ho]", dtype, "x"),
+        "bias_ih": _checks.param(params, "bias_ih", (4 * H,), "[4H]", dtype, "x"),
+        "bias_hh": _checks.param(params, "bias_hh", (4 * H,), "[4H]", dtype, "x"),
+    }
+    if P:
+        p["weight_hr"] = _checks.param(params, "weight_hr", (P, H), "[P, H]", dtype, "x")
+    _checks.no_unexpected_keys(params, set(p), "an LSTM cell has weight_ih, weight_hh, "
+                               "bias_ih, bias_hh and optionally weight_hr")
+    return p, H, Ho
+
+
+def lstm_cell_forward(
+    x: np.ndarray, h: np.ndarray, c: np.ndarray, params: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, LSTMCellCache]:
+    """One LSTM step, as `torch.nn.LSTMCell` (plus projection when ``weight_hr`` is given).
+
+    Parameters
+    ----------
+    x : [B, I] input.  h : [B, Ho] previous hidden state.  c : [B, H] previous cell state.
+    params : ``weight_ih`` [4H, I], ``weight_hh`` [4H, Ho], ``bias_ih`` [4H], ``bias_hh`` [4H],
+        optional ``weight_hr`` [P, H] (then Ho = P).
+
+    Returns
+    -------
+    h_new [B, Ho], c_new [B, H], cache.
+    """
+    x = _checks.float_array("x", x, ("B", "I"))
+    h = _checks.float_array("h", h, ("B", "Ho"))
+    c = _checks.float_array("c", c, ("B", "H"))
+    B, I = x.shape
+    p, H, Ho = _cell_params(params, I, x.dtype)
+    for name, a, shape, labels in (("h", h, (B, Ho), "[B, Ho]"), ("c", c, (B, H), "[B, H]")):
+        _checks.same_dtype(name, a, x.dtype, "x")
+        _checks.shape_is(name, a, shape, labels)
+    a = x @ p["weight_ih"].T + p["bias_ih"] + p["bias_hh"] + h @ p["weight_hh"].T
+    gates, c_new, tanh_c = _gates_forward(a, c)
+    r = gates[:, 3 * H :] * tanh_c
+    h_new = r @ p["weight_hr"].T if "weight_hr" in p else r
+    return h_new, c_new, LSTMCellCache(x, h, c, gates, tanh_c, p)
+
+
+def lstm_cell_backward(
+    d_h_new: np.ndarray, d_c_new: np.ndarray | None, cache: LSTMCellCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Backward of `lstm_cell_forward`.
+
+    Parameters
+    ----------
+    d_h_new : [B, Ho] gradient of the new hidden state.
+    d_c_new : [B, H] gradient of the new cell state, or None for zero.
+
+    Returns
+    -------
+    d_x [B, I], d_h [B, Ho], d_c [B, H], d_params (same keys and shapes as params).
+    """
+    x, h, c, gates, tanh_c, p = cache
+    H = c.shape[1]
+    d_h_new = _checks.float_array("d_h_new", d_h_new, ("B", "Ho"))
+    _checks.same_dtype("d_h_new", d_h_new, x.dtype, "x")
+    _checks.shape_is("d_h_new", d_h_new, h.shape, "[B, Ho]")
+    if d_c_new is None:
+        d_c_new = np.zeros_like(c)
+    d_c_new = _checks.float_array("d_c_new", d_c_new, ("B", "H"))
+    _checks.same_dtype("d_c_new", d_c_new, x.dtype, "x")
+    _checks.shape_is("d_c_new", d_c_new, c.shape, "[B, H]")
+    grads = {}
+    if "weight_hr" in p:  # h_new = r @ weight_hr.T
+        r = gates[:, 3 * H :] * tanh_c
+        grads["weight_hr"] = d_h_new.T @ r
+        d_r = d_h_new @ p["weight_hr"]
+    else:
+        d_r = d_h_new
+    da, d_c = _gates_backward(d_r, d_c_new, gates, c, tanh_c)
+    grads["weight_ih"] = da.T @ x  # a = x @ weight_ih.T + ... + h @ weight_hh.T
+    grads["weight_hh"] = da.T @ h
+    grads["bias_ih"] = da.sum(axis=0)
+    grads["bias_hh"] = grads["bias_ih"].copy()
+    return da @ p["weight_ih"], da @ p["weight_hh"], d_c, {k: grads[k] for k in p}
+
+
+# --------------------------------------------------------------------------------------------
+# the full layer stack
+
+
+def _key(kind: str, layer: int, direction: int) -> str:
+    return f"{kind}_l{layer}{'_reverse' if direction else ''}"
+
+
+class LSTMDirectionCache(NamedTuple):
+    """One direction of one layer: what its backward needs."""
+
+    x: np.ndarray  # [T, B, In]  this layer's input; read for d_weight_ih
+    h_prev: np.ndarray  # [T, B, Ho]  hidden state entering step t; read for d_weight_hh
+    c_prev: np.ndarray  # [T, B, H]   cell state entering step t; read
+    gates: np.ndarray  # [T, B, 4H]  activated gates i, f, g, o; read
+    tanh_c: np.ndarray  # [T, B, H]   tanh(c_t^new); read (r_t = o * tanh_c recomputed)
+    reverse: bool  # whether this is the reverse direction
+
+
+class LSTMCache(NamedTuple):
+    """Everything `lstm_backward` needs from one `lstm_forward` call."""
+
+    directions: tuple[LSTMDirectionCache, ...]  # L*D entries, index 2*layer + direction
+    params: dict[str, np.ndarray]  # the validated weights; read
+    mask: np.ndarray | None  # [T, B, 1] bool, t < lengths[b]; None when no lengths
+    num_layers: int
+    bidirectional: bool
+    batch_first: bool
+    hidden_size: int  # H
+    output_size: int  # Ho
+
+
+def init_lstm_params(
+    input_size: int,
+    hidden_size: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    proj_size: int = 0,
+    rng: np.random.Generator | int | None = None,
+    dtype: Any = np.float64,
+) -> dict[str, np.ndarray]:
+    """Random LSTM parameters initialised as torch does: every entry ~ U(-1/sqrt(H), 1/sqrt(H)).
+
+    Returns a dict with `torch.nn.LSTM.state_dict()` keys, in the same order and shapes.
+    """
+    for name, v, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
+                         ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
+        if not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size: expected 0 <= proj_size < hidden_size = {hidden_size}, "
+                         f"got {proj_size}")
+    rng = np.random.default_rng(rng)
+    H, Ho, D = hidden_size, proj_size or hidden_size, 2 if bidirectional else 1
+    bound = 1.0 / np.sqrt(H)
+    shapes = {}
+    for layer in range(num_layers):
+        layer_in = input_size if layer == 0 else D * Ho
+        for d in range(D):
+            shapes[_key("weight_ih", layer, d)] = (4 * H, layer_in)
+            shapes[_key("weight_hh", layer, d)] = (4 * H, Ho)
+            shapes[_key("bias_ih", layer, d)] = (4 * H,)
+            shapes[_key("bias_hh", layer, d)] = (4 * H,)
+            if proj_size:
+                shapes[_key("weight_hr", layer, d)] = (proj_size, H)
+    return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}
+
+
+def _validate_lstm_params(params, I, num_layers, D, dtype):
+    """Check every key and shape; return (validated dict, H, P)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    w = params.get("weight_hh_l0")
+    if not isinstance(w, np.ndarray) or w.ndim != 2 or w.shape[0] % 4:
+        got = w.shape if isinstance(w, np.ndarray) else type(w).__name__
+        raise ValueError(f"params['weight_hh_l0']: expected an array [4H, Ho], got {got}")
+    H = w.shape[0] // 4
+    hr = params.get("weight_hr_l0")
+    P = hr.shape[0] if isinstance(hr, np.ndarray) and hr.ndim == 2 else 0
+    Ho = P or H
+    p = {}
+    for layer in range(num_layers):
+        layer_in = I if layer == 0 else D * Ho
+        for d in range(D):
+            for kind, shape, labels in (
+                ("weight_ih", (4 * H, layer_in), "[4H, I]" if layer == 0 else "[4H, D*Ho]"),
+                ("weight_hh", (4 * H, Ho), "[4H, Ho]"),
+                ("bias_ih", (4 * H,), "[4H]"),
+                ("bias_hh", (4 * H,), "[4H]"),
+            ) + ((("weight_hr", (P, H), "[P, H]"),) if P else ()):
+                k = _key(kind, layer, d)
+                p[k] = _checks.param(params, k, shape, labels, dtype, "x")
+    _checks.no_unexpected_keys(
+        params, set(p),
+        f"they do not fit num_layers={num_layers}, bidirectional={D == 2}, "
+        f"proj_size={P} (check those options)",
+    )
+    return p, H, Ho
+
+
+def lstm_forward(
+    x: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    h0: np.ndarray | None = None,
+    c0: np.ndarray | None = None,
+    lengths: Any = None,
+    dropout: float = 0.0,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], LSTMCache]:
+    """Multi-layer (bi)directional LSTM forward, as `torch.nn.LSTM`.
+
+    Parameters
+    ----------
+    x : [T, B, I] (or [B, T, I] with ``batch_first``), float32 or float64.
+    params : `torch.nn.LSTM.state_dict()` names and shapes, the dtype of x.
+    h0 : [L*D, B, Ho] and c0 : [L*D, B, H] initial states (never batch-first); zeros if None.
+        Give both or neither.
+    lengths : integer [B], each in 1..T, or None. Same result as packing the batch with
+        ``pack_padded_sequence(enforce_sorted=False)`` and padding the output back to T.
+    dropout : only 0 is accepted; inter-layer dropout is random and not part of a reference.
+
+    Returns
+    -------
+    output : [T, B, D*Ho] (or [B, T, D*Ho]), zero at padded steps.
+    (h_n [L*D, B, Ho], c_n [L*D, B, H]) : final states, index ``2*layer + direction``.
+    cache : `LSTMCache` for `lstm_backward`.
+    """
+    if dropout != 0:
+        raise ValueError(f"dropout: inter-layer dropout is random and not part of the "
+                         f"reference; expected 0, got {dropout!r}")
+    if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
+    x = _checks.float_array("x", x, ("B", "T", "I") if batch_first else ("T", "B", "I"))
+    xt = x.transpose(1, 0, 2) if batch_first else x  # [T, B, I]
+    T, B, I = xt.shape
+    if T == 0 or B == 0:
+        raise ValueError(f"x: expected at least one step and one row, got shape {x.shape}")
+    D = 2 if bidirectional else 1
+    p, H, Ho = _validate_lstm_params(params, I, num_layers, D, x.dtype)
+    if (h0 is None) != (c0 is None):
+        raise ValueError("h0, c0: give both initial states or neither")
+    if h0 is None:
+        h0 = np.zeros((num_layers * D, B, Ho), x.dtype)
+        c0 = np.zeros((num_layers * D, B, H), x.dtype)
+    for name, a, size in (("h0", h0, "Ho"), ("c0", c0, "H")):
+        _checks.float_array(name, a, ("L*D", "B", size))
+        _checks.same_dtype(name, a, x.dtype, "x")
+        _checks.shape_is(name, a, (num_layers * D, B, Ho if size == "Ho" else H),
+                         f"[L*D, B, {size}]")
+    mask = None
+    if lengths is not None:
+        lengths = _checks.lengths_array(lengths, B, T)
+        mask = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]  # [T, B, 1]
+
+    layer_input = xt
+    caches, h_n, c_n = [], [], []
+    for layer in range(num_layers):
+        outputs = []
+        for d in range(D):
+            k = layer * D + d
+            out, h, c, cache = _direction_forward(
+                layer_input, h0[k], c0[k], p[_key("weight_ih", layer, d)],
+                p[_key("weight_hh", layer, d)],
+                p[_key("bias_ih", layer, d)] + p[_key("bias_hh", layer, d)],
+                p.get(_key("weight_hr", layer, d)), mask, reverse=d == 1,
+            )
+            outputs.append(out)
+            caches.append(cache)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = np.concatenate(outputs, axis=-1) if D == 2 else outputs[0]  # [T, B, D*Ho]
+    output = layer_input.transpose(1, 0, 2) if batch_first else layer_input
+    cache = LSTMCache(tuple(caches), p, mask, num_layers, bool(bidirectional),
+                      bool(batch_first), H, Ho)
+    return output, (np.stack(h_n), np.stack(c_n)), cache
+
+
+def _direction_forward(x, h, c, w_ih, w_hh, bias, w_hr, mask, reverse):
+    """Run one direction over x [T, B, In]; return (out [T, B, Ho], h_last, c_last, cache)."""
+    T, B, _ = x.shape
+    H, Ho = c.shape[1], h.shape[1]
+    xw = (x.reshape(T * B, -1) @ w_ih.T + bias).reshape(T, B, 4 * H)  # all steps at once
+    out = np.zeros((T, B, Ho), x.dtype)
+    h_prev = np.empty((T, B, Ho), x.dtype)
+    c_prev = np.empty((T, B, H), x.dtype)
+    gates = np.empty((T, B, 4 * H), x.dtype)
+    tanh_c = np.empty((T, B, H), x.dtype)
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        h_prev[t], c_prev[t] = h, c
+        gates[t], c_new, tanh_c[t] = _gates_forward(xw[t] + h @ w_hh.T, c)
+        h_new = gates[t, :, 3 * H :] * tanh_c[t]  # r_t
+        if w_hr is not None:
+            h_new = h_new @ w_hr.T
+        if mask is None:
+            h, c = h_new, c_new
+            out[t] = h_new
+        else:  # padded rows keep their state and output 0
+            h, c = np.where(mask[t], h_new, h), np.where(mask[t], c_new, c)
+            out[t] = np.where(mask[t], h_new, 0)
+    return out, h, c, LSTMDirectionCache(x, h_prev, c_prev, gates, tanh_c, reverse)
+
+
+def lstm_backward(
+    d_output: np.ndarray,
+    cache: LSTMCache,
+    *,
+    d_h_n: np.ndarray | None = None,
+    d_c_n: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Backpropagation through time for `lstm_forward`.
+
+    Parameters
+    ----------
+    d_output : gradient of `output`, same shape ([T, B, D*Ho], or [B, T, D*Ho] when batch-first).
+        Entries at padded steps are ignored (the output there is a constant 0).
+    d_h_n : [L*D, B, Ho] and d_c_n : [L*D, B, H] gradients of the final states, or None (zero).
+
+    Returns
+    -------
+    d_x : like x.  d_params : dict with the keys and shapes of params.
+    (d_h0 [L*D, B, Ho], d_c0 [L*D, B, H]) : gradients of the initial states (returned also when
+    the forward used the default zero states).
+    """
+    L, D = cache.num_layers, 2 if cache.bidirectional else 1
+    first = cache.directions[0]
+    T, B, _ = first.x.shape
+    H, Ho, dtype = cache.hidden_size, cache.output_size, first.x.dtype
+    out_labels = ("B", "T", "D*Ho") if cache.batch_first else ("T", "B", "D*Ho")
+    d_output = _checks.float_array("d_output", d_output, out_labels)
+    _checks.same_dtype("d_output", d_output, dtype, "x")
+    expected = (B, T, D * Ho) if cache.batch_first else (T, B, D * Ho)
+    _checks.shape_is("d_output", d_output, expected, f"[{', '.join(out_labels)}]")
+    finals = []
+    for name, a, size in (("d_h_n", d_h_n, "Ho"), ("d_c_n", d_c_n, "H")):
+        shape = (L * D, B, Ho if size == "Ho" else H)
+        if a is None:
+            a = np.zeros(shape, dtype)
+        _checks.float_array(name, a, ("L*D", "B", size))
+        _checks.same_dtype(name, a, dtype, "x")
+        _checks.shape_is(name, a, shape, f"[L*D, B, {size}]")
+        finals.append(a)
+    d_h_n, d_c_n = finals
+
+    d_layer_out = d_output.transpose(1, 0, 2) if cache.batch_first else d_output  # [T, B, D*Ho]
+    grads: dict[str, np.ndarray] = {}
+    d_h0 = np.empty((L * D, B, Ho), dtype)
+    d_c0 = np.empty((L * D, B, H), dtype)
+    for layer in range(L - 1, -1, -1):
+        d_x = None
+        for d in range(D):
+            k = layer * D + d
+            w_hr = cache.params.get(_key("weight_hr", layer, d))
+            dx, g, d_h0[k], d_c0[k] = _direction_backward(
+                d_layer_out[:, :, d * Ho : (d + 1) * Ho], d_h_n[k], d_c_n[k],
+                cache.directions[k], cache.params[_key("weight_ih", layer, d)],
+                cache.params[_key("weight_hh", layer, d)], w_hr, cache.mask,
+            )
+            d_x = dx if d_x is None else d_x + dx  # both directions read the same input
+            for kind, v in g.items():
+                grads[_key(kind, layer, d)] = v
+        d_layer_out = d_x
+    d_x = d_layer_out.transpose(1, 0, 2) if cache.batch_first else d_layer_out
+    return d_x, {k: grads[k] for k in cache.params}, (d_h0, d_c0)
+
+
+def _direction_backward(d_out, d_h, d_c, cache, w_ih, w_hh, w_hr, mask):
+    """BPTT through one direction; returns (d_x [T, B, In], grads, d_h0 [B, Ho], d_c0 [B, H])."""
+    x, h_prev, c_prev, gates, tanh_c, reverse = cache
+    T, B, _ = x.shape
+    H, Ho = c_prev.shape[2], h_prev.shape[2]
+    da = np.zeros((T, B, 4 * H), x.dtype)  # dL/da_t for every step
+    d_h_new = np.zeros((T, B, Ho), x.dtype) if w_hr is not None else None
+    for t in range(T) if reverse else range(T - 1, -1, -1):  # the forward loop, backwards
+        d_hn = d_out[t] + d_h  # out_t = h_t^new, and h_t = h_t^new on real steps
+        d_cn = d_c
+        if mask is not None:  # h_t = m ? h_t^new : h_{t-1}, same for c
+            d_hn, d_h = np.where(mask[t], d_hn, 0), np.where(mask[t], 0, d_h)
+            d_cn, d_c = np.where(mask[t], d_cn, 0), np.where(mask[t], 0, d_c)
+        else:
+            d_h, d_c = 0, 0
+        if w_hr is not None:  # h^new = r @ w_hr.T
+            d_h_new[t] = d_hn
+            d_hn = d_hn @ w_hr
+        da[t], d_c_prev = _gates_backward(d_hn, d_cn, gates[t], c_prev[t], tanh_c[t])
+        d_h = da[t] @ w_hh + d_h  # a_t = ... + h_{t-1} @ w_hh.T
+        d_c = d_c_prev + d_c
+    da2 = da.reshape(T * B, 4 * H)
+    d_bias = da2.sum(axis=0)
+    grads = {
+        "weight_ih": da2.T @ x.reshape(T * B, -1),  # xw = x @ w_ih.T + b_ih + b_hh
+        "weight_hh": da2.T @ h_prev.reshape(T * B, Ho),
+        "bias_ih": d_bias,
+        "bias_hh": d_bias.copy(),
+    }
+    if w_hr is not None:
+        r = (gates[:, :, 3 * H :] * tanh_c).reshape(T * B, H)
+        grads["weight_hr"] = d_h_new.reshape(T * B, Ho).T @ r
+    return (da2 @ w_ih).reshape(T, B, -1), grads, d_h, d_c

@@ -1,0 +1,45 @@
+"""Shared test configuration: hypothesis profiles, the device parametrization, CUDA policy.
+
+Hypothesis profile, chosen by ``HYPOTHESIS_PROFILE`` (default: ``ci`` when ``CI`` is set, else
+``dev``):
+- ``ci``: hypothesis' own ``ci`` profile (derandomized, no database) with our settings on top.
+- ``dev``: fewer examples, for a quick local loop.
+- ``thorough``: 500 examples per property, for a long run before a release.
+No profile has a deadline: a Numba kernel's first call compiles for about a second.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+_common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=60, **_common)
+settings.register_profile("dev", max_examples=25, **_common)
+settings.register_profile("thorough", max_examples=500, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# CPU-vs-CUDA comparisons are made in true float32: TF32 would lose 13 mantissa bits.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``cuda`` cleanly when torch sees no GPU."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", params=["cpu", "cuda"] if HAS_CUDA else ["cpu"])
+def device(request: pytest.FixtureRequest) -> str:
+    """Every torch device this machine has: ``cpu``, and ``cuda`` when available."""
+    return request.param

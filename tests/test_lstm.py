@@ -1,0 +1,387 @@
+"""numpy_ref's LSTM against torch.nn.LSTM / LSTMCell, and against its own finite differences.
+
+The torch reference packs the batch with ``pack_padded_sequence(enforce_sorted=False)`` and pads
+it back with ``pad_packed_sequence(total_length=T)`` when there are lengths; gradients are taken
+with ``torch.autograd.grad`` under random cotangents on output, h_n and c_n together. Every
+weight and bias is random, and ``bias_ih != bias_hh``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from policy import assert_allclose_named, assert_close_policy
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import numpy_ref as ref
+from torch_impl import load_numpy_
+
+
+class Case(NamedTuple):
+    T: int
+    B: int
+    I: int
+    H: int
+    P: int  # proj_size, 0 for none
+    L: int
+    bidirectional: bool
+    batch_first: bool
+    use_h0: bool
+    lengths: tuple[int, ...] | None
+    seed: int
+
+    @property
+    def D(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def Ho(self) -> int:
+        return self.P or self.H
+
+
+SIZES = st.sampled_from([1, 2, 3, 5, 7, 8])
+
+
+@st.composite
+def lstm_cases(draw) -> Case:
+    T, B, I, H = draw(st.integers(1, 9)), draw(st.integers(1, 5)), draw(SIZES), draw(SIZES)
+    P = draw(st.integers(0, H - 1)) if H > 1 and draw(st.booleans()) else 0
+    lengths = None
+    if draw(st.booleans()):
+        lengths = tuple(draw(st.lists(st.integers(1, T), min_size=B, max_size=B)))
+    return Case(T, B, I, H, P, draw(st.integers(1, 3)), draw(st.booleans()), draw(st.booleans()),
+                draw(st.booleans()), lengths, draw(st.integers(0, 2**32 - 1)))
+
+
+def make_arrays(case: Case) -> dict:
+    """float64 inputs, params (non-zero, bias_ih != bias_hh) and cotangents for a case."""
+    rng = np.random.default_rng(case.seed)
+    params = ref.init_lstm_params(case.I, case.H, num_layers=case.L,
+                                  bidirectional=case.bidirectional, proj_size=case.P, rng=rng)
+    params = {k: v * 2.0 for k, v in params.items()}  # wider than torch's init: saturate gates
+    T, B, LD = case.T, case.B, case.L * case.D
+    x_shape = (B, T, case.I) if case.batch_first else (T, B, case.I)
+    out_shape = (*x_shape[:2], case.D * case.Ho)
+    return {
+        "params": params,
+        "x": rng.standard_normal(x_shape),
+        "h0": rng.standard_normal((LD, B, case.Ho)),
+        "c0": rng.standard_normal((LD, B, case.H)),
+        "d_output": rng.standard_normal(out_shape),
+        "d_h_n": rng.standard_normal((LD, B, case.Ho)),
+        "d_c_n": rng.standard_normal((LD, B, case.H)),
+    }
+
+
+def cast(arrays: dict, dtype) -> dict:
+    return {k: cast(v, dtype) if isinstance(v, dict) else v.astype(dtype)
+            for k, v in arrays.items()}
+
+
+def run_numpy_ref(case: Case, a: dict) -> dict[str, np.ndarray]:
+    """Our forward and backward; the result dict uses the names of `run_torch`."""
+    out, (h_n, c_n), cache = ref.lstm_forward(
+        a["x"], a["params"], num_layers=case.L, bidirectional=case.bidirectional,
+        batch_first=case.batch_first, h0=a["h0"] if case.use_h0 else None,
+        c0=a["c0"] if case.use_h0 else None,
+        lengths=None if case.lengths is None else np.array(case.lengths),
+    )
+    d_x, d_params, (d_h0, d_c0) = ref.lstm_backward(a["d_output"], cache, d_h_n=a["d_h_n"],
+                                                    d_c_n=a["d_c_n"])
+    res = {"output": out, "h_n": h_n, "c_n": c_n, "d_x": d_x, "d_h0": d_h0, "d_c0": d_c0}
+    res.update({f"d_{k}": v for k, v in d_params.items()})
+    return res
+
+
+def run_torch(case: Case, a: dict, device: str = "cpu") -> dict[str, np.ndarray]:
+    """torch.nn.LSTM forward and autograd backward in the dtype of the arrays in `a`.
+
+    Without ``use_h0`` the initial states are zeros that still require grad, so the gradient
+    of the implicit zero state (which numpy_ref returns) is checked as well.
+    """
+    t = {k: torch.tensor(v, device=device) for k, v in a.items() if k != "params"}
+    lstm = torch.nn.LSTM(case.I, case.H, num_layers=case.L, bidirectional=case.bidirectional,
+                         batch_first=case.batch_first, proj_size=case.P,
+                         dtype=t["x"].dtype, device=device)
+    load_numpy_(lstm, a["params"])
+    x = t["x"].requires_grad_()
+    h0 = (t["h0"] if case.use_h0 else torch.zeros_like(t["h0"])).requires_grad_()
+    c0 = (t["c0"] if case.use_h0 else torch.zeros_like(t["c0"])).requires_grad_()
+    if case.lengths is None:
+        out, (h_n, c_n) = lstm(x, (h0, c0))
+    else:
+        packed = pack_padded_sequence(x, torch.tensor(case.lengths), enforce_sorted=False,
+                                      batch_first=case.batch_first)
+        out, (h_n, c_n) = lstm(packed, (h0, c0))
+        out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=case.T)
+    names = [n for n, _ in lstm.named_parameters()]
+    grads = torch.autograd.grad([out, h_n, c_n], [x, h0, c0, *lstm.parameters()],
+                                [t["d_output"], t["d_h_n"], t["d_c_n"]])
+    res = {"output": out, "h_n": h_n, "c_n": c_n}
+    res.update(zip(["d_x", "d_h0", "d_c0"] + [f"d_{n}" for n in names], grads, strict=True))
+    return {k: v.detach().cpu().numpy() for k, v in res.items()}
+
+
+def check_case(case: Case, dtype=np.float64, device: str = "cpu") -> dict[str, float]:
+    """Compare numpy_ref with torch on `case` under the numerical policy; return the errors."""
+    a64 = make_arrays(case)
+    a = cast(a64, dtype)
+    ours = run_numpy_ref(case, a)
+    reference = run_torch(case, cast(a, np.float64))  # float64 on exactly our inputs
+    torch32 = run_torch(case, a, device) if dtype == np.float32 else {}
+    assert set(ours) == set(reference), sorted(set(ours) ^ set(reference))
+    errors = {}
+    for name, value in ours.items():
+        assert value.dtype == dtype, f"{name}: dtype {value.dtype}, expected {np.dtype(dtype)}"
+        errors[name] = assert_close_policy(name, value, reference[name],
+                                           torch32=torch32.get(name), grad=name.startswith("d_"))
+    return errors
+
+
+LARGEST_FLOAT64_ERROR: list[float] = [0.0]
+
+
+@given(case=lstm_cases())
+def test_lstm_forward_backward_matches_torch_float64(case: Case) -> None:
+    errors = check_case(case, np.float64)
+    LARGEST_FLOAT64_ERROR[0] = max(LARGEST_FLOAT64_ERROR[0], *errors.values())
+
+
+def test_report_largest_float64_error(capsys) -> None:
+    """Print the largest float64 error the property above saw (runs after it, same module)."""
+    with capsys.disabled():
+        print(f"\nlargest float64 |numpy_ref - torch| over the LSTM property: "
+              f"{LARGEST_FLOAT64_ERROR[0]:.3g}")
+    assert LARGEST_FLOAT64_ERROR[0] < 1e-9
+
+
+@given(case=lstm_cases())
+def test_lstm_forward_backward_float32_within_policy(case: Case, device: str) -> None:
+    check_case(case, np.float32, device)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(T=59, B=7, I=97, H=59, P=0, L=2, bidirectional=True, batch_first=False,
+             use_h0=True, lengths=(59, 1, 30, 58, 59, 7, 12), seed=1),
+        Case(T=33, B=1, I=1, H=111, P=17, L=1, bidirectional=True, batch_first=True,
+             use_h0=False, lengths=None, seed=2),
+    ],
+    ids=["T59-H59-bi-2layers-lengths", "T33-H111-proj17-batchfirst"],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_lstm_awkward_sizes_match_torch(case: Case, dtype, device: str) -> None:
+    check_case(case, dtype, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_lstm_matches_torch_cuda(dtype) -> None:
+    """numpy_ref against cuDNN: float64 to the float64 policy, float32 to CPU-vs-CUDA 1e-3."""
+    case = Case(T=17, B=5, I=7, H=59, P=0, L=2, bidirectional=True, batch_first=False,
+                use_h0=True, lengths=(17, 3, 9, 17, 1), seed=3)
+    a = cast(make_arrays(case), dtype)
+    ours, cuda = run_numpy_ref(case, a), run_torch(case, a, "cuda")
+    for name, value in ours.items():
+        if dtype == np.float64:
+            assert_close_policy(name, value, cuda[name], grad=name.startswith("d_"))
+        else:
+            assert_allclose_named(name, value, cuda[name], rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# finite differences: numpy_ref checked against itself, no torch involved
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(T=4, B=3, I=2, H=3, P=2, L=2, bidirectional=True, batch_first=False, use_h0=True,
+             lengths=(4, 1, 3), seed=4),
+        Case(T=3, B=2, I=3, H=2, P=0, L=1, bidirectional=False, batch_first=True, use_h0=True,
+             lengths=None, seed=5),
+    ],
+    ids=["bi-2layers-proj-lengths", "uni-batchfirst"],
+)
+def test_lstm_backward_matches_finite_differences(case: Case) -> None:
+    a = make_arrays(case)
+    lengths = None if case.lengths is None else np.array(case.lengths)
+
+    def loss() -> float:
+        out, (h_n, c_n), _ = ref.lstm_forward(
+            a["x"], a["params"], num_layers=case.L, bidirectional=case.bidirectional,
+            batch_first=case.batch_first, h0=a["h0"], c0=a["c0"], lengths=lengths)
+        return float(np.sum(out * a["d_output"]) + np.sum(h_n * a["d_h_n"])
+                     + np.sum(c_n * a["d_c_n"]))
+
+    ours = run_numpy_ref(case, a)
+    inputs = {"d_x": a["x"], "d_h0": a["h0"], "d_c0": a["c0"]}
+    inputs.update({f"d_{k}": v for k, v in a["params"].items()})
+    errors = ref.gradcheck(loss, inputs, {k: ours[k] for k in inputs}, rtol=1e-6, atol=1e-8)
+    assert max(errors.values()) < 1e-7
+
+
+# ---------------------------------------------------------------------------------------------
+# the single-step cell
+
+
+@given(B=st.integers(1, 5), I=SIZES, H=SIZES, seed=st.integers(0, 2**32 - 1))
+def test_lstm_cell_matches_torch_lstmcell_float64(B: int, I: int, H: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    cell = torch.nn.LSTMCell(I, H, dtype=torch.float64)
+    params = {k: rng.uniform(-1, 1, v.shape) for k, v in cell.state_dict().items()}
+    load_numpy_(cell, params)
+    x, h, c = rng.standard_normal((B, I)), rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    dh, dc = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    h_new, c_new, cache = ref.lstm_cell_forward(x, h, c, params)
+    d_x, d_h, d_c, d_params = ref.lstm_cell_backward(dh, dc, cache)
+
+    tx, th, tc = (torch.tensor(v, requires_grad=True) for v in (x, h, c))
+    t_h, t_c = cell(tx, (th, tc))
+    grads = torch.autograd.grad([t_h, t_c], [tx, th, tc, *cell.parameters()],
+                                [torch.tensor(dh), torch.tensor(dc)])
+    ours = [h_new, c_new, d_x, d_h, d_c, *(d_params[n] for n, _ in cell.named_parameters())]
+    names = ["h_new", "c_new", "d_x", "d_h", "d_c"] + [f"d_{n}" for n, _ in cell.named_parameters()]
+    for name, o, r in zip(names, ours, [t_h, t_c, *grads], strict=True):
+        assert_close_policy(name, o, r.detach().numpy())
+
+
+def test_lstm_cell_with_projection_equals_one_lstm_step() -> None:
+    """The cell with weight_hr is exactly one step of lstm_forward with proj_size."""
+    rng = np.random.default_rng(6)
+    params = ref.init_lstm_params(3, 5, proj_size=2, rng=rng)
+    x, h0, c0 = rng.standard_normal((1, 4, 3)), rng.standard_normal((1, 4, 2)), \
+        rng.standard_normal((1, 4, 5))
+    out, (h_n, c_n), cache = ref.lstm_forward(x, params, h0=h0, c0=c0)
+    cell_params = {k.removesuffix("_l0"): v for k, v in params.items()}
+    h1, c1, cell_cache = ref.lstm_cell_forward(x[0], h0[0], c0[0], cell_params)
+    np.testing.assert_allclose(h1, h_n[0], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(c1, c_n[0], rtol=1e-14, atol=1e-15)
+    dh, dc = rng.standard_normal((4, 2)), rng.standard_normal((4, 5))
+    d_x, d_p, (d_h0, d_c0) = ref.lstm_backward(np.zeros_like(out), cache, d_h_n=dh[None],
+                                               d_c_n=dc[None])
+    cx, ch, cc, cp = ref.lstm_cell_backward(dh, dc, cell_cache)
+    for name, a, b in [("d_x", cx, d_x[0]), ("d_h", ch, d_h0[0]), ("d_c", cc, d_c0[0])] + [
+        (f"d_{k}", cp[k.removesuffix("_l0")], v) for k, v in d_p.items()
+    ]:
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# properties of our own API
+
+
+def _small_case(**kw) -> Case:
+    base = dict(T=6, B=4, I=3, H=5, P=0, L=2, bidirectional=True, batch_first=False,
+                use_h0=True, lengths=(6, 2, 5, 1), seed=7)
+    return Case(**{**base, **kw})
+
+
+def test_lstm_noncontiguous_and_fortran_inputs_give_the_same_answer() -> None:
+    case = _small_case()
+    a = make_arrays(case)
+    expected = run_numpy_ref(case, a)
+    strided = dict(a)
+    for k in ("x", "h0", "c0", "d_output", "d_h_n", "d_c_n"):
+        strided[k] = np.asfortranarray(a[k])
+    strided["params"] = {k: np.asfortranarray(v) for k, v in a["params"].items()}
+    wide = np.zeros((*a["x"].shape[:2], 2 * a["x"].shape[2]))
+    wide[..., ::2] = a["x"]
+    strided["x"] = wide[..., ::2]  # every other column: not contiguous in any order
+    assert not strided["x"].flags.c_contiguous and not strided["x"].flags.f_contiguous
+    got = run_numpy_ref(case, strided)
+    for name in expected:
+        assert_allclose_named(name, got[name], expected[name], rtol=1e-13, atol=1e-14)
+
+
+def test_lstm_batch_first_is_a_transpose_of_time_major() -> None:
+    case = _small_case()
+    a = make_arrays(case)
+    tm = run_numpy_ref(case, a)
+    bf = dict(a, x=a["x"].transpose(1, 0, 2), d_output=a["d_output"].transpose(1, 0, 2))
+    got = run_numpy_ref(case._replace(batch_first=True), bf)
+    for name in tm:
+        want = tm[name].transpose(1, 0, 2) if name in ("output", "d_x") else tm[name]
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
+def test_lstm_backward_twice_on_one_cache_gives_the_same_gradients() -> None:
+    case = _small_case()
+    a = make_arrays(case)
+    _, _, cache = ref.lstm_forward(a["x"], a["params"], num_layers=2, bidirectional=True,
+                                   h0=a["h0"], c0=a["c0"], lengths=np.array(case.lengths))
+    first = ref.lstm_backward(a["d_output"], cache, d_h_n=a["d_h_n"], d_c_n=a["d_c_n"])
+    second = ref.lstm_backward(a["d_output"], cache, d_h_n=a["d_h_n"], d_c_n=a["d_c_n"])
+    np.testing.assert_array_equal(first[0], second[0])
+    for k in first[1]:
+        np.testing.assert_array_equal(first[1][k], second[1][k], err_msg=k)
+    np.testing.assert_array_equal(first[2][0], second[2][0])
+    np.testing.assert_array_equal(first[2][1], second[2][1])
+
+
+def test_lstm_padding_is_zero_and_ignored() -> None:
+    """Output at padded steps is exactly 0; x and d_output there change nothing."""
+    case = _small_case()
+    a = make_arrays(case)
+    base = run_numpy_ref(case, a)
+    lengths = np.array(case.lengths)
+    pad = np.arange(case.T)[:, None] >= lengths[None, :]  # [T, B]
+    assert np.all(base["output"][pad] == 0)
+    noisy = dict(a, x=a["x"].copy(), d_output=a["d_output"].copy())
+    noisy["x"][pad] = 1e3
+    noisy["d_output"][pad] = -7.0
+    got = run_numpy_ref(case, noisy)
+    for name in base:
+        if name == "d_x":
+            np.testing.assert_array_equal(got[name][~pad], base[name][~pad])
+            assert np.all(got[name][pad] == 0)
+        else:
+            np.testing.assert_array_equal(got[name], base[name], err_msg=name)
+
+
+def test_lstm_full_lengths_equal_no_lengths() -> None:
+    case = _small_case(lengths=None)
+    a = make_arrays(case)
+    got = run_numpy_ref(case._replace(lengths=(case.T,) * case.B), a)
+    want = run_numpy_ref(case, a)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_lstm_float32_in_float32_out() -> None:
+    case = _small_case(P=2)
+    got = run_numpy_ref(case, cast(make_arrays(case), np.float32))
+    assert {v.dtype for v in got.values()} == {np.dtype(np.float32)}
+
+
+def test_init_lstm_params_matches_torch_names_shapes_and_bounds() -> None:
+    lstm = torch.nn.LSTM(7, 9, num_layers=3, bidirectional=True, proj_size=4)
+    params = ref.init_lstm_params(7, 9, num_layers=3, bidirectional=True, proj_size=4, rng=0,
+                                  dtype=np.float32)
+    assert list(params) == list(lstm.state_dict())
+    for k, v in lstm.state_dict().items():
+        assert params[k].shape == tuple(v.shape) and params[k].dtype == np.float32, k
+        assert np.abs(params[k]).max() <= 1 / 3 and np.abs(params[k]).max() > 0.25, k
+    assert not np.array_equal(params["bias_ih_l0"], params["bias_hh_l0"])
+    same_seed = ref.init_lstm_params(7, 9, num_layers=3, bidirectional=True, proj_size=4, rng=0,
+                                     dtype=np.float32)
+    assert all(np.array_equal(params[k], same_seed[k]) for k in params)
+
+
+def test_seed_bilstm_state_dict_loads_as_is() -> None:
+    """``{k: v.numpy() for k, v in torch.nn.LSTM(...).state_dict().items()}`` is our params."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(4, 6, bidirectional=True)
+    params = {k: v.numpy() for k, v in lstm.state_dict().items()}
+    x = np.random.default_rng(8).standard_normal((5, 2, 4)).astype(np.float32)
+    out, (h_n, _), _ = ref.lstm_forward(x, params, bidirectional=True)
+    with torch.no_grad():
+        t_out, (t_h, _) = lstm(torch.from_numpy(x))
+    np.testing.assert_allclose(out, t_out.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_n, t_h.numpy(), rtol=1e-5, atol=1e-6)
