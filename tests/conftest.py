@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
-settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=60, **_common)
+settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=100, **_common)
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

@@ -1,0 +1,176 @@
+"""LSTM problems and backends for the registry in `benchmarks.cases`.
+
+Problem: a `torch.nn.LSTM`-style stack, time-major x [T, B, I], default zero initial states.
+forward+backward backpropagates random cotangents of output, h_n and c_n (never ``.sum()``,
+which would give every output the same weight), and returns the gradient of x and of every
+parameter. The reference is `numpy_ref` in float64 on the same inputs (the float32 inputs
+upcast exactly).
+
+Work: the matrix products, per layer and direction 2*T*B*4H*(In + H) flops forward (In = I for
+layer 0, D*H above it); the backward does twice that (d_x and d_weight_ih from the input
+product, d_h and d_weight_hh from the recurrent one), so forward+backward is 3x forward. The
+pointwise gate math is not counted. The floor is one GEMM with the flops of layer 0's direction,
+[T*B, I+H] @ [I+H, 4H]: the rate the LSTM would reach if its recurrence did not split the work
+into T products of only B rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import partial
+
+import numpy as np
+import torch
+
+from benchmarks.core import PASSES, Backend, Prepared, Problem
+from benchmarks.floors import gemm_floor
+from numpy_ref import init_lstm_params, lstm_backward, lstm_forward
+from torch_impl import load_numpy_
+
+FORWARD_NAMES = ("output", "h_n", "c_n")
+
+
+@dataclass(frozen=True)
+class LSTMInputs:
+    """One LSTM problem's inputs, all of one dtype."""
+
+    x: np.ndarray  # [T, B, I]
+    params: dict[str, np.ndarray]  # torch.nn.LSTM state_dict names and shapes
+    d_output: np.ndarray  # [T, B, D*H]  cotangent of output
+    d_h_n: np.ndarray  # [L*D, B, H]  cotangent of h_n
+    d_c_n: np.ndarray  # [L*D, B, H]  cotangent of c_n
+    num_layers: int
+    bidirectional: bool
+
+    def astype(self, dtype: np.dtype) -> LSTMInputs:
+        """The same inputs converted to `dtype` (exact when widening float32 to float64)."""
+        return replace(
+            self,
+            x=self.x.astype(dtype),
+            params={k: v.astype(dtype) for k, v in self.params.items()},
+            d_output=self.d_output.astype(dtype),
+            d_h_n=self.d_h_n.astype(dtype),
+            d_c_n=self.d_c_n.astype(dtype),
+        )
+
+
+def lstm_problem(
+    T: int,
+    B: int,
+    I: int,
+    H: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = True,
+    suites: tuple[str, ...] = ("default",),
+) -> Problem:
+    """An LSTM of sequence length T, batch B, input size I and hidden size H."""
+    D = 2 if bidirectional else 1
+    size = f"T{T},B{B},I{I},H{H}" + (f",L{num_layers}" if num_layers > 1 else "")
+    size += ",bi" if bidirectional else ""
+
+    def make(dtype: np.dtype, rng: np.random.Generator) -> LSTMInputs:
+        params = init_lstm_params(I, H, num_layers=num_layers, bidirectional=bidirectional,
+                                  rng=rng)
+        inputs = LSTMInputs(
+            x=rng.standard_normal((T, B, I)),
+            params=params,
+            d_output=rng.standard_normal((T, B, D * H)),
+            d_h_n=rng.standard_normal((num_layers * D, B, H)),
+            d_c_n=rng.standard_normal((num_layers * D, B, H)),
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+        )
+        return inputs.astype(dtype)
+
+    forward_gflop = sum(
+        D * 2 * T * B * 4 * H * ((I if layer == 0 else D * H) + H) for layer in range(num_layers)
+    ) / 1e9
+
+    def work(pass_: str) -> float:
+        return forward_gflop if pass_ == "forward" else 3 * forward_gflop
+
+    return Problem(
+        op="lstm",
+        size=size,
+        suites=suites,
+        make=make,
+        reference=lambda inputs, pass_: _numpy_lstm(inputs.astype(np.float64), pass_),
+        work=work,
+        floor=gemm_floor(T * B, I + H, 4 * H),
+    )
+
+
+def _numpy_lstm(inputs: LSTMInputs, pass_: str) -> dict[str, np.ndarray]:
+    """`numpy_ref`'s LSTM on `inputs`, in their dtype: the named forward outputs and gradients."""
+    output, (h_n, c_n), cache = lstm_forward(
+        inputs.x, inputs.params, num_layers=inputs.num_layers,
+        bidirectional=inputs.bidirectional,
+    )
+    result = {"output": output, "h_n": h_n, "c_n": c_n}
+    if pass_ == "forward+backward":
+        d_x, d_params, _ = lstm_backward(inputs.d_output, cache, d_h_n=inputs.d_h_n,
+                                         d_c_n=inputs.d_c_n)
+        result["d_x"] = d_x
+        result.update({f"d_{k}": v for k, v in d_params.items()})
+    return result
+
+
+def _prepare_numpy_ref(inputs: LSTMInputs, pass_: str) -> Prepared:
+    return Prepared(run=partial(_numpy_lstm, inputs, pass_), collect=lambda result: result)
+
+
+def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
+    """`torch.nn.LSTM` holding the same weights; forward under no_grad, backward by autograd."""
+    if device == "cuda":
+        # DESIGN.md's numerical policy: TF32 would put float32 rows near 1e-3 of the reference.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    I = inputs.x.shape[2]
+    H = inputs.params["weight_hh_l0"].shape[0] // 4
+    x = torch.from_numpy(inputs.x).to(device)
+    module = torch.nn.LSTM(I, H, num_layers=inputs.num_layers,
+                           bidirectional=inputs.bidirectional, dtype=x.dtype, device=device)
+    load_numpy_(module, inputs.params)
+
+    def synchronize() -> None:
+        if device == "cuda":  # CUDA calls return before the GPU is done; stop the clock after
+            torch.cuda.synchronize()
+
+    if pass_ == "forward":
+
+        def run() -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                output, (h_n, c_n) = module(x)
+            synchronize()
+            return output, h_n, c_n
+
+        names = FORWARD_NAMES
+    else:
+        x.requires_grad_(True)
+        param_names, leaves = zip(*module.named_parameters(), strict=True)
+        cotangents = tuple(torch.from_numpy(a).to(device)
+                           for a in (inputs.d_output, inputs.d_h_n, inputs.d_c_n))
+
+        def run() -> tuple[torch.Tensor, ...]:
+            output, (h_n, c_n) = module(x)
+            grads = torch.autograd.grad((output, h_n, c_n), (x, *leaves), cotangents)
+            synchronize()
+            return (output.detach(), h_n.detach(), c_n.detach(), *grads)
+
+        names = (*FORWARD_NAMES, "d_x", *(f"d_{k}" for k in param_names))
+
+    def collect(result: tuple[torch.Tensor, ...]) -> Mapping[str, np.ndarray]:
+        return {k: t.cpu().numpy() for k, t in zip(names, result, strict=True)}
+
+    return Prepared(run=run, collect=collect)
+
+
+NUMPY_REF = Backend(name="numpy_ref", op="lstm", device="cpu", passes=PASSES,
+                    prepare=_prepare_numpy_ref)
+TORCH_CPU = Backend(name="torch", op="lstm", device="cpu", passes=PASSES,
+                    prepare=partial(_prepare_torch, device="cpu"))
+TORCH_CUDA = Backend(name="torch", op="lstm", device="cuda", passes=PASSES,
+                     prepare=partial(_prepare_torch, device="cuda"),
+                     available=torch.cuda.is_available)
