@@ -36,12 +36,26 @@ def float_array(name: str, a: Any, labels: Sequence[str]) -> np.ndarray:
     return a
 
 
+def float_array_ranks(name: str, a: Any, options: Sequence[Sequence[str]]) -> np.ndarray:
+    """Like `float_array`, for an argument that may have one of several ranks.
+
+    `options` lists the accepted axis labels, e.g. ``(("B", "Hq"), ("B", "Tq", "Hq"))``.
+    """
+    by_rank = {len(labels): labels for labels in options}
+    if isinstance(a, np.ndarray) and a.ndim in by_rank:
+        return float_array(name, a, by_rank[a.ndim])
+    if isinstance(a, np.ndarray) and a.dtype in FLOAT_DTYPES:
+        accepted = " or ".join(f"{len(o)}-D [{', '.join(o)}]" for o in options)
+        raise ValueError(f"{name}: expected a {accepted} array, got shape {a.shape}")
+    return float_array(name, a, options[0])
+
+
 def same_dtype(name: str, a: np.ndarray, dtype: np.dtype, reference: str) -> None:
     """Raise `TypeError` unless `a` has the dtype of the reference argument."""
     if a.dtype != dtype:
         raise TypeError(
-            f"{name}: dtype {a.dtype} does not match {reference}'s dtype {dtype} "
-            "(cast one of them; mixed precision is not supported)"
+            f"{name}: dtype {a.dtype} does not match the dtype of {reference} ({dtype}); "
+            "cast one of them, mixed precision is not supported"
         )
 
 
@@ -67,6 +81,24 @@ def lengths_array(lengths: Any, batch: int, steps: int, name: str = "lengths") -
             f"{name}: every length must be in 1..{steps}, got min {arr.min()} and max {arr.max()}"
         )
     return arr.astype(np.int64)
+
+
+def leading_dim(params: Mapping[str, Any], key: str, ndim: int, labels: str) -> int:
+    """Size of the first axis of ``params[key]``, for parameters that fix a size (4H, A).
+
+    Checks only what is needed to read it (present, an ndarray, the right rank, non-empty);
+    `param` checks the full shape and dtype afterwards.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    if key not in params:
+        raise ValueError(f"params: missing key {key!r} (expected shape {labels})")
+    a = params[key]
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"params[{key!r}]: expected a numpy.ndarray, got {type(a).__name__}")
+    if a.ndim != ndim or a.shape[0] == 0:
+        raise ValueError(f"params[{key!r}]: expected shape {labels}, got {a.shape}")
+    return a.shape[0]
 
 
 def param(

@@ -111,14 +111,17 @@ class LSTMCellCache(NamedTuple):
     params: Mapping[str, np.ndarray]  # the weights; read
 
 
+def _hidden_size(params: Mapping[str, Any], key: str) -> int:
+    """H, read off ``params[key]`` = a weight_hh of shape [4H, Ho]."""
+    four_h = _checks.leading_dim(params, key, 2, "[4H, Ho]")
+    if four_h % 4:
+        raise ValueError(f"params[{key!r}]: expected shape [4H, Ho], got {params[key].shape}")
+    return four_h // 4
+
+
 def _cell_params(params: Mapping[str, Any], I: int, dtype: np.dtype):
-    if "weight_hh" not in params or not isinstance(params["weight_hh"], np.ndarray):
-        raise ValueError("params: missing key 'weight_hh' (expected shape [4H, Ho])")
-    w_hh = params["weight_hh"]
-    if w_hh.ndim != 2 or w_hh.shape[0] % 4:
-        raise ValueError(f"params['weight_hh']: expected shape [4H, Ho], got {w_hh.shape}")
-    H = w_hh.shape[0] // 4
-    P = params["weight_hr"].shape[0] if "weight_hr" in params else 0
+    H = _hidden_size(params, "weight_hh")
+    P = _checks.leading_dim(params, "weight_hr", 2, "[P, H]") if "weight_hr" in params else 0
     Ho = P or H
     p = {
         "weight_ih": _checks.param(params, "weight_ih", (4 * H, I), "[4H, I]", dtype, "x"),
@@ -273,15 +276,8 @@ def init_lstm_params(
 
 def _validate_lstm_params(params, I, num_layers, D, dtype):
     """Check every key and shape; return (validated dict, H, P)."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    w = params.get("weight_hh_l0")
-    if not isinstance(w, np.ndarray) or w.ndim != 2 or w.shape[0] % 4:
-        got = w.shape if isinstance(w, np.ndarray) else type(w).__name__
-        raise ValueError(f"params['weight_hh_l0']: expected an array [4H, Ho], got {got}")
-    H = w.shape[0] // 4
-    hr = params.get("weight_hr_l0")
-    P = hr.shape[0] if isinstance(hr, np.ndarray) and hr.ndim == 2 else 0
+    H = _hidden_size(params, "weight_hh_l0")
+    P = _checks.leading_dim(params, "weight_hr_l0", 2, "[P, H]") if "weight_hr_l0" in params else 0
     Ho = P or H
     p = {}
     for layer in range(num_layers):
