@@ -1,5 +1,24 @@
 """Numba-compiled versions of the hot ops, with the signatures of `numpy_ref`.
 
-Nothing is exported yet: the fused attention core and the LSTM kernels arrive with the
-kernels issue. Tests and benchmarks will swap backends by module (``numpy_ref`` <-> ``kernels``).
+Tests and benchmarks swap backends by module: ``kernels.attention_forward`` takes the same
+arguments, raises the same errors and returns the same results (to rounding) as
+``numpy_ref.attention_forward``. Compilation options live in `kernels._config` alone.
 """
+
+from kernels.attention import (
+    KernelAttentionCache,
+    KernelMaskedSoftmaxCache,
+    attention_backward,
+    attention_forward,
+    masked_softmax_backward,
+    masked_softmax_forward,
+)
+
+__all__ = [
+    "KernelAttentionCache",
+    "KernelMaskedSoftmaxCache",
+    "attention_backward",
+    "attention_forward",
+    "masked_softmax_backward",
+    "masked_softmax_forward",
+]

@@ -142,7 +142,8 @@ class AttentionCache(NamedTuple):
     single_query: bool  # whether query was [B, Hq] (outputs squeezed to match)
 
 
-def _validate_attention(query, keys, values, score, params, lengths):
+def validate_attention(query, keys, values, score, params, lengths):
+    """Check every forward argument; return (query, keys, values, params, lengths or None)."""
     query = _checks.float_array_ranks("query", query, (("B", "Hq"), ("B", "Tq", "Hq")))
     keys = _checks.float_array("keys", keys, ("B", "Tk", "Hk"))
     values = _checks.float_array("values", values, ("B", "Tk", "Hv"))
@@ -209,7 +210,7 @@ def attention_forward(
     -------
     context : [B, Hv] or [B, Tq, Hv].  weights : [B, Tk] or [B, Tq, Tk].  cache.
     """
-    query, keys, values, p, lengths = _validate_attention(query, keys, values, score, params,
+    query, keys, values, p, lengths = validate_attention(query, keys, values, score, params,
                                                           lengths)
     single = query.ndim == 2
     q = query[:, None, :] if single else query  # [B, Tq, Hq]
@@ -235,6 +236,30 @@ def attention_forward(
     return context, w, cache
 
 
+def validate_cotangents(
+    d_context: Any, d_weights: Any, sizes: tuple[int, int, int, int], single: bool,
+    dtype: np.dtype,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check d_context (and d_weights when given) against the forward's (B, Tq, Tk, Hv).
+
+    Returns them as [B, Tq, Hv] and [B, Tq, Tk] views (Tq = 1 for a single query).
+    """
+    B, Tq, Tk, Hv = sizes
+    labels = ("B", "Hv") if single else ("B", "Tq", "Hv")
+    d_context = _checks.float_array("d_context", d_context, labels)
+    _checks.same_dtype("d_context", d_context, dtype, "query")
+    _checks.shape_is("d_context", d_context, (B, Hv) if single else (B, Tq, Hv),
+                     f"[{', '.join(labels)}]")
+    if d_weights is not None:
+        labels = ("B", "Tk") if single else ("B", "Tq", "Tk")
+        d_weights = _checks.float_array("d_weights", d_weights, labels)
+        _checks.same_dtype("d_weights", d_weights, dtype, "query")
+        _checks.shape_is("d_weights", d_weights, (B, Tk) if single else (B, Tq, Tk),
+                         f"[{', '.join(labels)}]")
+        d_weights = d_weights[:, None, :] if single else d_weights
+    return (d_context[:, None, :] if single else d_context), d_weights
+
+
 def attention_backward(
     d_context: np.ndarray, cache: AttentionCache, *, d_weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -254,22 +279,12 @@ def attention_backward(
     """
     q, k, v, w, score, p, projected, single = cache
     B, Tq, Tk = w.shape
-    ctx_shape = (B, v.shape[2]) if single else (B, Tq, v.shape[2])
-    labels = ("B", "Hv") if single else ("B", "Tq", "Hv")
-    d_context = _checks.float_array("d_context", d_context, labels)
-    _checks.same_dtype("d_context", d_context, w.dtype, "query")
-    _checks.shape_is("d_context", d_context, ctx_shape, f"[{', '.join(labels)}]")
-    dc = d_context[:, None, :] if single else d_context  # [B, Tq, Hv]
-
+    dc, d_weights = validate_cotangents(d_context, d_weights, (B, Tq, Tk, v.shape[2]), single,
+                                        w.dtype)
     d_values = w.transpose(0, 2, 1) @ dc  # context = w @ values
     dw = dc @ v.transpose(0, 2, 1)  # [B, Tq, Tk]
     if d_weights is not None:
-        labels = ("B", "Tk") if single else ("B", "Tq", "Tk")
-        d_weights = _checks.float_array("d_weights", d_weights, labels)
-        _checks.same_dtype("d_weights", d_weights, w.dtype, "query")
-        _checks.shape_is("d_weights", d_weights, (B, Tk) if single else (B, Tq, Tk),
-                         f"[{', '.join(labels)}]")
-        dw = dw + (d_weights[:, None, :] if single else d_weights)
+        dw = dw + d_weights
     ds = w * (dw - np.sum(w * dw, axis=-1, keepdims=True))  # softmax VJP; 0 at masked keys
 
     d_params: dict[str, np.ndarray] = {}

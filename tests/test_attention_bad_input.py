@@ -10,12 +10,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from numpy_ref.attention import (
-    attention_backward,
-    attention_forward,
-    masked_softmax_backward,
-    masked_softmax_forward,
-)
+import kernels.attention
+import numpy_ref.attention
+
+# The two implementations of the attention API: kernels must reject exactly what numpy_ref does.
+BACKENDS = {"numpy_ref": numpy_ref.attention, "kernels": kernels.attention}
 
 B, Tq, Tk, H, Hv, A = 3, 2, 5, 4, 6, 7
 rng = np.random.default_rng(0)
@@ -36,232 +35,235 @@ def replaced(params: dict, key: str, value) -> dict:
     return {**params, key: value}
 
 
-def forward(**kw):
+def forward(m, **kw):
+    """m.attention_forward with the defaults above, `kw` overriding them (m: a backend)."""
     args = {"query": Q, "keys": K, "values": V, **kw}
-    return attention_forward(args.pop("query"), args.pop("keys"), args.pop("values"), **args)
+    return m.attention_forward(args.pop("query"), args.pop("keys"), args.pop("values"), **args)
 
 
-def general(**kw):
-    return forward(score="general", params=kw.pop("params", GENERAL), **kw)
+def general(m, **kw):
+    return forward(m, score="general", params=kw.pop("params", GENERAL), **kw)
 
 
-def additive(**kw):
-    return forward(score="additive", params=kw.pop("params", ADDITIVE), **kw)
+def additive(m, **kw):
+    return forward(m, score="additive", params=kw.pop("params", ADDITIVE), **kw)
 
 
-def backward(d_context=None, *, single=False, **kw):
-    context, _, cache = attention_forward(Q[:, 0] if single else Q, K, V)
-    return attention_backward(context if d_context is None else d_context, cache, **kw)
+def backward(m, d_context=None, *, single=False, **kw):
+    context, _, cache = m.attention_forward(Q[:, 0] if single else Q, K, V)
+    return m.attention_backward(context if d_context is None else d_context, cache, **kw)
 
 
-def softmax_backward(d_weights):
-    _, cache = masked_softmax_forward(S)
-    return masked_softmax_backward(d_weights, cache)
+def softmax_backward(m, d_weights):
+    _, cache = m.masked_softmax_forward(S)
+    return m.masked_softmax_backward(d_weights, cache)
 
 
 MIXED = r"does not match the dtype of query \(float64\)"
 
 CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     # ranks and types of query, keys, values
-    ("query rank 1", lambda: forward(query=Q[0, 0]), ValueError,
+    ("query rank 1", lambda m: forward(m, query=Q[0, 0]), ValueError,
      r"query: expected a 2-D \[B, Hq\] or 3-D \[B, Tq, Hq\] array, got shape \(4,\)"),
-    ("query rank 4", lambda: forward(query=Q[None]), ValueError,
+    ("query rank 4", lambda m: forward(m, query=Q[None]), ValueError,
      r"query: expected a 2-D \[B, Hq\] or 3-D \[B, Tq, Hq\] array, got shape \(1, 3, 2, 4\)"),
-    ("keys rank 2", lambda: forward(keys=K[0]), ValueError,
+    ("keys rank 2", lambda m: forward(m, keys=K[0]), ValueError,
      r"keys: expected a 3-D array \[B, Tk, Hk\], got shape \(5, 4\)"),
-    ("keys rank 4", lambda: forward(keys=K[None]), ValueError,
+    ("keys rank 4", lambda m: forward(m, keys=K[None]), ValueError,
      r"keys: expected a 3-D array \[B, Tk, Hk\], got shape \(1, 3, 5, 4\)"),
-    ("values rank 2", lambda: forward(values=V[0]), ValueError,
+    ("values rank 2", lambda m: forward(m, values=V[0]), ValueError,
      r"values: expected a 3-D array \[B, Tk, Hv\], got shape \(5, 6\)"),
-    ("query list", lambda: forward(query=Q.tolist()), TypeError,
+    ("query list", lambda m: forward(m, query=Q.tolist()), TypeError,
      r"query: expected a numpy.ndarray \[B, Hq\], got list"),
-    ("keys list", lambda: forward(keys=K.tolist()), TypeError,
+    ("keys list", lambda m: forward(m, keys=K.tolist()), TypeError,
      r"keys: expected a numpy.ndarray \[B, Tk, Hk\], got list"),
-    ("query integer", lambda: forward(query=Q.astype(np.int64)), TypeError,
+    ("query integer", lambda m: forward(m, query=Q.astype(np.int64)), TypeError,
      r"query: expected dtype float32 or float64, got int64"),
-    ("keys integer", lambda: forward(keys=K.astype(np.int32)), TypeError,
+    ("keys integer", lambda m: forward(m, keys=K.astype(np.int32)), TypeError,
      r"keys: expected dtype float32 or float64, got int32"),
-    ("values integer", lambda: forward(values=V.astype(np.int64)), TypeError,
+    ("values integer", lambda m: forward(m, values=V.astype(np.int64)), TypeError,
      r"values: expected dtype float32 or float64, got int64"),
-    ("query float16", lambda: forward(query=Q.astype(np.float16)), TypeError,
+    ("query float16", lambda m: forward(m, query=Q.astype(np.float16)), TypeError,
      r"query: expected dtype float32 or float64, got float16"),
     # sizes that do not fit together
-    ("query batch mismatch", lambda: forward(query=Q[:2]), ValueError,
+    ("query batch mismatch", lambda m: forward(m, query=Q[:2]), ValueError,
      r"query: batch 2 does not match keys' batch 3 \(query \(2, 2, 4\), keys \(3, 5, 4\)\)"),
-    ("one query, batch mismatch", lambda: forward(query=Q[:2, 0]), ValueError,
+    ("one query, batch mismatch", lambda m: forward(m, query=Q[:2, 0]), ValueError,
      r"query: batch 2 does not match keys' batch 3"),
-    ("values batch mismatch", lambda: forward(values=V[:2]), ValueError,
+    ("values batch mismatch", lambda m: forward(m, values=V[:2]), ValueError,
      r"values: expected shape \[B, Tk, Hv\] with \(B, Tk\) = \(3, 5\) from keys, "
      r"got \(2, 5, 6\)"),
-    ("values Tk mismatch", lambda: forward(values=V[:, :4]), ValueError,
+    ("values Tk mismatch", lambda m: forward(m, values=V[:, :4]), ValueError,
      r"values: expected shape \[B, Tk, Hv\] with \(B, Tk\) = \(3, 5\) from keys, "
      r"got \(3, 4, 6\)"),
-    ("no keys", lambda: forward(keys=K[:, :0], values=V[:, :0]), ValueError,
+    ("no keys", lambda m: forward(m, keys=K[:, :0], values=V[:, :0]), ValueError,
      r"keys: expected at least one key and one row, got shape \(3, 0, 4\)"),
-    ("empty batch", lambda: forward(query=Q[:0], keys=K[:0], values=V[:0]), ValueError,
+    ("empty batch", lambda m: forward(m, query=Q[:0], keys=K[:0], values=V[:0]), ValueError,
      r"keys: expected at least one key and one row, got shape \(0, 5, 4\)"),
-    ("no query steps", lambda: forward(query=Q[:, :0]), ValueError,
+    ("no query steps", lambda m: forward(m, query=Q[:, :0]), ValueError,
      r"query: expected at least one query step, got shape \(3, 0, 4\)"),
-    ("dot with Hq != Hk", lambda: forward(query=Q[..., :3]), ValueError,
+    ("dot with Hq != Hk", lambda m: forward(m, query=Q[..., :3]), ValueError,
      r"query: the 'dot' score needs Hq == Hk, got query \(3, 2, 3\) and keys \(3, 5, 4\)"),
-    ("scaled_dot with Hq != Hk", lambda: forward(query=Q[:, 0, :3], score="scaled_dot"),
+    ("scaled_dot with Hq != Hk", lambda m: forward(m, query=Q[:, 0, :3], score="scaled_dot"),
      ValueError, r"query: the 'scaled_dot' score needs Hq == Hk, got query \(3, 3\)"),
     # score and params
-    ("unknown score", lambda: forward(score="cosine"), ValueError,
+    ("unknown score", lambda m: forward(m, score="cosine"), ValueError,
      r"score: expected one of \('dot', 'scaled_dot', 'general', 'additive'\), got 'cosine'"),
-    ("score None", lambda: forward(score=None), ValueError,
+    ("score None", lambda m: forward(m, score=None), ValueError,
      r"score: expected one of .*, got None"),
-    ("params not a dict", lambda: general(params=[GENERAL["W"]]), TypeError,
+    ("params not a dict", lambda m: general(m, params=[GENERAL["W"]]), TypeError,
      r"params: expected a dict of arrays, got list"),
-    ("params to dot", lambda: forward(params=GENERAL), ValueError,
+    ("params to dot", lambda m: forward(m, params=GENERAL), ValueError,
      r"params: unexpected keys \['W'\]; the 'dot' score takes no params"),
-    ("params to scaled_dot", lambda: forward(score="scaled_dot", params=ADDITIVE), ValueError,
+    ("params to scaled_dot", lambda m: forward(m, score="scaled_dot", params=ADDITIVE), ValueError,
      r"params: unexpected keys \['W_key', 'W_query', 'v'\]; the 'scaled_dot' score takes "
      r"no params"),
-    ("general without params", lambda: general(params=None), ValueError,
+    ("general without params", lambda m: general(m, params=None), ValueError,
      r"params: missing key 'W' \(expected shape \[Hq, Hk\] = \(4, 4\)\)"),
-    ("general W transposed", lambda: general(query=Q[..., :3], params={"W": np.zeros((4, 3))}),
+    ("general W transposed", lambda m: general(m, query=Q[..., :3], params={"W": np.zeros((4, 3))}),
      ValueError, r"params\['W'\]: expected shape \[Hq, Hk\] = \(3, 4\), got \(4, 3\)"),
-    ("general W rank 1", lambda: general(params={"W": np.zeros(16)}), ValueError,
+    ("general W rank 1", lambda m: general(m, params={"W": np.zeros(16)}), ValueError,
      r"params\['W'\]: expected shape \[Hq, Hk\] = \(4, 4\), got \(16,\)"),
-    ("general W list", lambda: general(params={"W": GENERAL["W"].tolist()}), TypeError,
+    ("general W list", lambda m: general(m, params={"W": GENERAL["W"].tolist()}), TypeError,
      r"params\['W'\]: expected a numpy.ndarray, got list"),
-    ("general W integer", lambda: general(params={"W": np.zeros((4, 4), np.int64)}),
+    ("general W integer", lambda m: general(m, params={"W": np.zeros((4, 4), np.int64)}),
      TypeError, r"params\['W'\]: expected dtype float32 or float64, got int64"),
-    ("general W float32", lambda: general(params={"W": GENERAL["W"].astype(np.float32)}),
+    ("general W float32", lambda m: general(m, params={"W": GENERAL["W"].astype(np.float32)}),
      TypeError, r"params\['W'\]: dtype float32 " + MIXED),
-    ("general unexpected key", lambda: general(params=replaced(GENERAL, "b", np.zeros(4))),
+    ("general unexpected key", lambda m: general(m, params=replaced(GENERAL, "b", np.zeros(4))),
      ValueError, r"params: unexpected keys \['b'\]; the 'general' score takes \['W'\]"),
-    ("additive without params", lambda: additive(params=None), ValueError,
+    ("additive without params", lambda m: additive(m, params=None), ValueError,
      r"params: missing key 'W_query' \(expected shape \[A, Hq\]\)"),
-    ("additive missing W_query", lambda: additive(params=without(ADDITIVE, "W_query")),
+    ("additive missing W_query", lambda m: additive(m, params=without(ADDITIVE, "W_query")),
      ValueError, r"params: missing key 'W_query' \(expected shape \[A, Hq\]\)"),
-    ("additive W_query rank 1", lambda: additive(params=replaced(ADDITIVE, "W_query",
+    ("additive W_query rank 1", lambda m: additive(m, params=replaced(ADDITIVE, "W_query",
                                                                  np.zeros(A))),
      ValueError, r"params\['W_query'\]: expected shape \[A, Hq\], got \(7,\)"),
-    ("additive W_query with A = 0", lambda: additive(params=replaced(ADDITIVE, "W_query",
+    ("additive W_query with A = 0", lambda m: additive(m, params=replaced(ADDITIVE, "W_query",
                                                                      np.zeros((0, H)))),
      ValueError, r"params\['W_query'\]: expected shape \[A, Hq\], got \(0, 4\)"),
-    ("additive W_query wrong Hq", lambda: additive(params=replaced(ADDITIVE, "W_query",
+    ("additive W_query wrong Hq", lambda m: additive(m, params=replaced(ADDITIVE, "W_query",
                                                                    np.zeros((A, H + 1)))),
      ValueError, r"params\['W_query'\]: expected shape \[A, Hq\] = \(7, 4\), got \(7, 5\)"),
-    ("additive W_query list", lambda: additive(params=replaced(ADDITIVE, "W_query", [[0.0]])),
+    ("additive W_query list", lambda m: additive(m, params=replaced(ADDITIVE, "W_query", [[0.0]])),
      TypeError, r"params\['W_query'\]: expected a numpy.ndarray, got list"),
-    ("additive W_query integer", lambda: additive(params=replaced(ADDITIVE, "W_query",
+    ("additive W_query integer", lambda m: additive(m, params=replaced(ADDITIVE, "W_query",
                                                                   np.zeros((A, H), np.int64))),
      TypeError, r"params\['W_query'\]: expected dtype float32 or float64, got int64"),
-    ("additive W_query float32", lambda: additive(params=replaced(
+    ("additive W_query float32", lambda m: additive(m, params=replaced(
         ADDITIVE, "W_query", ADDITIVE["W_query"].astype(np.float32))), TypeError,
      r"params\['W_query'\]: dtype float32 " + MIXED),
-    ("additive missing W_key", lambda: additive(params=without(ADDITIVE, "W_key")), ValueError,
+    ("additive missing W_key", lambda m: additive(m, params=without(ADDITIVE, "W_key")), ValueError,
      r"params: missing key 'W_key' \(expected shape \[A, Hk\] = \(7, 4\)\)"),
-    ("additive W_key wrong A", lambda: additive(params=replaced(ADDITIVE, "W_key",
+    ("additive W_key wrong A", lambda m: additive(m, params=replaced(ADDITIVE, "W_key",
                                                                 np.zeros((A - 1, H)))),
      ValueError, r"params\['W_key'\]: expected shape \[A, Hk\] = \(7, 4\), got \(6, 4\)"),
-    ("additive W_key wrong Hk", lambda: additive(params=replaced(ADDITIVE, "W_key",
+    ("additive W_key wrong Hk", lambda m: additive(m, params=replaced(ADDITIVE, "W_key",
                                                                  np.zeros((A, H - 1)))),
      ValueError, r"params\['W_key'\]: expected shape \[A, Hk\] = \(7, 4\), got \(7, 3\)"),
-    ("additive W_key float32", lambda: additive(params=replaced(
+    ("additive W_key float32", lambda m: additive(m, params=replaced(
         ADDITIVE, "W_key", ADDITIVE["W_key"].astype(np.float32))), TypeError,
      r"params\['W_key'\]: dtype float32 " + MIXED),
-    ("additive missing v", lambda: additive(params=without(ADDITIVE, "v")), ValueError,
+    ("additive missing v", lambda m: additive(m, params=without(ADDITIVE, "v")), ValueError,
      r"params: missing key 'v' \(expected shape \[A\] = \(7,\)\)"),
-    ("additive v wrong A", lambda: additive(params=replaced(ADDITIVE, "v", np.zeros(A + 1))),
+    ("additive v wrong A", lambda m: additive(m, params=replaced(ADDITIVE, "v", np.zeros(A + 1))),
      ValueError, r"params\['v'\]: expected shape \[A\] = \(7,\), got \(8,\)"),
-    ("additive v column", lambda: additive(params=replaced(ADDITIVE, "v", np.zeros((A, 1)))),
+    ("additive v column", lambda m: additive(m, params=replaced(ADDITIVE, "v", np.zeros((A, 1)))),
      ValueError, r"params\['v'\]: expected shape \[A\] = \(7,\), got \(7, 1\)"),
-    ("additive v float32", lambda: additive(params=replaced(
+    ("additive v float32", lambda m: additive(m, params=replaced(
         ADDITIVE, "v", ADDITIVE["v"].astype(np.float32))), TypeError,
      r"params\['v'\]: dtype float32 " + MIXED),
-    ("additive v list", lambda: additive(params=replaced(ADDITIVE, "v", [0.0] * A)),
+    ("additive v list", lambda m: additive(m, params=replaced(ADDITIVE, "v", [0.0] * A)),
      TypeError, r"params\['v'\]: expected a numpy.ndarray, got list"),
-    ("additive unexpected key", lambda: additive(params=replaced(ADDITIVE, "b", np.zeros(A))),
+    ("additive unexpected key", lambda m: additive(m, params=replaced(ADDITIVE, "b", np.zeros(A))),
      ValueError, r"params: unexpected keys \['b'\]; the 'additive' score takes "
                  r"\['W_key', 'W_query', 'v'\]"),
     # mixed precision
-    ("keys float32", lambda: forward(keys=K.astype(np.float32)), TypeError,
+    ("keys float32", lambda m: forward(m, keys=K.astype(np.float32)), TypeError,
      r"keys: dtype float32 " + MIXED),
-    ("values float32", lambda: forward(values=V.astype(np.float32)), TypeError,
+    ("values float32", lambda m: forward(m, values=V.astype(np.float32)), TypeError,
      r"values: dtype float32 " + MIXED),
-    ("query float32, keys float64", lambda: forward(query=Q.astype(np.float32)), TypeError,
+    ("query float32, keys float64", lambda m: forward(m, query=Q.astype(np.float32)), TypeError,
      r"keys: dtype float64 does not match the dtype of query \(float32\)"),
     # lengths
-    ("lengths zero", lambda: forward(lengths=np.array([5, 0, 2])), ValueError,
+    ("lengths zero", lambda m: forward(m, lengths=np.array([5, 0, 2])), ValueError,
      r"lengths: every length must be in 1..5, got min 0 and max 5"),
-    ("lengths beyond Tk", lambda: forward(lengths=np.array([6, 1, 2])), ValueError,
+    ("lengths beyond Tk", lambda m: forward(m, lengths=np.array([6, 1, 2])), ValueError,
      r"lengths: every length must be in 1..5, got min 1 and max 6"),
-    ("lengths negative", lambda: forward(lengths=[-1, 1, 2]), ValueError,
+    ("lengths negative", lambda m: forward(m, lengths=[-1, 1, 2]), ValueError,
      r"lengths: every length must be in 1..5, got min -1 and max 2"),
-    ("lengths float", lambda: forward(lengths=np.array([5.0, 1.0, 2.0])), TypeError,
+    ("lengths float", lambda m: forward(m, lengths=np.array([5.0, 1.0, 2.0])), TypeError,
      r"lengths: expected integers, got dtype float64"),
-    ("lengths bool", lambda: forward(lengths=np.array([True, True, True])), TypeError,
+    ("lengths bool", lambda m: forward(m, lengths=np.array([True, True, True])), TypeError,
      r"lengths: expected integers, got dtype bool"),
-    ("lengths wrong shape", lambda: forward(lengths=np.array([5, 1])), ValueError,
+    ("lengths wrong shape", lambda m: forward(m, lengths=np.array([5, 1])), ValueError,
      r"lengths: expected shape \[B\] = \(3,\), got \(2,\)"),
-    ("lengths 2-D", lambda: forward(lengths=np.array([[5, 1, 2]])), ValueError,
+    ("lengths 2-D", lambda m: forward(m, lengths=np.array([[5, 1, 2]])), ValueError,
      r"lengths: expected shape \[B\] = \(3,\), got \(1, 3\)"),
-    ("lengths scalar", lambda: forward(lengths=5), ValueError,
+    ("lengths scalar", lambda m: forward(m, lengths=5), ValueError,
      r"lengths: expected shape \[B\] = \(3,\), got \(\)"),
     # masked softmax
-    ("scores rank 1", lambda: masked_softmax_forward(S[0]), ValueError,
+    ("scores rank 1", lambda m: m.masked_softmax_forward(S[0]), ValueError,
      r"scores: expected a 2-D \[B, Tk\] or 3-D \[B, Tq, Tk\] array, got shape \(5,\)"),
-    ("scores rank 4", lambda: masked_softmax_forward(S[None, None]), ValueError,
+    ("scores rank 4", lambda m: m.masked_softmax_forward(S[None, None]), ValueError,
      r"scores: expected a 2-D \[B, Tk\] or 3-D \[B, Tq, Tk\] array, got shape \(1, 1, 3, 5\)"),
-    ("scores integer", lambda: masked_softmax_forward(S.astype(np.int64)), TypeError,
+    ("scores integer", lambda m: m.masked_softmax_forward(S.astype(np.int64)), TypeError,
      r"scores: expected dtype float32 or float64, got int64"),
-    ("scores list", lambda: masked_softmax_forward(S.tolist()), TypeError,
+    ("scores list", lambda m: m.masked_softmax_forward(S.tolist()), TypeError,
      r"scores: expected a numpy.ndarray \[B, Tk\], got list"),
-    ("softmax lengths zero", lambda: masked_softmax_forward(S, np.array([5, 0, 1])),
+    ("softmax lengths zero", lambda m: m.masked_softmax_forward(S, np.array([5, 0, 1])),
      ValueError, r"lengths: every length must be in 1..5, got min 0 and max 5"),
-    ("softmax lengths beyond Tk", lambda: masked_softmax_forward(S, np.array([6, 1, 1])),
+    ("softmax lengths beyond Tk", lambda m: m.masked_softmax_forward(S, np.array([6, 1, 1])),
      ValueError, r"lengths: every length must be in 1..5, got min 1 and max 6"),
-    ("softmax lengths float", lambda: masked_softmax_forward(S, np.array([5.0, 1.0, 1.0])),
+    ("softmax lengths float", lambda m: m.masked_softmax_forward(S, np.array([5.0, 1.0, 1.0])),
      TypeError, r"lengths: expected integers, got dtype float64"),
-    ("softmax lengths wrong shape", lambda: masked_softmax_forward(S, np.array([5, 1])),
+    ("softmax lengths wrong shape", lambda m: m.masked_softmax_forward(S, np.array([5, 1])),
      ValueError, r"lengths: expected shape \[B\] = \(3,\), got \(2,\)"),
-    ("softmax d_weights wrong shape", lambda: softmax_backward(np.zeros((B, Tk - 1))),
+    ("softmax d_weights wrong shape", lambda m: softmax_backward(m, np.zeros((B, Tk - 1))),
      ValueError, r"d_weights: expected shape like the weights = \(3, 5\), got \(3, 4\)"),
-    ("softmax d_weights wrong rank", lambda: softmax_backward(np.zeros((B, 1, Tk))),
+    ("softmax d_weights wrong rank", lambda m: softmax_backward(m, np.zeros((B, 1, Tk))),
      ValueError, r"d_weights: expected shape like the weights = \(3, 5\), got \(3, 1, 5\)"),
-    ("softmax d_weights float32", lambda: softmax_backward(np.zeros((B, Tk), np.float32)),
+    ("softmax d_weights float32", lambda m: softmax_backward(m, np.zeros((B, Tk), np.float32)),
      TypeError, r"d_weights: dtype float32 does not match the dtype of scores \(float64\)"),
-    ("softmax d_weights integer", lambda: softmax_backward(np.zeros((B, Tk), np.int64)),
+    ("softmax d_weights integer", lambda m: softmax_backward(m, np.zeros((B, Tk), np.int64)),
      TypeError, r"d_weights: expected dtype float32 or float64, got int64"),
     # backward
-    ("d_context wrong Hv", lambda: backward(np.zeros((B, Tq, Hv + 1))), ValueError,
+    ("d_context wrong Hv", lambda m: backward(m, np.zeros((B, Tq, Hv + 1))), ValueError,
      r"d_context: expected shape \[B, Tq, Hv\] = \(3, 2, 6\), got \(3, 2, 7\)"),
-    ("d_context wrong Tq", lambda: backward(np.zeros((B, Tq + 1, Hv))), ValueError,
+    ("d_context wrong Tq", lambda m: backward(m, np.zeros((B, Tq + 1, Hv))), ValueError,
      r"d_context: expected shape \[B, Tq, Hv\] = \(3, 2, 6\), got \(3, 3, 6\)"),
-    ("d_context rank 3 for one query", lambda: backward(np.zeros((B, 1, Hv)), single=True),
+    ("d_context rank 3 for one query", lambda m: backward(m, np.zeros((B, 1, Hv)), single=True),
      ValueError, r"d_context: expected a 2-D array \[B, Hv\], got shape \(3, 1, 6\)"),
-    ("d_context rank 2 for many queries", lambda: backward(np.zeros((B, Hv))), ValueError,
+    ("d_context rank 2 for many queries", lambda m: backward(m, np.zeros((B, Hv))), ValueError,
      r"d_context: expected a 3-D array \[B, Tq, Hv\], got shape \(3, 6\)"),
-    ("d_context float32", lambda: backward(np.zeros((B, Tq, Hv), np.float32)), TypeError,
+    ("d_context float32", lambda m: backward(m, np.zeros((B, Tq, Hv), np.float32)), TypeError,
      r"d_context: dtype float32 " + MIXED),
-    ("d_context integer", lambda: backward(np.zeros((B, Tq, Hv), np.int32)), TypeError,
+    ("d_context integer", lambda m: backward(m, np.zeros((B, Tq, Hv), np.int32)), TypeError,
      r"d_context: expected dtype float32 or float64, got int32"),
-    ("d_context list", lambda: backward(np.zeros((B, Tq, Hv)).tolist()), TypeError,
+    ("d_context list", lambda m: backward(m, np.zeros((B, Tq, Hv)).tolist()), TypeError,
      r"d_context: expected a numpy.ndarray \[B, Tq, Hv\], got list"),
-    ("d_weights wrong Tk", lambda: backward(d_weights=np.zeros((B, Tq, Tk - 1))), ValueError,
+    ("d_weights wrong Tk", lambda m: backward(m, d_weights=np.zeros((B, Tq, Tk - 1))), ValueError,
      r"d_weights: expected shape \[B, Tq, Tk\] = \(3, 2, 5\), got \(3, 2, 4\)"),
-    ("d_weights rank 3 for one query", lambda: backward(single=True,
+    ("d_weights rank 3 for one query", lambda m: backward(m, single=True,
                                                         d_weights=np.zeros((B, 1, Tk))),
      ValueError, r"d_weights: expected a 2-D array \[B, Tk\], got shape \(3, 1, 5\)"),
-    ("d_weights float32", lambda: backward(d_weights=np.zeros((B, Tq, Tk), np.float32)),
+    ("d_weights float32", lambda m: backward(m, d_weights=np.zeros((B, Tq, Tk), np.float32)),
      TypeError, r"d_weights: dtype float32 " + MIXED),
-    ("d_weights integer", lambda: backward(d_weights=np.zeros((B, Tq, Tk), np.int64)),
+    ("d_weights integer", lambda m: backward(m, d_weights=np.zeros((B, Tq, Tk), np.int64)),
      TypeError, r"d_weights: expected dtype float32 or float64, got int64"),
 ]
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize(("call", "exc", "message"), [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_attention_bad_input_raises_a_clear_error(call, exc, message) -> None:
+def test_attention_bad_input_raises_a_clear_error(call, exc, message, backend: str) -> None:
     with pytest.raises(exc, match=message):
-        call()
+        call(BACKENDS[backend])
 
 
-def test_masked_softmax_with_no_keys_raises_a_clear_error() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_masked_softmax_with_no_keys_raises_a_clear_error(backend: str) -> None:
     """A [B, 0] score array has no softmax; the error must name `scores`, not numpy's max."""
     with pytest.raises(ValueError, match=r"scores: .*\(3, 0\)"):
-        masked_softmax_forward(np.zeros((B, 0)))
+        BACKENDS[backend].masked_softmax_forward(np.zeros((B, 0)))

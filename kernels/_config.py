@@ -1,0 +1,17 @@
+"""The one place that sets Numba's compilation options for every kernel in this package.
+
+fastmath: only the flags that let reductions vectorize and math calls be approximated
+(``reassoc`` is what turns a dot-product loop into SIMD lanes, about 2x here). Never ``nnan``
+or ``ninf``: the masked softmax relies on a real -inf, and with those flags LLVM may assume
+it cannot occur and fold comparisons against it away.
+
+cache: compiled machine code is written next to the source (``__pycache__``), so a fresh
+process pays the compile once per machine, not once per run.
+"""
+
+from __future__ import annotations
+
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+JIT = {"cache": True, "fastmath": set(FASTMATH)}
+PARALLEL_JIT = {**JIT, "parallel": True}

@@ -1,0 +1,190 @@
+"""What the kernels must do beyond matching numpy_ref through the public API.
+
+The public `kernels.attention_*` functions run through every parity, property and bad-input
+test of test_attention.py and test_attention_bad_input.py (parametrized by backend). Here:
+every kernel version on its own, awkward sizes, bitwise determinism, and cores that stay in
+bounds whatever lengths they are handed. Everything here also runs with NUMBA_DISABLE_JIT=1,
+which executes the kernels' Python source line by line (CI does that run).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from policy import assert_allclose_named, assert_close_policy
+from test_attention import Case, check_case
+
+import kernels
+import numpy_ref
+from kernels import attention as ka
+
+JIT_OFF = bool(numba.config.DISABLE_JIT)
+VERSIONS = {
+    "v1": (ka._single_forward_v1, ka._single_backward_v1),
+    "v2": (ka._single_forward_v2, ka._single_backward_v2),
+}
+
+
+def run_core(version: str, q, k, v, lengths, dc, dW=None, scale=1.0):
+    """One single-query core version, forward then backward, on contiguous inputs."""
+    forward, backward = VERSIONS[version]
+    B, T, _ = k.shape
+    dtype = q.dtype
+    context64, context = np.empty((B, v.shape[2])), np.empty((B, v.shape[2]), dtype)
+    weights, lse = np.empty((B, T), dtype), np.empty(B)
+    scale = dtype.type(scale)
+    forward(q, k, v, lengths, scale, context64, context, weights, lse)
+    d_q, d_k, d_v = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    dW = np.zeros((0, 0), dtype) if dW is None else dW
+    backward(q, k, v, lengths, scale, lse, context64, dc.astype(np.float64), dW, weights,
+             d_q, d_k, d_v)
+    return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
+            "d_values": d_v}
+
+
+def reference(q, k, v, lengths, dc, dW=None, scale_dot=False):
+    context, weights, cache = numpy_ref.attention_forward(
+        q, k, v, score="scaled_dot" if scale_dot else "dot", lengths=lengths)
+    d_q, d_k, d_v, _ = numpy_ref.attention_backward(dc, cache, d_weights=dW)
+    return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
+            "d_values": d_v}
+
+
+def single_inputs(B: int, T: int, H: int, Hv: int, seed: int, dtype, keys_is_values: bool):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((B, T, H)).astype(dtype)
+    v = k if keys_is_values else rng.standard_normal((B, T, Hv)).astype(dtype)
+    q = rng.standard_normal((B, H)).astype(dtype)
+    lengths = rng.integers(1, T + 1, B)
+    lengths[0] = T
+    dc = rng.standard_normal((B, v.shape[2])).astype(dtype)
+    dW = rng.standard_normal((B, T)).astype(dtype)
+    return q, k, v, lengths, dc, dW
+
+
+AWKWARD = [(1, 1, 1, 1), (3, 7, 5, 2), (2, 97, 59, 59), (5, 59, 7, 97), (4, 6, 1, 3)]
+
+
+@pytest.mark.parametrize("with_dw", [False, True], ids=["dc", "dc+dw"])
+@pytest.mark.parametrize("keys_is_values", [False, True], ids=["values", "keys-is-values"])
+@pytest.mark.parametrize("size", AWKWARD, ids=[f"B{b}-T{t}-H{h}-Hv{v}" for b, t, h, v in AWKWARD])
+@pytest.mark.parametrize("version", list(VERSIONS))
+def test_kernels_single_query_core_versions_match_numpy_ref_float64(version, size,
+                                                                   keys_is_values, with_dw):
+    B, T, H, Hv = size
+    q, k, v, lengths, dc, dW = single_inputs(B, T, H, Hv, 0, np.float64, keys_is_values)
+    dW = dW if with_dw else None
+    got = run_core(version, q, k, v, lengths, dc, dW, scale=1 / np.sqrt(H))
+    want = reference(q, k, v, lengths, dc, dW, scale_dot=True)
+    for name in want:
+        assert_close_policy(f"{version} {name}", got[name], want[name],
+                            grad=name.startswith("d_"))
+
+
+@pytest.mark.parametrize("size", AWKWARD, ids=[f"B{b}-T{t}-H{h}-Hv{v}" for b, t, h, v in AWKWARD])
+def test_kernels_single_query_core_versions_agree_float32(size) -> None:
+    """v1 and v2 sum in different orders; both must be as close to float64 as numpy_ref."""
+    B, T, H, Hv = size
+    q, k, v, lengths, dc, dW = single_inputs(B, T, H, Hv, 1, np.float32, False)
+    want = reference(*(a.astype(np.float64) for a in (q, k, v)), lengths,
+                     dc.astype(np.float64), dW.astype(np.float64))
+    numpy32 = reference(q, k, v, lengths, dc, dW)
+    for version in VERSIONS:
+        got = run_core(version, q, k, v, lengths, dc, dW)
+        for name in want:
+            assert_close_policy(f"{version} {name}", got[name], want[name],
+                                torch32=numpy32[name], grad=name.startswith("d_"))
+
+
+AWKWARD_CASES = [
+    Case("dot", True, True, True, B=3, Tq=1, Tk=97, Hq=59, Hk=59, Hv=59, A=0,
+         lengths=(97, 1, 50), seed=21),
+    Case("general", True, False, False, B=7, Tq=1, Tk=59, Hq=7, Hk=97, Hv=1, A=0,
+         lengths=None, seed=22),
+    Case("scaled_dot", False, True, True, B=2, Tq=59, Tk=97, Hq=7, Hk=7, Hv=7, A=0,
+         lengths=(3, 97), seed=23),
+    Case("additive", False, False, True, B=2, Tq=7, Tk=59, Hq=5, Hk=3, Hv=97, A=59,
+         lengths=(59, 2), seed=24),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", AWKWARD_CASES, ids=[c.score for c in AWKWARD_CASES])
+def test_kernels_awkward_sizes_match_torch(case: Case, dtype) -> None:
+    check_case(case, dtype, backend="kernels")
+
+
+@given(B=st.integers(1, 5), Tq=st.integers(1, 4), Tk=st.integers(1, 9),
+       seed=st.integers(0, 2**32 - 1), use_lengths=st.booleans(), squeeze=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_kernels_masked_softmax_matches_numpy_ref(B, Tq, Tk, seed, use_lengths, squeeze,
+                                                  dtype) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (B, Tk) if squeeze else (B, Tq, Tk)
+    scores = (rng.standard_normal(shape) * 5).astype(dtype)
+    dw = rng.standard_normal(shape).astype(dtype)
+    lengths = rng.integers(1, Tk + 1, B) if use_lengths else None
+    w, cache = kernels.masked_softmax_forward(scores, lengths)
+    w_ref, cache_ref = numpy_ref.masked_softmax_forward(scores, lengths)
+    ds = kernels.masked_softmax_backward(dw, cache)
+    ds_ref = numpy_ref.masked_softmax_backward(dw, cache_ref)
+    assert w.dtype == ds.dtype == dtype and w.shape == ds.shape == shape
+    tol = 1e-13 if dtype == np.float64 else 2e-6
+    assert_allclose_named("weights", w, w_ref, rtol=tol, atol=tol)
+    assert_allclose_named("d_scores", ds, ds_ref, rtol=tol, atol=tol * np.abs(dw).max())
+    np.testing.assert_array_equal(w == 0, w_ref == 0)  # the same exact zeros
+
+
+def _determinism_inputs(score: str, single: bool):
+    B, Tq, Tk, H = (4, 3, 9, 5) if JIT_OFF else (64, 16, 128, 64)
+    rng = np.random.default_rng(30)
+    q = rng.standard_normal((B, H) if single else (B, Tq, H)).astype(np.float32)
+    k = rng.standard_normal((B, Tk, H)).astype(np.float32)
+    params = None
+    if score == "general":
+        params = {"W": rng.standard_normal((H, H)).astype(np.float32)}
+    elif score == "additive":
+        params = {"W_query": rng.standard_normal((7, H)).astype(np.float32),
+                  "W_key": rng.standard_normal((7, H)).astype(np.float32),
+                  "v": rng.standard_normal(7).astype(np.float32)}
+    lengths = rng.integers(1, Tk + 1, B)
+    dc_shape = (B, H) if single else (B, Tq, H)
+    return q, k, params, lengths, rng.standard_normal(dc_shape).astype(np.float32)
+
+
+@pytest.mark.parametrize(("score", "single"), [("dot", True), ("general", True),
+                                               ("scaled_dot", False), ("additive", False),
+                                               ("additive", True)])
+def test_kernels_are_bitwise_deterministic_over_20_calls(score: str, single: bool) -> None:
+    q, k, params, lengths, dc = _determinism_inputs(score, single)
+
+    def once():
+        context, weights, cache = kernels.attention_forward(q, k, k, score=score,
+                                                            params=params, lengths=lengths)
+        d_q, d_k, d_v, d_p = kernels.attention_backward(dc, cache)
+        return [context, weights, d_q, d_k, d_v, *d_p.values()]
+
+    first = once()
+    for _ in range(19):
+        for i, (a, b) in enumerate(zip(first, once(), strict=True)):
+            np.testing.assert_array_equal(a, b, err_msg=f"output {i} changed between calls")
+
+
+@pytest.mark.parametrize("bad", [0, -5, 10**6], ids=["zero", "negative", "huge"])
+@pytest.mark.parametrize("version", list(VERSIONS))
+def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(version: str, bad: int) -> None:
+    """Called directly (past the validating wrapper), a core clamps lengths into 1..T."""
+    q, k, v, _, dc, _ = single_inputs(3, 8, 4, 4, 2, np.float64, True)
+    bad_lengths = np.array([bad, 3, bad])
+    clamped = np.clip(bad_lengths, 1, 8)
+    got = run_core(version, q, k, v, bad_lengths, dc)
+    want = run_core(version, q, k, v, clamped, dc)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    s = np.ones((3, 2, 8))
+    lse = np.empty((3, 2))
+    ka._softmax_rows(s, bad_lengths, 1.0, lse)
+    np.testing.assert_allclose(s.sum(axis=-1), 1.0)
