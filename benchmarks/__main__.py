@@ -1,17 +1,22 @@
 """Time every backend of every op against the float64 reference and the hardware floor.
 
 What is measured: for each problem (an op at one size) and each backend (numpy_ref, torch on
-the CPU, torch on CUDA when present), the wall time of one forward call and of one
-forward+backward call, backward driven by random cotangents of every output. Before a row is
-timed its result (outputs, and for forward+backward the gradient of every input and parameter)
-is compared with numpy_ref run in float64 on the same inputs; a row that disagrees is flagged
-FAIL and the command exits with status 1.
+the CPU, torch on CUDA when present; for attention torch's bmm path and its
+scaled_dot_product_attention, and kernels once it exports the op), the wall time of one forward
+call and of one forward+backward call, backward driven by random cotangents of the outputs.
+Before a row is timed its result (outputs, and for forward+backward the gradient of every input
+and parameter) is compared with numpy_ref run in float64 on the same inputs; a row that
+disagrees is flagged FAIL and the command exits with status 1.
 
-Why against a GEMM rate: an LSTM step is two matrix products ([B, I] and [B, H] by [., 4H]) and
-cheap pointwise gate math, so the LSTM is GEMM-bound; its achieved GFLOP/s is printed next to
-the rate numpy's BLAS reaches on one product with the same flops, measured in the same run, so
-a figure says how far a backend is from what the machine's matrix product allows. The speed
-column is relative to torch on the CPU, the usual counterpart.
+Each row is printed next to the floor the machine puts under it, measured in the same run:
+- The LSTM and the many-query attention are GEMM-bound (an LSTM step is two matrix products
+  and cheap gate math), so their GFLOP/s is compared with the rate numpy's BLAS reaches on one
+  product with the same flops.
+- The single-query attention (the seed's) is memory-bound: forward must read the values V once,
+  backward read them once more and write d_values once. Its GB/s is compared with a streaming
+  read and a fresh copy of V's bytes, done by parallel Numba kernels on as many threads.
+"% floor" is the floor's time for the row's work over the row's time. The "vs base" column is
+speed relative to the op's usual counterpart: torch on the CPU, torch's bmm path for attention.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import os
 import sys
 
+import numba
 import numpy as np
 import torch
 
@@ -43,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="and at least SECONDS of timed calls per row (default 0.5)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
-                        help="torch CPU threads (default: the machine's cores)")
+                        help="torch CPU threads, and numba's for the memory floors (default: "
+                             "the machine's cores)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--list", action="store_true",
                         help="print the selected case ids and exit")
@@ -65,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(case.id for case in selected))
         return 0
     torch.set_num_threads(args.threads)
+    # The memory floors' Numba kernels get the same threads; numba cannot go above the count
+    # it started with (NUMBA_NUM_THREADS, by default the machine's cores).
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     warmup = 1
+    watch = runner.OtherProcesses()
     rows = runner.run_cases(selected, dtype=np.dtype(args.dtype), repeat=args.repeat,
                             min_time=args.min_time, warmup=warmup)
     info = runner.machine_info()
+    info["other_processes"] = watch.report()
     for line in runner.header_lines(info, rows, repeat=args.repeat, min_time=args.min_time,
                                     warmup=warmup):
         print(f"# {line}")

@@ -8,7 +8,9 @@ by problem, then pass, then backend.
 
 from __future__ import annotations
 
-from benchmarks import lstm
+import kernels
+import numpy_ref
+from benchmarks import attention, lstm
 from benchmarks.core import PASSES, Backend, Case, Problem
 
 SUITES = ("default", "small")
@@ -18,16 +20,32 @@ PROBLEMS: list[Problem] = [
     lstm.lstm_problem(32, 16, 64, 64, suites=("default",)),
     # Odd sizes, so that a shape or transpose mistake cannot hide behind a square matrix.
     lstm.lstm_problem(7, 3, 5, 11, suites=("small",)),
+    # Single query (the seed's case): memory-bound, V is 128 MiB in float32, then 1 MiB.
+    attention.attention_problem(256, 512, 256),
+    attention.attention_problem(256, 512, 256, masked=True),
+    attention.attention_problem(32, 64, 128),
+    # Many queries: GEMM-bound.
+    attention.attention_problem(32, 256, 128, Tq=256),
+    attention.attention_problem(3, 7, 5, suites=("small",)),
+    attention.attention_problem(3, 7, 5, masked=True, suites=("small",)),
+    attention.attention_problem(3, 7, 5, Tq=4, masked=True, suites=("small",)),
 ]
 
-# The first backend is the baseline of the "vs torch cpu" column, so it leads each group.
+# Each op's baseline (see BASELINES) leads its group.
 BACKENDS: list[Backend] = [
     lstm.TORCH_CPU,
     lstm.TORCH_CUDA,
     lstm.NUMPY_REF,
+    attention.TORCH_BMM_CPU,
+    attention.TORCH_SDPA_CPU,
+    attention.TORCH_BMM_CUDA,
+    attention.TORCH_SDPA_CUDA,
+    attention.module_backend("numpy_ref", numpy_ref),
+    attention.module_backend("kernels", kernels),  # available once kernels exports the op
 ]
 
-BASELINE = ("torch", "cpu")  # (backend name, device) that speeds are relative to
+# op -> (backend name, device) that the "vs base" column divides by: the usual counterpart.
+BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu")}
 
 
 def select_cases(suite: str, substring: str = "") -> list[Case]:

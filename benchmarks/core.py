@@ -4,10 +4,10 @@ A `Problem` is one op at one size: it builds the inputs and computes the float64
 backend is validated against. A `Backend` is one implementation of one op on one device: given a
 problem's inputs and a pass, it does everything that must stay out of the timed region (build a
 module, copy to the device, compile) and returns the zero-argument call to time. A `Floor` is
-the hardware rate a problem is measured against (a GEMM rate for GEMM-bound ops), measured in
-the same run. A `Case` is one (problem, backend, pass) row of the table. The registry that
-lists problems and backends is `benchmarks.cases`; the loop that validates and times the cases
-is `benchmarks.runner`.
+the hardware rate a problem is measured against (a GEMM rate for GEMM-bound ops, a memory rate
+for memory-bound ones), measured in the same run; a problem names one floor per pass. A `Case`
+is one (problem, backend, pass) row of the table. The registry that lists problems and backends
+is `benchmarks.cases`; the loop that validates and times the cases is `benchmarks.runner`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Prepared:
 class Backend:
     """One implementation of one op on one device."""
 
-    name: str  # "numpy_ref", "torch", later "kernels"
+    name: str  # "numpy_ref", "torch", "torch_bmm", "kernels"...
     op: str  # the `Problem.op` it implements
     device: str  # "cpu" or "cuda"
     passes: tuple[str, ...]  # the subset of PASSES it supports
@@ -48,8 +48,13 @@ class Floor:
     """A hardware rate measured in the same run; a row's rate is reported as a fraction of it."""
 
     name: str  # what is measured, e.g. "GEMM [8192, 512] @ [512, 1024]"
-    unit: str  # the rate's unit, e.g. "GFLOP/s"
+    unit: str  # the rate's unit, e.g. "GFLOP/s" or "GB/s"
     measure: Callable[[str, np.dtype], float]  # (device, dtype) -> rate in `unit`
+    size: Callable[[np.dtype], str] | None = None  # what it moves at a dtype, e.g. "128 MiB"
+
+    def describe(self, dtype: np.dtype) -> str:
+        """The name, with the size it moves at `dtype` when it has one."""
+        return self.name if self.size is None else f"{self.name}, {self.size(np.dtype(dtype))}"
 
 
 @dataclass(frozen=True)
@@ -60,13 +65,14 @@ class Problem:
     return, for the same pass.
     """
 
-    op: str  # "lstm", later "attention"
+    op: str  # "lstm", "attention"
     size: str  # short label without spaces, e.g. "T128,B64,I256,H256,bi"
     suites: tuple[str, ...]  # the --sizes choices that include it ("default", "small")
     make: Callable[[np.dtype, np.random.Generator], Any]  # (dtype, rng) -> inputs
     reference: Callable[[Any, str], Mapping[str, np.ndarray]]  # (inputs, pass) -> float64 arrays
-    work: Callable[[str], float]  # pass -> work of one call; work / seconds is in floor.unit
-    floor: Floor
+    work: Callable[[str, np.dtype], float]  # (pass, dtype) -> work of one call, in the
+    # pass's floor unit times seconds (GFLOP, GB): work / seconds is a rate in that unit
+    floors: Mapping[str, Floor]  # pass -> the floor its rate is measured against
 
     @property
     def id(self) -> str:

@@ -88,7 +88,7 @@ def lstm_problem(
         D * 2 * T * B * 4 * H * ((I if layer == 0 else D * H) + H) for layer in range(num_layers)
     ) / 1e9
 
-    def work(pass_: str) -> float:
+    def work(pass_: str, dtype: np.dtype) -> float:
         return forward_gflop if pass_ == "forward" else 3 * forward_gflop
 
     return Problem(
@@ -98,7 +98,7 @@ def lstm_problem(
         make=make,
         reference=lambda inputs, pass_: _numpy_lstm(inputs.astype(np.float64), pass_),
         work=work,
-        floor=gemm_floor(T * B, I + H, 4 * H),
+        floors=dict.fromkeys(PASSES, gemm_floor(T * B, I + H, 4 * H)),
     )
 
 

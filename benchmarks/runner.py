@@ -3,7 +3,8 @@
 For each case, in order:
 
 1. The problem's inputs are built once (fixed seed) in the requested dtype, and its float64
-   reference once per pass, from those same inputs upcast.
+   reference once per pass, from those same inputs upcast; both are dropped when the next
+   problem starts (cases come grouped by problem).
 2. The backend is prepared (module built, arrays copied to the device: outside any clock).
 3. One untimed call is validated: every array it returns is compared with the reference, and
    the row's error is the largest ``max|got - ref| / max|ref|`` over those arrays. A row above
@@ -11,8 +12,10 @@ For each case, in order:
    3.5e-4 means the backend computes something else, not that it rounds differently.
 4. `warmup` more untimed calls (JIT compilation, allocator and cache warm-up), then timed calls
    until there are `repeat` of them and `min_time` seconds; the row reports median and min.
-5. The problem's floor (a GEMM rate for the LSTM) is measured once per device and dtype, and the
-   row's rate (the problem's work / median time) is reported as a percentage of it.
+5. The floor of the problem's pass (a GEMM rate for the LSTM and the multi-query attention, a
+   memory rate for the single-query attention) is measured once per device, and the row's rate
+   (the problem's work / median time) is reported as a percentage of it: the floor's time for
+   the same work over the row's time.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
-from benchmarks.cases import BASELINE
+from benchmarks.cases import BASELINES
 from benchmarks.core import Case, time_calls
 
 SEED = 0  # every backend of a problem sees the same inputs, run after run
@@ -47,10 +52,12 @@ class Row:
     median_ms: float
     min_ms: float
     calls: int  # timed calls
-    rate: float  # the problem's work / median time, in floor_unit
+    work: float  # the problem's work of one call: GFLOP or GB (floor_unit times seconds)
+    rate: float  # work / median time, in floor_unit
     floor: str  # what the floor measures, e.g. "GEMM [8192, 512] @ [512, 1024]"
-    floor_unit: str  # e.g. "GFLOP/s"
+    floor_unit: str  # "GFLOP/s" or "GB/s"
     floor_rate: float  # the floor measured in this run on this device, in floor_unit
+    floor_ms: float  # work / floor_rate: the floor's time for this row's work
     error: float  # max over the compared arrays of max|got - ref| / max|ref|
     worst: str  # the array with that error
     tolerance: float  # sqrt(eps) of dtype; above it the row is flagged
@@ -60,11 +67,18 @@ class Row:
         """Whether the error is within the tolerance (a NaN error is not)."""
         return bool(self.error <= self.tolerance)
 
+    @property
+    def pct_floor(self) -> float:
+        """floor_ms / median_ms, in percent: 100 means the row runs at the floor."""
+        return 100 * self.rate / self.floor_rate
+
     def to_dict(self) -> dict[str, object]:
-        """The row as plain JSON-ready values, with ``pass`` for ``pass_`` and ``ok`` added."""
+        """The row as plain JSON-ready values, with ``pass`` for ``pass_``, and ``ok`` and
+        ``pct_floor`` added."""
         d = asdict(self)
         d["pass"] = d.pop("pass_")
         d["ok"] = self.ok
+        d["pct_floor"] = self.pct_floor
         return d
 
 
@@ -108,11 +122,15 @@ def run_cases(
     for case in cases:
         problem, backend = case.problem, case.backend
         if problem.id not in inputs:
+            inputs.clear()  # the single-query attention's float64 arrays are 256 MiB each
+            references.clear()
             inputs[problem.id] = problem.make(dtype, np.random.default_rng(SEED))
         if (problem.id, case.pass_) not in references:
             references[problem.id, case.pass_] = problem.reference(inputs[problem.id], case.pass_)
-        if (problem.id, backend.device) not in floors:
-            floors[problem.id, backend.device] = problem.floor.measure(backend.device, dtype)
+        floor = problem.floors[case.pass_]
+        if (floor, backend.device) not in floors:
+            floors[floor, backend.device] = floor.measure(backend.device, dtype)
+        floor_rate = floors[floor, backend.device]
 
         prepared = backend.prepare(inputs[problem.id], case.pass_)
         got = prepared.collect(prepared.run())
@@ -120,14 +138,47 @@ def run_cases(
         worst = max(errors, key=lambda name: errors[name])
         times = time_calls(prepared.run, repeat=repeat, min_time=min_time, warmup=warmup)
         median = float(np.median(times))
+        work = problem.work(case.pass_, dtype)
         rows.append(Row(
             op=problem.op, size=problem.size, backend=backend.name, device=backend.device,
             pass_=case.pass_, dtype=dtype.name, median_ms=1e3 * median, min_ms=1e3 * min(times),
-            calls=len(times), rate=problem.work(case.pass_) / median, floor=problem.floor.name,
-            floor_unit=problem.floor.unit, floor_rate=floors[problem.id, backend.device],
+            calls=len(times), work=work, rate=work / median, floor=floor.describe(dtype),
+            floor_unit=floor.unit, floor_rate=floor_rate, floor_ms=1e3 * work / floor_rate,
             error=errors[worst], worst=worst, tolerance=tolerance(dtype),
         ))
     return rows
+
+
+class OtherProcesses:
+    """The CPU time other processes take from the moment this is created.
+
+    Every backend runs on all cores, so a test suite or a compiler running beside the benchmark
+    does not just take its share: parallel regions whose threads spin at their barriers wait
+    for a whole scheduler time slice (several ms), and figures can be off tenfold or more. The
+    header says how much CPU was taken, so that such a run is recognized as one.
+    """
+
+    def __init__(self) -> None:
+        self._start = (self._busy_seconds(), time.process_time(), time.perf_counter())
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        """CPU seconds all processes have used since boot, from /proc/stat (None without)."""
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def report(self) -> str:
+        """E.g. "0.4 CPU-s during this 58 s run on 2 cores"; "unknown" without /proc/stat."""
+        busy, own, wall = self._busy_seconds(), time.process_time(), time.perf_counter()
+        busy0, own0, wall0 = self._start
+        if busy is None or busy0 is None:
+            return "unknown"
+        others = max(0.0, (busy - busy0) - (own - own0))
+        return f"{others:.1f} CPU-s during this {wall - wall0:.0f} s run on {os.cpu_count()} cores"
 
 
 def machine_info() -> dict[str, str]:
@@ -152,6 +203,8 @@ def machine_info() -> dict[str, str]:
         "blas_threads": ", ".join(blas_env) or "from BLAS default (no *_NUM_THREADS set)",
         "torch": torch.__version__,
         "torch_threads": str(torch.get_num_threads()),
+        "numba": numba.__version__,
+        "numba_threads": str(numba.get_num_threads()),  # kernels and the memory floors
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
     }
 
@@ -164,40 +217,56 @@ def header_lines(
         f"machine: {info['cpu']}, {info['cores']} cores, {info['platform']}, "
         f"python {info['python']}, CUDA device: {info['cuda']}",
         f"numpy {info['numpy']} (BLAS {info['blas']}, threads {info['blas_threads']}); "
-        f"torch {info['torch']} (threads {info['torch_threads']})",
+        f"torch {info['torch']} (threads {info['torch_threads']}); "
+        f"numba {info['numba']} (threads {info['numba_threads']})",
+        *([f"other processes took {info['other_processes']}: near 0 when figures can be trusted"]
+          if "other_processes" in info else []),
         f"timing: {warmup + 1} untimed calls (the first one validated), then the median and min "
         f"of >= {repeat} calls and >= {min_time:g} s per row",
         "max err: max over every array a row returns (the outputs; for forward+backward also "
         "the gradient of every input and parameter) of max|got - ref| / max|ref|,",
         "  ref = numpy_ref in float64 on the same inputs; FAIL above sqrt(eps) of the dtype",
+        "vs base: the median of the op's baseline row (same size and pass) / this row's; "
+        + ", ".join(f"{op}: {' '.join(base)}" for op, base in BASELINES.items()),
+        "rate: work / median; GFLOP/s counts matrix-product flops, GB/s the bytes of V the op "
+        "must move (benchmarks/attention.py); % floor: the floor's time for that work / median",
     ]
-    seen = set()
+    groups: dict[tuple[str, ...], dict[str, Row]] = {}  # (op, size, device, dtype) -> floors
     for r in rows:
-        key = (r.op, r.size, r.device, r.dtype)
-        if key not in seen:
-            seen.add(key)
-            lines.append(f"floor of {r.op} {r.size} on {r.device}: {r.floor} {r.dtype} "
-                         f"= {r.floor_rate:.1f} {r.floor_unit}")
+        floors = groups.setdefault((r.op, r.size, r.device, r.dtype), {})
+        floors.setdefault(r.floor, r)
+    for (op, size, device, dtype), floors in groups.items():
+        for floor, r in floors.items():
+            # A floor particular to one pass (the memory floors) is also given as a time.
+            detail = "" if len(floors) == 1 else f", {r.pass_}"
+            ms = "" if len(floors) == 1 else f" ({r.floor_ms:.3g} ms per call)"
+            lines.append(f"floor of {op} {size} {dtype} on {device}{detail}: {floor} = "
+                         f"{_figure(r.floor_rate)} {r.floor_unit}{ms}")
     return lines
 
 
 def _speedup(row: Row, rows: Sequence[Row]) -> str:
     """The baseline row's median / this row's median, or '-' without a baseline row."""
     for b in rows:
-        if ((b.backend, b.device) == BASELINE and (b.op, b.size, b.pass_, b.dtype)
+        if ((b.backend, b.device) == BASELINES.get(row.op) and (b.op, b.size, b.pass_, b.dtype)
                 == (row.op, row.size, row.pass_, row.dtype)):
             return f"{b.median_ms / row.median_ms:.2f}x"
     return "-"
 
 
+def _figure(x: float) -> str:
+    """A rate with at least three significant digits and at most two decimals above 1."""
+    return f"{x:.1f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3g}"
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """The rows as an aligned text table, one line per row, failures flagged in the last column."""
     head = ("op", "size", "backend", "device", "pass", "dtype", "median ms", "min ms",
-            f"vs {' '.join(BASELINE)}", "rate", "% floor", "max err", "check")
+            "vs base", "rate", "% floor", "max err", "check")
     body = [
         (r.op, r.size, r.backend, r.device, r.pass_, r.dtype, f"{r.median_ms:.3f}",
-         f"{r.min_ms:.3f}", _speedup(r, rows), f"{r.rate:.2f} {r.floor_unit}",
-         f"{100 * r.rate / r.floor_rate:.1f}", f"{r.error:.1e}",
+         f"{r.min_ms:.3f}", _speedup(r, rows), f"{_figure(r.rate)} {r.floor_unit}",
+         f"{r.pct_floor:.1f}", f"{r.error:.1e}",
          "ok" if r.ok else f"FAIL ({r.worst})")
         for r in rows
     ]

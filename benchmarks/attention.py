@@ -1,0 +1,245 @@
+"""Attention problems and backends for the registry in `benchmarks.cases`.
+
+Problem: the seed's attention core, score "dot" (scale 1), keys and values the same array kv
+(as the seed passes the encoder outputs), with one query per row (query [B, H], the seed's case)
+or many (query [B, Tq, H], all decoder steps at once), optionally with lengths (keys at
+j >= lengths[b] masked). q and kv are drawn N(0, 1/sqrt(H)) so that the logits q . k have unit
+variance, as after an LSTM's tanh: with unit inputs the logits of H = 256 would have std 16 and
+the softmax would be nearly one-hot. forward returns the context; forward+backward drives a
+random cotangent of the context (never ``.sum()``) and returns the context, d_query and
+d_keys + d_values (keys is values, so their gradients add, as autograd adds them). The
+reference is `numpy_ref` in float64 on the same inputs (the float32 inputs upcast exactly).
+
+Work and floor (DESIGN.md, "Performance: where the limit is"):
+- single query: memory-bound. Work is bytes of V: forward reads the valid keys of V once
+  (n_valid = sum(lengths) * H elements, all B*T*H without lengths); forward+backward reads them
+  once more and writes d_values once, 2 * n_valid + B*T*H elements. q, the context and the
+  weights ([B, T]) are below 1/H of that and not counted. The floor is a streaming read and a
+  fresh copy of the same bytes, measured in the same run (`benchmarks.floors.memory_floors`);
+  a row's "% floor" is the floor's time over the row's.
+- many queries: GEMM-bound. Work is the two batched products' flops, 2 * 2*B*Tq*Tk*H forward
+  (scores q k^T, context w v); backward has four (d_values = w^T dc, dw = dc v^T, d_query = ds k,
+  d_keys = ds^T q), so forward+backward is 3x forward. The softmax is not counted. The floor is
+  one GEMM with the forward's flops, [B*Tq, H] @ [H, 2*Tk].
+
+Backends: `module_backend` (``numpy_ref`` and, once it exports the op, ``kernels``: same
+function names and signatures), torch's bmm -> softmax -> bmm, and torch's
+``scaled_dot_product_attention`` (on the CPU, 4-D [B, 1, Tq, H] inputs select its flash kernel;
+3-D ones fall back to the unfused math path, about 5x slower on the single-query problem), on
+the CPU and on CUDA when present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import partial
+from types import ModuleType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.core import PASSES, Backend, Prepared, Problem
+from benchmarks.floors import gemm_floor, memory_floors, memory_work
+from numpy_ref import attention_backward, attention_forward
+
+FORWARD_NAMES = ("context",)
+BACKWARD_NAMES = ("context", "d_query", "d_keys+d_values")
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """One attention problem's inputs, the arrays all of one dtype."""
+
+    query: np.ndarray  # [B, H] or [B, Tq, H]
+    kv: np.ndarray  # [B, Tk, H]  passed as both keys and values
+    lengths: np.ndarray | None  # [B] int64, each in 1..Tk; None: every key valid
+    d_context: np.ndarray  # like the context ([B, H] or [B, Tq, H])  cotangent
+
+    def astype(self, dtype: np.dtype) -> AttentionInputs:
+        """The same inputs converted to `dtype` (exact when widening float32 to float64)."""
+        return replace(self, query=self.query.astype(dtype), kv=self.kv.astype(dtype),
+                       d_context=self.d_context.astype(dtype))
+
+
+def spread_lengths(B: int, T: int) -> np.ndarray:
+    """Lengths [B] spread evenly over 1..T (mean (T+1)/2), in a fixed shuffled order so that
+    the threads of a kernel parallel over the batch get similar work."""
+    lengths = 1 + (np.arange(B) * (T - 1)) // max(B - 1, 1)
+    return np.random.default_rng(1234).permutation(lengths).astype(np.int64)
+
+
+def attention_problem(
+    B: int,
+    Tk: int,
+    H: int,
+    *,
+    Tq: int | None = None,
+    masked: bool = False,
+    suites: tuple[str, ...] = ("default",),
+) -> Problem:
+    """Attention of batch B over Tk keys of size H: one query per row (``Tq=None``, query
+    [B, H]) or Tq of them; with ``masked``, lengths from `spread_lengths`."""
+    lengths = spread_lengths(B, Tk) if masked else None
+    if Tq is None:
+        size = f"B{B},T{Tk},H{H}"
+        query_shape: tuple[int, ...] = (B, H)
+    else:
+        size = f"B{B},Tq{Tq},Tk{Tk},H{H}"
+        query_shape = (B, Tq, H)
+    size += ",len~T/2" if masked else ""
+
+    def make(dtype: np.dtype, rng: np.random.Generator) -> AttentionInputs:
+        scale = H ** -0.25  # q . k ~ N(0, 1)
+        inputs = AttentionInputs(
+            query=scale * rng.standard_normal(query_shape),
+            kv=scale * rng.standard_normal((B, Tk, H)),
+            lengths=lengths,
+            d_context=rng.standard_normal(query_shape),
+        )
+        return inputs.astype(dtype)
+
+    if Tq is None:
+        n_full = B * Tk * H
+        n_valid = n_full if lengths is None else int(lengths.sum()) * H
+        floors = memory_floors((B, Tk, H), lengths)
+
+        def work(pass_: str, dtype: np.dtype) -> float:
+            return memory_work(n_valid, n_full, pass_, dtype)
+
+    else:
+        forward_gflop = 2 * 2 * B * Tq * Tk * H / 1e9
+        floors = dict.fromkeys(PASSES, gemm_floor(B * Tq, H, 2 * Tk))
+
+        def work(pass_: str, dtype: np.dtype) -> float:
+            return forward_gflop if pass_ == "forward" else 3 * forward_gflop
+
+    return Problem(
+        op="attention",
+        size=size,
+        suites=suites,
+        make=make,
+        reference=lambda inputs, pass_: _reference(inputs.astype(np.float64), pass_),
+        work=work,
+        floors=floors,
+    )
+
+
+def _reference(inputs: AttentionInputs, pass_: str) -> dict[str, np.ndarray]:
+    """`numpy_ref`'s attention on `inputs`, in their dtype: the named outputs and gradients."""
+    result = _call_module(attention_forward, attention_backward, inputs, pass_)
+    return _collect_module(pass_, result)
+
+
+def _call_module(forward, backward, inputs: AttentionInputs, pass_: str) -> tuple:
+    """The timed call of a module backend: forward, and backward from the context's cotangent."""
+    context, _, cache = forward(inputs.query, inputs.kv, inputs.kv, score="dot",
+                                lengths=inputs.lengths)
+    if pass_ == "forward":
+        return (context,)
+    d_query, d_keys, d_values, _ = backward(inputs.d_context, cache)
+    return context, d_query, d_keys, d_values
+
+
+def _collect_module(pass_: str, result: tuple) -> dict[str, np.ndarray]:
+    if pass_ == "forward":
+        return dict(zip(FORWARD_NAMES, result, strict=True))
+    context, d_query, d_keys, d_values = result
+    return dict(zip(BACKWARD_NAMES, (context, d_query, d_keys + d_values), strict=True))
+
+
+def module_backend(name: str, module: ModuleType) -> Backend:
+    """A CPU backend calling ``module.attention_forward`` / ``module.attention_backward``, with
+    `numpy_ref`'s signatures; unavailable (its cases skipped) while `module` lacks them."""
+
+    def prepare(inputs: AttentionInputs, pass_: str) -> Prepared:
+        run = partial(_call_module, module.attention_forward, module.attention_backward,
+                      inputs, pass_)
+        return Prepared(run=run, collect=partial(_collect_module, pass_))
+
+    return Backend(name=name, op="attention", device="cpu", passes=PASSES, prepare=prepare,
+                   available=lambda: hasattr(module, "attention_forward"))
+
+
+def _prepare_torch(inputs: AttentionInputs, pass_: str, *, device: str, path: str) -> Prepared:
+    """torch on `device`: ``path`` "bmm" (bmm -> masked_fill -inf -> softmax -> bmm) or "sdpa"
+    (``scaled_dot_product_attention``, scale 1, boolean mask). Forward under no_grad; backward
+    by ``torch.autograd.grad`` with the same cotangent, kv one leaf so that d_keys and d_values
+    add up in it."""
+    if device == "cuda":
+        # DESIGN.md's numerical policy: TF32 would put float32 rows near 1e-3 of the reference.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    single = inputs.query.ndim == 2
+    query = torch.from_numpy(inputs.query).to(device)
+    kv = torch.from_numpy(inputs.kv).to(device)
+    Tk = kv.shape[1]
+    valid = None  # [B, Tk] True where the key is attended to
+    if inputs.lengths is not None:
+        lengths = torch.from_numpy(inputs.lengths).to(device)
+        valid = torch.arange(Tk, device=device)[None, :] < lengths[:, None]
+
+    if path == "bmm":
+        masked_out = None if valid is None else ~valid[:, None, :]  # [B, 1, Tk]
+
+        def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            q3 = q[:, None, :] if single else q  # [B, Tq, H]
+            s = torch.bmm(q3, kv.transpose(1, 2))  # [B, Tq, Tk]
+            if masked_out is not None:
+                s = s.masked_fill(masked_out, float("-inf"))
+            context = torch.bmm(torch.softmax(s, dim=-1), kv)  # [B, Tq, H]
+            return context[:, 0] if single else context
+
+    else:
+        mask = None if valid is None else valid[:, None, None, :]  # [B, 1, 1, Tk]
+
+        def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            q4 = q[:, None, None, :] if single else q[:, None]  # [B, 1, Tq, H]: one head
+            kv4 = kv[:, None]  # [B, 1, Tk, H]
+            context = F.scaled_dot_product_attention(q4, kv4, kv4, attn_mask=mask, scale=1.0)
+            return context[:, 0, 0] if single else context[:, 0]  # [B, H] or [B, Tq, H]
+
+    def synchronize() -> None:
+        if device == "cuda":  # CUDA calls return before the GPU is done; stop the clock after
+            torch.cuda.synchronize()
+
+    if pass_ == "forward":
+
+        def run() -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                context = attend(query, kv)
+            synchronize()
+            return (context,)
+
+        names = FORWARD_NAMES
+    else:
+        query.requires_grad_(True)
+        kv.requires_grad_(True)
+        d_context = torch.from_numpy(inputs.d_context).to(device)
+
+        def run() -> tuple[torch.Tensor, ...]:
+            context = attend(query, kv)
+            d_query, d_kv = torch.autograd.grad(context, (query, kv), d_context)
+            synchronize()
+            return context.detach(), d_query, d_kv
+
+        names = BACKWARD_NAMES
+
+    def collect(result: tuple[torch.Tensor, ...]) -> Mapping[str, np.ndarray]:
+        return {k: t.cpu().numpy() for k, t in zip(names, result, strict=True)}
+
+    return Prepared(run=run, collect=collect)
+
+
+def _torch_backend(name: str, device: str, path: str) -> Backend:
+    available = torch.cuda.is_available if device == "cuda" else (lambda: True)
+    return Backend(name=name, op="attention", device=device, passes=PASSES,
+                   prepare=partial(_prepare_torch, device=device, path=path),
+                   available=available)
+
+
+TORCH_BMM_CPU = _torch_backend("torch_bmm", "cpu", "bmm")
+TORCH_SDPA_CPU = _torch_backend("torch_sdpa", "cpu", "sdpa")
+TORCH_BMM_CUDA = _torch_backend("torch_bmm", "cuda", "bmm")
+TORCH_SDPA_CUDA = _torch_backend("torch_sdpa", "cuda", "sdpa")
