@@ -18,24 +18,33 @@ writing d_values once (backward). The kernels reach it by touching each key/valu
   cotangent on the weights is given), and in the same sweep write d_v_j = w_j dc,
   d_k_j = ds_j q and accumulate d_q += ds_j k_j, with ds_j = w_j (dc . v_j + dW_j - delta).
 
-Only the first lengths[b] keys of a row are touched, so the work is proportional to the sum of
-the lengths; the gradient arrays come from `np.zeros` (calloc: pages of a padded tail that is
-never written are never faulted in), and padded weights are written as exact zeros.
+Only the first lengths[b] keys of a row are read, so the work is proportional to the sum of
+the lengths; the padded rows of d_keys/d_values and the padded weights are written as exact
+zeros (a streaming write, no read).
 
-Kernel versions:
-- ``_single_forward_v1`` / ``_single_backward_v1``: one key at a time. The plain statement of
-  the algorithm, kept as the readable version and tested against numpy_ref like the others.
-- ``_single_forward_v2`` / ``_single_backward_v2``: four keys per step. Four independent dot
-  products share each load of q, the max test and rescale happen once per four keys, and
-  acc/d_q are loaded and stored once per four rows: about 1.6x faster than v1 at
-  (B, T, H) = (256, 512, 256). The public functions use v2.
+Precision: the vector loops stay in the data's dtype, but the softmax sum, the unnormalised
+context, the log-sum-exp, delta and each dc . v_j are float64 (see the comment above the
+cores). With float32 sums the delta identity costs accuracy: ds_j = w_j (dc . v_j - delta)
+subtracts near-equal numbers when one key dominates, and torch, which sums delta from the same
+rounded dc . v_j, was up to 8x more accurate on d_keys; with float64 sums we match it.
+
+Kernel versions (B, T, H) = (256, 512, 256), float32, 2 threads, min of 15 runs:
+- v1, kept: ``_single_forward`` / ``_single_backward``, one key at a time. 5.0 ms forward
+  against a 4.1 ms streaming read of V; 14.6 ms backward into preallocated outputs against
+  8.1 ms for a copy of V.
+- v2, removed: four keys per step (four dot-product chains, acc loaded and stored once per
+  four keys). Slower once the context accumulates in float64: 11.5 ms forward, 26.6 ms
+  backward; the four-term mixed float64/float32 update did not vectorize as the one-term one
+  does.
+- allocation: np.zeros for the gradient outputs (calloc, 4 KiB page faults) cost 3x more than
+  np.empty (numpy asks for huge pages), so the backward zeroes the padding itself.
 
 Many queries (query [B, Tq, H]): GEMM-bound
 -------------------------------------------
 The products q k^T, w v, dc v^T, ds k, ds^T q and w^T dc are BLAS calls (batched numpy
 matmul); the kernels fuse what lies between them: ``_softmax_rows`` (scale, mask, max, exp,
-normalise, lse, in place over each row) and ``_softmax_rows_backward`` (delta = <c, dc> plus
-the d_weights term, ds = w (dw - delta) * scale, in place).
+normalise, lse, in place over each row) and ``_softmax_rows_backward`` (ds = w (dw - delta)
+* scale in place, with delta = sum_j w_j dw_j taken from the weights, which are at hand).
 
 ``general`` is either path applied to q' = q W (then d_q = d_q' W^T, d_W = q^T d_q').
 ``additive`` has its own pair, ``_additive_scores`` / ``_additive_backward``: the cost is the
@@ -68,7 +77,7 @@ def _clamp_length(length, T):
 
 
 # --------------------------------------------------------------------------------------------
-# single query, version 1: one key at a time
+# single query: one fused pass per batch row
 #
 # Types: q, k, v and the vector loops over H are in the data's dtype (`zero` carries it), and
 # so is the running max m (it is one of the scores). The running sum l, the unnormalised
@@ -80,7 +89,7 @@ def _clamp_length(length, T):
 
 
 @njit(**PARALLEL_JIT)
-def _single_forward_v1(q, k, v, lengths, scale, context64, context, weights, lse):
+def _single_forward(q, k, v, lengths, scale, context64, context, weights, lse):
     """q [B, H], k [B, T, H], v [B, T, Hv] -> context64 [B, Hv] (float64, kept for the
     backward), context [B, Hv], weights [B, T], lse [B] (float64)."""
     B, T, _ = k.shape
@@ -126,9 +135,10 @@ def _single_finish(acc, cb, wb, lse, b, n, m, l, zero):
 
 
 @njit(**PARALLEL_JIT)
-def _single_backward_v1(q, k, v, lengths, scale, lse, context64, d_context64, d_weights,
+def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_weights,
                         weights, d_q, d_k, d_v):
-    """One pass per row, writing d_q [B, H], d_k [B, T, H], d_v [B, T, Hv].
+    """One pass per row, writing d_q [B, H], d_k [B, T, H], d_v [B, T, Hv] (every entry:
+    the padded keys get exact zeros, so the outputs may come from np.empty).
 
     context64 and d_context64 are float64 [B, Hv]; d_weights is [B, T], or empty when absent
     (then `weights` is not read).
@@ -160,148 +170,12 @@ def _single_backward_v1(q, k, v, lengths, scale, lse, context64, d_context64, d_
                 dkj[h] = g * qb[h]
             for h in range(Hv):
                 dvj[h] = as_type_of(w * dcb[h], zero)
-
-
-# --------------------------------------------------------------------------------------------
-# single query, version 2: four keys per step
-
-
-@njit(**PARALLEL_JIT)
-def _single_forward_v2(q, k, v, lengths, scale, context64, context, weights, lse):
-    """As `_single_forward_v1`, four keys per step (four independent accumulation chains)."""
-    B, T, H = k.shape
-    Hv = v.shape[2]
-    for b in prange(B):
-        n = _clamp_length(lengths[b], T)
-        qb, wb, acc = q[b], weights[b], context64[b]
-        zero = scale - scale
-        for h in range(Hv):
-            acc[h] = 0.0
-        m = dot(qb, k[b, 0], zero) * scale
-        l = 0.0
-        j = 0
-        while j + 4 <= n:
-            k0, k1, k2, k3 = k[b, j], k[b, j + 1], k[b, j + 2], k[b, j + 3]
-            s0 = s1 = s2 = s3 = zero
-            for h in range(H):
-                qh = qb[h]
-                s0 += qh * k0[h]
-                s1 += qh * k1[h]
-                s2 += qh * k2[h]
-                s3 += qh * k3[h]
-            s0, s1, s2, s3 = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-            wb[j], wb[j + 1], wb[j + 2], wb[j + 3] = s0, s1, s2, s3
-            top = max(max(s0, s1), max(s2, s3))
-            if top > m:
-                alpha = np.float64(np.exp(m - top))
-                l *= alpha
-                for h in range(Hv):
-                    acc[h] *= alpha
-                m = top
-            p0, p1 = np.float64(np.exp(s0 - m)), np.float64(np.exp(s1 - m))
-            p2, p3 = np.float64(np.exp(s2 - m)), np.float64(np.exp(s3 - m))
-            l += (p0 + p1) + (p2 + p3)
-            v0, v1, v2, v3 = v[b, j], v[b, j + 1], v[b, j + 2], v[b, j + 3]
-            for h in range(Hv):
-                acc[h] += (p0 * v0[h] + p1 * v1[h]) + (p2 * v2[h] + p3 * v3[h])
-            j += 4
-        while j < n:
-            s = dot(qb, k[b, j], zero) * scale
-            wb[j] = s
-            if s > m:
-                alpha = np.float64(np.exp(m - s))
-                l *= alpha
-                for h in range(Hv):
-                    acc[h] *= alpha
-                m = s
-            p = np.float64(np.exp(s - m))
-            l += p
-            vj = v[b, j]
-            for h in range(Hv):
-                acc[h] += p * vj[h]
-            j += 1
-        _single_finish(acc, context[b], wb, lse, b, n, m, l, zero)
-
-
-@njit(**PARALLEL_JIT)
-def _single_backward_v2(q, k, v, lengths, scale, lse, context64, d_context64, d_weights,
-                        weights, d_q, d_k, d_v):
-    """As `_single_backward_v1`, four keys per step."""
-    B, T, H = k.shape
-    Hv = v.shape[2]
-    has_dw = d_weights.shape[0] == B and d_weights.shape[1] == T
-    for b in prange(B):
-        n = _clamp_length(lengths[b], T)
-        qb, dcb, dqb = q[b], d_context64[b], d_q[b]
-        zero = scale - scale
-        lse_b = lse[b]
-        delta = dot(context64[b], dcb, 0.0)
-        if has_dw:
-            for j in range(n):
-                delta += weights[b, j] * d_weights[b, j]
-        for h in range(H):
-            dqb[h] = zero
-        j = 0
-        while j + 4 <= n:
-            k0, k1, k2, k3 = k[b, j], k[b, j + 1], k[b, j + 2], k[b, j + 3]
-            v0, v1, v2, v3 = v[b, j], v[b, j + 1], v[b, j + 2], v[b, j + 3]
-            s0 = s1 = s2 = s3 = zero
-            for h in range(H):
-                qh = qb[h]
-                s0 += qh * k0[h]
-                s1 += qh * k1[h]
-                s2 += qh * k2[h]
-                s3 += qh * k3[h]
-            e0 = e1 = e2 = e3 = 0.0  # dc . v_j in float64
-            for h in range(Hv):
-                ch = dcb[h]
-                e0 += ch * v0[h]
-                e1 += ch * v1[h]
-                e2 += ch * v2[h]
-                e3 += ch * v3[h]
-            if has_dw:
-                e0 += d_weights[b, j]
-                e1 += d_weights[b, j + 1]
-                e2 += d_weights[b, j + 2]
-                e3 += d_weights[b, j + 3]
-            w0 = np.exp(np.float64(s0 * scale) - lse_b)
-            w1 = np.exp(np.float64(s1 * scale) - lse_b)
-            w2 = np.exp(np.float64(s2 * scale) - lse_b)
-            w3 = np.exp(np.float64(s3 * scale) - lse_b)
-            g0 = as_type_of(w0 * (e0 - delta) * scale, zero)
-            g1 = as_type_of(w1 * (e1 - delta) * scale, zero)
-            g2 = as_type_of(w2 * (e2 - delta) * scale, zero)
-            g3 = as_type_of(w3 * (e3 - delta) * scale, zero)
-            dk0, dk1, dk2, dk3 = d_k[b, j], d_k[b, j + 1], d_k[b, j + 2], d_k[b, j + 3]
-            for h in range(H):
-                qh = qb[h]
-                dqb[h] += (g0 * k0[h] + g1 * k1[h]) + (g2 * k2[h] + g3 * k3[h])
-                dk0[h] = g0 * qh
-                dk1[h] = g1 * qh
-                dk2[h] = g2 * qh
-                dk3[h] = g3 * qh
-            dv0, dv1, dv2, dv3 = d_v[b, j], d_v[b, j + 1], d_v[b, j + 2], d_v[b, j + 3]
-            for h in range(Hv):
-                ch = dcb[h]
-                dv0[h] = as_type_of(w0 * ch, zero)
-                dv1[h] = as_type_of(w1 * ch, zero)
-                dv2[h] = as_type_of(w2 * ch, zero)
-                dv3[h] = as_type_of(w3 * ch, zero)
-            j += 4
-        while j < n:
-            kj, vj = k[b, j], v[b, j]
-            w = np.exp(np.float64(dot(qb, kj, zero) * scale) - lse_b)
-            dw = dot(dcb, vj, 0.0)
-            if has_dw:
-                dw += d_weights[b, j]
-            g = as_type_of(w * (dw - delta) * scale, zero)
+        for j in range(n, T):
             dkj, dvj = d_k[b, j], d_v[b, j]
             for h in range(H):
-                dqb[h] += g * kj[h]
-                dkj[h] = g * qb[h]
+                dkj[h] = zero
             for h in range(Hv):
-                dvj[h] = as_type_of(w * dcb[h], zero)
-            j += 1
+                dvj[h] = zero
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +344,7 @@ def attention_forward(
         context, weights, lse = (np.empty((B, Hv), dtype), np.empty((B, Tk), dtype),
                                  np.empty(B, np.float64))
         context64 = np.empty((B, Hv))
-        _single_forward_v2(core_q[:, 0], k, v, lengths, scale, context64, context, weights, lse)
+        _single_forward(core_q[:, 0], k, v, lengths, scale, context64, context, weights, lse)
         context, weights, lse = context[:, None], weights[:, None], lse[:, None]
     else:
         context64 = None
@@ -505,9 +379,11 @@ def attention_backward(
     d_params: dict[str, np.ndarray] = {}
     if single and score != "additive":
         d_core_q = np.empty((B, core_q.shape[2]), dtype)
-        d_keys = np.zeros(k.shape, dtype)  # calloc: a never-written padded tail costs nothing
-        d_values = np.zeros(v.shape, dtype)
-        _single_backward_v2(core_q[:, 0], k, v, lengths, scale, lse[:, 0], context64,
+        # np.empty, not np.zeros: numpy asks for huge pages on large empty arrays, while a
+        # large calloc faults in 4 KiB pages, 3x slower to write here; the kernel zeroes padding
+        d_keys = np.empty(k.shape, dtype)
+        d_values = np.empty(v.shape, dtype)
+        _single_backward(core_q[:, 0], k, v, lengths, scale, lse[:, 0], context64,
                             dc[:, 0].astype(np.float64), dW[:, 0] if dW.size else dW[0, :0],
                             w[:, 0], d_core_q, d_keys, d_values)
         d_core_q = d_core_q[:, None]

@@ -2,9 +2,10 @@
 
 The public `kernels.attention_*` functions run through every parity, property and bad-input
 test of test_attention.py and test_attention_bad_input.py (parametrized by backend). Here:
-every kernel version on its own, awkward sizes, bitwise determinism, and cores that stay in
-bounds whatever lengths they are handed. Everything here also runs with NUMBA_DISABLE_JIT=1,
-which executes the kernels' Python source line by line (CI does that run).
+the single-query cores on their own (called directly, on awkward sizes), bitwise determinism,
+and cores that stay in bounds whatever lengths they are handed. Everything here also runs
+with NUMBA_DISABLE_JIT=1, which executes the kernels' Python source line by line (CI does
+that run).
 """
 
 from __future__ import annotations
@@ -22,25 +23,23 @@ import numpy_ref
 from kernels import attention as ka
 
 JIT_OFF = bool(numba.config.DISABLE_JIT)
-VERSIONS = {
-    "v1": (ka._single_forward_v1, ka._single_backward_v1),
-    "v2": (ka._single_forward_v2, ka._single_backward_v2),
-}
 
 
-def run_core(version: str, q, k, v, lengths, dc, dW=None, scale=1.0):
-    """One single-query core version, forward then backward, on contiguous inputs."""
-    forward, backward = VERSIONS[version]
+def run_core(q, k, v, lengths, dc, dW=None, scale=1.0):
+    """The single-query cores, forward then backward, on contiguous inputs.
+
+    The gradient outputs start as NaN: every entry, padding included, must be written.
+    """
     B, T, _ = k.shape
     dtype = q.dtype
     context64, context = np.empty((B, v.shape[2])), np.empty((B, v.shape[2]), dtype)
     weights, lse = np.empty((B, T), dtype), np.empty(B)
     scale = dtype.type(scale)
-    forward(q, k, v, lengths, scale, context64, context, weights, lse)
-    d_q, d_k, d_v = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    ka._single_forward(q, k, v, lengths, scale, context64, context, weights, lse)
+    d_q, d_k, d_v = (np.full_like(a, np.nan) for a in (q, k, v))
     dW = np.zeros((0, 0), dtype) if dW is None else dW
-    backward(q, k, v, lengths, scale, lse, context64, dc.astype(np.float64), dW, weights,
-             d_q, d_k, d_v)
+    ka._single_backward(q, k, v, lengths, scale, lse, context64, dc.astype(np.float64), dW,
+                        weights, d_q, d_k, d_v)
     return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
             "d_values": d_v}
 
@@ -71,32 +70,29 @@ AWKWARD = [(1, 1, 1, 1), (3, 7, 5, 2), (2, 97, 59, 59), (5, 59, 7, 97), (4, 6, 1
 @pytest.mark.parametrize("with_dw", [False, True], ids=["dc", "dc+dw"])
 @pytest.mark.parametrize("keys_is_values", [False, True], ids=["values", "keys-is-values"])
 @pytest.mark.parametrize("size", AWKWARD, ids=[f"B{b}-T{t}-H{h}-Hv{v}" for b, t, h, v in AWKWARD])
-@pytest.mark.parametrize("version", list(VERSIONS))
-def test_kernels_single_query_core_versions_match_numpy_ref_float64(version, size,
-                                                                   keys_is_values, with_dw):
+def test_kernels_single_query_cores_match_numpy_ref_float64(size, keys_is_values,
+                                                            with_dw) -> None:
     B, T, H, Hv = size
     q, k, v, lengths, dc, dW = single_inputs(B, T, H, Hv, 0, np.float64, keys_is_values)
     dW = dW if with_dw else None
-    got = run_core(version, q, k, v, lengths, dc, dW, scale=1 / np.sqrt(H))
+    got = run_core(q, k, v, lengths, dc, dW, scale=1 / np.sqrt(H))
     want = reference(q, k, v, lengths, dc, dW, scale_dot=True)
     for name in want:
-        assert_close_policy(f"{version} {name}", got[name], want[name],
-                            grad=name.startswith("d_"))
+        assert_close_policy(name, got[name], want[name], grad=name.startswith("d_"))
 
 
 @pytest.mark.parametrize("size", AWKWARD, ids=[f"B{b}-T{t}-H{h}-Hv{v}" for b, t, h, v in AWKWARD])
-def test_kernels_single_query_core_versions_agree_float32(size) -> None:
-    """v1 and v2 sum in different orders; both must be as close to float64 as numpy_ref."""
+def test_kernels_single_query_cores_float32_as_accurate_as_numpy_ref(size) -> None:
+    """The cores sum in another order than numpy_ref; they must be as close to float64."""
     B, T, H, Hv = size
     q, k, v, lengths, dc, dW = single_inputs(B, T, H, Hv, 1, np.float32, False)
     want = reference(*(a.astype(np.float64) for a in (q, k, v)), lengths,
                      dc.astype(np.float64), dW.astype(np.float64))
     numpy32 = reference(q, k, v, lengths, dc, dW)
-    for version in VERSIONS:
-        got = run_core(version, q, k, v, lengths, dc, dW)
-        for name in want:
-            assert_close_policy(f"{version} {name}", got[name], want[name],
-                                torch32=numpy32[name], grad=name.startswith("d_"))
+    got = run_core(q, k, v, lengths, dc, dW)
+    for name in want:
+        assert_close_policy(name, got[name], want[name], torch32=numpy32[name],
+                            grad=name.startswith("d_"))
 
 
 AWKWARD_CASES = [
@@ -174,14 +170,13 @@ def test_kernels_are_bitwise_deterministic_over_20_calls(score: str, single: boo
 
 
 @pytest.mark.parametrize("bad", [0, -5, 10**6], ids=["zero", "negative", "huge"])
-@pytest.mark.parametrize("version", list(VERSIONS))
-def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(version: str, bad: int) -> None:
+def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None:
     """Called directly (past the validating wrapper), a core clamps lengths into 1..T."""
     q, k, v, _, dc, _ = single_inputs(3, 8, 4, 4, 2, np.float64, True)
     bad_lengths = np.array([bad, 3, bad])
     clamped = np.clip(bad_lengths, 1, 8)
-    got = run_core(version, q, k, v, bad_lengths, dc)
-    want = run_core(version, q, k, v, clamped, dc)
+    got = run_core(q, k, v, bad_lengths, dc)
+    want = run_core(q, k, v, clamped, dc)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     s = np.ones((3, 2, 8))
