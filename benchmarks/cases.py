@@ -36,12 +36,13 @@ BACKENDS: list[Backend] = [
     lstm.TORCH_CPU,
     lstm.TORCH_CUDA,
     lstm.NUMPY_REF,
+    lstm.module_backend("kernels", kernels),
     attention.TORCH_BMM_CPU,
     attention.TORCH_SDPA_CPU,
     attention.TORCH_BMM_CUDA,
     attention.TORCH_SDPA_CUDA,
     attention.module_backend("numpy_ref", numpy_ref),
-    attention.module_backend("kernels", kernels),  # available once kernels exports the op
+    attention.module_backend("kernels", kernels),
 ]
 
 # op -> (backend name, device) that the "vs base" column divides by: the usual counterpart.

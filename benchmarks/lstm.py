@@ -19,13 +19,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
+from types import ModuleType
 
 import numpy as np
 import torch
 
+import numpy_ref
 from benchmarks.core import PASSES, Backend, Prepared, Problem
 from benchmarks.floors import gemm_floor
-from numpy_ref import init_lstm_params, lstm_backward, lstm_forward
+from numpy_ref import init_lstm_params
 from torch_impl import load_numpy_
 
 FORWARD_NAMES = ("output", "h_n", "c_n")
@@ -102,23 +104,33 @@ def lstm_problem(
     )
 
 
-def _numpy_lstm(inputs: LSTMInputs, pass_: str) -> dict[str, np.ndarray]:
-    """`numpy_ref`'s LSTM on `inputs`, in their dtype: the named forward outputs and gradients."""
-    output, (h_n, c_n), cache = lstm_forward(
+def _numpy_lstm(inputs: LSTMInputs, pass_: str, module: ModuleType = numpy_ref
+                ) -> dict[str, np.ndarray]:
+    """`module`'s LSTM (numpy_ref's API) on `inputs`, in their dtype: the named forward
+    outputs and gradients."""
+    output, (h_n, c_n), cache = module.lstm_forward(
         inputs.x, inputs.params, num_layers=inputs.num_layers,
         bidirectional=inputs.bidirectional,
     )
     result = {"output": output, "h_n": h_n, "c_n": c_n}
     if pass_ == "forward+backward":
-        d_x, d_params, _ = lstm_backward(inputs.d_output, cache, d_h_n=inputs.d_h_n,
-                                         d_c_n=inputs.d_c_n)
+        d_x, d_params, _ = module.lstm_backward(inputs.d_output, cache, d_h_n=inputs.d_h_n,
+                                                d_c_n=inputs.d_c_n)
         result["d_x"] = d_x
         result.update({f"d_{k}": v for k, v in d_params.items()})
     return result
 
 
-def _prepare_numpy_ref(inputs: LSTMInputs, pass_: str) -> Prepared:
-    return Prepared(run=partial(_numpy_lstm, inputs, pass_), collect=lambda result: result)
+def module_backend(name: str, module: ModuleType) -> Backend:
+    """A CPU backend calling ``module.lstm_forward`` / ``module.lstm_backward`` (numpy_ref's
+    signatures): numpy_ref itself, or kernels; unavailable while `module` lacks them."""
+
+    def prepare(inputs: LSTMInputs, pass_: str) -> Prepared:
+        return Prepared(run=partial(_numpy_lstm, inputs, pass_, module),
+                        collect=lambda result: result)
+
+    return Backend(name=name, op="lstm", device="cpu", passes=PASSES, prepare=prepare,
+                   available=lambda: hasattr(module, "lstm_forward"))
 
 
 def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
@@ -167,8 +179,7 @@ def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
     return Prepared(run=run, collect=collect)
 
 
-NUMPY_REF = Backend(name="numpy_ref", op="lstm", device="cpu", passes=PASSES,
-                    prepare=_prepare_numpy_ref)
+NUMPY_REF = module_backend("numpy_ref", numpy_ref)
 TORCH_CPU = Backend(name="torch", op="lstm", device="cpu", passes=PASSES,
                     prepare=partial(_prepare_torch, device="cpu"))
 TORCH_CUDA = Backend(name="torch", op="lstm", device="cuda", passes=PASSES,

@@ -299,6 +299,43 @@ def _validate_lstm_params(params, I, num_layers, D, dtype):
     return p, H, Ho
 
 
+def validate_lstm_inputs(x, params, num_layers, bidirectional, batch_first, h0, c0, lengths,
+                         dropout=0.0):
+    """Check every `lstm_forward` argument, in the order the errors are reported.
+
+    Returns ``(xt, p, H, Ho, D, h0, c0, lengths)``: x as a time-major view [T, B, I] (no copy),
+    the validated params (the caller's arrays, keyed as torch), the hidden and output sizes,
+    the number of directions, h0 [L*D, B, Ho] and c0 [L*D, B, H] (zeros when not given), and
+    lengths as int64 [B] or None. Shared by `kernels.lstm`, so both backends reject the same
+    inputs with the same messages.
+    """
+    if dropout != 0:
+        raise ValueError(f"dropout: inter-layer dropout is random and not part of the "
+                         f"reference; expected 0, got {dropout!r}")
+    if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
+    x = _checks.float_array("x", x, ("B", "T", "I") if batch_first else ("T", "B", "I"))
+    xt = x.transpose(1, 0, 2) if batch_first else x  # [T, B, I]
+    T, B, I = xt.shape
+    if T == 0 or B == 0:
+        raise ValueError(f"x: expected at least one step and one row, got shape {x.shape}")
+    D = 2 if bidirectional else 1
+    p, H, Ho = _validate_lstm_params(params, I, num_layers, D, x.dtype)
+    if (h0 is None) != (c0 is None):
+        raise ValueError("h0, c0: give both initial states or neither")
+    if h0 is None:
+        h0 = np.zeros((num_layers * D, B, Ho), x.dtype)
+        c0 = np.zeros((num_layers * D, B, H), x.dtype)
+    for name, a, size in (("h0", h0, "Ho"), ("c0", c0, "H")):
+        _checks.float_array(name, a, ("L*D", "B", size))
+        _checks.same_dtype(name, a, x.dtype, "x")
+        _checks.shape_is(name, a, (num_layers * D, B, Ho if size == "Ho" else H),
+                         f"[L*D, B, {size}]")
+    if lengths is not None:
+        lengths = _checks.lengths_array(lengths, B, T)
+    return xt, p, H, Ho, D, h0, c0, lengths
+
+
 def lstm_forward(
     x: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -329,31 +366,11 @@ def lstm_forward(
     (h_n [L*D, B, Ho], c_n [L*D, B, H]) : final states, index ``2*layer + direction``.
     cache : `LSTMCache` for `lstm_backward`.
     """
-    if dropout != 0:
-        raise ValueError(f"dropout: inter-layer dropout is random and not part of the "
-                         f"reference; expected 0, got {dropout!r}")
-    if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
-    x = _checks.float_array("x", x, ("B", "T", "I") if batch_first else ("T", "B", "I"))
-    xt = x.transpose(1, 0, 2) if batch_first else x  # [T, B, I]
-    T, B, I = xt.shape
-    if T == 0 or B == 0:
-        raise ValueError(f"x: expected at least one step and one row, got shape {x.shape}")
-    D = 2 if bidirectional else 1
-    p, H, Ho = _validate_lstm_params(params, I, num_layers, D, x.dtype)
-    if (h0 is None) != (c0 is None):
-        raise ValueError("h0, c0: give both initial states or neither")
-    if h0 is None:
-        h0 = np.zeros((num_layers * D, B, Ho), x.dtype)
-        c0 = np.zeros((num_layers * D, B, H), x.dtype)
-    for name, a, size in (("h0", h0, "Ho"), ("c0", c0, "H")):
-        _checks.float_array(name, a, ("L*D", "B", size))
-        _checks.same_dtype(name, a, x.dtype, "x")
-        _checks.shape_is(name, a, (num_layers * D, B, Ho if size == "Ho" else H),
-                         f"[L*D, B, {size}]")
+    xt, p, H, Ho, D, h0, c0, lengths = validate_lstm_inputs(
+        x, params, num_layers, bidirectional, batch_first, h0, c0, lengths, dropout)
+    T = xt.shape[0]
     mask = None
     if lengths is not None:
-        lengths = _checks.lengths_array(lengths, B, T)
         mask = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]  # [T, B, 1]
 
     layer_input = xt
@@ -404,6 +421,35 @@ def _direction_forward(x, h, c, w_ih, w_hh, bias, w_hr, mask, reverse):
     return out, h, c, LSTMDirectionCache(x, h_prev, c_prev, gates, tanh_c, reverse)
 
 
+def validate_lstm_cotangents(d_output, d_h_n, d_c_n, cache: LSTMCache):
+    """Check the `lstm_backward` cotangents against the forward that made `cache`.
+
+    Returns ``(d_out, d_h_n, d_c_n)``: d_output as a time-major view [T, B, D*Ho] (no copy), and
+    d_h_n [L*D, B, Ho], d_c_n [L*D, B, H] (zeros when not given). Shared by `kernels.lstm`.
+    """
+    L, D = cache.num_layers, 2 if cache.bidirectional else 1
+    first = cache.directions[0]
+    T, B, _ = first.x.shape
+    H, Ho, dtype = cache.hidden_size, cache.output_size, first.x.dtype
+    out_labels = ("B", "T", "D*Ho") if cache.batch_first else ("T", "B", "D*Ho")
+    d_output = _checks.float_array("d_output", d_output, out_labels)
+    _checks.same_dtype("d_output", d_output, dtype, "x")
+    expected = (B, T, D * Ho) if cache.batch_first else (T, B, D * Ho)
+    _checks.shape_is("d_output", d_output, expected, f"[{', '.join(out_labels)}]")
+    finals = []
+    for name, a, size in (("d_h_n", d_h_n, "Ho"), ("d_c_n", d_c_n, "H")):
+        shape = (L * D, B, Ho if size == "Ho" else H)
+        if a is None:
+            a = np.zeros(shape, dtype)
+        _checks.float_array(name, a, ("L*D", "B", size))
+        _checks.same_dtype(name, a, dtype, "x")
+        _checks.shape_is(name, a, shape, f"[L*D, B, {size}]")
+        finals.append(a)
+    d_h_n, d_c_n = finals
+    d_out = d_output.transpose(1, 0, 2) if cache.batch_first else d_output  # [T, B, D*Ho]
+    return d_out, d_h_n, d_c_n
+
+
 def lstm_backward(
     d_output: np.ndarray,
     cache: LSTMCache,
@@ -425,27 +471,10 @@ def lstm_backward(
     (d_h0 [L*D, B, Ho], d_c0 [L*D, B, H]) : gradients of the initial states (returned also when
     the forward used the default zero states).
     """
+    d_layer_out, d_h_n, d_c_n = validate_lstm_cotangents(d_output, d_h_n, d_c_n, cache)
     L, D = cache.num_layers, 2 if cache.bidirectional else 1
-    first = cache.directions[0]
-    T, B, _ = first.x.shape
-    H, Ho, dtype = cache.hidden_size, cache.output_size, first.x.dtype
-    out_labels = ("B", "T", "D*Ho") if cache.batch_first else ("T", "B", "D*Ho")
-    d_output = _checks.float_array("d_output", d_output, out_labels)
-    _checks.same_dtype("d_output", d_output, dtype, "x")
-    expected = (B, T, D * Ho) if cache.batch_first else (T, B, D * Ho)
-    _checks.shape_is("d_output", d_output, expected, f"[{', '.join(out_labels)}]")
-    finals = []
-    for name, a, size in (("d_h_n", d_h_n, "Ho"), ("d_c_n", d_c_n, "H")):
-        shape = (L * D, B, Ho if size == "Ho" else H)
-        if a is None:
-            a = np.zeros(shape, dtype)
-        _checks.float_array(name, a, ("L*D", "B", size))
-        _checks.same_dtype(name, a, dtype, "x")
-        _checks.shape_is(name, a, shape, f"[L*D, B, {size}]")
-        finals.append(a)
-    d_h_n, d_c_n = finals
-
-    d_layer_out = d_output.transpose(1, 0, 2) if cache.batch_first else d_output  # [T, B, D*Ho]
+    B = d_layer_out.shape[1]
+    H, Ho, dtype = cache.hidden_size, cache.output_size, d_layer_out.dtype
     grads: dict[str, np.ndarray] = {}
     d_h0 = np.empty((L * D, B, Ho), dtype)
     d_c0 = np.empty((L * D, B, H), dtype)
