@@ -3,13 +3,19 @@
 The cores keep vector work (dot products, axpys) in the data's dtype, so that float32 loops run
 on float32 SIMD lanes, and keep scalar statistics (softmax sums, log-sum-exp, delta) in float64,
 so that float32 results are as accurate as torch's. `as_type_of` is the cast between the two
-that works for either dtype inside one generic kernel.
+that works for either dtype inside one generic kernel. `exp_nonpositive` and
+`expm1_nonpositive` are exp and expm1 for arguments <= 0 (softmax after the max is subtracted,
+sigmoid and tanh of -|x|) written so that LLVM vectorizes a loop calling them.
 """
 
 from __future__ import annotations
 
-from numba import njit
-from numba.extending import overload
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 from kernels._config import JIT
 
@@ -36,3 +42,112 @@ def dot(a, b, zero):
     for h in range(a.shape[0]):
         s += a[h] * b[h]
     return s
+
+
+# --------------------------------------------------------------------------------------------
+# an exp that vectorizes (numba has no vector math library here: np.exp stays scalar libm)
+#
+# exp(y) for y <= 0: n = floor(y log2(e) + 1/2), r = y - n ln2 in [-ln2/2, ln2/2],
+# q = expm1(r) by its Taylor series (degree 7 in float32, 13 in float64: truncation below
+# half an ulp), exp(y) = 2^n (1 + q) and expm1(y) = 2^n q + (2^n - 1) (exactly q when n = 0).
+# ln2 = ln2_hi + ln2_lo (fdlibm's split): ln2_hi has few enough bits that n ln2_hi is exact, so
+# r is accurate with or without a fused multiply-add. Arguments below `low` (where 2^n would
+# leave the normal range) give exp = 0, expm1 = -1.
+
+_EXP_CONSTANTS = {
+    np.dtype(dt): (
+        dt(low),
+        dt(1.4426950408889634),  # log2(e)
+        dt(ln2_hi),
+        dt(ln2_lo),
+        tuple(dt(1.0 / math.factorial(k)) for k in range(degree, 1, -1)),  # 1/k!, Horner order
+    )
+    for dt, low, ln2_hi, ln2_lo, degree in (
+        (np.float32, -87.6, 6.9314575195e-01, 1.4286067653e-06, 7),
+        (np.float64, -708.7, 6.93147180369123816490e-01, 1.90821492927058770002e-10, 13),
+    )
+}
+
+
+def _pow2(n):
+    """2.0 ** n for an integral float n in the normal exponent range, in n's dtype."""
+    return type(n)(2.0**int(n))
+
+
+@intrinsic
+def _pow2_bits(typingctx, n):
+    """2^n by writing n + bias into the exponent field (fptosi, add, shift, bitcast)."""
+    if not isinstance(n, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        int_type, bias, shift = ((ir.IntType(32), 127, 23) if n == types.float32
+                                 else (ir.IntType(64), 1023, 52))
+        biased = builder.add(builder.fptosi(args[0], int_type), ir.Constant(int_type, bias))
+        bits = builder.shl(biased, ir.Constant(int_type, shift))
+        return builder.bitcast(bits, context.get_value_type(n))
+
+    return n(n), codegen
+
+
+@overload(_pow2, jit_options=JIT)
+def _pow2_jit(n):
+    def impl(n):
+        return _pow2_bits(n)
+
+    return impl
+
+
+@njit(**JIT)
+def _exp_reduce(y, low, log2e, ln2_hi, ln2_lo, coefficients):
+    """y <= 0 -> (s = 2^n, q = expm1(r), n) with exp(y) = s (1 + q); y is clamped to low."""
+    yc = y if y > low else low  # also maps NaN to low: the callers return NaN themselves
+    n = np.floor(yc * log2e + as_type_of(0.5, y))
+    r = (yc - n * ln2_hi) - n * ln2_lo
+    p = coefficients[0]
+    for c in coefficients[1:]:
+        p = p * r + c
+    return _pow2(n), r + r * r * p, n
+
+
+@njit(**JIT)
+def _exp_with(y, low, log2e, ln2_hi, ln2_lo, coefficients):
+    """exp(y) for y <= 0: 0 below `low`, NaN for NaN; branch-free (selects), so that a loop
+    calling it vectorizes."""
+    s, q, _ = _exp_reduce(y, low, log2e, ln2_hi, ln2_lo, coefficients)
+    e = s * q + s
+    e = as_type_of(0.0, y) if y < low else e
+    return y if y != y else e
+
+
+@njit(**JIT)
+def _expm1_with(y, low, log2e, ln2_hi, ln2_lo, coefficients):
+    """expm1(y) for y <= 0: -1 below `low`, NaN for NaN; exactly q near 0 (n = 0)."""
+    one = as_type_of(1.0, y)
+    s, q, n = _exp_reduce(y, low, log2e, ln2_hi, ln2_lo, coefficients)
+    m = q if n == 0 else s * q + (s - one)
+    m = -one if y < low else m
+    return y if y != y else m
+
+
+def exp_nonpositive(y):
+    """exp(y) for a float32/float64 scalar y <= 0 (or NaN), in y's dtype."""
+    return _exp_with(y, *_EXP_CONSTANTS[np.asarray(y).dtype])
+
+
+def expm1_nonpositive(y):
+    """exp(y) - 1 for a float32/float64 scalar y <= 0 (or NaN), in y's dtype."""
+    return _expm1_with(y, *_EXP_CONSTANTS[np.asarray(y).dtype])
+
+
+# Inside jitted code the constants are picked by the argument's type while compiling.
+@overload(exp_nonpositive, jit_options=JIT)
+def _exp_nonpositive_jit(y):
+    constants = _EXP_CONSTANTS[np.dtype(y.name)]
+    return lambda y: _exp_with(y, *constants)
+
+
+@overload(expm1_nonpositive, jit_options=JIT)
+def _expm1_nonpositive_jit(y):
+    constants = _EXP_CONSTANTS[np.dtype(y.name)]
+    return lambda y: _expm1_with(y, *constants)

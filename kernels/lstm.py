@@ -49,8 +49,8 @@ Kernel versions
   and gate. Numba has no vector math library here (no SVML), so the loop stays scalar: about
   1.2 ms per step at (B, H) = (64, 256), five times the step's GEMM. Kept as the plain
   statement of the cell and as the reference v2's activations are tested against.
-- ``_cell_forward_v2``: the same loop with `_sigmoid` / `_tanh` built on `_exp_nonpositive` /
-  `_expm1_nonpositive`: a range reduction ``exp(y) = 2^n exp(r)``, ``|r| <= ln2/2``, a Taylor
+- ``_cell_forward_v2``: the same loop with `_sigmoid` / `_tanh` built on `exp_nonpositive` /
+  `expm1_nonpositive`: a range reduction ``exp(y) = 2^n exp(r)``, ``|r| <= ln2/2``, a Taylor
   polynomial and 2^n built in the exponent bits. Every operation has a SIMD form, so LLVM
   vectorizes the loop (16 float32 lanes with AVX-512): about 50 us per step at (64, 256),
   20x faster than v1. The public functions use v2. (Divisions are ``np.divide``: Python's
@@ -75,17 +75,14 @@ index out of bounds; the public wrappers validate first, with numpy_ref's own fu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba import njit
 
 from kernels._config import JIT
-from kernels._util import as_type_of
+from kernels._util import as_type_of, exp_nonpositive, expm1_nonpositive
 from numpy_ref.lstm import (
     LSTMCache,
     LSTMDirectionCache,
@@ -94,119 +91,14 @@ from numpy_ref.lstm import (
 )
 
 # --------------------------------------------------------------------------------------------
-# activations that vectorize
-#
-# exp(y) for y <= 0: n = floor(y log2(e) + 1/2), r = y - n ln2 in [-ln2/2, ln2/2],
-# q = expm1(r) by its Taylor series (degree 7 in float32, 13 in float64: truncation below
-# half an ulp), exp(y) = 2^n (1 + q) and expm1(y) = 2^n q + (2^n - 1) (exactly q when n = 0).
-# ln2 = ln2_hi + ln2_lo (fdlibm's split): ln2_hi has few enough bits that n ln2_hi is exact, so
-# r is accurate with or without a fused multiply-add. Arguments below `low` (where 2^n would
-# leave the normal range) give exp = 0, expm1 = -1.
-
-_EXP_CONSTANTS = {
-    np.dtype(dt): (
-        dt(low),
-        dt(1.4426950408889634),  # log2(e)
-        dt(ln2_hi),
-        dt(ln2_lo),
-        tuple(dt(1.0 / math.factorial(k)) for k in range(degree, 1, -1)),  # 1/k!, Horner order
-    )
-    for dt, low, ln2_hi, ln2_lo, degree in (
-        (np.float32, -87.6, 6.9314575195e-01, 1.4286067653e-06, 7),
-        (np.float64, -708.7, 6.93147180369123816490e-01, 1.90821492927058770002e-10, 13),
-    )
-}
-
-
-def _pow2(n):
-    """2.0 ** n for an integral float n in the normal exponent range, in n's dtype."""
-    return type(n)(2.0**int(n))
-
-
-@intrinsic
-def _pow2_bits(typingctx, n):
-    """2^n by writing n + bias into the exponent field (fptosi, add, shift, bitcast)."""
-    if not isinstance(n, types.Float):
-        return None
-
-    def codegen(context, builder, signature, args):
-        int_type, bias, shift = ((ir.IntType(32), 127, 23) if n == types.float32
-                                 else (ir.IntType(64), 1023, 52))
-        biased = builder.add(builder.fptosi(args[0], int_type), ir.Constant(int_type, bias))
-        bits = builder.shl(biased, ir.Constant(int_type, shift))
-        return builder.bitcast(bits, context.get_value_type(n))
-
-    return n(n), codegen
-
-
-@overload(_pow2, jit_options=JIT)
-def _pow2_jit(n):
-    def impl(n):
-        return _pow2_bits(n)
-
-    return impl
-
-
-@njit(**JIT)
-def _exp_reduce(y, low, log2e, ln2_hi, ln2_lo, coefficients):
-    """y <= 0 -> (s = 2^n, q = expm1(r), n) with exp(y) = s (1 + q); y is clamped to low."""
-    yc = y if y > low else low  # also maps NaN to low: the callers return NaN themselves
-    n = np.floor(yc * log2e + as_type_of(0.5, y))
-    r = (yc - n * ln2_hi) - n * ln2_lo
-    p = coefficients[0]
-    for c in coefficients[1:]:
-        p = p * r + c
-    return _pow2(n), r + r * r * p, n
-
-
-@njit(**JIT)
-def _exp_with(y, low, log2e, ln2_hi, ln2_lo, coefficients):
-    """exp(y) for y <= 0: 0 below `low`, NaN for NaN; branch-free (selects), so that a loop
-    calling it vectorizes."""
-    s, q, _ = _exp_reduce(y, low, log2e, ln2_hi, ln2_lo, coefficients)
-    e = s * q + s
-    e = as_type_of(0.0, y) if y < low else e
-    return y if y != y else e
-
-
-@njit(**JIT)
-def _expm1_with(y, low, log2e, ln2_hi, ln2_lo, coefficients):
-    """expm1(y) for y <= 0: -1 below `low`, NaN for NaN; exactly q near 0 (n = 0)."""
-    one = as_type_of(1.0, y)
-    s, q, n = _exp_reduce(y, low, log2e, ln2_hi, ln2_lo, coefficients)
-    m = q if n == 0 else s * q + (s - one)
-    m = -one if y < low else m
-    return y if y != y else m
-
-
-def _exp_nonpositive(y):
-    """exp(y) for a float32/float64 scalar y <= 0 (or NaN), in y's dtype."""
-    return _exp_with(y, *_EXP_CONSTANTS[np.asarray(y).dtype])
-
-
-def _expm1_nonpositive(y):
-    """exp(y) - 1 for a float32/float64 scalar y <= 0 (or NaN), in y's dtype."""
-    return _expm1_with(y, *_EXP_CONSTANTS[np.asarray(y).dtype])
-
-
-# Inside jitted code the constants are picked by the argument's type while compiling.
-@overload(_exp_nonpositive, jit_options=JIT)
-def _exp_nonpositive_jit(y):
-    constants = _EXP_CONSTANTS[np.dtype(y.name)]
-    return lambda y: _exp_with(y, *constants)
-
-
-@overload(_expm1_nonpositive, jit_options=JIT)
-def _expm1_nonpositive_jit(y):
-    constants = _EXP_CONSTANTS[np.dtype(y.name)]
-    return lambda y: _expm1_with(y, *constants)
+# activations that vectorize (on `exp_nonpositive` / `expm1_nonpositive` of kernels._util)
 
 
 @njit(**JIT)
 def _sigmoid(x):
     """1 / (1 + exp(-x)) from e = exp(-|x|) in (0, 1]: no overflow, relative accuracy."""
     one = as_type_of(1.0, x)
-    e = _exp_nonpositive(-abs(x))
+    e = exp_nonpositive(-abs(x))
     # np.divide, not `/`: Python's division checks for a zero divisor and raises, a branch
     # out of the loop that stops LLVM from vectorizing it (10x slower); here 1 + e >= 1
     return np.divide(one if x >= 0 else e, one + e)
@@ -217,7 +109,7 @@ def _tanh(x):
     """tanh(x) = sign(x) (-m / (2 + m)), m = expm1(-2|x|) in [-1, 0]."""
     a = abs(x)
     a = as_type_of(40.0, x) if a > 40 else a  # tanh(40) is 1 in float64; 2|x| cannot overflow
-    m = _expm1_nonpositive(-(a + a))
+    m = expm1_nonpositive(-(a + a))
     t = np.divide(-m, as_type_of(2.0, x) + m)  # np.divide: see _sigmoid; 2 + m >= 1
     return t if x >= 0 else -t
 
