@@ -86,6 +86,7 @@ from kernels._util import as_type_of, exp_nonpositive, expm1_nonpositive
 from numpy_ref.lstm import (
     LSTMCache,
     LSTMDirectionCache,
+    _key,
     validate_lstm_cotangents,
     validate_lstm_inputs,
 )
@@ -345,10 +346,6 @@ def _hidden_backward(t, lengths, d_out, out_col, dh_mm, dh_keep, d_h_new):
 
 # --------------------------------------------------------------------------------------------
 # public wrappers: validate (as numpy_ref), allocate, run the step loops between BLAS products
-
-
-def _key(kind: str, layer: int, direction: int) -> str:
-    return f"{kind}_l{layer}{'_reverse' if direction else ''}"
 
 
 def lstm_forward(
