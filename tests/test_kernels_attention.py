@@ -183,3 +183,32 @@ def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None
     lse = np.empty((3, 2))
     ka._softmax_rows(s, bad_lengths, 1.0, lse)
     np.testing.assert_allclose(s.sum(axis=-1), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 59, 97, 256])
+def test_kernels_max_prefix_is_the_float_max(n: int, dtype) -> None:
+    """`max_prefix` (the softmax's max, taken over the floats' bits as integers) equals
+    np.max on the prefix, for finite values of both signs, infinities, NaN, and signed zeros;
+    it reads nothing past row[n - 1]."""
+    from kernels._util import max_prefix
+
+    max_jit = numba.njit(lambda row, n: max_prefix(row, n))
+    rng = np.random.default_rng(n)
+    row = (rng.standard_normal(n + 3) * 10.0 ** rng.integers(-30, 30, n + 3)).astype(dtype)
+    row[n:] = np.inf  # beyond the prefix: must not be read
+    cases = {"mixed": row, "negative": -np.abs(row)}
+    for name, special in [("inf", np.inf), ("-inf", -np.inf), ("nan", np.nan)]:
+        r = -np.abs(row)
+        r[rng.integers(0, n)] = special
+        cases[name] = r
+    cases["all -inf"] = np.full(n + 3, -np.inf, dtype)
+    for name, r in cases.items():
+        r[n:] = np.inf
+        want = np.max(r[:n])
+        for got in (max_prefix(r, n), max_jit(r, n)):
+            np.testing.assert_equal(got, want, err_msg=name)
+    zeros = np.array([-0.0] * n + [np.inf], dtype)
+    assert np.signbit(max_jit(zeros, n)) and np.signbit(max_prefix(zeros, n))
+    zeros[n - 1] = 0.0
+    assert not np.signbit(max_jit(zeros, n)) and not np.signbit(max_prefix(zeros, n))
