@@ -64,7 +64,9 @@ def single_inputs(B: int, T: int, H: int, Hv: int, seed: int, dtype, keys_is_val
     return q, k, v, lengths, dc, dW
 
 
-AWKWARD = [(1, 1, 1, 1), (3, 7, 5, 2), (2, 97, 59, 59), (5, 59, 7, 97), (4, 6, 1, 3)]
+# (2, 2 * ka._BLOCK + 37, ...): three blocks of keys, so the running max is rescaled across them
+AWKWARD = [(1, 1, 1, 1), (3, 7, 5, 2), (2, 97, 59, 59), (5, 59, 7, 97), (4, 6, 1, 3),
+           (2, 2 * ka._BLOCK + 37, 9, 4)]
 
 
 @pytest.mark.parametrize("with_dw", [False, True], ids=["dc", "dc+dw"])
