@@ -164,8 +164,7 @@ def _single_finish(acc, cb, wb, lse, b, n, m, l, zero):
     lse[b] = lse_b
     for j in range(n):
         wb[j] = as_type_of(exp_nonpositive(np.float64(wb[j]) - lse_b), zero)
-    for j in range(n, wb.shape[0]):
-        wb[j] = zero
+    wb[n:] = zero  # a slice, not range(n, T): a loop from a runtime start compiled to scatters
 
 
 @njit(**PARALLEL_JIT)
@@ -251,8 +250,7 @@ def _softmax_rows(s, lengths, scale, lse):
         inv = as_type_of(1.0 / total, zero)
         for j in range(n):
             row[j] *= inv
-        for j in range(n, Tk):
-            row[j] = zero
+        row[n:] = zero
         lse[b, i] = np.float64(m) + np.log(total)
 
 
@@ -277,8 +275,7 @@ def _softmax_rows_backward(dw, w, d_weights, lengths, scale):
         d = as_type_of(dot(wr[:n], row[:n], 0.0), zero)
         for j in range(n):
             row[j] = wr[j] * (row[j] - d) * scale
-        for j in range(n, Tk):
-            row[j] = zero
+        row[n:] = zero
 
 
 # --------------------------------------------------------------------------------------------
