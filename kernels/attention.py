@@ -11,11 +11,14 @@ writing d_values once (backward). The kernels reach it by touching each key/valu
 - forward, online softmax (Milakov & Gimelshein 2018) over blocks of keys: keep a running
   max m, a running sum l = sum_j exp(s_j - m) and an unnormalised context
   acc = sum_j exp(s_j - m) v_j; when a block's largest score exceeds m, rescale l and acc by
-  exp(m_old - m_new). At the end context = acc / l and the log-sum-exp lse = m + log(l) is
-  saved, so w_j = exp(s_j - lse). When keys is values, the block's rows k_j that the scores
-  just read are still in cache (L2) when they are used as v_j: one read from DRAM.
-- backward, one pass: recompute s_j = q . k_j and w_j = exp(s_j - lse) from the saved
-  log-sum-exp, take delta = <context, d_context> (FlashAttention-2; plus sum_j w_j dW_j when a
+  exp(m_old - m_new). At the end context = acc / l, and m and l are saved (m + log l is the
+  log-sum-exp), so w_j = exp(s_j - m) / l. Not exp(s_j - lse): next to a huge m (scores of
+  1e16 and more) m + log l rounds to m, and the fast-math flags may reassociate
+  (s_j - m) - log l into that same sum. When keys is values, the
+  block's rows k_j that the scores just read are still in cache (L2) when they are used as
+  v_j: one read from DRAM.
+- backward, one pass: recompute s_j = q . k_j and w_j = exp(s_j - m) / l from the saved
+  statistics, take delta = <context, d_context> (FlashAttention-2; plus sum_j w_j dW_j when a
   cotangent on the weights is given), and in the same sweep write d_v_j = w_j dc,
   d_k_j = ds_j q and accumulate d_q += ds_j k_j, with ds_j = w_j (dc . v_j + dW_j - delta).
 
@@ -54,7 +57,7 @@ Many queries (query [B, Tq, H]): GEMM-bound
 -------------------------------------------
 The products q k^T, w v, dc v^T, ds k, ds^T q and w^T dc are BLAS calls (batched numpy
 matmul); serial kernels fuse what lies between them: ``_softmax_rows`` (scale, mask, max, exp,
-normalise, lse, in place over each row) and ``_softmax_rows_backward`` (ds = w (dw - delta)
+normalise, statistics, in place over each row) and ``_softmax_rows_backward`` (ds = w (dw - delta)
 * scale in place, with delta = sum_j w_j dw_j taken from the weights, which are at hand).
 
 ``general`` is either path applied to q' = q W (then d_q = d_q' W^T, d_W = q^T d_q').
@@ -103,9 +106,10 @@ _BLOCK = 128  # keys per block: its rows of K (and V) stay in L2 between the blo
 
 
 @njit(**PARALLEL_JIT)
-def _single_forward(q, k, v, lengths, scale, context64, context, weights, lse):
+def _single_forward(q, k, v, lengths, scale, context64, context, weights, stats):
     """q [B, H], k [B, T, H], v [B, T, Hv] -> context64 [B, Hv] (float64, kept for the
-    backward), context [B, Hv], weights [B, T], lse [B] (float64).
+    backward), context [B, Hv], weights [B, T], stats [B, 2] (float64: each row's max scaled
+    score m and l = sum_j exp(s_j - m)).
 
     Per row, blocks of `_BLOCK` keys: the block's scores (one dot product per key, kept in
     weights[b]), one rescale of the running sums when the block raises the running max, the
@@ -131,6 +135,8 @@ def _single_forward(q, k, v, lengths, scale, context64, context, weights, lse):
                 s = dot(qb, kb[u], zero) * scale
                 sb[u] = s  # the raw score for now; normalised in _single_finish
                 block_max = max(block_max, np.float64(s))
+            if block_max == -np.inf:  # every score so far is -inf: their weights are 0
+                continue
             if block_max > m:  # rescale what was summed under the old max (0 at the start)
                 alpha = np.exp(m - block_max)
                 l *= alpha
@@ -150,30 +156,31 @@ def _single_forward(q, k, v, lengths, scale, context64, context, weights, lse):
                     part[h] += p * vj[h]
             for h in range(Hv):
                 acc[h] += part[h]
-        _single_finish(acc, context[b], wb, lse, b, n, m, l, zero)
+        _single_finish(acc, context[b], wb, stats[b], n, m, l, zero)
 
 
 @njit(**JIT)
-def _single_finish(acc, cb, wb, lse, b, n, m, l, zero):
-    """Normalise one row: context = acc / l, lse = m + log l, w_j = exp(s_j - lse), 0 beyond."""
+def _single_finish(acc, cb, wb, stats_b, n, m, l, zero):
+    """Normalise one row: context = acc / l, stats_b = (m, l), w_j = exp(s_j - m) / l, 0
+    beyond."""
     inv_l = 1.0 / l
     for h in range(acc.shape[0]):
         acc[h] *= inv_l
         cb[h] = as_type_of(acc[h], zero)
-    lse_b = m + np.log(l)
-    lse[b] = lse_b
+    stats_b[0], stats_b[1] = m, l
     for j in range(n):
-        wb[j] = as_type_of(exp_nonpositive(np.float64(wb[j]) - lse_b), zero)
+        wb[j] = as_type_of(exp_nonpositive(np.float64(wb[j]) - m) * inv_l, zero)
     wb[n:] = zero  # a slice, not range(n, T): a loop from a runtime start compiled to scatters
 
 
 @njit(**PARALLEL_JIT)
-def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_weights,
+def _single_backward(q, k, v, lengths, scale, stats, context64, d_context64, d_weights,
                      weights, d_q, d_k, d_v):
     """One pass per row, writing d_q [B, H], d_k [B, T, H], d_v [B, T, Hv] (every entry:
     the padded keys get exact zeros, so the outputs may come from np.empty).
 
-    context64 and d_context64 are float64 [B, Hv]; d_weights is [B, T], or empty when absent
+    stats [B, 2], context64 and d_context64 [B, Hv] are float64, as the forward wrote them
+    (d_context64: dc upcast); d_weights is [B, T], or empty when absent
     (then `weights` is not read). One key at a time (blocks of keys, as in the forward, were
     10% slower here: the pass is bound by its writes, not by the scalar exp).
     """
@@ -185,7 +192,7 @@ def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_wei
         n = _clamp_length(lengths[b], T)
         qb, dcb, dqb, dc_low = q[b], d_context64[b], d_q[b], dc_rows[b]
         zero = scale - scale
-        lse_b = lse[b]
+        m, inv_l = stats[b, 0], 1.0 / stats[b, 1]
         delta = dot(context64[b], dcb, 0.0)  # = sum_j w_j (dc . v_j)
         if has_dw:
             for j in range(n):
@@ -196,7 +203,7 @@ def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_wei
             dc_low[h] = as_type_of(dcb[h], zero)
         for j in range(n):
             kj, vj = k[b, j], v[b, j]
-            w = np.exp(np.float64(dot(qb, kj, zero) * scale) - lse_b)  # recomputed
+            w = np.exp(np.float64(dot(qb, kj, zero) * scale) - m) * inv_l  # recomputed
             dw = dot(dcb, vj, 0.0)
             if has_dw:
                 dw += d_weights[b, j]
@@ -226,9 +233,10 @@ def _single_backward(q, k, v, lengths, scale, lse, context64, d_context64, d_wei
 
 
 @njit(**JIT)
-def _softmax_rows(s, lengths, scale, lse):
+def _softmax_rows(s, lengths, scale, stats):
     """In place over s [B, Tq, Tk]: w = softmax(scale * s) over the first lengths[b] keys,
-    exact 0 beyond; lse [B, Tq] (float64) receives each row's log-sum-exp.
+    exact 0 beyond; stats [B, Tq, 2] (float64) receives each row's max scaled score m and
+    l = sum_j exp(s_j - m), as the single-query forward saves them.
 
     Three vectorized passes over an L1-resident row: the max (through integer keys, see
     `max_prefix`), exp with the sum, the normalisation. The scale is applied inside the exp
@@ -251,7 +259,7 @@ def _softmax_rows(s, lengths, scale, lse):
         for j in range(n):
             row[j] *= inv
         row[n:] = zero
-        lse[b, i] = np.float64(m) + np.log(total)
+        stats[b, i, 0], stats[b, i, 1] = m, total
 
 
 @njit(**JIT)
@@ -345,8 +353,9 @@ class KernelAttentionCache(NamedTuple):
     values: np.ndarray  # [B, Tk, Hv] contiguous (the keys array itself when keys is values)
     core_query: np.ndarray  # [B, Tq, Hk] what meets the keys: q, or q W for general; read
     weights: np.ndarray  # [B, Tq, Tk] read by the multi-query backward and for the dW term;
-    #                      the single-query backward recomputes them from lse
-    lse: np.ndarray  # [B, Tq] float64 log-sum-exp of each row's scaled scores; read (single)
+    #                      the single-query backward recomputes them from stats
+    stats: np.ndarray  # [B, Tq, 2] float64: each row's max scaled score m and
+    #                    l = sum_j exp(s_j - m) (m + log l is the log-sum-exp); read (single)
     context64: np.ndarray | None  # [B, Hv] float64 context, read for delta = <c, dc> (single
     #                               query); None on the multi-query path
     lengths: np.ndarray  # [B] int64, Tk where none were given
@@ -386,14 +395,14 @@ def attention_forward(
     core_q = np.ascontiguousarray(q @ p["W"]) if score == "general" else q
     projections = None
     if single and score != "additive":
-        context, weights, lse = (np.empty((B, Hv), dtype), np.empty((B, Tk), dtype),
-                                 np.empty(B, np.float64))
+        context, weights, stats = (np.empty((B, Hv), dtype), np.empty((B, Tk), dtype),
+                                   np.empty((B, 2), np.float64))
         context64 = np.empty((B, Hv))
-        _single_forward(core_q[:, 0], k, v, lengths, scale, context64, context, weights, lse)
-        context, weights, lse = context[:, None], weights[:, None], lse[:, None]
+        _single_forward(core_q[:, 0], k, v, lengths, scale, context64, context, weights, stats)
+        context, weights, stats = context[:, None], weights[:, None], stats[:, None]
     else:
         context64 = None
-        lse = np.empty((B, Tq), np.float64)
+        stats = np.empty((B, Tq, 2), np.float64)
         if score == "additive":
             projections = (np.ascontiguousarray(q @ p["W_query"].T),
                            np.ascontiguousarray(k @ p["W_key"].T))
@@ -401,9 +410,9 @@ def attention_forward(
             _additive_scores(*projections, p["v"], lengths, weights)
         else:
             weights = core_q @ k.transpose(0, 2, 1)  # [B, Tq, Tk] scores, softmaxed in place
-        _softmax_rows(weights, lengths, scale, lse)
+        _softmax_rows(weights, lengths, scale, stats)
         context = weights @ v
-    cache = KernelAttentionCache(q, k, v, core_q, weights, lse, context64, lengths, score, p,
+    cache = KernelAttentionCache(q, k, v, core_q, weights, stats, context64, lengths, score, p,
                                  projections, scale, single)
     if single:
         return context[:, 0], weights[:, 0], cache
@@ -414,7 +423,7 @@ def attention_backward(
     d_context: np.ndarray, cache: KernelAttentionCache, *, d_weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Numba `numpy_ref.attention_backward`: returns d_query, d_keys, d_values, d_params."""
-    q, k, v, core_q, w, lse, context64, lengths, score, p, projections, scale, single = cache
+    q, k, v, core_q, w, stats, context64, lengths, score, p, projections, scale, single = cache
     B, Tq, Tk = w.shape
     dtype = w.dtype
     dc, dW = validate_cotangents(d_context, d_weights, (B, Tq, Tk, v.shape[2]), single, dtype)
@@ -428,7 +437,7 @@ def attention_backward(
         # large calloc faults in 4 KiB pages, 3x slower to write here; the kernel zeroes padding
         d_keys = np.empty(k.shape, dtype)
         d_values = np.empty(v.shape, dtype)
-        _single_backward(core_q[:, 0], k, v, lengths, scale, lse[:, 0], context64,
+        _single_backward(core_q[:, 0], k, v, lengths, scale, stats[:, 0], context64,
                             dc[:, 0].astype(np.float64), dW[:, 0] if dW.size else dW[0, :0],
                             w[:, 0], d_core_q, d_keys, d_values)
         d_core_q = d_core_q[:, None]
@@ -482,7 +491,7 @@ def masked_softmax_forward(
                else _checks.lengths_array(lengths, B, Tk))
     squeeze = scores.ndim == 2
     w = np.array(scores[:, None, :] if squeeze else scores, order="C")  # a copy, in place below
-    _softmax_rows(w, lengths, scores.dtype.type(1.0), np.empty(w.shape[:2]))
+    _softmax_rows(w, lengths, scores.dtype.type(1.0), np.empty((*w.shape[:2], 2)))
     return (w[:, 0] if squeeze else w), KernelMaskedSoftmaxCache(w, lengths, squeeze)
 
 

@@ -33,12 +33,12 @@ def run_core(q, k, v, lengths, dc, dW=None, scale=1.0):
     B, T, _ = k.shape
     dtype = q.dtype
     context64, context = np.empty((B, v.shape[2])), np.empty((B, v.shape[2]), dtype)
-    weights, lse = np.empty((B, T), dtype), np.empty(B)
+    weights, stats = np.empty((B, T), dtype), np.empty((B, 2))
     scale = dtype.type(scale)
-    ka._single_forward(q, k, v, lengths, scale, context64, context, weights, lse)
+    ka._single_forward(q, k, v, lengths, scale, context64, context, weights, stats)
     d_q, d_k, d_v = (np.full_like(a, np.nan) for a in (q, k, v))
     dW = np.zeros((0, 0), dtype) if dW is None else dW
-    ka._single_backward(q, k, v, lengths, scale, lse, context64, dc.astype(np.float64), dW,
+    ka._single_backward(q, k, v, lengths, scale, stats, context64, dc.astype(np.float64), dW,
                         weights, d_q, d_k, d_v)
     return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
             "d_values": d_v}
@@ -182,8 +182,8 @@ def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     s = np.ones((3, 2, 8))
-    lse = np.empty((3, 2))
-    ka._softmax_rows(s, bad_lengths, 1.0, lse)
+    stats = np.empty((3, 2, 2))
+    ka._softmax_rows(s, bad_lengths, 1.0, stats)
     np.testing.assert_allclose(s.sum(axis=-1), 1.0)
 
 
@@ -191,16 +191,21 @@ def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 59, 97, 256])
 def test_kernels_max_prefix_is_the_float_max(n: int, dtype) -> None:
     """`max_prefix` (the softmax's max, taken over the floats' bits as integers) equals
-    np.max on the prefix, for finite values of both signs, infinities, NaN, and signed zeros;
-    it reads nothing past row[n - 1]."""
+    np.max on the prefix, for finite values of both signs, subnormals, infinities, NaN of
+    either sign, and signed zeros; it reads nothing past row[n - 1]."""
     from kernels._util import max_prefix
 
     max_jit = numba.njit(lambda row, n: max_prefix(row, n))
     rng = np.random.default_rng(n)
     row = (rng.standard_normal(n + 3) * 10.0 ** rng.integers(-30, 30, n + 3)).astype(dtype)
     row[n:] = np.inf  # beyond the prefix: must not be read
-    cases = {"mixed": row, "negative": -np.abs(row)}
-    for name, special in [("inf", np.inf), ("-inf", -np.inf), ("nan", np.nan)]:
+    tiny = np.finfo(dtype).smallest_subnormal
+    cases = {"mixed": row, "negative": -np.abs(row),
+             "subnormal": (rng.integers(-3, 4, n + 3) * tiny).astype(dtype)}
+    negative_nan = -np.abs(np.array(np.nan, dtype))  # sign bit set, as x86's inf - inf gives
+    assert np.isnan(negative_nan) and np.signbit(negative_nan)
+    for name, special in [("inf", np.inf), ("-inf", -np.inf), ("nan", np.nan),
+                          ("-nan", negative_nan)]:
         r = -np.abs(row)
         r[rng.integers(0, n)] = special
         cases[name] = r
@@ -214,3 +219,47 @@ def test_kernels_max_prefix_is_the_float_max(n: int, dtype) -> None:
     assert np.signbit(max_jit(zeros, n)) and np.signbit(max_prefix(zeros, n))
     zeros[n - 1] = 0.0
     assert not np.signbit(max_jit(zeros, n)) and not np.signbit(max_prefix(zeros, n))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_kernels_single_query_extreme_scores_match_numpy_ref(dtype) -> None:
+    """Scores the online softmax must not mishandle: a first block (or more) of -inf scores
+    (the running max starts at -inf), and scores so large that m + log(sum) rounds to m
+    (the weights are kept as exp((s - m) - log sum), not exp(s - lse))."""
+    B, T, H = 2, 2 * ka._BLOCK + 5, 4
+    rng = np.random.default_rng(7)
+    keys = rng.standard_normal((B, T, H)).astype(dtype)
+    keys[0, :ka._BLOCK + 3] = -np.inf  # row 0: the first block and three more keys are -inf
+    keys[1, : ka._BLOCK] = -np.inf
+    q = np.ones((B, H), dtype)
+    lengths = np.array([T, ka._BLOCK + 2])
+    values = rng.standard_normal((B, T, 3)).astype(dtype)
+    want_c, want_w, _ = numpy_ref.attention_forward(q, keys, values, lengths=lengths)
+    got_c, got_w, _ = kernels.attention_forward(q, keys, values, lengths=lengths)
+    assert np.all(np.isfinite(want_c)) and np.all(got_w[:, :ka._BLOCK] == 0)
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(got_c, want_c, rtol=tol, atol=tol)
+    np.testing.assert_allclose(got_w, want_w, rtol=tol, atol=tol)
+
+    big = dtype(1e15 if dtype == np.float32 else 1e100)  # scores ~ big**2: 1e30, 1e200
+    keys = np.full((B, 3, H), big, dtype)
+    keys[:, 2] = big / 2  # weights (1/2, 1/2, 0) up to exp(-huge)
+    keys[1, 1] = big * dtype(0.999)
+    values = rng.standard_normal((B, 3, 5)).astype(dtype)
+    q = np.full((B, H), big, dtype)
+    dc = rng.standard_normal((B, 5)).astype(dtype)
+    ref = numpy_ref.attention_forward(q, keys, values)
+    ours = kernels.attention_forward(q, keys, values)
+    np.testing.assert_array_equal(ours[1][0], [0.5, 0.5, 0.0])
+    for name, got, want in zip(["context", "weights"], ours[:2], ref[:2], strict=True):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
+    got = dict(zip(["d_query", "d_keys", "d_values"], kernels.attention_backward(dc, ours[2])[:3],
+                   strict=True))
+    want = dict(zip(got, numpy_ref.attention_backward(dc, ref[2])[:3], strict=True))
+    # d_query = sum_j ds_j k_j cancels exactly between the tied keys (ds_0 = -ds_1, k_0 = k_1):
+    # what is left is rounding, measured against the terms ds_j k_j (= d_keys here, q = k_j)
+    scales = {name: np.abs(want[name]).max() for name in want}
+    scales["d_query"] = scales["d_keys"]
+    for name in want:
+        np.testing.assert_allclose(got[name] / scales[name], want[name] / scales[name], rtol=0,
+                                   atol=tol, err_msg=name)
