@@ -263,10 +263,16 @@ def check_case(case: Case, dtype=np.float64, device: str = "cpu",
                          if k.startswith("d_") and v.size)
         # Every gradient but d_values flows through ds = w (dw - sum_j w_j dw_j), the softmax's
         # VJP, which can cancel far below its terms w dw (one dominant key); its float32
-        # rounding error, and so theirs, scales with the terms. Their floor is multiplied by
-        # that cancellation ratio (1 when ds does not cancel). Without it a two-key case
-        # failed numpy_ref itself, at 16 eps32 relative error against a lucky torch one.
-        through_ds = grad_scale * softmax_vjp_cancellation(reference["weights"], a64)
+        # rounding error, and so theirs, scales with the terms: the largest of those gradients
+        # times that cancellation ratio (1 when ds does not cancel), when that exceeds the
+        # case's largest gradient. Without it a two-key case failed numpy_ref itself, at
+        # 16 eps32 relative error against a lucky torch one. (Not grad_scale times the ratio:
+        # grad_scale may already be d_values, the size of the terms, and the product then made
+        # some floors larger than the gradients they check.)
+        ds_grads = [float(np.abs(v).max()) for k, v in reference.items()
+                    if k.startswith("d_") and k != "d_values" and v.size]
+        through_ds = max(grad_scale, softmax_vjp_cancellation(reference["weights"], a64)
+                         * max(ds_grads, default=0.0))
         # Likewise the context is a weighted sum of values: its terms are as large as the
         # values, whatever the sum cancels to.
         scales = {"context": float(np.abs(a64["values"]).max())}
