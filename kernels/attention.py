@@ -41,9 +41,10 @@ Kernel versions, float32, 2 threads, min of 30 calls alternating old and new in 
   query): the block's scores, one rescale per block instead of one test per key, the block's
   exps in one vectorized loop, its p_j v_j summed in the data's dtype and then added to the
   float64 context. With 16-key blocks: 4.5 ms at (256, 512, 256) (memory-bound: unchanged),
-  30 us at (32, 64, 128). With 128-key blocks (kept): 4.2 ms and 23 us, 10% faster than 16 at
-  both sizes (fewer rescales and partial-sum flushes, longer streams for the prefetcher; the
-  block's second pass reads V from L2: 128 KiB at H = 256). 256 was no faster than 128.
+  30 us at (32, 64, 128). With 128-key blocks (kept): 4.2 ms and 23 us; alternating 16 and
+  128 in one process, 128 was 11% faster at (256, 512, 256) and 8% at (32, 64, 128) (fewer
+  rescales and partial-sum flushes, longer streams for the prefetcher; the block's second pass
+  reads V from L2: 128 KiB at H = 256). 256 was no faster than 128.
 - forward v2, removed: four keys per step (four dot-product chains). Slower once the context
   accumulated in float64: 11.5 ms forward; the four-term mixed update did not vectorize.
 - backward, kept (`_single_backward`): one key at a time, d_v_j = w_j dc in the data's dtype.
