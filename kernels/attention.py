@@ -83,7 +83,8 @@ from numba import njit, prange
 from kernels._config import JIT, PARALLEL_JIT
 from kernels._util import as_type_of, dot, exp_nonpositive, max_prefix
 from numpy_ref import _checks
-from numpy_ref.attention import validate_attention, validate_cotangents
+from numpy_ref.contract import attention as contract
+from numpy_ref.contract.attention import validate_attention, validate_cotangents
 
 
 @njit(**JIT)
@@ -405,8 +406,10 @@ def attention_forward(
         context64 = None
         stats = np.empty((B, Tq, 2), np.float64)
         if score == "additive":
-            projections = (np.ascontiguousarray(q @ p["W_query"].T),
-                           np.ascontiguousarray(k @ p["W_key"].T))
+            qa = q @ p["W_query"].T  # [B, Tq, A]
+            if "b" in p:
+                qa += p["b"]
+            projections = (np.ascontiguousarray(qa), np.ascontiguousarray(k @ p["W_key"].T))
             weights = np.zeros((B, Tq, Tk), dtype)
             _additive_scores(*projections, p["v"], lengths, weights)
         else:
@@ -424,7 +427,8 @@ def attention_backward(
     d_context: np.ndarray, cache: KernelAttentionCache, *, d_weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Numba `numpy_ref.attention_backward`: returns d_query, d_keys, d_values, d_params."""
-    q, k, v, core_q, w, stats, context64, lengths, score, p, projections, scale, single = cache
+    (q, k, v, core_q, w, stats, context64, lengths, score, p, projections, scale,
+     single) = _checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
     B, Tq, Tk = w.shape
     dtype = w.dtype
     dc, dW = validate_cotangents(d_context, d_weights, (B, Tq, Tk, v.shape[2]), single, dtype)
@@ -457,6 +461,9 @@ def attention_backward(
             d_params["W_query"] = d_qa.reshape(B * Tq, A).T @ q.reshape(B * Tq, -1)
             d_params["W_key"] = d_ka.reshape(B * Tk, A).T @ k.reshape(B * Tk, -1)
             d_params["v"] = d_u_rows.sum(axis=0)
+            if "b" in p:
+                d_params["b"] = d_qa.sum(axis=(0, 1))
+            d_params = {key: d_params[key] for key in p}  # the params' own order
             return (d_query3[:, 0] if single else d_query3), d_keys, d_values, d_params
         d_core_q = ds @ k
         d_keys = ds.transpose(0, 2, 1) @ core_q
@@ -484,12 +491,9 @@ def masked_softmax_forward(
     scores: np.ndarray, lengths: Any = None
 ) -> tuple[np.ndarray, KernelMaskedSoftmaxCache]:
     """Numba `numpy_ref.masked_softmax_forward`: scores [B, Tk] or [B, Tq, Tk] -> weights."""
-    scores = _checks.float_array_ranks("scores", scores, (("B", "Tk"), ("B", "Tq", "Tk")))
-    if scores.shape[-1] == 0:
-        raise ValueError(f"scores: expected at least one key (Tk >= 1), got shape {scores.shape}")
+    scores, lengths = contract.masked_softmax(scores, lengths)
     B, Tk = scores.shape[0], scores.shape[-1]
-    lengths = (np.full(B, Tk, np.int64) if lengths is None
-               else _checks.lengths_array(lengths, B, Tk))
+    lengths = np.full(B, Tk, np.int64) if lengths is None else lengths
     squeeze = scores.ndim == 2
     w = np.array(scores[:, None, :] if squeeze else scores, order="C")  # a copy, in place below
     _softmax_rows(w, lengths, scores.dtype.type(1.0), np.empty((*w.shape[:2], 2)))
@@ -498,12 +502,8 @@ def masked_softmax_forward(
 
 def masked_softmax_backward(d_weights: np.ndarray, cache: KernelMaskedSoftmaxCache) -> np.ndarray:
     """Numba `numpy_ref.masked_softmax_backward`: d_scores = w * (dw - sum_j w_j dw_j)."""
-    w = cache.weights
-    shape = w.shape[::2] if cache.squeeze else w.shape
-    d_weights = _checks.float_array_ranks("d_weights", d_weights,
-                                          (("B", "Tk"), ("B", "Tq", "Tk")))
-    _checks.same_dtype("d_weights", d_weights, w.dtype, "scores")
-    _checks.shape_is("d_weights", d_weights, shape, "like the weights")
+    w = _checks.cache_of(cache, KernelMaskedSoftmaxCache, "kernels.masked_softmax_forward").weights
+    d_weights = contract.like_weights("d_weights", d_weights, w[:, 0] if cache.squeeze else w)
     dw = np.array(d_weights[:, None, :] if cache.squeeze else d_weights, order="C")
     _softmax_rows_backward(dw, w, np.zeros((1, 0, 0), w.dtype), cache.lengths,
                            w.dtype.type(1.0))

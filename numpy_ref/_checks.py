@@ -127,3 +127,11 @@ def no_unexpected_keys(params: Mapping[str, Any], allowed: set[str], hint: str) 
     extra = sorted(set(params) - allowed)
     if extra:
         raise ValueError(f"params: unexpected keys {extra}; {hint}")
+
+
+def cache_of(cache: Any, kind: type, op: str) -> Any:
+    """Return `cache` once it is an instance of `kind`; a `TypeError` naming it otherwise."""
+    if not isinstance(cache, kind):
+        raise TypeError(f"cache: expected the {kind.__name__} returned by {op}, got "
+                        f"{type(cache).__name__}")
+    return cache

@@ -15,14 +15,19 @@ Forward
         "dot"        : q . k                       (needs Hq == Hk)
         "scaled_dot" : q . k / sqrt(Hk)            (needs Hq == Hk)
         "general"    : q^T W k = (q W) . k         W [Hq, Hk]                     (Luong)
-        "additive"   : u . tanh(W_query q + W_key k)                     (Bahdanau, Luong "concat")
-                       W_query [A, Hq], W_key [A, Hk], u = params["v"] [A]
+        "additive"   : u . tanh(W_query q + b + W_key k)            (Bahdanau, Luong "concat")
+                       W_query [A, Hq], W_key [A, Hk], u = params["v"] [A], optional b [A]
     w[b,i,:] = softmax(s[b,i,:] masked to the first lengths[b] keys)         [B, Tq, Tk]
     c[b,i]   = sum_j w[b,i,j] v[b,j]                                         [B, Tq, Hv]
 
 The masked softmax puts a real -inf at keys j >= lengths[b], subtracts the row max (finite: every
 row has at least one key), and exponentiates, so masked weights are exactly 0 and logits of any
 finite size (1e4 and beyond) give finite weights.
+
+Attention is composed of public pairs, each with its own backward: the additive score's
+`additive_scores_forward` (the tanh and u from projected queries and keys, which a decoder
+that attends step by step calls with keys projected once), `masked_softmax_forward`, and
+`weighted_sum_forward` (the context).
 
 Backward
 --------
@@ -45,10 +50,12 @@ rule then gives the query and key gradients:
     dot         dq = ds k                 dk = ds^T q
     scaled_dot  dq = ds k / sqrt(Hk)      dk = ds^T q / sqrt(Hk)
     general     with q' = q W:  dq' = ds k,  dq = dq' W^T,  dW = sum_b,i q^T dq',  dk = ds^T q'
-    additive    e = tanh(W_query q + W_key k) [B, Tq, Tk, A],  s = e u:
+    additive    qa = W_query q + b [B, Tq, A], ka = W_key k [B, Tk, A],
+                e = tanh(qa + ka) [B, Tq, Tk, A],  s = e u:
                 du = sum_b,i,j ds e,   dz = ds u (1 - e^2),
-                dq = (sum_j dz) W_query,   dW_query = sum (sum_j dz)^T q,
-                dk = (sum_i dz) W_key,     dW_key   = sum (sum_i dz)^T k
+                d_qa = sum_j dz,  d_ka = sum_i dz,  db = sum_b,i d_qa,
+                dq = d_qa W_query,   dW_query = sum d_qa^T q,
+                dk = d_ka W_key,     dW_key   = sum d_ka^T k
 """
 
 from __future__ import annotations
@@ -60,8 +67,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from numpy_ref import _checks
+from numpy_ref.contract import attention as contract
+from numpy_ref.contract.attention import SCORES
 
-SCORES = ("dot", "scaled_dot", "general", "additive")
+__all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "MaskedSoftmaxCache",
+           "WeightedSumCache", "additive_scores_backward", "additive_scores_forward",
+           "attention_backward", "attention_forward", "masked_softmax_backward",
+           "masked_softmax_forward", "weighted_sum_backward", "weighted_sum_forward"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,13 +113,8 @@ def masked_softmax_forward(
     -------
     weights : like scores; each row sums to 1 over its valid keys.  cache.
     """
-    scores = _checks.float_array_ranks("scores", scores, (("B", "Tk"), ("B", "Tq", "Tk")))
-    if scores.shape[-1] == 0:
-        raise ValueError(f"scores: expected at least one key (Tk >= 1), got shape {scores.shape}")
-    valid = None
-    if lengths is not None:
-        lengths = _checks.lengths_array(lengths, scores.shape[0], scores.shape[-1])
-        valid = _key_mask(lengths, scores.ndim, scores.shape[-1])
+    scores, lengths = contract.masked_softmax(scores, lengths)
+    valid = None if lengths is None else _key_mask(lengths, scores.ndim, scores.shape[-1])
     w = _masked_softmax(scores, valid)
     return w, MaskedSoftmaxCache(w)
 
@@ -117,16 +124,93 @@ def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) ->
 
     d_weights : like the weights. Returns d_scores, like the scores (0 at masked keys).
     """
-    w = cache.weights
-    d_weights = _checks.float_array_ranks("d_weights", d_weights,
-                                          (("B", "Tk"), ("B", "Tq", "Tk")))
-    _checks.same_dtype("d_weights", d_weights, w.dtype, "scores")
-    _checks.shape_is("d_weights", d_weights, w.shape, "like the weights")
+    w = _checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
+    d_weights = contract.like_weights("d_weights", d_weights, w)
     return w * (d_weights - np.sum(w * d_weights, axis=-1, keepdims=True))
 
 
 # --------------------------------------------------------------------------------------------
-# attention
+# the additive score from projected queries and keys
+
+
+class AdditiveScoresCache(NamedTuple):
+    """What `additive_scores_backward` needs."""
+
+    energy: np.ndarray  # [B, Tq, Tk, A]  e = tanh(qa + ka); read
+    v: np.ndarray  # [A]  read
+    single_query: bool  # whether query_proj was [B, A]
+
+
+def additive_scores_forward(
+    query_proj: np.ndarray, key_proj: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, AdditiveScoresCache]:
+    """``s[b,i,j] = v . tanh(query_proj[b,i] + key_proj[b,j])``: the additive score's second
+    half, for queries and keys already projected (``W_query q + b`` and ``W_key k``).
+
+    query_proj : [B, A] or [B, Tq, A].  key_proj : [B, Tk, A].  v : [A].
+    Returns scores [B, Tk] or [B, Tq, Tk], and the cache.
+    """
+    qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
+    single = qa.ndim == 2
+    qa = qa[:, None, :] if single else qa  # [B, Tq, A]
+    e = np.tanh(qa[:, :, None, :] + ka[:, None, :, :])  # [B, Tq, Tk, A]
+    s = e @ v  # [B, Tq, Tk]
+    return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single)
+
+
+def additive_scores_backward(
+    d_scores: np.ndarray, cache: AdditiveScoresCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of `additive_scores_forward`: d_scores like the scores ->
+    (d_query_proj like query_proj, d_key_proj [B, Tk, A], d_v [A])."""
+    e, v, single = _checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
+    ds = contract.like_scores("d_scores", d_scores, e, single)  # [B, Tq, Tk]
+    d_z = ds[..., None] * v * (1 - e * e)  # s = tanh(z) @ v, z = qa + ka
+    d_qa, d_ka = d_z.sum(axis=2), d_z.sum(axis=1)  # [B, Tq, A], [B, Tk, A]
+    d_v = np.einsum("bij,bija->a", ds, e)
+    return (d_qa[:, 0] if single else d_qa), d_ka, d_v
+
+
+# --------------------------------------------------------------------------------------------
+# the context: a weighted sum of values
+
+
+class WeightedSumCache(NamedTuple):
+    """What `weighted_sum_backward` needs."""
+
+    weights: np.ndarray  # [B, Tq, Tk]  read for d_values
+    values: np.ndarray  # [B, Tk, Hv]  read for d_weights
+    single_query: bool  # whether weights were [B, Tk]
+
+
+def weighted_sum_forward(
+    weights: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, WeightedSumCache]:
+    """``c[b,i] = sum_j w[b,i,j] v[b,j]``: weights [B, Tk] or [B, Tq, Tk], values
+    [B, Tk, Hv] -> context [B, Hv] or [B, Tq, Hv], and the cache."""
+    w, values = contract.weighted_sum(weights, values)
+    single = w.ndim == 2
+    w = w[:, None, :] if single else w  # [B, Tq, Tk]
+    c = w @ values
+    return (c[:, 0] if single else c), WeightedSumCache(w, values, single)
+
+
+def weighted_sum_backward(
+    d_context: np.ndarray, cache: WeightedSumCache
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backward of `weighted_sum_forward`: d_context like the context ->
+    (d_weights like the weights, d_values [B, Tk, Hv])."""
+    w, values, single = _checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
+    B, Tq, Tk = w.shape
+    dc, _ = contract.validate_cotangents(d_context, None, (B, Tq, Tk, values.shape[2]), single,
+                                         w.dtype)
+    d_w = dc @ values.transpose(0, 2, 1)  # c = w @ v
+    d_values = w.transpose(0, 2, 1) @ dc
+    return (d_w[:, 0] if single else d_w), d_values
+
+
+# --------------------------------------------------------------------------------------------
+# attention: score -> masked softmax -> weighted sum
 
 
 class AttentionCache(NamedTuple):
@@ -134,56 +218,13 @@ class AttentionCache(NamedTuple):
 
     query: np.ndarray  # [B, Tq, Hq]  the query (Tq = 1 when single); read for dW / dk
     keys: np.ndarray  # [B, Tk, Hk]  read for dq
-    values: np.ndarray  # [B, Tk, Hv]  read for dw = dc v^T
-    weights: np.ndarray  # [B, Tq, Tk]  the attention weights; read
+    softmax: MaskedSoftmaxCache  # the weights [B, Tq, Tk]; read
+    context: WeightedSumCache  # the weights and values; read
     score: str  # one of SCORES
     params: dict[str, np.ndarray]  # the validated score params ({} for dot, scaled_dot); read
-    projected: np.ndarray | None  # general: q W [B, Tq, Hk]; additive: tanh(...) [B, Tq, Tk, A]
+    projected: np.ndarray | None  # general: q W [B, Tq, Hk]; None otherwise
+    energy: AdditiveScoresCache | None  # additive: the tanh layer; None otherwise
     single_query: bool  # whether query was [B, Hq] (outputs squeezed to match)
-
-
-def validate_attention(query, keys, values, score, params, lengths):
-    """Check every forward argument; return (query, keys, values, params, lengths or None)."""
-    query = _checks.float_array_ranks("query", query, (("B", "Hq"), ("B", "Tq", "Hq")))
-    keys = _checks.float_array("keys", keys, ("B", "Tk", "Hk"))
-    values = _checks.float_array("values", values, ("B", "Tk", "Hv"))
-    dtype = query.dtype
-    _checks.same_dtype("keys", keys, dtype, "query")
-    _checks.same_dtype("values", values, dtype, "query")
-    B, Tk, Hk = keys.shape
-    Hq = query.shape[-1]
-    if query.shape[0] != B:
-        raise ValueError(f"query: batch {query.shape[0]} does not match keys' batch {B} "
-                         f"(query {query.shape}, keys {keys.shape})")
-    if values.shape[:2] != (B, Tk):
-        raise ValueError(f"values: expected shape [B, Tk, Hv] with (B, Tk) = {(B, Tk)} from "
-                         f"keys, got {values.shape}")
-    if Tk == 0 or B == 0:
-        raise ValueError(f"keys: expected at least one key and one row, got shape {keys.shape}")
-    if query.ndim == 3 and query.shape[1] == 0:
-        raise ValueError(f"query: expected at least one query step, got shape {query.shape}")
-    if score not in SCORES:
-        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
-    params = {} if params is None else params
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    p: dict[str, np.ndarray] = {}
-    if score in ("dot", "scaled_dot"):
-        if Hq != Hk:
-            raise ValueError(f"query: the {score!r} score needs Hq == Hk, got query "
-                             f"{query.shape} and keys {keys.shape}")
-    elif score == "general":
-        p["W"] = _checks.param(params, "W", (Hq, Hk), "[Hq, Hk]", dtype, "query")
-    else:
-        A = _checks.leading_dim(params, "W_query", 2, "[A, Hq]")
-        p["W_query"] = _checks.param(params, "W_query", (A, Hq), "[A, Hq]", dtype, "query")
-        p["W_key"] = _checks.param(params, "W_key", (A, Hk), "[A, Hk]", dtype, "query")
-        p["v"] = _checks.param(params, "v", (A,), "[A]", dtype, "query")
-    _checks.no_unexpected_keys(params, set(p), f"the {score!r} score takes "
-                               f"{sorted(p) if p else 'no params'}")
-    if lengths is not None:
-        lengths = _checks.lengths_array(lengths, B, Tk)
-    return query, keys, values, p, lengths
 
 
 def attention_forward(
@@ -203,18 +244,18 @@ def attention_forward(
     keys : [B, Tk, Hk].  values : [B, Tk, Hv] (may be the same array as keys).
     score : "dot", "scaled_dot", "general" or "additive" (see the module docstring).
     params : {"W": [Hq, Hk]} for general; {"W_query": [A, Hq], "W_key": [A, Hk], "v": [A]}
-        for additive; None for dot and scaled_dot.
+        and optionally "b": [A] for additive; None for dot and scaled_dot.
     lengths : integer [B], each in 1..Tk, or None. Keys at j >= lengths[b] get weight 0.
 
     Returns
     -------
     context : [B, Hv] or [B, Tq, Hv].  weights : [B, Tk] or [B, Tq, Tk].  cache.
     """
-    query, keys, values, p, lengths = validate_attention(query, keys, values, score, params,
-                                                          lengths)
+    query, keys, values, p, lengths = contract.validate_attention(query, keys, values, score,
+                                                                  params, lengths)
     single = query.ndim == 2
     q = query[:, None, :] if single else query  # [B, Tq, Hq]
-    projected = None
+    projected = energy = None
     if score == "dot":
         s = q @ keys.transpose(0, 2, 1)  # [B, Tq, Tk]
     elif score == "scaled_dot":
@@ -224,40 +265,15 @@ def attention_forward(
         s = projected @ keys.transpose(0, 2, 1)
     else:
         qa = q @ p["W_query"].T  # [B, Tq, A]
-        ka = keys @ p["W_key"].T  # [B, Tk, A]
-        projected = np.tanh(qa[:, :, None, :] + ka[:, None, :, :])  # [B, Tq, Tk, A]
-        s = projected @ p["v"]  # [B, Tq, Tk]
-    valid = None if lengths is None else _key_mask(lengths, 3, keys.shape[1])
-    w = _masked_softmax(s, valid)  # [B, Tq, Tk]
-    context = w @ values  # [B, Tq, Hv]
-    cache = AttentionCache(q, keys, values, w, score, p, projected, single)
+        if "b" in p:
+            qa = qa + p["b"]
+        s, energy = additive_scores_forward(qa, keys @ p["W_key"].T, p["v"])  # [B, Tq, Tk]
+    w, softmax = masked_softmax_forward(s, lengths)  # [B, Tq, Tk]
+    context, weighted = weighted_sum_forward(w, values)  # [B, Tq, Hv]
+    cache = AttentionCache(q, keys, softmax, weighted, score, p, projected, energy, single)
     if single:
         return context[:, 0], w[:, 0], cache
     return context, w, cache
-
-
-def validate_cotangents(
-    d_context: Any, d_weights: Any, sizes: tuple[int, int, int, int], single: bool,
-    dtype: np.dtype,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Check d_context (and d_weights when given) against the forward's (B, Tq, Tk, Hv).
-
-    Returns them as [B, Tq, Hv] and [B, Tq, Tk] views (Tq = 1 for a single query).
-    """
-    B, Tq, Tk, Hv = sizes
-    labels = ("B", "Hv") if single else ("B", "Tq", "Hv")
-    d_context = _checks.float_array("d_context", d_context, labels)
-    _checks.same_dtype("d_context", d_context, dtype, "query")
-    _checks.shape_is("d_context", d_context, (B, Hv) if single else (B, Tq, Hv),
-                     f"[{', '.join(labels)}]")
-    if d_weights is not None:
-        labels = ("B", "Tk") if single else ("B", "Tq", "Tk")
-        d_weights = _checks.float_array("d_weights", d_weights, labels)
-        _checks.same_dtype("d_weights", d_weights, dtype, "query")
-        _checks.shape_is("d_weights", d_weights, (B, Tk) if single else (B, Tq, Tk),
-                         f"[{', '.join(labels)}]")
-        d_weights = d_weights[:, None, :] if single else d_weights
-    return (d_context[:, None, :] if single else d_context), d_weights
 
 
 def attention_backward(
@@ -277,15 +293,16 @@ def attention_backward(
     d_params : same keys as params ({} for dot and scaled_dot).
     d_keys and d_values come back separately even when keys is values: the caller adds them.
     """
-    q, k, v, w, score, p, projected, single = cache
-    B, Tq, Tk = w.shape
-    dc, d_weights = validate_cotangents(d_context, d_weights, (B, Tq, Tk, v.shape[2]), single,
-                                        w.dtype)
-    d_values = w.transpose(0, 2, 1) @ dc  # context = w @ values
-    dw = dc @ v.transpose(0, 2, 1)  # [B, Tq, Tk]
+    q, k, softmax, weighted, score, p, projected, energy, single = _checks.cache_of(
+        cache, AttentionCache, "attention_forward")
+    B, Tq, Tk = softmax.weights.shape
+    dc, d_weights = contract.validate_cotangents(d_context, d_weights,
+                                                 (B, Tq, Tk, weighted.values.shape[2]), single,
+                                                 q.dtype)
+    dw, d_values = weighted_sum_backward(dc, weighted)  # context = w @ values
     if d_weights is not None:
         dw = dw + d_weights
-    ds = w * (dw - np.sum(w * dw, axis=-1, keepdims=True))  # softmax VJP; 0 at masked keys
+    ds = masked_softmax_backward(dw, softmax)  # 0 at masked keys
 
     d_params: dict[str, np.ndarray] = {}
     if score in ("dot", "scaled_dot"):  # s = q @ k^T (* 1/sqrt(Hk))
@@ -298,13 +315,13 @@ def attention_backward(
         d_q = d_proj @ p["W"].T
         d_params["W"] = q.reshape(B * Tq, -1).T @ d_proj.reshape(B * Tq, -1)
         d_k = ds.transpose(0, 2, 1) @ projected
-    else:  # s = tanh(qa[:, :, None] + ka[:, None]) @ u
-        e = projected
-        d_z = ds[..., None] * p["v"] * (1 - e * e)  # [B, Tq, Tk, A]
-        d_qa, d_ka = d_z.sum(axis=2), d_z.sum(axis=1)  # [B, Tq, A], [B, Tk, A]
+    else:  # s = additive_scores(q @ W_query^T + b, k @ W_key^T)
+        d_qa, d_ka, d_params["v"] = additive_scores_backward(ds, energy)
         d_q = d_qa @ p["W_query"]
         d_k = d_ka @ p["W_key"]
         d_params["W_query"] = d_qa.reshape(B * Tq, -1).T @ q.reshape(B * Tq, -1)
         d_params["W_key"] = d_ka.reshape(B * Tk, -1).T @ k.reshape(B * Tk, -1)
-        d_params["v"] = np.einsum("bij,bija->a", ds, e)
+        if "b" in p:
+            d_params["b"] = d_qa.sum(axis=(0, 1))
+        d_params = {key: d_params[key] for key in p}  # the params' own order
     return (d_q[:, 0] if single else d_q), d_k, d_values, d_params

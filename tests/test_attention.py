@@ -56,6 +56,7 @@ class Case(NamedTuple):
     A: int  # additive width; 0 for the other scores
     lengths: tuple[int, ...] | None
     seed: int
+    additive_bias: bool = True  # the additive score's optional b [A] (inside the tanh)
 
 
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 8])
@@ -84,7 +85,7 @@ def attention_cases(draw, score=None, single=None, keys_is_values=None, with_len
         one = st.one_of(st.just(Tk), st.integers(1, Tk))
         lengths = tuple(draw(st.lists(one, min_size=B, max_size=B)))
     return Case(score, single, keys_is_values, with_d_weights, B, Tq, Tk, Hq, Hk, Hv, A,
-                lengths, draw(st.integers(0, 2**32 - 1)))
+                lengths, draw(st.integers(0, 2**32 - 1)), draw(st.booleans()))
 
 
 def _nonzero(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
@@ -105,6 +106,8 @@ def make_arrays(case: Case) -> dict:
         params = {"W_query": _nonzero(rng, (case.A, case.Hq), case.Hq),
                   "W_key": _nonzero(rng, (case.A, case.Hk), case.Hk),
                   "v": _nonzero(rng, (case.A,), 1) * 2.0}
+        if case.additive_bias:
+            params["b"] = _nonzero(rng, (case.A,), 1)
     return {
         "query": rng.standard_normal((*rows, case.Hq)),
         "keys": keys,
@@ -155,7 +158,8 @@ def torch_scores(q: torch.Tensor, k: torch.Tensor, score: str,
     """Scores s [B, Tq, Tk].
 
     q [B, Tq, Hq], k [B, Tk, Hk]; params: {} for dot and scaled_dot, {"W": [Hq, Hk]} for
-    general, {"W_query": [A, Hq], "W_key": [A, Hk], "v": [A]} for additive.
+    general, {"W_query": [A, Hq], "W_key": [A, Hk], "v": [A]} and optionally "b": [A] for
+    additive (nn.Linear's bias of the query projection, inside the tanh).
     """
     if score == "dot":
         return torch.bmm(q, k.transpose(1, 2))
@@ -163,7 +167,7 @@ def torch_scores(q: torch.Tensor, k: torch.Tensor, score: str,
         return torch.bmm(q, k.transpose(1, 2)) / math.sqrt(k.shape[2])
     if score == "general":
         return torch.bmm(torch.matmul(q, params["W"]), k.transpose(1, 2))
-    qa = F.linear(q, params["W_query"])  # [B, Tq, A]
+    qa = F.linear(q, params["W_query"], params.get("b"))  # [B, Tq, A]
     ka = F.linear(k, params["W_key"])  # [B, Tk, A]
     return torch.matmul(torch.tanh(qa.unsqueeze(2) + ka.unsqueeze(1)), params["v"])
 

@@ -175,9 +175,15 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      r"params\['v'\]: dtype float32 " + MIXED),
     ("additive v list", lambda m: additive(m, params=replaced(ADDITIVE, "v", [0.0] * A)),
      TypeError, r"params\['v'\]: expected a numpy.ndarray, got list"),
-    ("additive unexpected key", lambda m: additive(m, params=replaced(ADDITIVE, "b", np.zeros(A))),
-     ValueError, r"params: unexpected keys \['b'\]; the 'additive' score takes "
-                 r"\['W_key', 'W_query', 'v'\]"),
+    ("additive b misshaped", lambda m: additive(m, params=replaced(ADDITIVE, "b", np.zeros(A + 1))),
+     ValueError, r"params\['b'\]: expected shape \[A\] = \(7,\), got \(8,\)"),
+    ("additive b float32", lambda m: additive(m, params=replaced(
+        ADDITIVE, "b", np.zeros(A, np.float32))), TypeError,
+     r"params\['b'\]: dtype float32 " + MIXED),
+    ("additive unexpected key", lambda m: additive(m, params=replaced(ADDITIVE, "bias",
+                                                                         np.zeros(A))),
+     ValueError, r"params: unexpected keys \['bias'\]; the 'additive' score takes "
+                 r"\['W_query', 'W_key', 'v'\] and optionally 'b'"),
     # mixed precision
     ("keys float32", lambda m: forward(m, keys=K.astype(np.float32)), TypeError,
      r"keys: dtype float32 " + MIXED),

@@ -1,0 +1,137 @@
+"""Validation of the layer ops: embedding, linear, cross-entropy (see `numpy_ref.layers`).
+
+Each message names the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from numpy_ref import _checks
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def integer_ids(name: str, ids: Any, vocab: int) -> np.ndarray:
+    """`ids` as an integer ndarray, every entry in 0..vocab-1.
+
+    NumPy would wrap a negative index silently (-1 is the last row) and raise an IndexError
+    without the argument's name for a large one; both are a `ValueError` here.
+    """
+    if not isinstance(ids, np.ndarray):
+        if isinstance(ids, (list, tuple, int, np.integer)):
+            ids = np.asarray(ids)
+        else:
+            raise TypeError(f"{name}: expected an integer numpy.ndarray, got {type(ids).__name__}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        raise ValueError(f"{name}: every id must be in 0..{vocab - 1} (the vocabulary has "
+                         f"{vocab} rows), got {bad.size} outside it, e.g. {bad.flat[0]} "
+                         f"(min {ids.min()}, max {ids.max()})")
+    return ids
+
+
+def embedding(ids: Any, params: Mapping[str, Any], padding_idx: Any):
+    """Check `embedding_forward`'s arguments; return (ids, weight, padding_idx as 0..V-1 or
+    None)."""
+    V = _checks.leading_dim(params, "weight", 2, "[V, E]")
+    weight = _checks.param(params, "weight", (V, params["weight"].shape[1]), "[V, E]",
+                           params["weight"].dtype, "weight")
+    _checks.no_unexpected_keys(params, {"weight"}, "an embedding takes only 'weight'")
+    ids = integer_ids("ids", ids, V)
+    if padding_idx is not None:
+        if not isinstance(padding_idx, (int, np.integer)) or not -V <= padding_idx < V:
+            raise ValueError(f"padding_idx: expected an integer in -{V}..{V - 1} or None "
+                             f"(as torch.nn.Embedding), got {padding_idx!r}")
+        padding_idx = int(padding_idx) % V  # torch's negative padding_idx counts from the end
+    return ids, weight, padding_idx
+
+
+def cotangent(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str
+              ) -> np.ndarray:
+    """A cotangent `d` shaped and typed like the forward output it belongs to."""
+    if not isinstance(d, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray shaped like {what} {shape}, "
+                        f"got {type(d).__name__}")
+    if d.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {d.dtype}")
+    _checks.same_dtype(name, d, dtype, what)
+    _checks.shape_is(name, d, shape, f"like {what}")
+    return d
+
+
+def linear(x: Any, params: Mapping[str, Any]):
+    """Check `linear_forward`'s arguments; return (x, weight, bias or None)."""
+    if not isinstance(x, np.ndarray) or x.ndim == 0:
+        _checks.float_array("x", x, ("...", "I"))  # raises the type / rank message
+    if x.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+    O = _checks.leading_dim(params, "weight", 2, "[O, I]")
+    I = x.shape[-1]
+    weight = _checks.param(params, "weight", (O, I), "[O, I]", x.dtype, "x")
+    bias = None
+    if "bias" in params:
+        bias = _checks.param(params, "bias", (O,), "[O]", x.dtype, "x")
+    _checks.no_unexpected_keys(params, {"weight", "bias"},
+                               "a linear layer takes 'weight' and optionally 'bias'")
+    return x, weight, bias
+
+
+def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
+                  label_smoothing: Any, weight: Any):
+    """Check `cross_entropy_forward`'s arguments, as `torch.nn.functional.cross_entropy`.
+
+    Returns ``(z, targets, class_weight, probabilities)``: logits moved to [M, C] (class
+    last; M = N*d1*..., no copy when already so), targets as int64 [M] (class indices) or
+    [M, C] (probabilities, when `probabilities`), and the class weights [C] or None.
+    """
+    if not isinstance(logits, np.ndarray):
+        raise TypeError(f"logits: expected a numpy.ndarray [N, C] or [N, C, d...], got "
+                        f"{type(logits).__name__}")
+    if logits.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"logits: expected dtype float32 or float64, got {logits.dtype}")
+    if logits.ndim == 0:
+        raise ValueError(f"logits: expected [C], [N, C] or [N, C, d...], got shape {logits.shape}")
+    unbatched = logits.ndim == 1
+    z = logits[None] if unbatched else logits  # [N, C, d...]
+    C = z.shape[1]
+    if C == 0:
+        raise ValueError(f"logits: expected at least one class, got shape {logits.shape}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float, np.floating)) or not (
+            0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index: expected an integer, got {ignore_index!r}")
+    class_weight = None
+    if weight is not None:
+        class_weight = _checks.float_array("weight", weight, ("C",))
+        _checks.same_dtype("weight", class_weight, logits.dtype, "logits")
+        _checks.shape_is("weight", class_weight, (C,), "[C]")
+    if not isinstance(targets, np.ndarray):
+        targets = np.asarray(targets)
+    target_shape = z.shape[:1] + z.shape[2:]  # [N, d...]
+    zl = np.moveaxis(z, 1, -1).reshape(-1, C)  # [M, C]
+    if targets.dtype.kind == "f":  # class probabilities, shaped like the logits
+        _checks.same_dtype("targets", targets, logits.dtype, "logits")
+        _checks.shape_is("targets", targets, logits.shape,
+                         "like logits (class probabilities)")
+        t = targets[None] if unbatched else targets
+        return zl, np.moveaxis(t, 1, -1).reshape(-1, C), class_weight, True
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"targets: expected integer class indices or float probabilities, "
+                        f"got dtype {targets.dtype}")
+    expected = () if unbatched else target_shape
+    _checks.shape_is("targets", targets, expected, "[N, d...] (logits without the class axis)")
+    t = targets.reshape(-1).astype(np.int64)
+    bad = (t != ignore_index) & ((t < 0) | (t >= C))
+    if bad.any():
+        raise ValueError(f"targets: every class index must be in 0..{C - 1} or ignore_index "
+                         f"({ignore_index}), got {t[bad][0]}")
+    return zl, t, class_weight, False

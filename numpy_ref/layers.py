@@ -1,0 +1,237 @@
+r"""The layers around the LSTM and attention, forward and backward by hand: embedding, linear,
+cross-entropy. Parameters are `torch.nn` state_dict entries (``weight``, ``bias``).
+
+Shapes
+------
+V  vocabulary rows          E  embedding size        ...  any leading axes
+I  input features           O  output features
+N  batch                    C  classes               d...  extra axes of [N, C, d...] inputs
+M  = N * d1 * ...: the cross-entropy's rows, each a distribution over C classes
+
+Embedding (torch.nn.Embedding)
+------------------------------
+    out[..., :] = W[ids[...], :]                    W [V, E], ids integer [...], out [..., E]
+    dW[v] = sum over the positions p with ids[p] = v of d_out[p]      (0 at padding_idx)
+
+Linear (torch.nn.Linear)
+------------------------
+    y = x W^T + b                                   x [..., I], W [O, I], b [O], y [..., O]
+    dx = dy W,   dW = dy^T x,   db = sum dy         (the leading axes flattened into rows)
+
+Cross-entropy (torch.nn.functional.cross_entropy)
+-------------------------------------------------
+With logits z [M, C] (the class axis moved last), log p = z - logsumexp(z) (the row max
+subtracted first), and per row a nonnegative target weighting q [M, C]:
+
+    class indices t:  q_ic = (1 - ls) w_t 1[c = t_i] + (ls / C) w_c,   q_i = 0 where t_i is
+                      ignore_index
+    probabilities P:  q_ic = w_c ((1 - ls) P_ic + ls / C)
+
+    loss_i = -sum_c q_ic log p_ic
+
+w are the class weights (1 when not given), ls the label smoothing. Reduction "none" returns
+loss_i shaped like the targets, "sum" their sum, "mean" their sum over a denominator: the sum of
+w_{t_i} over the rows not ignored (class indices; their count without weights: an all-ignored
+batch gives NaN, as torch) or M (probabilities). Since d log p_ic / dz_ij = 1[c = j] - p_ij,
+
+    dz_ij = d_loss_i (p_ij sum_c q_ic - q_ij)           (d_loss_i = d_loss / denominator for
+                                                          "mean", d_loss for "sum")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from numpy_ref import _checks
+from numpy_ref.contract import layers as contract
+
+# --------------------------------------------------------------------------------------------
+# embedding
+
+
+class EmbeddingCache(NamedTuple):
+    """What `embedding_backward` needs."""
+
+    ids: np.ndarray  # [...] integer, every entry in 0..V-1; read
+    weight_shape: tuple[int, int]  # (V, E)
+    dtype: np.dtype
+    padding_idx: int | None  # in 0..V-1; its row gets no gradient
+
+
+def embedding_forward(
+    ids: np.ndarray, params: Mapping[str, np.ndarray], *, padding_idx: int | None = None
+) -> tuple[np.ndarray, EmbeddingCache]:
+    """Look up rows of ``params["weight"]`` [V, E]: out [..., E] for integer ids [...].
+
+    Every id must be in 0..V-1 (a negative one is an error, not a count from the end).
+    `padding_idx` (in -V..V-1, as torch) only stops that row's gradient; its output is the row
+    as stored, which torch initialises to zeros.
+    """
+    ids, weight, padding_idx = contract.embedding(ids, params, padding_idx)
+    out = weight[ids]  # [..., E]
+    return out, EmbeddingCache(ids, weight.shape, weight.dtype, padding_idx)
+
+
+def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np.ndarray]:
+    """Backward of `embedding_forward`: d_out [..., E] -> {"weight": [V, E]}."""
+    ids, (V, E), dtype, padding_idx = _checks.cache_of(cache, EmbeddingCache, "embedding_forward")
+    d_out = contract.cotangent("d_out", d_out, (*ids.shape, E), dtype, "the embedding output")
+    d_weight = np.zeros((V, E), dtype)
+    np.add.at(d_weight, ids.reshape(-1), d_out.reshape(-1, E))  # out = W[ids]: rows scatter-add
+    if padding_idx is not None:
+        d_weight[padding_idx] = 0
+    return {"weight": d_weight}
+
+
+# --------------------------------------------------------------------------------------------
+# linear
+
+
+class LinearCache(NamedTuple):
+    """What `linear_backward` needs."""
+
+    x: np.ndarray  # [..., I]  the input; read for dW
+    weight: np.ndarray  # [O, I]  read for dx
+    has_bias: bool
+
+
+def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
+                   ) -> tuple[np.ndarray, LinearCache]:
+    """``y = x W^T + b``: x [..., I], params {"weight": [O, I], "bias": [O] (optional)} ->
+    y [..., O]."""
+    x, weight, bias = contract.linear(x, params)
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y, LinearCache(x, weight, bias is not None)
+
+
+def linear_backward(d_y: np.ndarray, cache: LinearCache
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backward of `linear_forward`: d_y [..., O] -> (d_x [..., I], {"weight", "bias"})."""
+    x, weight, has_bias = _checks.cache_of(cache, LinearCache, "linear_forward")
+    d_y = contract.cotangent("d_y", d_y, (*x.shape[:-1], weight.shape[0]), x.dtype,
+                             "the linear output")
+    rows_dy = d_y.reshape(-1, weight.shape[0])  # [rows, O]
+    d_params = {"weight": rows_dy.T @ x.reshape(-1, weight.shape[1])}  # y = x W^T
+    if has_bias:
+        d_params["bias"] = rows_dy.sum(axis=0)
+    return d_y @ weight, d_params
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy
+
+
+class CrossEntropyCache(NamedTuple):
+    """What `cross_entropy_backward` needs."""
+
+    probs: np.ndarray  # [M, C]  softmax of the logits; read
+    targets: np.ndarray  # [M] int64 class indices, or [M, C] probabilities; read
+    probabilities: bool  # which of the two `targets` holds
+    class_weight: np.ndarray | None  # [C]
+    label_smoothing: float
+    ignore_index: int
+    reduction: str
+    denominator: float  # what "mean" divided by (1 otherwise)
+    logits_shape: tuple[int, ...]  # [C], [N, C] or [N, C, d...]: d_logits is shaped so
+
+
+def _target_weights(targets, probabilities, class_weight, ls, ignore_index, C, dtype):
+    """q [M, C] of the module docstring, and the rows taken into account [M] bool."""
+    w = np.ones(C, dtype) if class_weight is None else class_weight
+    if probabilities:
+        return w * ((1 - ls) * targets + ls / C), np.ones(len(targets), bool)
+    valid = targets != ignore_index
+    q = np.zeros((len(targets), C), dtype)
+    rows, t = np.nonzero(valid)[0], targets[valid]
+    q[rows] = (ls / C) * w
+    q[rows, t] += (1 - ls) * w[t]
+    return q, valid
+
+
+def cross_entropy_forward(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    weight: np.ndarray | None = None,
+) -> tuple[np.ndarray, CrossEntropyCache]:
+    """`torch.nn.functional.cross_entropy` of logits and targets.
+
+    Parameters
+    ----------
+    logits : [N, C], [N, C, d...] or [C] (one unbatched row), float32 or float64.
+    targets : integer class indices [N] / [N, d...] / [] (each in 0..C-1 or ignore_index), or
+        float class probabilities shaped like logits.
+    ignore_index : rows whose target is this index take no part (class indices only).
+    reduction : "mean", "sum" or "none".
+    label_smoothing : ls in [0, 1]: the target becomes (1 - ls) onehot + ls / C.
+    weight : optional class weights [C].
+
+    Returns
+    -------
+    loss : a scalar of the logits' dtype ("mean", "sum") or [N, d...] ("none").  cache.
+    """
+    z, t, class_weight, probabilities = contract.cross_entropy(
+        logits, targets, ignore_index, reduction, label_smoothing, weight)
+    dtype, C = logits.dtype, z.shape[1]
+    s = z - z.max(axis=1, keepdims=True)  # [M, C], max-subtracted
+    log_sum = np.log(np.exp(s).sum(axis=1, keepdims=True))
+    log_p = s - log_sum  # log softmax
+    q, valid = _target_weights(t, probabilities, class_weight, label_smoothing, ignore_index, C,
+                               dtype)
+    loss_rows = -(q * log_p).sum(axis=1)  # [M]
+    denominator = 1.0
+    if reduction == "none":
+        loss = loss_rows.reshape(_row_shape(logits.shape))
+    else:
+        total = loss_rows.sum()
+        if reduction == "mean":
+            if probabilities:
+                denominator = float(len(z))
+            elif class_weight is None:
+                denominator = float(valid.sum())
+            else:
+                denominator = float(class_weight[t[valid]].sum())
+            total = total / denominator if denominator else np.nan  # all ignored: NaN, as torch
+        loss = dtype.type(total)
+    cache = CrossEntropyCache(np.exp(log_p), t, probabilities, class_weight, float(label_smoothing),
+                              int(ignore_index), reduction, denominator, logits.shape)
+    return loss, cache
+
+
+def cross_entropy_backward(d_loss: Any, cache: CrossEntropyCache) -> np.ndarray:
+    """Backward of `cross_entropy_forward`: d_loss (a scalar, or [N, d...] for reduction
+    "none") -> d_logits, shaped like the logits."""
+    (probs, t, probabilities, class_weight, ls, ignore_index, reduction, denominator,
+     logits_shape) = _checks.cache_of(cache, CrossEntropyCache,
+                                        "cross_entropy_forward")
+    dtype, (M, C) = probs.dtype, probs.shape
+    if reduction == "none":
+        d_rows = contract.cotangent("d_loss", d_loss, _row_shape(logits_shape), dtype,
+                                    "the per-row loss").reshape(M)
+    else:
+        d_loss = np.asarray(d_loss)
+        if d_loss.shape != () or d_loss.dtype.kind != "f":
+            raise ValueError(f"d_loss: expected a float scalar for reduction {reduction!r}, "
+                             f"got {d_loss.dtype} array of shape {d_loss.shape}")
+        scale = d_loss / denominator if denominator else 0.0  # all ignored: nothing flows
+        d_rows = np.full(M, scale, dtype)
+    q, _ = _target_weights(t, probabilities, class_weight, ls, ignore_index, C, dtype)
+    d_z = d_rows[:, None] * (probs * q.sum(axis=1, keepdims=True) - q)  # [M, C]
+    # back to the logits' layout: [M, C] -> [N, d..., C] -> [N, C, d...]
+    if len(logits_shape) == 1:
+        return d_z[0]
+    lead = (logits_shape[0], *logits_shape[2:])
+    return np.moveaxis(d_z.reshape(*lead, C), -1, 1)
+
+
+def _row_shape(logits_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-row loss's shape: the logits' without the class axis ([N, d...], or ())."""
+    return (logits_shape[0], *logits_shape[2:]) if len(logits_shape) > 1 else ()
