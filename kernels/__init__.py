@@ -2,27 +2,64 @@
 
 Tests and benchmarks swap backends by module: ``kernels.attention_forward`` takes the same
 arguments, raises the same errors and returns the same results (to rounding) as
-``numpy_ref.attention_forward``, and likewise ``kernels.lstm_forward`` / ``lstm_backward``.
-Compilation options live in `kernels._config` alone.
+``numpy_ref.attention_forward``, and likewise for every op below. The package offers the whole
+op surface of `numpy_ref`, so a model runs on it with ``backend=kernels``: the ops it does not
+accelerate are `numpy_ref`'s own, re-exported (see `kernels.reexported`). Compilation options
+live in `kernels._config` alone.
 """
 
 from kernels.attention import (
     KernelAttentionCache,
     KernelMaskedSoftmaxCache,
+    additive_scores_backward,
+    additive_scores_forward,
     attention_backward,
     attention_forward,
     masked_softmax_backward,
     masked_softmax_forward,
+    weighted_sum_backward,
+    weighted_sum_forward,
+)
+from kernels.layers import (
+    KernelCrossEntropyCache,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    embedding_backward,
 )
 from kernels.lstm import lstm_backward, lstm_forward
+from kernels.optim import SGD, Adam, AdamW, clip_grad_norm
+from kernels.reexported import (
+    embedding_forward,
+    linear_backward,
+    linear_forward,
+    lstm_cell_backward,
+    lstm_cell_forward,
+)
 
 __all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
     "KernelAttentionCache",
+    "KernelCrossEntropyCache",
     "KernelMaskedSoftmaxCache",
+    "additive_scores_backward",
+    "additive_scores_forward",
     "attention_backward",
     "attention_forward",
+    "clip_grad_norm",
+    "cross_entropy_backward",
+    "cross_entropy_forward",
+    "embedding_backward",
+    "embedding_forward",
+    "linear_backward",
+    "linear_forward",
     "lstm_backward",
+    "lstm_cell_backward",
+    "lstm_cell_forward",
     "lstm_forward",
     "masked_softmax_backward",
     "masked_softmax_forward",
+    "weighted_sum_backward",
+    "weighted_sum_forward",
 ]

@@ -5,6 +5,11 @@ fastmath: only the flags that let reductions vectorize and math calls be approxi
 or ``ninf``: the masked softmax relies on a real -inf, and with those flags LLVM may assume
 it cannot occur and fold comparisons against it away.
 
+Elementwise updates that must round exactly as NumPy and torch do (the optimizer step) use
+`EXACT_JIT`: no fast-math at all. They have no reduction to vectorize, so they lose no speed,
+and without ``contract`` (fused multiply-adds) and ``arcp`` (reciprocals) every operation rounds
+as the same NumPy expression does.
+
 cache: compiled machine code is written next to the source (``__pycache__``), so a fresh
 process pays the compile once per machine, not once per run.
 """
@@ -15,3 +20,4 @@ FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
 JIT = {"cache": True, "fastmath": set(FASTMATH)}
 PARALLEL_JIT = {**JIT, "parallel": True}
+EXACT_JIT = {"cache": True}

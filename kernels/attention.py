@@ -81,8 +81,10 @@ import numpy as np
 from numba import njit, prange
 
 from kernels._config import JIT, PARALLEL_JIT
-from kernels._util import as_type_of, dot, exp_nonpositive, max_prefix
+from kernels._util import as_type_of, dot, exp_nonpositive, matmul_rows, max_prefix, tanh
 from numpy_ref import _checks
+from numpy_ref import attention as reference
+from numpy_ref.attention import AdditiveScoresCache, WeightedSumCache
 from numpy_ref.contract import attention as contract
 from numpy_ref.contract.attention import validate_attention, validate_cotangents
 
@@ -394,7 +396,7 @@ def attention_forward(
     Tk, Hv = k.shape[1], v.shape[2]
     lengths = np.full(B, Tk, np.int64) if lengths is None else lengths
     scale = dtype.type(1.0 / math.sqrt(k.shape[2]) if score == "scaled_dot" else 1.0)
-    core_q = np.ascontiguousarray(q @ p["W"]) if score == "general" else q
+    core_q = matmul_rows(q, p["W"]) if score == "general" else q
     projections = None
     if single and score != "additive":
         context, weights, stats = (np.empty((B, Hv), dtype), np.empty((B, Tk), dtype),
@@ -406,10 +408,10 @@ def attention_forward(
         context64 = None
         stats = np.empty((B, Tq, 2), np.float64)
         if score == "additive":
-            qa = q @ p["W_query"].T  # [B, Tq, A]
+            qa = matmul_rows(q, p["W_query"].T)  # [B, Tq, A]
             if "b" in p:
                 qa += p["b"]
-            projections = (np.ascontiguousarray(qa), np.ascontiguousarray(k @ p["W_key"].T))
+            projections = (qa, matmul_rows(k, p["W_key"].T))
             weights = np.zeros((B, Tq, Tk), dtype)
             _additive_scores(*projections, p["v"], lengths, weights)
         else:
@@ -456,8 +458,8 @@ def attention_backward(
             d_qa, d_ka = np.empty_like(qa), np.empty_like(ka)
             d_u_rows = np.empty((B, A), dtype)
             _additive_backward(qa, ka, p["v"], lengths, ds, d_qa, d_ka, d_u_rows)
-            d_query3 = d_qa @ p["W_query"]
-            d_keys = d_ka @ p["W_key"]
+            d_query3 = matmul_rows(d_qa, p["W_query"])
+            d_keys = matmul_rows(d_ka, p["W_key"])
             d_params["W_query"] = d_qa.reshape(B * Tq, A).T @ q.reshape(B * Tq, -1)
             d_params["W_key"] = d_ka.reshape(B * Tk, A).T @ k.reshape(B * Tk, -1)
             d_params["v"] = d_u_rows.sum(axis=0)
@@ -469,10 +471,159 @@ def attention_backward(
         d_keys = ds.transpose(0, 2, 1) @ core_q
     if score == "general":  # core_q = q @ W
         d_params["W"] = q.reshape(B * Tq, -1).T @ d_core_q.reshape(B * Tq, -1)
-        d_query3 = d_core_q @ p["W"].T
+        d_query3 = matmul_rows(d_core_q, p["W"].T)
     else:
         d_query3 = d_core_q
     return (d_query3[:, 0] if single else d_query3), d_keys, d_values, d_params
+
+
+# --------------------------------------------------------------------------------------------
+# the additive score from projected queries and keys, and the weighted sum, on their own
+#
+# A decoder that attends step by step (Bahdanau's) calls these once per step with one query
+# per row, between BLAS products: serial kernels (see the many-query note above), numpy_ref's
+# cache types, so that either backend's backward takes either backend's cache.
+
+
+@njit(**JIT)
+def _additive_energy(qa, ka, v, e, s):
+    """qa [B, Tq, A], ka [B, Tk, A], v [A] -> e [B, Tq, Tk, A] = tanh(qa + ka) and
+    s [B, Tq, Tk] = e v; the tanh is `kernels._util.tanh`, which vectorizes (np.tanh is a
+    scalar libm call here)."""
+    B, Tq, A = qa.shape
+    Tk = ka.shape[1]
+    zero = v[0] - v[0]
+    for b in range(B):
+        for i in range(Tq):
+            qi = qa[b, i]
+            for j in range(Tk):
+                kj, ej = ka[b, j], e[b, i, j]
+                acc = zero
+                for a in range(A):
+                    t = tanh(qi[a] + kj[a])
+                    ej[a] = t
+                    acc += t * v[a]
+                s[b, i, j] = acc
+
+
+@njit(**JIT)
+def _additive_energy_backward(e, v, ds, d_qa, d_ka, d_v64):
+    """From ds [B, Tq, Tk] and the saved e: d_qa [B, Tq, A], d_ka [B, Tk, A] (both zeroed
+    here) and d_v64 [A] (float64, zeroed here): dz = ds v (1 - e^2), d_v = sum ds e."""
+    B, Tq, Tk, A = e.shape
+    zero = v[0] - v[0]
+    one = as_type_of(1.0, zero)
+    d_qa[...] = zero
+    d_ka[...] = zero
+    d_v64[:] = 0.0
+    for b in range(B):
+        for i in range(Tq):
+            dqi = d_qa[b, i]
+            for j in range(Tk):
+                g, ej, dkj = ds[b, i, j], e[b, i, j], d_ka[b, j]
+                for a in range(A):
+                    t = ej[a]
+                    dz = g * v[a] * (one - t * t)
+                    dqi[a] += dz
+                    dkj[a] += dz
+                    d_v64[a] += g * t
+
+
+def additive_scores_forward(
+    query_proj: np.ndarray, key_proj: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, AdditiveScoresCache]:
+    """Numba `numpy_ref.additive_scores_forward`: ``s = v . tanh(query_proj + key_proj)``.
+
+    query_proj [B, A] or [B, Tq, A]; key_proj [B, Tk, A]; v [A] -> scores [B, Tk] or
+    [B, Tq, Tk], and numpy_ref's `AdditiveScoresCache` (e = the tanh, [B, Tq, Tk, A]).
+    """
+    qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
+    single = qa.ndim == 2
+    qa = np.ascontiguousarray(qa[:, None, :] if single else qa)
+    ka, v = np.ascontiguousarray(ka), np.ascontiguousarray(v)
+    B, Tq, A = qa.shape
+    e = np.empty((B, Tq, ka.shape[1], A), qa.dtype)
+    s = np.empty((B, Tq, ka.shape[1]), qa.dtype)
+    _additive_energy(qa, ka, v, e, s)
+    return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single)
+
+
+def additive_scores_backward(
+    d_scores: np.ndarray, cache: AdditiveScoresCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numba `numpy_ref.additive_scores_backward`: -> (d_query_proj, d_key_proj, d_v)."""
+    e, v, single = _checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
+    ds = np.ascontiguousarray(contract.like_scores("d_scores", d_scores, e, single))
+    e, v = np.ascontiguousarray(e), np.ascontiguousarray(v)
+    B, Tq, Tk, A = e.shape
+    d_qa = np.empty((B, Tq, A), e.dtype)
+    d_ka = np.empty((B, Tk, A), e.dtype)
+    d_v64 = np.empty(A)
+    _additive_energy_backward(e, v, ds, d_qa, d_ka, d_v64)
+    return (d_qa[:, 0] if single else d_qa), d_ka, d_v64.astype(e.dtype)
+
+
+@njit(**JIT)
+def _weighted_sum_single(w, values, c):
+    """c[b] = sum_j w[b, j] values[b, j] for w [B, Tk], values [B, Tk, Hv], c [B, Hv]."""
+    B, Tk, Hv = values.shape
+    zero = c[0, 0] - c[0, 0]
+    for b in range(B):
+        cb = c[b]
+        cb[:] = zero
+        for j in range(Tk):
+            wj, vj = w[b, j], values[b, j]
+            for h in range(Hv):
+                cb[h] += wj * vj[h]
+
+
+@njit(**JIT)
+def _weighted_sum_single_backward(w, values, dc, d_w, d_values):
+    """d_w [B, Tk] = dc . values_j and d_values [B, Tk, Hv] = w_j dc, one pass per row."""
+    B, Tk, Hv = values.shape
+    zero = dc[0, 0] - dc[0, 0]
+    for b in range(B):
+        dcb = dc[b]
+        for j in range(Tk):
+            vj, dvj, wj = values[b, j], d_values[b, j], w[b, j]
+            acc = zero
+            for h in range(Hv):
+                acc += dcb[h] * vj[h]
+                dvj[h] = wj * dcb[h]
+            d_w[b, j] = acc
+
+
+def weighted_sum_forward(
+    weights: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, WeightedSumCache]:
+    """Numba `numpy_ref.weighted_sum_forward`: context [B, Hv] or [B, Tq, Hv].
+
+    One query per row (weights [B, Tk]) is a fused loop; many queries are batched BLAS
+    products, numpy_ref's own path. Returns numpy_ref's `WeightedSumCache`."""
+    w, values = contract.weighted_sum(weights, values)
+    if w.ndim == 3:
+        return reference.weighted_sum_forward(w, values)
+    w, values = np.ascontiguousarray(w), np.ascontiguousarray(values)
+    c = np.empty((w.shape[0], values.shape[2]), w.dtype)
+    _weighted_sum_single(w, values, c)
+    return c, WeightedSumCache(w[:, None, :], values, True)
+
+
+def weighted_sum_backward(
+    d_context: np.ndarray, cache: WeightedSumCache
+) -> tuple[np.ndarray, np.ndarray]:
+    """Numba `numpy_ref.weighted_sum_backward`: -> (d_weights, d_values)."""
+    w, values, single = _checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
+    if not single:
+        return reference.weighted_sum_backward(d_context, cache)
+    B, Tq, Tk = w.shape
+    dc, _ = validate_cotangents(d_context, None, (B, Tq, Tk, values.shape[2]), True, w.dtype)
+    dc = np.ascontiguousarray(dc[:, 0])
+    w, values = np.ascontiguousarray(w[:, 0]), np.ascontiguousarray(values)
+    d_w = np.empty((B, Tk), w.dtype)
+    d_values = np.empty(values.shape, w.dtype)
+    _weighted_sum_single_backward(w, values, dc, d_w, d_values)
+    return d_w, d_values
 
 
 # --------------------------------------------------------------------------------------------

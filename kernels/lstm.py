@@ -49,12 +49,13 @@ Kernel versions
   and gate. Numba has no vector math library here (no SVML), so the loop stays scalar: about
   1.2 ms per step at (B, H) = (64, 256), five times the step's GEMM. Kept as the plain
   statement of the cell and as the reference v2's activations are tested against.
-- ``_cell_forward_v2``: the same loop with `_sigmoid` / `_tanh` built on `exp_nonpositive` /
-  `expm1_nonpositive`: a range reduction ``exp(y) = 2^n exp(r)``, ``|r| <= ln2/2``, a Taylor
-  polynomial and 2^n built in the exponent bits. Every operation has a SIMD form, so LLVM
-  vectorizes the loop (16 float32 lanes with AVX-512): about 50 us per step at (64, 256),
-  20x faster than v1. The public functions use v2. (Divisions are ``np.divide``: Python's
-  ``/`` checks for a zero divisor and raises, a branch that stops vectorization.)
+- ``_cell_forward_v2``: the same loop with `sigmoid` / `tanh` (`kernels._util`), built on
+  `exp_nonpositive` / `expm1_nonpositive`: a range reduction ``exp(y) = 2^n exp(r)``,
+  ``|r| <= ln2/2``, a Taylor polynomial and 2^n built in the exponent bits. Every operation
+  has a SIMD form, so LLVM vectorizes the loop (16 float32 lanes with AVX-512): about 50 us
+  per step at (64, 256), 20x faster than v1. The public functions use v2. (Divisions are
+  ``np.divide``: Python's ``/`` checks for a zero divisor and raises, a branch that stops
+  vectorization.)
 - ``_cell_backward``, ``_hidden_backward``, ``_emit_hidden``: one version each; no
   transcendental functions (the backward reads the saved gates and tanh(c)).
 
@@ -82,7 +83,7 @@ import numpy as np
 from numba import njit
 
 from kernels._config import JIT
-from kernels._util import as_type_of, exp_nonpositive, expm1_nonpositive
+from kernels._util import as_type_of, sigmoid, tanh
 from numpy_ref.lstm import (
     LSTMCache,
     LSTMDirectionCache,
@@ -92,27 +93,7 @@ from numpy_ref.lstm import (
 )
 
 # --------------------------------------------------------------------------------------------
-# activations that vectorize (on `exp_nonpositive` / `expm1_nonpositive` of kernels._util)
-
-
-@njit(**JIT)
-def _sigmoid(x):
-    """1 / (1 + exp(-x)) from e = exp(-|x|) in (0, 1]: no overflow, relative accuracy."""
-    one = as_type_of(1.0, x)
-    e = exp_nonpositive(-abs(x))
-    # np.divide, not `/`: Python's division checks for a zero divisor and raises, a branch
-    # out of the loop that stops LLVM from vectorizing it (10x slower); here 1 + e >= 1
-    return np.divide(one if x >= 0 else e, one + e)
-
-
-@njit(**JIT)
-def _tanh(x):
-    """tanh(x) = sign(x) (-m / (2 + m)), m = expm1(-2|x|) in [-1, 0]."""
-    a = abs(x)
-    a = as_type_of(40.0, x) if a > 40 else a  # tanh(40) is 1 in float64; 2|x| cannot overflow
-    m = expm1_nonpositive(-(a + a))
-    t = np.divide(-m, as_type_of(2.0, x) + m)  # np.divide: see _sigmoid; 2 + m >= 1
-    return t if x >= 0 else -t
+# the libm sigmoid of `_cell_forward_v1` (v2 uses `kernels._util.sigmoid` / `tanh`)
 
 
 @njit(**JIT)
@@ -186,8 +167,8 @@ def _cell_forward_v1(t, lengths, bias, hw, c_in, h_in, gates, tanh_c, c_out, h_o
 @njit(**JIT)
 def _cell_forward_v2(t, lengths, bias, hw, c_in, h_in, gates, tanh_c, c_out, h_out, out, out_col,
                      r, project):
-    """As `_cell_forward_v1`, with the vectorizing `_sigmoid` / `_tanh`. Each gate is read
-    through its own slice so that every inner-loop index is the loop counter itself."""
+    """As `_cell_forward_v1`, with the vectorizing `kernels._util.sigmoid` / `tanh`. Each gate
+    is read through its own slice so that every inner-loop index is the loop counter itself."""
     _check_forward_step(lengths, bias, hw, c_in, h_in, gates, tanh_c, c_out, h_out, out, out_col,
                         r, project)
     B, H = c_in.shape
@@ -203,12 +184,12 @@ def _cell_forward_v2(t, lengths, bias, hw, c_in, h_in, gates, tanh_c, c_out, h_o
         cp, cn, tcr = c_in[b], c_out[b], tanh_c[b]
         dest = r[b] if project else h_out[b]
         for j in range(H):
-            i = _sigmoid(gi[j] + hi[j] + bi[j])
-            f = _sigmoid(gf[j] + hf[j] + bf[j])
-            g = _tanh(gg[j] + hg[j] + bg[j])
-            o = _sigmoid(go[j] + ho[j] + bo[j])
+            i = sigmoid(gi[j] + hi[j] + bi[j])
+            f = sigmoid(gf[j] + hf[j] + bf[j])
+            g = tanh(gg[j] + hg[j] + bg[j])
+            o = sigmoid(go[j] + ho[j] + bo[j])
             c = f * cp[j] + i * g
-            tc = _tanh(c)
+            tc = tanh(c)
             gi[j], gf[j], gg[j], go[j] = i, f, g, o
             cn[j] = c
             tcr[j] = tc

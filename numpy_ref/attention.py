@@ -76,6 +76,12 @@ __all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "MaskedSoftmaxCach
            "masked_softmax_forward", "weighted_sum_backward", "weighted_sum_forward"]
 
 
+def _rows(x: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``x @ W`` for x [..., n] and W [n, m] as one GEMM over all leading axes (a stacked
+    [B, T, n] @ [n, m] runs as B small products, about half as fast)."""
+    return (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1])
+
+
 # --------------------------------------------------------------------------------------------
 # masked softmax over the last axis
 
@@ -261,13 +267,13 @@ def attention_forward(
     elif score == "scaled_dot":
         s = (q @ keys.transpose(0, 2, 1)) * (1.0 / math.sqrt(keys.shape[2]))  # float32 stays
     elif score == "general":
-        projected = q @ p["W"]  # q W [B, Tq, Hk]
+        projected = _rows(q, p["W"])  # q W [B, Tq, Hk]
         s = projected @ keys.transpose(0, 2, 1)
     else:
-        qa = q @ p["W_query"].T  # [B, Tq, A]
+        qa = _rows(q, p["W_query"].T)  # [B, Tq, A]
         if "b" in p:
             qa = qa + p["b"]
-        s, energy = additive_scores_forward(qa, keys @ p["W_key"].T, p["v"])  # [B, Tq, Tk]
+        s, energy = additive_scores_forward(qa, _rows(keys, p["W_key"].T), p["v"])  # [B, Tq, Tk]
     w, softmax = masked_softmax_forward(s, lengths)  # [B, Tq, Tk]
     context, weighted = weighted_sum_forward(w, values)  # [B, Tq, Hv]
     cache = AttentionCache(q, keys, softmax, weighted, score, p, projected, energy, single)
@@ -312,13 +318,13 @@ def attention_backward(
         d_k = ds.transpose(0, 2, 1) @ q
     elif score == "general":  # s = (q @ W) @ k^T
         d_proj = ds @ k  # [B, Tq, Hk]
-        d_q = d_proj @ p["W"].T
+        d_q = _rows(d_proj, p["W"].T)
         d_params["W"] = q.reshape(B * Tq, -1).T @ d_proj.reshape(B * Tq, -1)
         d_k = ds.transpose(0, 2, 1) @ projected
     else:  # s = additive_scores(q @ W_query^T + b, k @ W_key^T)
         d_qa, d_ka, d_params["v"] = additive_scores_backward(ds, energy)
-        d_q = d_qa @ p["W_query"]
-        d_k = d_ka @ p["W_key"]
+        d_q = _rows(d_qa, p["W_query"])
+        d_k = _rows(d_ka, p["W_key"])
         d_params["W_query"] = d_qa.reshape(B * Tq, -1).T @ q.reshape(B * Tq, -1)
         d_params["W_key"] = d_ka.reshape(B * Tk, -1).T @ k.reshape(B * Tk, -1)
         if "b" in p:

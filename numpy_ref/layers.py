@@ -103,10 +103,11 @@ def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
     """``y = x W^T + b``: x [..., I], params {"weight": [O, I], "bias": [O] (optional)} ->
     y [..., O]."""
     x, weight, bias = contract.linear(x, params)
-    y = x @ weight.T
+    # one GEMM over all leading axes: a stacked [B, T, I] @ [I, O] is a loop of small ones
+    y = x.reshape(-1, x.shape[-1]) @ weight.T  # [rows, O]
     if bias is not None:
         y += bias
-    return y, LinearCache(x, weight, bias is not None)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), LinearCache(x, weight, bias is not None)
 
 
 def linear_backward(d_y: np.ndarray, cache: LinearCache
@@ -119,7 +120,7 @@ def linear_backward(d_y: np.ndarray, cache: LinearCache
     d_params = {"weight": rows_dy.T @ x.reshape(-1, weight.shape[1])}  # y = x W^T
     if has_bias:
         d_params["bias"] = rows_dy.sum(axis=0)
-    return d_y @ weight, d_params
+    return (rows_dy @ weight).reshape(x.shape), d_params
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,16 +142,16 @@ class CrossEntropyCache(NamedTuple):
 
 
 def _target_weights(targets, probabilities, class_weight, ls, ignore_index, C, dtype):
-    """q [M, C] of the module docstring, and the rows taken into account [M] bool."""
+    """q [M, C] of the module docstring (0 on the ignored rows)."""
     w = np.ones(C, dtype) if class_weight is None else class_weight
     if probabilities:
-        return w * ((1 - ls) * targets + ls / C), np.ones(len(targets), bool)
-    valid = targets != ignore_index
+        return w * ((1 - ls) * targets + ls / C)
+    rows = np.nonzero(targets != ignore_index)[0]
+    t = targets[rows]
     q = np.zeros((len(targets), C), dtype)
-    rows, t = np.nonzero(valid)[0], targets[valid]
     q[rows] = (ls / C) * w
     q[rows, t] += (1 - ls) * w[t]
-    return q, valid
+    return q
 
 
 def cross_entropy_forward(
@@ -184,23 +185,14 @@ def cross_entropy_forward(
     s = z - z.max(axis=1, keepdims=True)  # [M, C], max-subtracted
     log_sum = np.log(np.exp(s).sum(axis=1, keepdims=True))
     log_p = s - log_sum  # log softmax
-    q, valid = _target_weights(t, probabilities, class_weight, label_smoothing, ignore_index, C,
-                               dtype)
+    q = _target_weights(t, probabilities, class_weight, label_smoothing, ignore_index, C, dtype)
     loss_rows = -(q * log_p).sum(axis=1)  # [M]
-    denominator = 1.0
+    denominator = contract.cross_entropy_denominator(reduction, t, probabilities, class_weight,
+                                                     ignore_index)
     if reduction == "none":
-        loss = loss_rows.reshape(_row_shape(logits.shape))
-    else:
-        total = loss_rows.sum()
-        if reduction == "mean":
-            if probabilities:
-                denominator = float(len(z))
-            elif class_weight is None:
-                denominator = float(valid.sum())
-            else:
-                denominator = float(class_weight[t[valid]].sum())
-            total = total / denominator if denominator else np.nan  # all ignored: NaN, as torch
-        loss = dtype.type(total)
+        loss = loss_rows.reshape(contract.row_shape(logits.shape))
+    else:  # all ignored: the mean is NaN, as torch's
+        loss = dtype.type(loss_rows.sum() / denominator if denominator else np.nan)
     cache = CrossEntropyCache(np.exp(log_p), t, probabilities, class_weight, float(label_smoothing),
                               int(ignore_index), reduction, denominator, logits.shape)
     return loss, cache
@@ -212,26 +204,8 @@ def cross_entropy_backward(d_loss: Any, cache: CrossEntropyCache) -> np.ndarray:
     (probs, t, probabilities, class_weight, ls, ignore_index, reduction, denominator,
      logits_shape) = _checks.cache_of(cache, CrossEntropyCache,
                                         "cross_entropy_forward")
-    dtype, (M, C) = probs.dtype, probs.shape
-    if reduction == "none":
-        d_rows = contract.cotangent("d_loss", d_loss, _row_shape(logits_shape), dtype,
-                                    "the per-row loss").reshape(M)
-    else:
-        d_loss = np.asarray(d_loss)
-        if d_loss.shape != () or d_loss.dtype.kind != "f":
-            raise ValueError(f"d_loss: expected a float scalar for reduction {reduction!r}, "
-                             f"got {d_loss.dtype} array of shape {d_loss.shape}")
-        scale = d_loss / denominator if denominator else 0.0  # all ignored: nothing flows
-        d_rows = np.full(M, scale, dtype)
-    q, _ = _target_weights(t, probabilities, class_weight, ls, ignore_index, C, dtype)
+    dtype, C = probs.dtype, probs.shape[1]
+    d_rows = contract.cross_entropy_cotangent(d_loss, reduction, denominator, logits_shape, dtype)
+    q = _target_weights(t, probabilities, class_weight, ls, ignore_index, C, dtype)
     d_z = d_rows[:, None] * (probs * q.sum(axis=1, keepdims=True) - q)  # [M, C]
-    # back to the logits' layout: [M, C] -> [N, d..., C] -> [N, C, d...]
-    if len(logits_shape) == 1:
-        return d_z[0]
-    lead = (logits_shape[0], *logits_shape[2:])
-    return np.moveaxis(d_z.reshape(*lead, C), -1, 1)
-
-
-def _row_shape(logits_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The per-row loss's shape: the logits' without the class axis ([N, d...], or ())."""
-    return (logits_shape[0], *logits_shape[2:]) if len(logits_shape) > 1 else ()
+    return contract.logits_layout(d_z, logits_shape)

@@ -135,3 +135,47 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
         raise ValueError(f"targets: every class index must be in 0..{C - 1} or ignore_index "
                          f"({ignore_index}), got {t[bad][0]}")
     return zl, t, class_weight, False
+
+
+def cross_entropy_denominator(reduction: str, targets: np.ndarray, probabilities: bool,
+                              class_weight: np.ndarray | None, ignore_index: int) -> float:
+    """What reduction "mean" divides the summed loss by (1.0 for "sum" and "none"), as torch:
+    the rows' count M for probabilities; for class indices, the sum of the targets' class
+    weights over the rows not ignored (their count without weights). 0 when every row is
+    ignored: the mean is then NaN."""
+    if reduction != "mean":
+        return 1.0
+    if probabilities:
+        return float(len(targets))
+    kept = targets[targets != ignore_index]
+    return float(len(kept) if class_weight is None else class_weight[kept].sum())
+
+
+def row_shape(logits_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-row loss's shape: the logits' without the class axis ([N, d...], or ())."""
+    return (logits_shape[0], *logits_shape[2:]) if len(logits_shape) > 1 else ()
+
+
+def cross_entropy_cotangent(d_loss: Any, reduction: str, denominator: float,
+                            logits_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """d_loss (a float scalar, or [N, d...] for reduction "none") as each row's share d_rows
+    [M] in the logits' dtype: d_loss / denominator for "mean" (0 when every row was
+    ignored: nothing flows)."""
+    if reduction == "none":
+        return cotangent("d_loss", d_loss, row_shape(logits_shape), dtype,
+                         "the per-row loss").reshape(-1)
+    d = np.asarray(d_loss)
+    if d.shape != () or d.dtype.kind != "f":
+        raise ValueError(f"d_loss: expected a float scalar for reduction {reduction!r}, got "
+                         f"{d.dtype} array of shape {d.shape}")
+    M = int(np.prod(row_shape(logits_shape)))
+    return np.full(M, d / denominator if denominator else 0.0, dtype)
+
+
+def logits_layout(d_z: np.ndarray, logits_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows [M, C] back in the logits' layout: [M, C] -> [N, d..., C] -> [N, C, d...] (or
+    [C] for one unbatched row)."""
+    if len(logits_shape) == 1:
+        return d_z[0]
+    C = d_z.shape[1]
+    return np.moveaxis(d_z.reshape(*row_shape(logits_shape), C), -1, 1)

@@ -1,0 +1,18 @@
+"""The ops `kernels` does not accelerate, re-exported from `numpy_ref` so that the package
+offers its whole op surface (a model needs no fallback logic to run on ``backend=kernels``).
+
+Each is here because NumPy's own call is already the fast path, measured in the training-step
+benchmark's profile: the linear layers are one BLAS product each, the embedding's forward one
+gather.
+"""
+
+from numpy_ref.layers import embedding_forward, linear_backward, linear_forward
+from numpy_ref.lstm import lstm_cell_backward, lstm_cell_forward
+
+__all__ = [
+    "embedding_forward",
+    "linear_backward",
+    "linear_forward",
+    "lstm_cell_backward",
+    "lstm_cell_forward",
+]
