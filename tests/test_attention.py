@@ -732,3 +732,80 @@ def test_attention_noncontiguous_and_fortran_inputs_give_the_same_answer(
         for name in expected:
             assert_allclose_named(f"{name} ({layout})", got[name], expected[name], rtol=1e-13,
                                   atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# the composing pairs on their own: additive scores from projections, the weighted sum
+
+
+PAIR_BACKENDS = {"numpy_ref": ref, "kernels": kernels}
+
+
+@pytest.mark.parametrize("backend", list(PAIR_BACKENDS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("single", BOOLS, ids=["many-queries", "one-query"])
+@given(B=st.integers(1, 4), Tq=st.integers(1, 4), Tk=st.integers(1, 7), A=SIZES, Hv=SIZES,
+       seed=st.integers(0, 2**32 - 1))
+def test_additive_scores_and_weighted_sum_match_torch(backend, dtype, single, B, Tq, Tk, A, Hv,
+                                                      seed) -> None:
+    mod = PAIR_BACKENDS[backend]
+    rng = np.random.default_rng(seed)
+    rows = (B,) if single else (B, Tq)
+    a64 = {"qa": rng.standard_normal((*rows, A)), "ka": rng.standard_normal((B, Tk, A)),
+           "v": rng.standard_normal(A), "ds": rng.standard_normal((*rows, Tk)),
+           "w": rng.dirichlet(np.ones(Tk), size=rows), "values": rng.standard_normal((B, Tk, Hv)),
+           "dc": rng.standard_normal((*rows, Hv))}
+    a = {k: x.astype(dtype) for k, x in a64.items()}
+    s, cache = mod.additive_scores_forward(a["qa"], a["ka"], a["v"])
+    ours = {"scores": s}
+    ours.update(zip(["d_qa", "d_ka", "d_v"], mod.additive_scores_backward(a["ds"], cache),
+                    strict=True))
+    c, cache = mod.weighted_sum_forward(a["w"], a["values"])
+    ours["context"] = c
+    ours.update(zip(["d_w", "d_values"], mod.weighted_sum_backward(a["dc"], cache), strict=True))
+
+    def torch_run(tdtype):
+        t = {k: torch.tensor(x.astype(dtype), dtype=tdtype, requires_grad=True)
+             for k, x in a64.items()}
+        q = t["qa"].unsqueeze(-2)  # [B, (Tq,) 1, A]
+        k = t["ka"] if single else t["ka"].unsqueeze(1)  # [B, (1,) Tk, A]
+        scores = torch.tanh(q + k) @ t["v"]  # [B, (Tq,) Tk]
+        grads = torch.autograd.grad(scores, [t["qa"], t["ka"], t["v"]], t["ds"])
+        w = t["w"].unsqueeze(1) if single else t["w"]
+        context = torch.bmm(w, t["values"])
+        context = context.squeeze(1) if single else context
+        d_w, d_values = torch.autograd.grad(context, [t["w"], t["values"]], t["dc"])
+        out = dict(zip(["scores", "d_qa", "d_ka", "d_v", "context", "d_w", "d_values"],
+                       [scores, *grads, context, d_w, d_values], strict=True))
+        return {n: x.detach().numpy() for n, x in out.items()}
+
+    want = torch_run(torch.float64)
+    t32 = torch_run(torch.float32) if dtype == np.float32 else {}
+    # Each output is a sum that may cancel far below its terms (A = 1: one tanh per score);
+    # its float32 floor is taken relative to the sum of the terms' magnitudes (|tanh| <= 1).
+    ds, dc = np.abs(a64["ds"]), np.abs(a64["dc"])
+    ds3 = ds[:, None] if single else ds  # [B, Tq, Tk]
+    terms = {"scores": np.abs(a64["v"]).sum(),
+             "d_qa": np.abs(a64["v"]).max() * ds3.sum(axis=2).max(),
+             "d_ka": np.abs(a64["v"]).max() * ds3.sum(axis=1).max(),
+             "d_v": ds.sum(), "context": np.abs(a64["values"]).max(),
+             "d_w": (dc.reshape(B, -1, Hv) @ np.abs(a64["values"]).transpose(0, 2, 1)).max()}
+    for name, value in ours.items():
+        assert value.dtype == dtype, name
+        assert_close_policy(name, value, want[name], torch32=t32.get(name),
+                            grad=name.startswith("d_"), scale=terms.get(name))
+
+
+def test_kernels_offer_numpy_refs_whole_op_surface() -> None:
+    """Every op pair numpy_ref exports (the models compose them) exists in kernels with the
+    same parameters, so a model runs on ``backend=kernels`` without fallbacks."""
+    import inspect
+
+    ops = [n for n in ref.__all__ if n.endswith(("_forward", "_backward"))
+           and not n.startswith(("bilstm_attention", "seq2seq"))]
+    missing = [n for n in ops if not hasattr(kernels, n)]
+    assert not missing, f"kernels lacks {missing}"
+    for n in ops:
+        ours = list(inspect.signature(getattr(kernels, n)).parameters)
+        theirs = list(inspect.signature(getattr(ref, n)).parameters)
+        assert ours == theirs, f"{n}: kernels {ours} vs numpy_ref {theirs}"
