@@ -1,22 +1,26 @@
 """Time every backend of every op against the float64 reference and the hardware floor.
 
-What is measured: for each problem (an op at one size) and each backend (numpy_ref, torch on
-the CPU, torch on CUDA when present; for attention torch's bmm path and its
-scaled_dot_product_attention, and kernels once it exports the op), the wall time of one forward
-call and of one forward+backward call, backward driven by random cotangents of the outputs.
+What is measured: for each problem (an op at one size) and each backend (numpy_ref, kernels,
+torch on the CPU, torch on CUDA when present; for attention torch's bmm path and its
+scaled_dot_product_attention), the wall time of one forward call and of one forward+backward
+call, backward driven by random cotangents of the outputs; and for each model (the seed's
+classifier, the encoder-decoder with a Luong and with a Bahdanau decoder) one training step:
+forward, cross-entropy, backward and an Adam step (benchmarks/training.py; where the time of
+such a step goes: python -m benchmarks.profile).
 Before a row is timed its result (outputs, and for forward+backward the gradient of every input
 and parameter) is compared with numpy_ref run in float64 on the same inputs; a row that
 disagrees is flagged FAIL and the command exits with status 1.
 
 Each row is printed next to the floor the machine puts under it, measured in the same run:
-- The LSTM and the many-query attention are GEMM-bound (an LSTM step is two matrix products
-  and cheap gate math), so their GFLOP/s is compared with the rate numpy's BLAS reaches on one
-  product with the same flops.
+- The LSTM, the many-query attention and the training steps are GEMM-bound (an LSTM step is
+  two matrix products and cheap gate math), so their GFLOP/s is compared with the rate numpy's
+  BLAS reaches on one product of a comparable shape.
 - The single-query attention (the seed's) is memory-bound: forward must read the values V once,
   backward read them once more and write d_values once. Its GB/s is compared with a streaming
   read and a fresh copy of V's bytes, done by parallel Numba kernels on as many threads.
 "% floor" is the floor's time for the row's work over the row's time. The "vs base" column is
 speed relative to the op's usual counterpart: torch on the CPU, torch's bmm path for attention.
+A training-step row is validated on its loss and every gradient (before the update).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ random cotangent of the context (never ``.sum()``) and returns the context, d_qu
 d_keys + d_values (keys is values, so their gradients add, as autograd adds them). The
 reference is `numpy_ref` in float64 on the same inputs (the float32 inputs upcast exactly).
 
-Work and floor (DESIGN.md, "Performance: where the limit is"):
+Work and floor (the README's "Performance" section):
 - single query: memory-bound. Work is bytes of V: forward reads the valid keys of V once
   (n_valid = sum(lengths) * H elements, all B*T*H without lengths); forward+backward reads them
   once more and writes d_values once, 2 * n_valid + B*T*H elements. q, the context and the
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core import PASSES, Backend, Prepared, Problem
+from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
 from benchmarks.floors import gemm_floor, memory_floors, memory_work
 from numpy_ref import attention_backward, attention_forward
 
@@ -110,7 +110,7 @@ def attention_problem(
 
     else:
         forward_gflop = 2 * 2 * B * Tq * Tk * H / 1e9
-        floors = dict.fromkeys(PASSES, gemm_floor(B * Tq, H, 2 * Tk))
+        floors = dict.fromkeys(OP_PASSES, gemm_floor(B * Tq, H, 2 * Tk))
 
         def work(pass_: str, dtype: np.dtype) -> float:
             return forward_gflop if pass_ == "forward" else 3 * forward_gflop
@@ -158,7 +158,7 @@ def module_backend(name: str, module: ModuleType) -> Backend:
                       inputs, pass_)
         return Prepared(run=run, collect=partial(_collect_module, pass_))
 
-    return Backend(name=name, op="attention", device="cpu", passes=PASSES, prepare=prepare,
+    return Backend(name=name, op="attention", device="cpu", passes=OP_PASSES, prepare=prepare,
                    available=lambda: hasattr(module, "attention_forward"))
 
 
@@ -168,7 +168,7 @@ def _prepare_torch(inputs: AttentionInputs, pass_: str, *, device: str, path: st
     by ``torch.autograd.grad`` with the same cotangent, kv one leaf so that d_keys and d_values
     add up in it."""
     if device == "cuda":
-        # DESIGN.md's numerical policy: TF32 would put float32 rows near 1e-3 of the reference.
+        # The numerical policy (README): TF32 would put float32 rows near 1e-3 of the reference.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     single = inputs.query.ndim == 2
@@ -234,7 +234,7 @@ def _prepare_torch(inputs: AttentionInputs, pass_: str, *, device: str, path: st
 
 def _torch_backend(name: str, device: str, path: str) -> Backend:
     available = torch.cuda.is_available if device == "cuda" else (lambda: True)
-    return Backend(name=name, op="attention", device=device, passes=PASSES,
+    return Backend(name=name, op="attention", device=device, passes=OP_PASSES,
                    prepare=partial(_prepare_torch, device=device, path=path),
                    available=available)
 

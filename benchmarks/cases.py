@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import kernels
 import numpy_ref
-from benchmarks import attention, lstm
+from benchmarks import attention, lstm, training
 from benchmarks.core import PASSES, Backend, Case, Problem
 
 SUITES = ("default", "small")
@@ -29,6 +29,13 @@ PROBLEMS: list[Problem] = [
     attention.attention_problem(3, 7, 5, suites=("small",)),
     attention.attention_problem(3, 7, 5, masked=True, suites=("small",)),
     attention.attention_problem(3, 7, 5, Tq=4, masked=True, suites=("small",)),
+    # A training step of each model (forward, loss, backward, Adam) at a realistic size.
+    training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000),
+    training.training_problem("luong", B=32, T=32, E=128, H=256, V=4000),
+    training.training_problem("bahdanau", B=32, T=32, E=128, H=256, V=4000),
+    training.training_problem("classifier", B=3, T=5, E=4, H=3, V=11, suites=("small",)),
+    training.training_problem("luong", B=3, T=4, E=4, H=3, V=13, suites=("small",)),
+    training.training_problem("bahdanau", B=3, T=4, E=4, H=3, V=13, suites=("small",)),
 ]
 
 # Each op's baseline (see BASELINES) leads its group.
@@ -43,10 +50,15 @@ BACKENDS: list[Backend] = [
     attention.TORCH_SDPA_CUDA,
     attention.module_backend("numpy_ref", numpy_ref),
     attention.module_backend("kernels", kernels),
+    training.TORCH_CPU,
+    training.TORCH_CUDA,
+    training.NUMPY_REF,
+    training.KERNELS,
 ]
 
 # op -> (backend name, device) that the "vs base" column divides by: the usual counterpart.
-BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu")}
+BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu"),
+             "train": ("torch", "cpu")}
 
 
 def select_cases(suite: str, substring: str = "") -> list[Case]:

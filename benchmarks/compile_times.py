@@ -55,6 +55,21 @@ if hasattr(kernels, "lstm_forward"):
 
     calls["lstm forward (step kernel)"] = lambda: kernels.lstm_forward(x, p, bidirectional=True)
     calls["lstm backward (step kernel; forward cached above)"] = lstm
+logits, labels = rng.standard_normal((6, 5)).astype(f32), np.array([0, 1, 2, 3, 4, 0])
+ids = np.array([[0, 1], [2, 0]])
+w = np.full((2, 5), 0.2, f32)
+calls.update({
+    "cross-entropy (forward + backward)": lambda: kernels.cross_entropy_backward(
+        f32(1), kernels.cross_entropy_forward(logits, labels)[1]),
+    "embedding backward (scatter)": lambda: kernels.embedding_backward(
+        rng.standard_normal((2, 2, 5)).astype(f32),
+        kernels.embedding_forward(ids, {"weight": logits})[1]),
+    "additive scores (forward + backward)": lambda: kernels.additive_scores_backward(
+        w, kernels.additive_scores_forward(q1, k, q1[0])[1]),
+    "weighted sum (forward + backward)": lambda: kernels.weighted_sum_backward(
+        q1, kernels.weighted_sum_forward(w, k)[1]),
+    "Adam step (fused)": lambda: kernels.Adam({"w": logits.copy()}).step({"w": logits}),
+})
 times = {}
 for name, call in calls.items():
     t = time.perf_counter()

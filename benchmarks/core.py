@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-PASSES = ("forward", "forward+backward")
+OP_PASSES = ("forward", "forward+backward")  # what an op's rows time
+TRAINING_STEP = "training step"  # a model's rows: forward, loss, backward and an Adam step
+PASSES = (*OP_PASSES, TRAINING_STEP)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ matrix product of a comparable shape: numpy's ``matmul`` (the BLAS numpy links) 
 ``torch.matmul`` on CUDA with TF32 off.
 
 Memory-bound ops (the single-query attention core) are compared with the time the least memory
-traffic they need takes (DESIGN.md, "Performance: where the limit is"): forward reads the values
+traffic they need takes (the README's "Performance" section): forward reads the values
 V once; backward reads V once more and writes d_values, a fresh array of V's shape, once. The
 floor times exactly that on an array of V's shape and dtype: a streaming read (per-row sums, so
 that the read cannot be optimized away) and a copy into a freshly allocated array (allocation,
@@ -27,7 +27,7 @@ from benchmarks.core import Floor, time_calls
 # Timing of a floor: enough calls that the median is stable, few enough to keep the run short.
 _REPEAT, _MIN_TIME, _WARMUP = 5, 0.2, 2
 
-# DESIGN.md's one fast-math set (no nnan/ninf); the floors must not be slower than a kernel could
+# The kernels' one fast-math set (no nnan/ninf); the floors must not be slower than a kernel could
 # be, so they get the same freedom: reassociation lets LLVM vectorize the sum.
 _NJIT = {"parallel": True, "fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"},
          "cache": True}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import numpy_ref
-from benchmarks.core import PASSES, Backend, Prepared, Problem
+from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
 from benchmarks.floors import gemm_floor
 from numpy_ref import init_lstm_params
 from torch_impl import load_numpy_
@@ -100,7 +100,7 @@ def lstm_problem(
         make=make,
         reference=lambda inputs, pass_: _numpy_lstm(inputs.astype(np.float64), pass_),
         work=work,
-        floors=dict.fromkeys(PASSES, gemm_floor(T * B, I + H, 4 * H)),
+        floors=dict.fromkeys(OP_PASSES, gemm_floor(T * B, I + H, 4 * H)),
     )
 
 
@@ -129,14 +129,14 @@ def module_backend(name: str, module: ModuleType) -> Backend:
         return Prepared(run=partial(_numpy_lstm, inputs, pass_, module),
                         collect=lambda result: result)
 
-    return Backend(name=name, op="lstm", device="cpu", passes=PASSES, prepare=prepare,
+    return Backend(name=name, op="lstm", device="cpu", passes=OP_PASSES, prepare=prepare,
                    available=lambda: hasattr(module, "lstm_forward"))
 
 
 def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
     """`torch.nn.LSTM` holding the same weights; forward under no_grad, backward by autograd."""
     if device == "cuda":
-        # DESIGN.md's numerical policy: TF32 would put float32 rows near 1e-3 of the reference.
+        # The numerical policy (README): TF32 would put float32 rows near 1e-3 of the reference.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     I = inputs.x.shape[2]
@@ -180,8 +180,8 @@ def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
 
 
 NUMPY_REF = module_backend("numpy_ref", numpy_ref)
-TORCH_CPU = Backend(name="torch", op="lstm", device="cpu", passes=PASSES,
+TORCH_CPU = Backend(name="torch", op="lstm", device="cpu", passes=OP_PASSES,
                     prepare=partial(_prepare_torch, device="cpu"))
-TORCH_CUDA = Backend(name="torch", op="lstm", device="cuda", passes=PASSES,
+TORCH_CUDA = Backend(name="torch", op="lstm", device="cuda", passes=OP_PASSES,
                      prepare=partial(_prepare_torch, device="cuda"),
                      available=torch.cuda.is_available)

@@ -50,7 +50,9 @@ def _adam_update(p, g, m, v, v_max, step_size, beta1, beta2, bc2_sqrt, eps, weig
         if amsgrad:
             vi = max(v_max[i], vi)
             v_max[i] = vi
-        p[i] = pi - (size * mi) / (np.sqrt(vi) / c2 + ep)
+        # np.divide, not `/`: numba's `/` tests for a zero divisor and raises, a branch that
+        # keeps LLVM from vectorizing the loop (3x slower here); the rounding is the same
+        p[i] = pi - np.divide(size * mi, np.divide(np.sqrt(vi), c2) + ep)
 
 
 class Adam(reference.Adam):

@@ -1,4 +1,4 @@
-"""The numerical policy of DESIGN.md as one comparison helper; every parity test uses it.
+"""The numerical policy (README) as one comparison helper; every parity test uses it.
 
 - float64 against torch float64: ``|ours - ref| <= atol + rtol * |ref|`` elementwise with
   `torch.testing.assert_close`'s float64 defaults, rtol = atol = 1e-7.

@@ -16,7 +16,7 @@ import pytest
 
 import numpy_ref
 from benchmarks import attention, cases, floors, runner
-from benchmarks.core import PASSES, Prepared
+from benchmarks.core import OP_PASSES, TRAINING_STEP, Prepared
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,8 @@ def test_small_suite_validates_every_case_and_renders_the_table():
         for op, names in (("lstm", ("numpy_ref", "torch")),
                           ("attention", ("numpy_ref", "torch_bmm", "torch_sdpa")))
         for name in names
-        for p in PASSES
-    }
+        for p in OP_PASSES
+    } | {("train", name, TRAINING_STEP) for name in ("numpy_ref", "kernels", "torch")}
     rows = runner.run_cases(selected, dtype=np.float32, repeat=1, min_time=0.0)
     assert len(rows) == len(selected)
     for row in rows:
@@ -46,8 +46,8 @@ def test_small_suite_validates_every_case_and_renders_the_table():
     assert "FAIL" not in table
     header = "\n".join(runner.header_lines(runner.machine_info(), rows, repeat=1, min_time=0.0,
                                            warmup=1))
-    for text in ("floor of lstm", "floor of attention", "GEMM", "stream read of V",
-                 "read + fresh copy of V", "valid keys", "torch_bmm cpu"):
+    for text in ("floor of lstm", "floor of attention", "floor of train", "GEMM",
+                 "stream read of V", "read + fresh copy of V", "valid keys", "torch_bmm cpu"):
         assert text in header
 
 
@@ -84,7 +84,7 @@ def test_module_backend_is_unavailable_until_the_module_exports_attention():
     backend = attention.module_backend("lookalike", lookalike)
     assert backend.available()
     problem = next(p for p in cases.PROBLEMS if p.op == "attention" and "small" in p.suites)
-    rows = runner.run_cases([cases.Case(problem, backend, p) for p in PASSES],
+    rows = runner.run_cases([cases.Case(problem, backend, p) for p in OP_PASSES],
                             dtype=np.float64, repeat=1, min_time=0.0)
     assert all(r.ok and r.error < 1e-12 for r in rows)
 
@@ -132,3 +132,20 @@ def test_command_line_small_run_exits_zero_and_writes_json(tmp_path):
     by_pass = {r["pass"]: r["floor"] for r in single_query if r["size"] == "B3,T7,H5"}
     assert by_pass == {"forward": "stream read of V [3, 7, 5], 420 B",
                        "forward+backward": "read + fresh copy of V [3, 7, 5], 420 B"}
+
+
+def test_the_training_profile_accounts_for_the_step_op_by_op():
+    from benchmarks import profile, training
+
+    problem = next(p for p in cases.PROBLEMS if p.op == "train" and "small" in p.suites
+                   and p.size.startswith("bahdanau"))
+    inputs = problem.make(np.dtype(np.float32), np.random.default_rng(0))
+    for module in (numpy_ref, training.kernels):
+        total, ops = profile.profile_module(inputs, module, steps=2)
+        names = [name for name, _ in ops]
+        assert {"lstm_cell_forward", "lstm_cell_backward", "additive_scores_forward",
+                "cross_entropy_backward", "Adam step"} <= set(names)
+        assert all(seconds >= 0 for _, seconds in ops)
+        assert sum(seconds for _, seconds in ops) == pytest.approx(total, rel=0.5)
+    total, ops = profile.profile_torch(inputs, steps=2)
+    assert total > 0 and any(name.startswith("aten::") for name, _ in ops)

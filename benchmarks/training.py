@@ -1,0 +1,200 @@
+"""Training-step problems and backends for the registry in `benchmarks.cases`.
+
+Problem: one training step of a model on one batch: forward, the cross-entropy loss (mean over
+the batch; over the target tokens for seq2seq), backward, and an Adam step (lr 1e-3). The
+models are the seed's classifier (labels over C classes) and the encoder-decoder with a Luong
+or a Bahdanau decoder (teacher forcing: the decoder reads tgt[:, :-1] and predicts tgt[:, 1:]).
+The row returns the loss and every parameter's gradient as computed before the update, and is
+validated on them against `numpy_ref` in float64 on the same inputs.
+
+Backends:
+- ``numpy_ref`` and ``kernels``: `numpy_ref.models` with ``backend=`` that module and that
+  module's Adam (kernels' is fused into one pass);
+- ``torch``: the torch_impl module holding the same weights, autograd, `torch.optim.Adam`.
+Each call continues training from where the previous one left the weights; the batch stays.
+
+Work: the flops of the step's matrix products, forward and backward (each forward product
+has two in the backward, so 3x forward), counted in `_forward_gflop`; the elementwise math
+(gates, softmax, tanh, Adam) is not counted. The floor is one GEMM of the model's largest
+product: the classifier's LSTM input product [T*B, E+H] @ [E+H, 4H], the seq2seq generator
+[B*Tt, 2H (+2H+E)] @ [., V].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import partial
+from types import ModuleType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kernels
+import numpy_ref
+from benchmarks.core import TRAINING_STEP, Backend, Prepared, Problem
+from benchmarks.floors import gemm_floor
+from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_
+
+LR = 1e-3
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """One model, one batch."""
+
+    model: str  # "classifier", "luong" or "bahdanau"
+    score: str | None  # the seq2seq attention score (None: the decoder's default)
+    sizes: dict[str, int]  # V, C / Vs, Vt, E, H (and B, T / Ts, Tt)
+    params: dict[str, np.ndarray]  # the torch_impl module's state_dict
+    batch: tuple[np.ndarray, ...]  # classifier: (ids [B, T], labels [B]);
+    #                                seq2seq: (src [B, Ts], tgt_in [B, Tt], tgt_out [B, Tt])
+
+    def astype(self, dtype: np.dtype) -> TrainingInputs:
+        """The same inputs with params in `dtype` (exact when widening float32 to float64)."""
+        return replace(self, params={k: v.astype(dtype) for k, v in self.params.items()})
+
+
+def _forward_gflop(model: str, s: Mapping[str, int]) -> float:
+    """The forward's matrix-product flops (2 per multiply-add), in GFLOP."""
+    if model == "classifier":
+        B, T, E, H, C = s["B"], s["T"], s["E"], s["H"], s["C"]
+        flops = 2 * 2 * T * B * 4 * H * (E + H)  # BiLSTM
+        flops += 2 * 2 * B * T * 2 * H  # attention scores and context
+        flops += 2 * B * 2 * H * C  # output layer
+        return flops / 1e9
+    B, Ts, Tt, E, H, V = s["B"], s["Ts"], s["Tt"], s["E"], s["H"], s["Vt"]
+    H2 = 2 * H
+    flops = 2 * 2 * Ts * B * 4 * H * (E + H)  # encoder (one layer)
+    if model == "luong":
+        flops += 2 * Tt * B * 4 * H2 * (E + H2)  # decoder LSTM
+        flops += 2 * B * Tt * H2 * H2 + 2 * 2 * B * Tt * Ts * H2  # general score, context
+        flops += 2 * B * Tt * 2 * H2 * H2 + 2 * B * Tt * H2 * V  # concat layer, generator
+    else:
+        flops += 2 * B * Ts * H2 * H2  # the keys' projection, once
+        flops += Tt * (2 * B * H2 * H2 + 2 * B * Ts * H2)  # query projection, context
+        flops += Tt * 2 * B * 4 * H2 * (E + 2 * H2)  # the cell
+        flops += 2 * B * Tt * (2 * H2 + E) * V  # generator
+    return flops / 1e9
+
+
+def training_problem(model: str, *, score: str | None = None, B: int, T: int, E: int, H: int,
+                     V: int, C: int = 2, suites: tuple[str, ...] = ("default",)) -> Problem:
+    """A training step of `model` at batch B, T tokens (Ts = Tt = T for seq2seq), embedding
+    E, hidden H, vocabulary V (both vocabularies for seq2seq), C classes (classifier)."""
+    if model == "classifier":
+        sizes = dict(B=B, T=T, E=E, H=H, V=V, C=C)
+        size = f"classifier,B{B},T{T},E{E},H{H},V{V}"
+        floor = gemm_floor(T * B, E + H, 4 * H)
+    else:
+        sizes = dict(B=B, Ts=T, Tt=T, E=E, H=H, Vs=V, Vt=V)
+        size = f"{model}{'-' + score if score else ''},B{B},T{T},E{E},H{H},V{V}"
+        floor = gemm_floor(B * T, 2 * H if model == "luong" else 4 * H + E, V)
+
+    def make(dtype: np.dtype, rng: np.random.Generator) -> TrainingInputs:
+        if model == "classifier":
+            params = numpy_ref.init_bilstm_attention_params(V, E, H, C, rng=rng)
+            batch = (rng.integers(0, V, (B, T)), rng.integers(0, C, B))
+        else:
+            params = numpy_ref.init_seq2seq_params(V, V, E, H, decoder=model, score=score,
+                                                   rng=rng)
+            tgt = rng.integers(0, V, (B, T + 1))
+            batch = (rng.integers(0, V, (B, T)), tgt[:, :-1], tgt[:, 1:])
+        return TrainingInputs(model, score, sizes, params, batch).astype(dtype)
+
+    forward = _forward_gflop(model, sizes)
+    return Problem(
+        op="train", size=size, suites=suites, make=make,
+        reference=lambda inputs, pass_: _numpy_step(inputs.astype(np.float64), numpy_ref,
+                                                    update=False),
+        work=lambda pass_, dtype: 3 * forward,
+        floors={TRAINING_STEP: floor},
+    )
+
+
+def _numpy_step(inputs: TrainingInputs, module: ModuleType, optimizer=None,
+                update: bool = True) -> dict[str, np.ndarray]:
+    """One step of `numpy_ref.models` on ``backend=module``: the loss and the gradients
+    ``d_<key>``; with `update`, `optimizer` (an Adam over inputs.params) steps too."""
+    p, one = inputs.params, np.ones((), next(iter(inputs.params.values())).dtype)
+    if inputs.model == "classifier":
+        ids, labels = inputs.batch
+        logits, _, cache = numpy_ref.bilstm_attention_forward(ids, p, backend=module)
+        loss, ce = module.cross_entropy_forward(logits, labels)
+        grads = numpy_ref.bilstm_attention_backward(module.cross_entropy_backward(one, ce),
+                                                    cache)
+    else:
+        src, tgt_in, tgt_out = inputs.batch
+        logits, _, cache = numpy_ref.seq2seq_forward(src, tgt_in, p, decoder=inputs.model,
+                                                     score=inputs.score, backend=module)
+        V = logits.shape[-1]
+        loss, ce = module.cross_entropy_forward(logits.reshape(-1, V), tgt_out.reshape(-1))
+        d_logits = module.cross_entropy_backward(one, ce).reshape(logits.shape)
+        grads = numpy_ref.seq2seq_backward(d_logits, cache)
+    if update:
+        optimizer.step(grads)
+    return {"loss": np.asarray(loss), **{f"d_{k}": g for k, g in grads.items()}}
+
+
+def module_backend(name: str, module: ModuleType) -> Backend:
+    """`numpy_ref.models` on ``backend=module``, with ``module.Adam``."""
+
+    def prepare(inputs: TrainingInputs, pass_: str) -> Prepared:
+        own = replace(inputs, params={k: v.copy() for k, v in inputs.params.items()})
+        optimizer = module.Adam(own.params, lr=LR)
+        return Prepared(run=partial(_numpy_step, own, module, optimizer),
+                        collect=lambda result: result)
+
+    return Backend(name=name, op="train", device="cpu", passes=(TRAINING_STEP,),
+                   prepare=prepare)
+
+
+def _prepare_torch(inputs: TrainingInputs, pass_: str, *, device: str) -> Prepared:
+    """The torch_impl module with the same weights; autograd and torch.optim.Adam."""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    s = inputs.sizes
+    if inputs.model == "classifier":
+        module = BiLSTMAttention(s["V"], s["E"], s["H"], s["C"])
+    else:
+        module = Seq2SeqAttention(s["Vs"], s["Vt"], s["E"], s["H"], decoder=inputs.model,
+                                  score=inputs.score)
+    dtype = torch.float32 if next(iter(inputs.params.values())).dtype == np.float32 \
+        else torch.float64
+    module = load_numpy_(module.to(device=device, dtype=dtype), inputs.params)
+    batch = [torch.from_numpy(a).to(device) for a in inputs.batch]
+    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    names = [n for n, _ in module.named_parameters()]
+
+    def run() -> tuple[torch.Tensor, ...]:
+        if inputs.model == "classifier":
+            logits, _ = module(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+        else:
+            logits, _ = module(batch[0], batch[1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[2].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        grads = tuple(p.grad.clone() for p in module.parameters())  # before the update
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (loss.detach(), *grads)
+
+    def collect(result) -> dict[str, np.ndarray]:
+        arrays = [t.cpu().numpy() for t in result]
+        return {"loss": arrays[0], **{f"d_{n}": a for n, a in zip(names, arrays[1:],
+                                                                   strict=True)}}
+
+    return Prepared(run=run, collect=collect)
+
+
+NUMPY_REF = module_backend("numpy_ref", numpy_ref)
+KERNELS = module_backend("kernels", kernels)
+TORCH_CPU = Backend(name="torch", op="train", device="cpu", passes=(TRAINING_STEP,),
+                    prepare=partial(_prepare_torch, device="cpu"))
+TORCH_CUDA = Backend(name="torch", op="train", device="cuda", passes=(TRAINING_STEP,),
+                     prepare=partial(_prepare_torch, device="cuda"),
+                     available=torch.cuda.is_available)
