@@ -206,8 +206,8 @@ def bilstm_attention_forward(
     x, emb_cache = backend.embedding_forward(real, group(p, "embedding"))  # [B, T, E]
     output, (h_n, _), lstm_cache = backend.lstm_forward(
         x, group(p, "lstm"), bidirectional=True, batch_first=True, lengths=lengths)
-    if seed_compatible:  # the seed's final_state.view(-1, n_hidden * 2, 1): h_n's memory order
-        query = np.ascontiguousarray(h_n).reshape(B, 2 * H)
+    if seed_compatible:  # the seed's final_state.view(-1, n_hidden * 2, 1): h_n [2, B, H]
+        query = h_n.reshape(B, 2 * H)  # read in C order, as torch's view of its memory
     else:
         query = np.concatenate([h_n[-2], h_n[-1]], axis=1)  # [B, 2H]
     context, attention, att_cache = backend.attention_forward(query, output, output,
@@ -313,7 +313,7 @@ def _luong_backward(backend, d_logits, d_attention, cache: LuongCache):
     H2 = d_cat.shape[-1] // 2
     d_context, d_s = d_cat[..., :H2], d_cat[..., H2:]
     d_s_att, d_keys, d_values, d_att = backend.attention_backward(  # c = attention(s, mem, mem)
-        np.ascontiguousarray(d_context), cache.attention, d_weights=d_attention)
+        d_context, cache.attention, d_weights=d_attention)
     d_y, d_lstm, (d_h0, d_c0) = backend.lstm_backward(d_s + d_s_att, cache.lstm)  # s = LSTM(y)
     grads = {**prefixed("decoder.lstm", d_lstm), **prefixed("decoder.attention", d_att),
              **prefixed("decoder.concat", d_concat), **prefixed("generator", d_gen)}

@@ -252,20 +252,21 @@ def train_ours(case: ModelCase, params: dict, batches, backend: str, steps: int)
     return losses
 
 
-def train_torch(case: ModelCase, params: dict, batches, steps: int) -> list[float]:
-    m = torch_module(case, params)
+def train_torch(case: ModelCase, params: dict, batches, steps: int,
+                device: str = "cpu") -> list[float]:
+    m = torch_module(case, params, device)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
     for step in range(steps):
-        batch = batches[step % len(batches)]
+        batch = [torch.tensor(a, device=device) for a in batches[step % len(batches)]]
         if case.model == "classifier":
             ids, lengths, labels = batch
-            logits, _ = m(torch.tensor(ids), torch.tensor(lengths))
-            loss = F.cross_entropy(logits, torch.tensor(labels))
+            logits, _ = m(ids, lengths)
+            loss = F.cross_entropy(logits, labels)
         else:
             src, src_lengths, tgt_in, tgt_out = batch
-            logits, _ = m(torch.tensor(src), torch.tensor(tgt_in), torch.tensor(src_lengths))
-            loss = F.cross_entropy(logits.transpose(1, 2), torch.tensor(tgt_out))
+            logits, _ = m(src, tgt_in, src_lengths)
+            loss = F.cross_entropy(logits.transpose(1, 2), tgt_out)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -288,14 +289,20 @@ TRAINING_CASES = {
 WORST_TRAINING_DIFFERENCE: dict[str, float] = {}
 
 
-@over_backends
-@pytest.mark.parametrize("name", list(TRAINING_CASES))
-def test_training_matches_torch_step_for_step_float64(backend: str, name: str) -> None:
+def _training_setup(name: str):
+    """(case, params at torch's init scale, the case's batches)."""
     case = TRAINING_CASES[name]
-    params = {k: v / 1.5 for k, v in case_params(case).items()}  # torch's init scale
+    params = {k: v / 1.5 for k, v in case_params(case).items()}
     rng = np.random.default_rng(case.seed)
     batches = (_classifier_batches(rng, case.V, case.Vt) if case.model == "classifier"
                else _seq2seq_batches(rng, case.V, case.Vt))
+    return case, params, batches
+
+
+@over_backends
+@pytest.mark.parametrize("name", list(TRAINING_CASES))
+def test_training_matches_torch_step_for_step_float64(backend: str, name: str) -> None:
+    case, params, batches = _training_setup(name)
     ours = np.array(train_ours(case, params, batches, backend, TRAIN_STEPS))
     want = np.array(train_torch(case, params, batches, TRAIN_STEPS))
     relative = np.abs(ours - want) / np.abs(want)
@@ -307,15 +314,20 @@ def test_training_matches_torch_step_for_step_float64(backend: str, name: str) -
     assert want[-len(batches):].mean() < 0.8 * want[:len(batches)].mean(), "it must learn"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(TRAINING_CASES))
+def test_training_matches_torch_cuda_step_for_step_float64(name: str) -> None:
+    case, params, batches = _training_setup(name)
+    ours = np.array(train_ours(case, params, batches, "numpy_ref", TRAIN_STEPS))
+    want = np.array(train_torch(case, params, batches, TRAIN_STEPS, "cuda"))
+    np.testing.assert_allclose(ours, want, rtol=1e-9, atol=0)
+
+
 @over_backends
 @pytest.mark.parametrize("name", ["classifier", "luong-general", "bahdanau"])
 def test_training_float32_within_policy(backend: str, name: str) -> None:
     """30 float32 steps: our losses stay as close to the float64 run as torch's float32 do."""
-    case = TRAINING_CASES[name]
-    params = {k: v / 1.5 for k, v in case_params(case).items()}
-    rng = np.random.default_rng(case.seed)
-    batches = (_classifier_batches(rng, case.V, case.Vt) if case.model == "classifier"
-               else _seq2seq_batches(rng, case.V, case.Vt))
+    case, params, batches = _training_setup(name)
     p32 = {k: v.astype(np.float32) for k, v in params.items()}
     ours = np.array(train_ours(case, p32, batches, backend, 30))
     want = np.array(train_ours(case, params, batches, "numpy_ref", 30))

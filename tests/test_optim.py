@@ -51,7 +51,7 @@ def _run(name: str, kw: dict, module, dtype, steps: int, seed: int):
 @given(seed=st.integers(0, 2**32 - 1))
 def test_optimizer_matches_torch_step_for_step(module, name: str, kw: dict, seed: int) -> None:
     for dtype, tol in ((np.float64, 1e-13), (np.float32, 2e-6)):
-        ours, theirs = _run(name, kw, module, dtype, 60, seed)
+        ours, theirs = _run(name, kw, module, dtype, 25, seed)
         for k in SHAPES:
             assert ours[k].dtype == dtype
             np.testing.assert_allclose(ours[k], theirs[k], rtol=tol, atol=tol, err_msg=k)
