@@ -371,7 +371,7 @@ def _bahdanau_backward(backend, d_logits, d_attention, cache: BahdanauCache):
     H2 = cache.state_size
     E = d_in.shape[-1] - 2 * H2
     d_states, d_contexts, d_y = d_in[..., :H2], d_in[..., H2:2 * H2], d_in[..., 2 * H2:].copy()
-    d_memory = d_K = d_v = None
+    sums: dict[str, np.ndarray] = {}  # d_memory, d_K, d_v summed over the steps
     d_query_layer: dict[str, np.ndarray] = {}
     d_cell: dict[str, np.ndarray] = {}
     d_s = np.zeros((d_in.shape[0], H2), d_in.dtype)  # dL/ds_t from the steps after t
@@ -389,23 +389,25 @@ def _bahdanau_backward(backend, d_logits, d_attention, cache: BahdanauCache):
         d_qa, d_K_t, d_v_t = backend.additive_scores_backward(d_e, step.scores)
         d_s_q, g_query = backend.linear_backward(d_qa, step.query)  # qa = W_query s_{t-1} + b
         d_s = d_s + d_s_q
-        d_memory = d_mem if d_memory is None else d_memory + d_mem
-        d_K = d_K_t if d_K is None else d_K + d_K_t
-        d_v = d_v_t if d_v is None else d_v + d_v_t
+        _accumulate(sums, {"memory": d_mem, "K": d_K_t, "v": d_v_t})
         _accumulate(d_query_layer, g_query)
         _accumulate(d_cell, g_cell)
-    d_mem_keys, g_keys = backend.linear_backward(d_K, cache.keys)  # K = memory W_key^T
+    d_mem_keys, g_keys = backend.linear_backward(sums["K"], cache.keys)  # K = memory W_key^T
     grads = {"decoder.attention.W_query": d_query_layer["weight"],
              "decoder.attention.W_key": g_keys["weight"],
-             "decoder.attention.v": d_v,
+             "decoder.attention.v": sums["v"],
              "decoder.attention.b": d_query_layer["bias"],
              **prefixed("decoder.cell", d_cell), **prefixed("generator", d_gen)}
-    return d_y, d_memory + d_mem_keys, d_s, d_m, grads
+    return d_y, sums["memory"] + d_mem_keys, d_s, d_m, grads
 
 
 def _accumulate(total: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+    """total[k] += grads[k] (in place: the first of each is a fresh array a backward made)."""
     for k, g in grads.items():
-        total[k] = g if k not in total else total[k] + g
+        if k in total:
+            total[k] += g
+        else:
+            total[k] = g
 
 
 # --------------------------------------------------------------------------------------------
