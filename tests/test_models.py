@@ -104,6 +104,12 @@ def check_gradients(case: ModelCase, backend: str, dtype=np.float64, device: str
     return worst
 
 
+def model_config(model: str) -> tuple[str, str | None]:
+    """A test id "classifier", "luong-general" or "bahdanau-None" -> (model, score)."""
+    decoder, _, score = model.partition("-")
+    return decoder, None if score in ("", "None") else score
+
+
 LARGEST_FLOAT64_ERROR: dict[str, float] = {}
 
 
@@ -146,8 +152,8 @@ def test_seq2seq_gradients_match_torch_float64(backend: str, decoder: str, score
 @pytest.mark.parametrize("model", ["classifier", *(f"{d}-{s}" for d, s in SEQ2SEQ)])
 def test_model_gradients_without_an_attention_cotangent(backend: str, model: str) -> None:
     """d_attention=None: only the logits' cotangent flows (the training case)."""
-    decoder, _, score = model.partition("-")
-    case = ModelCase(decoder, None if score in ("", "None") else score, B=3, Ts=5, Tt=4, V=7,
+    decoder, score = model_config(model)
+    case = ModelCase(decoder, score, B=3, Ts=5, Tt=4, V=7,
                      Vt=6, E=3, H=2, L=2, lengths=(5, 1, 3), seed_compatible=False, seed=5)
     _record(case, backend, check_gradients(case, backend, with_d_attention=False))
 
@@ -158,8 +164,8 @@ def test_model_gradients_without_an_attention_cotangent(backend: str, model: str
 @given(data=st.data())
 def test_model_gradients_float32_within_policy(backend: str, model: str, device: str,
                                                data) -> None:
-    decoder, _, score = model.partition("-")
-    case = data.draw(model_cases(decoder, None if score in ("", "None") else score,
+    decoder, score = model_config(model)
+    case = data.draw(model_cases(decoder, score,
                                  lengths=data.draw(st.booleans(), label="lengths"),
                                  seed_compatible=data.draw(st.booleans(), label="seed")),
                      label="case")
@@ -170,8 +176,8 @@ def test_model_gradients_float32_within_policy(backend: str, model: str, device:
 @over_backends
 @pytest.mark.parametrize("model", ["classifier", *(f"{d}-{s}" for d, s in SEQ2SEQ)])
 def test_model_gradients_match_torch_cuda_float64(backend: str, model: str) -> None:
-    decoder, _, score = model.partition("-")
-    case = ModelCase(decoder, None if score in ("", "None") else score, B=5, Ts=9, Tt=6, V=11,
+    decoder, score = model_config(model)
+    case = ModelCase(decoder, score, B=5, Ts=9, Tt=6, V=11,
                      Vt=13, E=7, H=5, L=2, lengths=(9, 1, 4, 9, 2), seed_compatible=False,
                      seed=3)
     check_gradients(case, backend, np.float64, "cuda")
@@ -360,8 +366,8 @@ def _rows_alone(case: ModelCase, params: dict, inputs: dict, backend: str):
 @over_backends
 @pytest.mark.parametrize("model", ["classifier", *(f"{d}-{s}" for d, s in SEQ2SEQ)])
 def test_a_rows_outputs_do_not_depend_on_its_batch_mates(backend: str, model: str) -> None:
-    decoder, _, score = model.partition("-")
-    case = ModelCase(decoder, None if score in ("", "None") else score, B=4, Ts=6, Tt=5, V=9,
+    decoder, score = model_config(model)
+    case = ModelCase(decoder, score, B=4, Ts=6, Tt=5, V=9,
                      Vt=7, E=3, H=4, L=2, lengths=(6, 2, 5, 1), seed_compatible=False, seed=9)
     params, inputs = case_params(case), model_inputs(case)
     logits, attention, _ = run_ours(case, params, inputs, backend)
@@ -458,8 +464,8 @@ def test_the_seeds_own_state_dict_loads_and_seed_compatible_reproduces_it(B: int
 @pytest.mark.parametrize("model", ["classifier", *(f"{d}-{s}" for d, s in SEQ2SEQ)])
 def test_source_padding_changes_nothing_bit_for_bit(backend: str, model: str) -> None:
     """Ids past the lengths: -1, a huge id, or zeros; every output and gradient is the same."""
-    decoder, _, score = model.partition("-")
-    case = ModelCase(decoder, None if score in ("", "None") else score, B=4, Ts=7, Tt=3, V=9,
+    decoder, score = model_config(model)
+    case = ModelCase(decoder, score, B=4, Ts=7, Tt=3, V=9,
                      Vt=6, E=3, H=2, L=2, lengths=(7, 1, 4, 2), seed_compatible=False, seed=12)
     params, inputs = case_params(case), model_inputs(case)
     padded = np.arange(case.Ts)[None, :] >= np.array(case.lengths)[:, None]
@@ -505,14 +511,13 @@ def test_model_backward_matches_finite_differences(model: str) -> None:
 
 @pytest.mark.parametrize("model", ["classifier", *(f"{d}-{s}" for d, s in SEQ2SEQ)])
 def test_to_numpy_and_load_numpy_round_trip_every_model_exactly(model: str) -> None:
-    decoder, _, score = model.partition("-")
+    decoder, score = model_config(model)
     torch.manual_seed(1)
     if decoder == "classifier":
         m = BiLSTMAttention(7, 3, 4, 2)
         twin = BiLSTMAttention(7, 3, 4, 2)
         init = ref.init_bilstm_attention_params(7, 3, 4, 2)
     else:
-        score = None if score == "None" else score
         m = Seq2SeqAttention(7, 8, 3, 4, decoder=decoder, score=score, num_layers=2)
         twin = Seq2SeqAttention(7, 8, 3, 4, decoder=decoder, score=score, num_layers=2)
         init = ref.init_seq2seq_params(7, 8, 3, 4, decoder=decoder, score=score, num_layers=2)
@@ -531,8 +536,8 @@ def test_to_numpy_and_load_numpy_round_trip_every_model_exactly(model: str) -> N
 @pytest.mark.parametrize("model", ["classifier", "luong-general", "bahdanau-None"])
 def test_model_backward_twice_on_one_cache_and_float32_stays_float32(backend: str,
                                                                     model: str) -> None:
-    decoder, _, score = model.partition("-")
-    case = ModelCase(decoder, None if score in ("", "None") else score, B=2, Ts=4, Tt=3, V=5,
+    decoder, score = model_config(model)
+    case = ModelCase(decoder, score, B=2, Ts=4, Tt=3, V=5,
                      Vt=4, E=2, H=3, L=1, lengths=(4, 2), seed_compatible=False, seed=14)
     for dtype in (np.float64, np.float32):
         params, inputs = case_params(case, dtype), model_inputs(case, dtype)
