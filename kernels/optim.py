@@ -19,7 +19,6 @@ from numba import njit
 from kernels._config import EXACT_JIT
 from kernels._util import as_type_of
 from numpy_ref import optim as reference
-from numpy_ref.contract import optim as contract
 from numpy_ref.optim import SGD, clip_grad_norm
 
 __all__ = ["SGD", "Adam", "AdamW", "clip_grad_norm"]
@@ -60,11 +59,8 @@ class Adam(reference.Adam):
 
     def step(self, grads: Mapping[str, np.ndarray]) -> None:
         """Update every parameter in place from its gradient (same keys as params)."""
-        grads = contract.grads_like(grads, self.params)
+        grads, step_size, bc2_sqrt = self._begin_step(grads)  # the base class's bookkeeping
         beta1, beta2 = self.betas
-        self.steps += 1
-        step_size = self.lr / (1 - beta1**self.steps)
-        bc2_sqrt = (1 - beta2**self.steps) ** 0.5
         l2 = 0.0 if self.decoupled else self.weight_decay
         keep = 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0
         for k, p in self.params.items():

@@ -96,13 +96,18 @@ class Adam:
         self.max_exp_avg_sq = ({k: np.zeros_like(p) for k, p in self.params.items()}
                                if self.amsgrad else {})
 
-    def step(self, grads: Mapping[str, np.ndarray]) -> None:
-        """Update every parameter in place from its gradient (same keys as params)."""
+    def _begin_step(self, grads: Mapping[str, np.ndarray]):
+        """Check grads, count the step k; return (grads, lr / (1 - beta1^k),
+        sqrt(1 - beta2^k)), the step's bias corrections as torch computes them."""
         grads = contract.grads_like(grads, self.params)
         beta1, beta2 = self.betas
         self.steps += 1
-        step_size = self.lr / (1 - beta1**self.steps)
-        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
+        return (grads, self.lr / (1 - beta1**self.steps), (1 - beta2**self.steps) ** 0.5)
+
+    def step(self, grads: Mapping[str, np.ndarray]) -> None:
+        """Update every parameter in place from its gradient (same keys as params)."""
+        grads, step_size, bias_correction2_sqrt = self._begin_step(grads)
+        beta1, beta2 = self.betas
         for k, p in self.params.items():
             g = grads[k]
             if self.weight_decay and self.decoupled:
