@@ -10,6 +10,11 @@ Elementwise updates that must round exactly as NumPy and torch do (the optimizer
 and without ``contract`` (fused multiply-adds) and ``arcp`` (reciprocals) every operation rounds
 as the same NumPy expression does.
 
+error_model "numpy": a float division by zero gives inf or NaN, as in NumPy, instead of
+raising ZeroDivisionError out of the compiled code (Numba's default, "python", also tests every
+divisor, a branch that keeps LLVM from vectorizing a loop). NaN and inf in the data propagate
+as NaN; they never become an exception.
+
 cache: compiled machine code is written next to the source (``__pycache__``), so a fresh
 process pays the compile once per machine, not once per run.
 """
@@ -18,6 +23,6 @@ from __future__ import annotations
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
-JIT = {"cache": True, "fastmath": set(FASTMATH)}
+JIT = {"cache": True, "fastmath": set(FASTMATH), "error_model": "numpy"}
 PARALLEL_JIT = {**JIT, "parallel": True}
-EXACT_JIT = {"cache": True}
+EXACT_JIT = {"cache": True, "error_model": "numpy"}

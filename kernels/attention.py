@@ -1,7 +1,11 @@
-r"""Numba attention: the fused single-query core, the multi-query path, and the additive score.
+r"""Numba attention: the fused single-query core, the batched path for many queries and heads,
+and the additive score.
 
 Same public functions, argument names, validation and results as `numpy_ref.attention` (read
-its docstring for the math and shapes); only the cache differs, see `KernelAttentionCache`.
+its docstring for the math, shapes and options); only the caches differ, see
+`KernelAttentionCache`. `numpy_ref.contract.attention` checks the arguments, brings every
+layout to the heads layout [B, h, Tq, ...] and says which keys each query sees; these kernels
+read that, never the rows it calls padding.
 
 Single query (query [B, H]): memory-bound, one fused pass per batch row
 ---------------------------------------------------------------------------
@@ -22,9 +26,13 @@ writing d_values once (backward). The kernels reach it by touching each key/valu
   cotangent on the weights is given), and in the same sweep write d_v_j = w_j dc,
   d_k_j = ds_j q and accumulate d_q += ds_j k_j, with ds_j = w_j (dc . v_j + dW_j - delta).
 
-Only the first lengths[b] keys of a row are read, so the work is proportional to the sum of
-the lengths; the padded rows of d_keys/d_values and the padded weights are written as exact
-zeros (a streaming write, no read).
+Only the first lengths[b] keys of a row are read, and of those only the ones the row sees (the
+mask row, the bias row and causal are read per key through broadcast views: a mask [Tk] shared
+by every row is one row in memory); the work is proportional to the sum of the lengths. The
+hidden rows of d_keys/d_values and the hidden weights are written as exact zeros (a streaming
+write, no read), so NaN or inf there reaches nothing. With `sum_kv` the backward writes
+d_kv_j = d_k_j + d_v_j, one array instead of two: read V once, write d_kv once, the floor.
+A NaN score makes its row NaN (the flag `bad` below); a row that sees no key gets zeros.
 
 Precision: the vector loops stay in the data's dtype, but the softmax sum, the unnormalised
 context (summed per block in the data's dtype, across blocks in float64), the log-sum-exp, delta
@@ -54,12 +62,16 @@ Kernel versions, float32, 2 threads, min of 30 calls alternating old and new in 
 - allocation: np.zeros for the gradient outputs (calloc, 4 KiB page faults) cost 3x more than
   np.empty (numpy asks for huge pages), so the backward zeroes the padding itself.
 
-Many queries (query [B, Tq, H]): GEMM-bound
--------------------------------------------
+Many queries and heads (query [B, Tq, H] or [B, h, Tq, D]): GEMM-bound
+----------------------------------------------------------------------
 The products q k^T, w v, dc v^T, ds k, ds^T q and w^T dc are BLAS calls (batched numpy
-matmul); serial kernels fuse what lies between them: ``_softmax_rows`` (scale, mask, max, exp,
-normalise, statistics, in place over each row) and ``_softmax_rows_backward`` (ds = w (dw - delta)
-* scale in place, with delta = sum_j w_j dw_j taken from the weights, which are at hand).
+matmul); serial kernels fuse what lies between them: ``_softmax_rows`` (scale, bias, mask, max,
+exp, normalise, statistics, in place over each row) and ``_softmax_rows_backward``
+(ds = w (dw - delta) in place, with delta = sum_j w_j dw_j taken from the weights, which are at
+hand). Grouped-query attention stacks the query heads of a group along Tq: q [B, h, Tq, D] is
+viewed as [B, h_kv, group * Tq, D], so each kv head is read once per product, and w^T dc and
+ds^T q sum the group's contributions to d_values and d_keys inside the GEMM. Padding rows of
+keys and values are replaced by zeros before the products (a copy, only when there are some).
 
 ``general`` is either path applied to q' = q W (then d_q = d_q' W^T, d_W = q^T d_q').
 ``additive`` has its own pair, ``_additive_scores`` / ``_additive_backward``: the cost is the
@@ -73,7 +85,6 @@ index out of bounds; the public wrappers validate first (the same errors as nump
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -86,7 +97,6 @@ from numpy_ref import _checks
 from numpy_ref import attention as reference
 from numpy_ref.attention import AdditiveScoresCache, WeightedSumCache
 from numpy_ref.contract import attention as contract
-from numpy_ref.contract.attention import validate_attention, validate_cotangents
 
 
 @njit(**JIT)
@@ -104,21 +114,27 @@ def _clamp_length(length, T):
 # float64 sums keep it as accurate as torch's float32 (which computes delta from the same
 # rounded dc . v_j it subtracts it from). `as_type_of` casts back where a value meets a
 # float32 vector loop.
+#
+# Which keys row b sees: j < lengths[b] and visible[b, j] (the mask, causal and bias != -inf,
+# combined by the contract); visible and bias are [B, T] views, broadcast with stride 0 where
+# the caller's arrays were. Hidden keys are skipped: their k_j and v_j are never read.
 
 
 _BLOCK = 128  # keys per block: its rows of K (and V) stay in L2 between the block's passes
 
 
 @njit(**PARALLEL_JIT)
-def _single_forward(q, k, v, lengths, scale, context64, context, weights, stats):
+def _single_forward(q, k, v, lengths, visible, bias, scale, context64, context, weights,
+                    stats):
     """q [B, H], k [B, T, H], v [B, T, Hv] -> context64 [B, Hv] (float64, kept for the
-    backward), context [B, Hv], weights [B, T], stats [B, 2] (float64: each row's max scaled
-    score m and l = sum_j exp(s_j - m)).
+    backward), context [B, Hv], weights [B, T], stats [B, 2] (float64: each row's max score m
+    and l = sum_j exp(s_j - m); (-inf, 0) for a row that sees no key, NaN for a NaN row).
 
-    Per row, blocks of `_BLOCK` keys: the block's scores (one dot product per key, kept in
-    weights[b]), one rescale of the running sums when the block raises the running max, the
-    block's exps in one vectorized loop, then the block's p_j v_j summed in the data's dtype
-    (in context[b], a scratch row until `_single_finish`) and added to the float64 context.
+    s_j = scale * q . k_j + bias[b, j]. Per row, blocks of `_BLOCK` keys: the block's scores
+    (kept in weights[b]; -inf at hidden keys), one rescale of the running sums when the block
+    raises the running max, the block's exps in one vectorized loop, then the block's p_j v_j
+    over the keys it sees, summed in the data's dtype (in context[b], a scratch row until
+    `_single_finish`) and added to the float64 context.
     """
     B, T, _ = k.shape
     Hv = v.shape[2]
@@ -131,15 +147,21 @@ def _single_forward(q, k, v, lengths, scale, context64, context, weights, stats)
             acc[h] = 0.0
         m = -np.inf  # running max of the scores (float64)
         l = 0.0  # sum_j exp(s_j - m)
+        bad = False  # a NaN score: the row is NaN
         for j0 in range(0, n, _BLOCK):
             nb = min(_BLOCK, n - j0)
             sb, kb, vb = wb[j0:j0 + nb], k[b, j0:j0 + nb], v[b, j0:j0 + nb]
             block_max = m
             for u in range(nb):
-                s = dot(qb, kb[u], zero) * scale
+                s = -np.inf
+                if visible[b, j0 + u]:
+                    s = np.float64(dot(qb, kb[u], zero) * scale + bias[b, j0 + u])
+                    if s > block_max:
+                        block_max = s
+                    elif s != s:
+                        bad = True
                 sb[u] = s  # the raw score for now; normalised in _single_finish
-                block_max = max(block_max, np.float64(s))
-            if block_max == -np.inf:  # every score so far is -inf: their weights are 0
+            if block_max == -np.inf or bad:  # every score so far is -inf: their weights are 0
                 continue
             if block_max > m:  # rescale what was summed under the old max (0 at the start)
                 alpha = np.exp(m - block_max)
@@ -154,81 +176,118 @@ def _single_forward(q, k, v, lengths, scale, context64, context, weights, stats)
             for h in range(Hv):
                 part[h] = zero
             for u in range(nb):
-                p = as_type_of(pb[u], zero)
-                vj = vb[u]
-                for h in range(Hv):
-                    part[h] += p * vj[h]
+                if visible[b, j0 + u]:
+                    p = as_type_of(pb[u], zero)
+                    vj = vb[u]
+                    for h in range(Hv):
+                        part[h] += p * vj[h]
             for h in range(Hv):
                 acc[h] += part[h]
+        if bad:
+            m = l = np.nan
         _single_finish(acc, context[b], wb, stats[b], n, m, l, zero)
 
 
 @njit(**JIT)
 def _single_finish(acc, cb, wb, stats_b, n, m, l, zero):
     """Normalise one row: context = acc / l, stats_b = (m, l), w_j = exp(s_j - m) / l, 0
-    beyond."""
+    beyond n and at hidden keys (s_j = -inf); a row that sees no key (l = 0) is all zeros."""
+    stats_b[0], stats_b[1] = m, l
+    if l == 0.0:
+        acc[:] = 0.0
+        cb[:] = zero
+        wb[:] = zero
+        return
     inv_l = 1.0 / l
     for h in range(acc.shape[0]):
         acc[h] *= inv_l
         cb[h] = as_type_of(acc[h], zero)
-    stats_b[0], stats_b[1] = m, l
     for j in range(n):
-        wb[j] = as_type_of(exp_nonpositive(np.float64(wb[j]) - m) * inv_l, zero)
+        s = np.float64(wb[j])
+        w = exp_nonpositive(s - m) * inv_l
+        wb[j] = zero if s == -np.inf else as_type_of(w, zero)
     wb[n:] = zero  # a slice, not range(n, T): a loop from a runtime start compiled to scatters
 
 
 @njit(**PARALLEL_JIT)
-def _single_backward(q, k, v, lengths, scale, stats, context64, d_context64, d_weights,
-                     weights, d_q, d_k, d_v):
-    """One pass per row, writing d_q [B, H], d_k [B, T, H], d_v [B, T, Hv] (every entry:
-    the padded keys get exact zeros, so the outputs may come from np.empty).
+def _single_backward(q, k, v, lengths, visible, bias, scale, stats, context64, d_context64,
+                     d_weights, weights, sum_kv, d_q, d_k, d_v, d_bias):
+    """One pass per row, writing d_q [B, H], d_k [B, T, H] (d_k + d_v when sum_kv, then d_v is
+    not written), d_v [B, T, Hv] and, when d_bias is [B, T], the unscaled ds (every entry: the
+    hidden keys get exact zeros, so the outputs may come from np.empty).
 
     stats [B, 2], context64 and d_context64 [B, Hv] are float64, as the forward wrote them
-    (d_context64: dc upcast); d_weights is [B, T], or empty when absent
-    (then `weights` is not read). One key at a time (blocks of keys, as in the forward, were
-    10% slower here: the pass is bound by its writes, not by the scalar exp).
+    (d_context64: dc upcast); d_weights is [B, T], or empty when absent (then `weights` is not
+    read). One key at a time (blocks of keys, as in the forward, were 10% slower here: the pass
+    is bound by its writes, not by the scalar exp).
     """
     B, T, H = k.shape
     Hv = v.shape[2]
     has_dw = d_weights.shape[0] == B and d_weights.shape[1] == T
+    has_db = d_bias.shape[0] == B and d_bias.shape[1] == T
     dc_rows = np.empty((B, Hv), d_q.dtype)  # dc in the data's dtype, for d_v_j = w_j dc
     for b in prange(B):
         n = _clamp_length(lengths[b], T)
         qb, dcb, dqb, dc_low = q[b], d_context64[b], d_q[b], dc_rows[b]
         zero = scale - scale
-        m, inv_l = stats[b, 0], 1.0 / stats[b, 1]
+        m, l = stats[b, 0], stats[b, 1]
+        for h in range(H):
+            dqb[h] = zero
+        if l == 0.0:  # the row sees no key: every gradient is 0
+            n = 0
+        inv_l = 1.0 / l if n else 0.0
         delta = dot(context64[b], dcb, 0.0)  # = sum_j w_j (dc . v_j)
         if has_dw:
             for j in range(n):
                 delta += weights[b, j] * d_weights[b, j]
-        for h in range(H):
-            dqb[h] = zero
         for h in range(Hv):
             dc_low[h] = as_type_of(dcb[h], zero)
         for j in range(n):
+            dkj, dvj = d_k[b, j], d_v[b, j]
+            if not visible[b, j]:
+                for h in range(H):
+                    dkj[h] = zero
+                if not sum_kv:
+                    for h in range(Hv):
+                        dvj[h] = zero
+                if has_db:
+                    d_bias[b, j] = zero
+                continue
             kj, vj = k[b, j], v[b, j]
-            w = np.exp(np.float64(dot(qb, kj, zero) * scale) - m) * inv_l  # recomputed
+            s = np.float64(dot(qb, kj, zero) * scale + bias[b, j])
+            w = np.exp(s - m) * inv_l  # recomputed
             dw = dot(dcb, vj, 0.0)
             if has_dw:
                 dw += d_weights[b, j]
-            g = as_type_of(w * (dw - delta) * scale, zero)  # ds_j times the score's scale
+            ds = w * (dw - delta)
+            if has_db:
+                d_bias[b, j] = as_type_of(ds, zero)
+            g = as_type_of(ds * scale, zero)  # ds_j times the score's scale
             w_low = as_type_of(w, zero)
-            dkj, dvj = d_k[b, j], d_v[b, j]
             for h in range(H):
                 dqb[h] += g * kj[h]
-                dkj[h] = g * qb[h]
-            for h in range(Hv):
-                dvj[h] = w_low * dc_low[h]  # w in the data's dtype times dc, as torch forms it
+            if sum_kv:
+                for h in range(H):
+                    dkj[h] = g * qb[h] + w_low * dc_low[h]
+            else:
+                for h in range(H):
+                    dkj[h] = g * qb[h]
+                for h in range(Hv):
+                    dvj[h] = w_low * dc_low[h]  # w in the data's dtype times dc, as torch does
         for j in range(n, T):
-            dkj, dvj = d_k[b, j], d_v[b, j]
+            dkj = d_k[b, j]
             for h in range(H):
                 dkj[h] = zero
-            for h in range(Hv):
-                dvj[h] = zero
+            if not sum_kv:
+                dvj = d_v[b, j]
+                for h in range(Hv):
+                    dvj[h] = zero
+            if has_db:
+                d_bias[b, j] = zero
 
 
 # --------------------------------------------------------------------------------------------
-# many queries: fused softmax between BLAS products
+# many queries and heads: fused softmax between BLAS products
 #
 # Serial on purpose: these run between two multi-threaded OpenBLAS products, and a parallel
 # region's OpenMP workers keep spinning after it and take the cores from OpenBLAS. At
@@ -237,56 +296,69 @@ def _single_backward(q, k, v, lengths, scale, stats, context64, d_context64, d_w
 
 
 @njit(**JIT)
-def _softmax_rows(s, lengths, scale, stats):
-    """In place over s [B, Tq, Tk]: w = softmax(scale * s) over the first lengths[b] keys,
-    exact 0 beyond; stats [B, Tq, 2] (float64) receives each row's max scaled score m and
-    l = sum_j exp(s_j - m), as the single-query forward saves them.
+def _softmax_rows(s, lengths, visible, bias, scale, stats):
+    """In place over s [B, h, Tq, Tk]: w = softmax(scale * s + bias) over the keys each row
+    sees (j < lengths[b] and visible[b, hh, i, j]), exact 0 elsewhere; stats [B, h, Tq, 2]
+    (float64) receives each row's max score m and l = sum_j exp(s_j - m). visible and bias are
+    [B, h, Tq, Tk] views (broadcast, stride 0 where the caller's arrays were).
 
-    Three vectorized passes over an L1-resident row: the max (through integer keys, see
-    `max_prefix`), exp with the sum, the normalisation. The scale is applied inside the exp
-    (scale > 0, so max(scale s) = scale max(s)). At (32, 256, 256) float32: 1.1 ms, against
-    2.3 ms with a float compare max and separate exp and sum passes.
+    Three vectorized passes over an L1-resident row after the scores are formed: the max
+    (through integer keys, see `max_prefix`), exp with the sum, the normalisation. At
+    (32, 256, 256) float32: 1.1 ms, against 2.3 ms with a float compare max and separate exp
+    and sum passes.
     """
-    B, Tq, Tk = s.shape
-    for r in range(B * Tq):
-        b, i = r // Tq, r % Tq
+    B, h, Tq, Tk = s.shape
+    for r in range(B * h * Tq):
+        b, hh, i = r // (h * Tq), (r // Tq) % h, r % Tq
         n = _clamp_length(lengths[b], Tk)
-        row = s[b, i]
+        row, seen, br = s[b, hh, i], visible[b, hh, i], bias[b, hh, i]
         zero = scale - scale
-        m = max_prefix(row, n) * scale
+        for j in range(n):
+            x = row[j] * scale + br[j]
+            row[j] = x if seen[j] else -np.inf
+        m = max_prefix(row, n)  # NaN if the row holds one
+        row[n:] = zero
+        if m == -np.inf:  # the row sees no key
+            row[:n] = zero
+            stats[b, hh, i, 0], stats[b, hh, i, 1] = m, 0.0
+            continue
         total = 0.0
         for j in range(n):
-            e = exp_nonpositive(row[j] * scale - m)  # vectorizes, unlike np.exp (scalar libm)
+            e = exp_nonpositive(row[j] - m)  # vectorizes, unlike np.exp (scalar libm)
             row[j] = e
             total += e
         inv = as_type_of(1.0 / total, zero)
         for j in range(n):
             row[j] *= inv
-        row[n:] = zero
-        stats[b, i, 0], stats[b, i, 1] = m, total
+        if total != total:  # a NaN row: NaN at the keys it sees, 0 at the others
+            for j in range(n):
+                if not seen[j]:
+                    row[j] = zero
+        stats[b, hh, i, 0], stats[b, hh, i, 1] = m, total
 
 
 @njit(**JIT)
-def _softmax_rows_backward(dw, w, d_weights, lengths, scale):
-    """In place over dw [B, Tq, Tk] (= dc v^T on entry): with dw' = dw + dW,
-    ds = w (dw' - delta) * scale, delta = sum_j w_j dw'_j (float64). The weights are at hand
-    here, so delta is taken from them, as torch does, rather than from <c, dc>: it is
-    subtracted from the same rounded dw' it was summed from. d_weights is [B, Tq, Tk], or empty
-    when absent."""
-    B, Tq, Tk = dw.shape
+def _softmax_rows_backward(dw, w, d_weights, lengths):
+    """In place over dw [B, h, Tq, Tk] (= dc v^T on entry): with dw' = dw + dW,
+    ds = w (dw' - delta), delta = sum_j w_j dw'_j (float64), exact 0 where w is 0. The weights
+    are at hand here, so delta is taken from them, as torch does, rather than from <c, dc>: it
+    is subtracted from the same rounded dw' it was summed from. d_weights is [B, h, Tq, Tk], or
+    empty when absent."""
+    B, h, Tq, Tk = dw.shape
     has_dw = d_weights.shape == dw.shape
-    for r in range(B * Tq):
-        b, i = r // Tq, r % Tq
+    for r in range(B * h * Tq):
+        b, hh, i = r // (h * Tq), (r // Tq) % h, r % Tq
         n = _clamp_length(lengths[b], Tk)
-        row, wr = dw[b, i], w[b, i]
-        zero = scale - scale
+        row, wr = dw[b, hh, i], w[b, hh, i]
+        zero = wr[0] - wr[0]
         if has_dw:
-            dwr = d_weights[b, i]
+            dwr = d_weights[b, hh, i]
             for j in range(n):
                 row[j] += dwr[j]
         d = as_type_of(dot(wr[:n], row[:n], 0.0), zero)
         for j in range(n):
-            row[j] = wr[j] * (row[j] - d) * scale
+            x = wr[j] * (row[j] - d)
+            row[j] = zero if wr[j] == zero else x
         row[n:] = zero
 
 
@@ -335,6 +407,8 @@ def _additive_backward(qa, ka, u, lengths, ds, d_qa, d_ka, d_u_rows):
                 dqi[a] = zero
             for j in range(n):
                 g = ds[b, i, j]
+                if g == zero:  # a hidden key (or no gradient): nothing to add
+                    continue
                 kj, dkj = ka[b, j], dkb[j]
                 for a in range(A):
                     e = np.tanh(qi[a] + kj[a])
@@ -350,24 +424,30 @@ def _additive_backward(qa, ka, u, lengths, ds, d_qa, d_ka, d_u_rows):
 
 class KernelAttentionCache(NamedTuple):
     """What `kernels.attention_backward` needs. The returned weights are referenced, not copied:
-    modify them in place and backward is wrong (as with numpy_ref's cache)."""
+    modify them in place and backward is wrong (as with numpy_ref's cache). Arrays are in the
+    heads layout."""
 
-    query: np.ndarray  # [B, Tq, Hq] contiguous; read for d_W (general) and d_keys
-    keys: np.ndarray  # [B, Tk, Hk] contiguous; read
-    values: np.ndarray  # [B, Tk, Hv] contiguous (the keys array itself when keys is values)
-    core_query: np.ndarray  # [B, Tq, Hk] what meets the keys: q, or q W for general; read
-    weights: np.ndarray  # [B, Tq, Tk] read by the multi-query backward and for the dW term;
+    inputs: contract.AttentionInputs  # the checked arguments (views of the caller's arrays)
+    padding: contract.Padding  # which key and query rows are not data
+    query: np.ndarray  # [B, h, Tq, Hq] contiguous, padding rows zeroed; read for d_W, d_keys
+    keys: np.ndarray  # [B, h_kv, Tk, Hk] contiguous, padding zeroed; read
+    values: np.ndarray  # [B, h_kv, Tk, Hv] contiguous (the keys array when keys is values)
+    core_query: np.ndarray  # [B, h, Tq, Hk] what meets the keys: q, or q W for general; read
+    weights: np.ndarray  # [B, h, Tq, Tk] read by the batched backward and for the dW term;
     #                      the single-query backward recomputes them from stats
-    stats: np.ndarray  # [B, Tq, 2] float64: each row's max scaled score m and
+    stats: np.ndarray  # [B, h, Tq, 2] float64: each row's max score m and
     #                    l = sum_j exp(s_j - m) (m + log l is the log-sum-exp); read (single)
     context64: np.ndarray | None  # [B, Hv] float64 context, read for delta = <c, dc> (single
-    #                               query); None on the multi-query path
+    #                               query); None on the batched path
     lengths: np.ndarray  # [B] int64, Tk where none were given
-    score: str
-    params: dict[str, np.ndarray]  # validated score params; read
-    projections: tuple[np.ndarray, np.ndarray] | None  # additive: (q W_query^T, k W_key^T)
-    scale: np.floating  # 1/sqrt(Hk) for scaled_dot, else 1, in the data's dtype
-    single_query: bool
+    visible: np.ndarray  # bool [B, h, Tq, Tk] view (broadcast): the mask, causal, bias > -inf
+    bias: np.ndarray  # [B, h, Tq, Tk] view (broadcast zeros when no bias was given)
+    projections: tuple[np.ndarray, np.ndarray] | None  # additive: (q W_query^T + b, k W_key^T)
+    fused: bool  # whether the single-query fused kernels ran
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, x.shape[-1])
 
 
 def attention_forward(
@@ -378,103 +458,158 @@ def attention_forward(
     score: str = "dot",
     params: Mapping[str, np.ndarray] | None = None,
     lengths: Any = None,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, KernelAttentionCache]:
     """Numba `numpy_ref.attention_forward`: same arguments, checks, shapes and results.
 
-    query [B, Hq] or [B, Tq, Hq]; keys [B, Tk, Hk]; values [B, Tk, Hv]; returns
-    context [B, Hv] or [B, Tq, Hv], weights [B, Tk] or [B, Tq, Tk], cache.
+    query [B, Hq], [B, Tq, Hq] or [B, h, Tq, D]; keys/values [B, Tk, H] or [B, h_kv, Tk, D];
+    returns context and weights in the query's layout, and the cache.
     """
     same = values is keys
-    query, keys, values, p, lengths = validate_attention(query, keys, values, score, params,
-                                                         lengths)
-    single = query.ndim == 2
-    dtype = query.dtype
-    q = np.ascontiguousarray(query[:, None, :] if single else query)  # [B, Tq, Hq]
-    k = np.ascontiguousarray(keys)
-    v = k if same else np.ascontiguousarray(values)
-    B, Tq, _ = q.shape
-    Tk, Hv = k.shape[1], v.shape[2]
-    lengths = np.full(B, Tk, np.int64) if lengths is None else lengths
-    scale = dtype.type(1.0 / math.sqrt(k.shape[2]) if score == "scaled_dot" else 1.0)
-    core_q = matmul_rows(q, p["W"]) if score == "general" else q
-    projections = None
-    if single and score != "additive":
-        context, weights, stats = (np.empty((B, Hv), dtype), np.empty((B, Tk), dtype),
-                                   np.empty((B, 2), np.float64))
-        context64 = np.empty((B, Hv))
-        _single_forward(core_q[:, 0], k, v, lengths, scale, context64, context, weights, stats)
-        context, weights, stats = context[:, None], weights[:, None], stats[:, None]
+    a = contract.validate_attention(query, keys, values, score, params, lengths, mask, causal,
+                                    scale, bias)
+    pad = contract.padding(a, contract.visibility(a))
+    B, h, Tq, _ = a.query.shape
+    _, h_kv, Tk, _ = a.keys.shape
+    Hv = a.values.shape[3]
+    dtype = a.query.dtype
+    p = a.params
+    fused = a.layout == "single" and score != "additive"
+    lengths = np.full(B, Tk, np.int64) if a.lengths is None else a.lengths
+    shape = (B, h, Tq, Tk)
+    visible = contract.visibility(a, with_lengths=False)
+    visible = np.broadcast_to(np.True_ if visible is None else visible, shape)
+    bias4 = np.broadcast_to(dtype.type(0) if a.bias is None else a.bias, shape)
+    scale = dtype.type(1.0 if a.scale is None else a.scale)
+    if fused:  # hidden rows are skipped, never read: no copy needed
+        q = np.ascontiguousarray(a.query)
+        k = np.ascontiguousarray(a.keys)
     else:
-        context64 = None
-        stats = np.empty((B, Tq, 2), np.float64)
+        q = np.ascontiguousarray(contract.without_padding(a.query, pad.queries))
+        k = np.ascontiguousarray(contract.without_padding(a.keys, pad.keys))
+    if same:
+        v = k
+    elif fused:
+        v = np.ascontiguousarray(a.values)
+    else:
+        v = np.ascontiguousarray(contract.without_padding(a.values, pad.keys))
+    core_q = matmul_rows(q, p["W"]) if score == "general" else q
+    projections = context64 = None
+    stats = np.empty((B, h, Tq, 2), np.float64)
+    if fused:
+        context, weights = np.empty((B, Hv), dtype), np.empty((B, Tk), dtype)
+        context64 = np.empty((B, Hv))
+        _single_forward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, visible[:, 0, 0],
+                        bias4[:, 0, 0], scale, context64, context, weights, stats[:, 0, 0])
+        context, weights = context[:, None, None], weights[:, None, None]
+    else:
+        g = h // h_kv  # query heads per kv head, stacked along Tq (see the module docstring)
         if score == "additive":
-            qa = matmul_rows(q, p["W_query"].T)  # [B, Tq, A]
+            qa = matmul_rows(q, p["W_query"].T)  # [B, h, Tq, A]
             if "b" in p:
                 qa += p["b"]
             projections = (qa, matmul_rows(k, p["W_key"].T))
-            weights = np.zeros((B, Tq, Tk), dtype)
-            _additive_scores(*projections, p["v"], lengths, weights)
+            A = qa.shape[3]
+            weights = np.zeros((B * h_kv, g * Tq, Tk), dtype)
+            _additive_scores(qa.reshape(B * h_kv, g * Tq, A),
+                             projections[1].reshape(B * h_kv, Tk, A), p["v"],
+                             np.repeat(lengths, h_kv), weights)
+            weights = weights.reshape(shape)
         else:
-            weights = core_q @ k.transpose(0, 2, 1)  # [B, Tq, Tk] scores, softmaxed in place
-        _softmax_rows(weights, lengths, scale, stats)
-        context = weights @ v
-    cache = KernelAttentionCache(q, k, v, core_q, weights, stats, context64, lengths, score, p,
-                                 projections, scale, single)
-    if single:
-        return context[:, 0], weights[:, 0], cache
-    return context, weights, cache
+            weights = (core_q.reshape(B, h_kv, g * Tq, -1) @ np.swapaxes(k, 2, 3)).reshape(shape)
+        _softmax_rows(weights, lengths, visible, bias4, scale, stats)
+        context = (weights.reshape(B, h_kv, g * Tq, Tk) @ v).reshape(B, h, Tq, Hv)
+        context = contract.without_padding(context, pad.queries)
+    cache = KernelAttentionCache(a, pad, q, k, v, core_q, weights, stats, context64, lengths,
+                                 visible, bias4, projections, fused)
+    return a.to_user(context), a.to_user(weights), cache
 
 
 def attention_backward(
-    d_context: np.ndarray, cache: KernelAttentionCache, *, d_weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Numba `numpy_ref.attention_backward`: returns d_query, d_keys, d_values, d_params."""
-    (q, k, v, core_q, w, stats, context64, lengths, score, p, projections, scale,
-     single) = _checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
-    B, Tq, Tk = w.shape
+    d_context: np.ndarray,
+    cache: KernelAttentionCache,
+    *,
+    d_weights: np.ndarray | None = None,
+    sum_kv: bool = False,
+    out: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """Numba `numpy_ref.attention_backward`: returns d_query, d_keys, d_values (None with
+    sum_kv), d_params; `out` buffers are written by the kernels themselves on the fused
+    path."""
+    (a, pad, q, k, v, core_q, w, stats, context64, lengths, visible, bias4, projections,
+     fused) = _checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
+    sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
+    B, h, Tq, Tk = w.shape
+    h_kv, Hv = k.shape[1], v.shape[3]
     dtype = w.dtype
-    dc, dW = validate_cotangents(d_context, d_weights, (B, Tq, Tk, v.shape[2]), single, dtype)
+    p, score = a.params, a.score
+    scale = dtype.type(1.0 if a.scale is None else a.scale)
+    dc, dW = contract.attention_cotangents(a, d_context, d_weights, Hv)
     dc = np.ascontiguousarray(dc)
-    # an empty array stands for "no cotangent on the weights" (the cores test its shape)
-    dW = np.zeros((1, 0, 0), dtype) if dW is None else np.ascontiguousarray(dW)
+    # an empty array stands for "no cotangent" (the cores test its shape)
     d_params: dict[str, np.ndarray] = {}
-    if single and score != "additive":
-        d_core_q = np.empty((B, core_q.shape[2]), dtype)
+    if fused:
+        d_core_q = (out[0] if out[0] is not None and score != "general"
+                    else np.empty((B, core_q.shape[3]), dtype))
         # np.empty, not np.zeros: numpy asks for huge pages on large empty arrays, while a
         # large calloc faults in 4 KiB pages, 3x slower to write here; the kernel zeroes padding
-        d_keys = np.empty(k.shape, dtype)
-        d_values = np.empty(v.shape, dtype)
-        _single_backward(core_q[:, 0], k, v, lengths, scale, stats[:, 0], context64,
-                            dc[:, 0].astype(np.float64), dW[:, 0] if dW.size else dW[0, :0],
-                            w[:, 0], d_core_q, d_keys, d_values)
-        d_core_q = d_core_q[:, None]
+        d_keys = out[1] if out[1] is not None else np.empty(k.shape[:1] + k.shape[2:], dtype)
+        d_values = (d_keys if sum_kv else out[2] if out[2] is not None
+                    else np.empty(v.shape[:1] + v.shape[2:], dtype))
+        d_bias = np.empty((B, Tk), dtype) if a.bias is not None else np.empty((0, 0), dtype)
+        dw_in = (np.ascontiguousarray(dW[:, 0, 0]) if dW is not None
+                 else np.empty((0, 0), dtype))
+        _single_backward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, visible[:, 0, 0],
+                         bias4[:, 0, 0], scale, stats[:, 0, 0], context64,
+                         dc[:, 0, 0].astype(np.float64), dw_in, w[:, 0, 0], sum_kv, d_core_q,
+                         d_keys, d_values, d_bias)
+        d_core_q, d_keys = d_core_q[:, None, None], d_keys[:, None]
+        d_values = None if sum_kv else d_values[:, None]
+        ds = d_bias[:, None, None] if a.bias is not None else None
     else:
-        ds = dc @ v.transpose(0, 2, 1)  # dw, turned into ds in place
-        _softmax_rows_backward(ds, w, dW, lengths, scale)
-        d_values = w.transpose(0, 2, 1) @ dc
+        g = h // h_kv
+        wg = w.reshape(B, h_kv, g * Tq, Tk)
+        dcg = dc.reshape(B, h_kv, g * Tq, Hv)
+        ds = (dcg @ np.swapaxes(v, 2, 3)).reshape(B, h, Tq, Tk)  # dw, made ds in place
+        dW = np.empty((0, 0, 0, 0), dtype) if dW is None else np.ascontiguousarray(dW)
+        _softmax_rows_backward(ds, w, dW, lengths)
+        d_values = np.swapaxes(wg, 2, 3) @ dcg  # [B, h_kv, Tk, Hv]: the group summed
+        dsg = ds.reshape(B, h_kv, g * Tq, Tk)
         if score == "additive":
             qa, ka = projections
-            A = qa.shape[2]
+            A = qa.shape[3]
             d_qa, d_ka = np.empty_like(qa), np.empty_like(ka)
-            d_u_rows = np.empty((B, A), dtype)
-            _additive_backward(qa, ka, p["v"], lengths, ds, d_qa, d_ka, d_u_rows)
-            d_query3 = matmul_rows(d_qa, p["W_query"])
+            d_u_rows = np.empty((B * h_kv, A), dtype)
+            _additive_backward(qa.reshape(B * h_kv, g * Tq, A), ka.reshape(B * h_kv, Tk, A),
+                               p["v"], np.repeat(lengths, h_kv), dsg.reshape(B * h_kv, g * Tq, Tk),
+                               d_qa.reshape(B * h_kv, g * Tq, A), d_ka.reshape(B * h_kv, Tk, A),
+                               d_u_rows)
+            d_query = matmul_rows(d_qa, p["W_query"])
             d_keys = matmul_rows(d_ka, p["W_key"])
-            d_params["W_query"] = d_qa.reshape(B * Tq, A).T @ q.reshape(B * Tq, -1)
-            d_params["W_key"] = d_ka.reshape(B * Tk, A).T @ k.reshape(B * Tk, -1)
+            d_params["W_query"] = _flat(d_qa).T @ _flat(q)
+            d_params["W_key"] = _flat(d_ka).T @ _flat(k)
             d_params["v"] = d_u_rows.sum(axis=0)
             if "b" in p:
-                d_params["b"] = d_qa.sum(axis=(0, 1))
+                d_params["b"] = _flat(d_qa).sum(axis=0)
             d_params = {key: d_params[key] for key in p}  # the params' own order
-            return (d_query3[:, 0] if single else d_query3), d_keys, d_values, d_params
-        d_core_q = ds @ k
-        d_keys = ds.transpose(0, 2, 1) @ core_q
-    if score == "general":  # core_q = q @ W
-        d_params["W"] = q.reshape(B * Tq, -1).T @ d_core_q.reshape(B * Tq, -1)
-        d_query3 = matmul_rows(d_core_q, p["W"].T)
-    else:
-        d_query3 = d_core_q
-    return (d_query3[:, 0] if single else d_query3), d_keys, d_values, d_params
+            d_core_q = None
+        else:
+            d_core_q = (dsg @ k).reshape(B, h, Tq, -1) * scale
+            d_keys = (np.swapaxes(dsg, 2, 3) @ core_q.reshape(B, h_kv, g * Tq, -1)) * scale
+    if d_core_q is not None:
+        if score == "general":  # core_q = q @ W
+            d_params["W"] = _flat(q).T @ _flat(d_core_q)
+            d_query = matmul_rows(d_core_q, p["W"].T)
+        else:
+            d_query = d_core_q
+    if a.bias is not None:
+        d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
+    d_query = contract.without_padding(d_query, pad.queries)
+    d_query, d_keys, d_values = contract.deliver(a, d_query, d_keys, d_values, sum_kv, out)
+    return d_query, d_keys, d_values, d_params
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +617,8 @@ def attention_backward(
 #
 # A decoder that attends step by step (Bahdanau's) calls these once per step with one query
 # per row, between BLAS products: serial kernels (see the many-query note above), numpy_ref's
-# cache types, so that either backend's backward takes either backend's cache.
+# cache types, so that either backend's backward takes either backend's cache. Heads layouts
+# go to numpy_ref's own code.
 
 
 @njit(**JIT)
@@ -538,6 +674,8 @@ def additive_scores_forward(
     [B, Tq, Tk], and numpy_ref's `AdditiveScoresCache` (e = the tanh, [B, Tq, Tk, A]).
     """
     qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
+    if qa.ndim == 4:
+        return reference.additive_scores_forward(qa, ka, v)
     single = qa.ndim == 2
     qa = np.ascontiguousarray(qa[:, None, :] if single else qa)
     ka, v = np.ascontiguousarray(ka), np.ascontiguousarray(v)
@@ -553,9 +691,13 @@ def additive_scores_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Numba `numpy_ref.additive_scores_backward`: -> (d_query_proj, d_key_proj, d_v)."""
     e, v, single = _checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
-    ds = np.ascontiguousarray(contract.like_scores("d_scores", d_scores, e, single))
-    e, v = np.ascontiguousarray(e), np.ascontiguousarray(v)
+    if e.ndim == 5:
+        return reference.additive_scores_backward(d_scores, cache)
     B, Tq, Tk, A = e.shape
+    ds = contract.like("d_scores", d_scores, (B, Tk) if single else (B, Tq, Tk), e.dtype,
+                       "the scores")
+    ds = np.ascontiguousarray(ds[:, None] if single else ds)
+    e, v = np.ascontiguousarray(e), np.ascontiguousarray(v)
     d_qa = np.empty((B, Tq, A), e.dtype)
     d_ka = np.empty((B, Tk, A), e.dtype)
     d_v64 = np.empty(A)
@@ -596,12 +738,12 @@ def _weighted_sum_single_backward(w, values, dc, d_w, d_values):
 def weighted_sum_forward(
     weights: np.ndarray, values: np.ndarray
 ) -> tuple[np.ndarray, WeightedSumCache]:
-    """Numba `numpy_ref.weighted_sum_forward`: context [B, Hv] or [B, Tq, Hv].
+    """Numba `numpy_ref.weighted_sum_forward`: context [B, Hv], [B, Tq, Hv] or [B, h, Tq, Hv].
 
     One query per row (weights [B, Tk]) is a fused loop; many queries are batched BLAS
     products, numpy_ref's own path. Returns numpy_ref's `WeightedSumCache`."""
     w, values = contract.weighted_sum(weights, values)
-    if w.ndim == 3:
+    if w.ndim > 2:
         return reference.weighted_sum_forward(w, values)
     w, values = np.ascontiguousarray(w), np.ascontiguousarray(values)
     c = np.empty((w.shape[0], values.shape[2]), w.dtype)
@@ -616,9 +758,9 @@ def weighted_sum_backward(
     w, values, single = _checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
     if not single:
         return reference.weighted_sum_backward(d_context, cache)
-    B, Tq, Tk = w.shape
-    dc, _ = validate_cotangents(d_context, None, (B, Tq, Tk, values.shape[2]), True, w.dtype)
-    dc = np.ascontiguousarray(dc[:, 0])
+    B, _, Tk = w.shape
+    dc = contract.like("d_context", d_context, (B, values.shape[2]), w.dtype, "the context")
+    dc = np.ascontiguousarray(dc)
     w, values = np.ascontiguousarray(w[:, 0]), np.ascontiguousarray(values)
     d_w = np.empty((B, Tk), w.dtype)
     d_values = np.empty(values.shape, w.dtype)
@@ -633,29 +775,38 @@ def weighted_sum_backward(
 class KernelMaskedSoftmaxCache(NamedTuple):
     """What `kernels.masked_softmax_backward` needs."""
 
-    weights: np.ndarray  # [B, Tq, Tk] contiguous softmax output; read
+    weights: np.ndarray  # [B, h, Tq, Tk] contiguous softmax output (the scores' axes, padded
+    #                      with 1s to four); read
     lengths: np.ndarray  # [B] int64
-    squeeze: bool  # whether the scores were [B, Tk]
+    shape: tuple[int, ...]  # the scores' own shape
+
+
+def _as4(x: np.ndarray) -> np.ndarray:
+    """[B, Tk] -> [B, 1, 1, Tk]; [B, Tq, Tk] -> [B, 1, Tq, Tk]; [B, h, Tq, Tk] as is."""
+    return x.reshape(x.shape[:1] + (1,) * (4 - x.ndim) + x.shape[1:])
 
 
 def masked_softmax_forward(
-    scores: np.ndarray, lengths: Any = None
+    scores: np.ndarray, lengths: Any = None, *, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, KernelMaskedSoftmaxCache]:
-    """Numba `numpy_ref.masked_softmax_forward`: scores [B, Tk] or [B, Tq, Tk] -> weights."""
-    scores, lengths = contract.masked_softmax(scores, lengths)
+    """Numba `numpy_ref.masked_softmax_forward`: scores [B, Tk], [B, Tq, Tk] or [B, h, Tq, Tk]
+    -> weights."""
+    scores, lengths, mask = contract.masked_softmax(scores, lengths, mask)
     B, Tk = scores.shape[0], scores.shape[-1]
     lengths = np.full(B, Tk, np.int64) if lengths is None else lengths
-    squeeze = scores.ndim == 2
-    w = np.array(scores[:, None, :] if squeeze else scores, order="C")  # a copy, in place below
-    _softmax_rows(w, lengths, scores.dtype.type(1.0), np.empty((*w.shape[:2], 2)))
-    return (w[:, 0] if squeeze else w), KernelMaskedSoftmaxCache(w, lengths, squeeze)
+    w = np.array(_as4(scores), order="C")  # a copy, softmaxed in place
+    seen = np.True_ if mask is None else _as4(np.broadcast_to(mask, scores.shape))
+    seen = np.broadcast_to(seen, w.shape)
+    zero = np.broadcast_to(scores.dtype.type(0), w.shape)
+    _softmax_rows(w, lengths, seen, zero, scores.dtype.type(1.0), np.empty((*w.shape[:3], 2)))
+    return w.reshape(scores.shape), KernelMaskedSoftmaxCache(w, lengths, scores.shape)
 
 
 def masked_softmax_backward(d_weights: np.ndarray, cache: KernelMaskedSoftmaxCache) -> np.ndarray:
     """Numba `numpy_ref.masked_softmax_backward`: d_scores = w * (dw - sum_j w_j dw_j)."""
-    w = _checks.cache_of(cache, KernelMaskedSoftmaxCache, "kernels.masked_softmax_forward").weights
-    d_weights = contract.like_weights("d_weights", d_weights, w[:, 0] if cache.squeeze else w)
-    dw = np.array(d_weights[:, None, :] if cache.squeeze else d_weights, order="C")
-    _softmax_rows_backward(dw, w, np.zeros((1, 0, 0), w.dtype), cache.lengths,
-                           w.dtype.type(1.0))
-    return dw[:, 0] if cache.squeeze else dw
+    w, lengths, shape = _checks.cache_of(cache, KernelMaskedSoftmaxCache,
+                                         "kernels.masked_softmax_forward")
+    d_weights = contract.like_weights("d_weights", d_weights, w.reshape(shape))
+    dw = np.array(_as4(d_weights), order="C")
+    _softmax_rows_backward(dw, w, np.empty((0, 0, 0, 0), w.dtype), lengths)
+    return dw.reshape(shape)

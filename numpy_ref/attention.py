@@ -1,66 +1,71 @@
-r"""Attention in NumPy, forward and backward by hand: four scores, one query or many, masks.
+r"""Attention in NumPy, forward and backward by hand: four scores, one query, many, or heads.
 
 Shapes
 ------
-B   batch                     Tq  query steps (1 in the single-query case)
-Tk  key steps                 Hq, Hk, Hv  query, key, value sizes
+B   batch          h, h_kv  query heads, key/value heads (h_kv divides h)
+Tq  query steps    Tk  key steps        Hq, Hk, Hv  query, key, value sizes (D with heads)
 A   width of the additive (Bahdanau) score
 
-query  q [B, Hq] (one query per row, the seed's case) or [B, Tq, Hq] (all decoder steps at
-once); keys k [B, Tk, Hk]; values v [B, Tk, Hv]. The single-query case is computed as Tq = 1.
+Three layouts, chosen by the query's rank: query [B, Hq] (one query per row, the seed's case)
+with keys [B, Tk, Hk] and values [B, Tk, Hv]; query [B, Tq, Hq] (all decoder steps at once)
+with the same keys and values; query [B, h, Tq, D] with keys/values [B, h_kv, Tk, D]
+(`F.scaled_dot_product_attention`'s layout). Every layout is computed as the last one, with
+h = h_kv = 1 (and Tq = 1) for the first two; query head i reads kv head i // (h / h_kv)
+(grouped-query attention).
 
-Forward
--------
-    s[b,i,j] = score(q[b,i], k[b,j])                                         [B, Tq, Tk]
-        "dot"        : q . k                       (needs Hq == Hk)
-        "scaled_dot" : q . k / sqrt(Hk)            (needs Hq == Hk)
-        "general"    : q^T W k = (q W) . k         W [Hq, Hk]                     (Luong)
-        "additive"   : u . tanh(W_query q + b + W_key k)            (Bahdanau, Luong "concat")
+Forward, per row b and head, for query i and key j
+--------------------------------------------------
+    s[i,j] = scale * score(q_i, k_j) + bias[i,j]                                [Tq, Tk]
+        "dot"        : q . k                      scale 1 by default         (Hq == Hk)
+        "scaled_dot" : q . k                      scale 1/sqrt(Hk) by default
+        "general"    : q^T W k = (q W) . k        W [Hq, Hk], scale 1 by default   (Luong)
+        "additive"   : u . tanh(W_query q + b + W_key k)   (Bahdanau, Luong "concat"; no scale)
                        W_query [A, Hq], W_key [A, Hk], u = params["v"] [A], optional b [A]
-    w[b,i,:] = softmax(s[b,i,:] masked to the first lengths[b] keys)         [B, Tq, Tk]
-    c[b,i]   = sum_j w[b,i,j] v[b,j]                                         [B, Tq, Hv]
+    w[i,:] = softmax of s[i,:] over the keys query i sees                       [Tq, Tk]
+    c[i]   = sum_j w[i,j] v_j                                                   [Tq, Hv]
 
-The masked softmax puts a real -inf at keys j >= lengths[b], subtracts the row max (finite: every
-row has at least one key), and exponentiates, so masked weights are exactly 0 and logits of any
-finite size (1e4 and beyond) give finite weights.
+Query i sees key j when j < lengths[b], mask[i,j] is True, j <= i (causal) and
+bias[i,j] > -inf, whichever of them are given. The masked softmax puts a real -inf at the keys
+a query does not see and subtracts the row max before exponentiating, so hidden keys weigh
+exactly 0 and scores of any finite size give finite weights; a query that sees no key at all
+gets weights 0 and context 0 (as torch's SDPA). A NaN among the visible scores makes its row
+NaN. Rows that are not data (keys no query sees, queries that see no key) are replaced by
+zeros before anything reads them, so NaN or inf there changes nothing (`numpy_ref.contract`).
 
-Attention is composed of public pairs, each with its own backward: the additive score's
-`additive_scores_forward` (the tanh and u from projected queries and keys, which a decoder
-that attends step by step calls with keys projected once), `masked_softmax_forward`, and
-`weighted_sum_forward` (the context).
+Attention is composed of public pairs, each with its own backward: the score
+(`attention_scores_*`, whose additive half `additive_scores_*` takes queries and keys already
+projected, for a decoder that attends step by step), `masked_softmax_*` and `weighted_sum_*`.
 
 Backward
 --------
 With dc = dL/dc and an optional cotangent dW on the weights:
 
-    dv       = w^T dc                                      d_values [B, Tk, Hv]
-    dw       = dc v^T + dW                                 [B, Tq, Tk]
-    ds       = w * (dw - delta),   delta[b,i] = sum_j w[b,i,j] dw[b,i,j]
-
-The last line is the softmax vector-Jacobian product: dw_j/ds_l = w_j (1[j=l] - w_l). Masked
-keys have w = 0, so ds = 0 there and nothing flows into them. When only the context has a
-cotangent (dW = 0),
+    dv    = w^T dc                                     d_values
+    dw    = dc v^T + dW
+    ds    = w * (dw - delta),   delta[i] = sum_j w[i,j] dw[i,j]        d_bias = ds (summed over
+                                                                       the axes bias broadcast)
+The softmax vector-Jacobian product: dw_j/ds_l = w_j (1[j=l] - w_l). Hidden keys have w = 0,
+so ds = 0 there and nothing flows into them. When only the context has a cotangent (dW = 0),
 
     delta = sum_j w_j (dc . v_j) = dc . sum_j w_j v_j = <dc, c>,
 
 FlashAttention-2's identity: delta needs the context, not the weights, which is what lets a
-fused kernel recompute w from a saved log-sum-exp instead of storing it. The score's own chain
-rule then gives the query and key gradients:
+fused kernel recompute w from a saved log-sum-exp instead of storing it. The score's chain rule
+then gives the query and key gradients (g = scale * ds):
 
-    dot         dq = ds k                 dk = ds^T q
-    scaled_dot  dq = ds k / sqrt(Hk)      dk = ds^T q / sqrt(Hk)
-    general     with q' = q W:  dq' = ds k,  dq = dq' W^T,  dW = sum_b,i q^T dq',  dk = ds^T q'
-    additive    qa = W_query q + b [B, Tq, A], ka = W_key k [B, Tk, A],
-                e = tanh(qa + ka) [B, Tq, Tk, A],  s = e u:
-                du = sum_b,i,j ds e,   dz = ds u (1 - e^2),
-                d_qa = sum_j dz,  d_ka = sum_i dz,  db = sum_b,i d_qa,
-                dq = d_qa W_query,   dW_query = sum d_qa^T q,
-                dk = d_ka W_key,     dW_key   = sum d_ka^T k
+    dot, scaled_dot   dq = g k                dk = g^T q
+    general           with q' = q W:  dq' = g k,  dq = dq' W^T,  dW = sum q^T dq',  dk = g^T q'
+    additive          qa = W_query q + b, ka = W_key k, e = tanh(qa + ka) [Tq, Tk, A], s = e u:
+                      du = sum_ij ds e,   dz = ds u (1 - e^2),
+                      d_qa = sum_j dz,  d_ka = sum_i dz,  db = sum d_qa,
+                      dq = d_qa W_query,  dW_query = sum d_qa^T q,
+                      dk = d_ka W_key,    dW_key = sum d_ka^T k
+
+With grouped heads, a kv head's gradients are the sums over the query heads that read it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -70,9 +75,10 @@ from numpy_ref import _checks
 from numpy_ref.contract import attention as contract
 from numpy_ref.contract.attention import SCORES
 
-__all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "MaskedSoftmaxCache",
-           "WeightedSumCache", "additive_scores_backward", "additive_scores_forward",
-           "attention_backward", "attention_forward", "masked_softmax_backward",
+__all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "AttentionScoresCache",
+           "MaskedSoftmaxCache", "WeightedSumCache", "additive_scores_backward",
+           "additive_scores_forward", "attention_backward", "attention_forward",
+           "attention_scores_backward", "attention_scores_forward", "masked_softmax_backward",
            "masked_softmax_forward", "weighted_sum_backward", "weighted_sum_forward"]
 
 
@@ -82,57 +88,9 @@ def _rows(x: np.ndarray, W: np.ndarray) -> np.ndarray:
     return (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1])
 
 
-# --------------------------------------------------------------------------------------------
-# masked softmax over the last axis
-
-
-class MaskedSoftmaxCache(NamedTuple):
-    """What `masked_softmax_backward` needs."""
-
-    weights: np.ndarray  # [B, Tk] or [B, Tq, Tk]  the softmax output; read
-
-
-def _key_mask(lengths: np.ndarray, ndim: int, Tk: int) -> np.ndarray:
-    """Boolean [B, 1, Tk] (ndim 3) or [B, Tk] (ndim 2): True where key j < lengths[b]."""
-    valid = np.arange(Tk)[None, :] < lengths[:, None]  # [B, Tk]
-    return valid[:, None, :] if ndim == 3 else valid
-
-
-def _masked_softmax(s: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    if valid is not None:
-        s = np.where(valid, s, -np.inf)  # a real -inf: exp gives exactly 0
-    e = np.exp(s - s.max(axis=-1, keepdims=True))  # the max is finite: >= 1 valid key per row
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def masked_softmax_forward(
-    scores: np.ndarray, lengths: Any = None
-) -> tuple[np.ndarray, MaskedSoftmaxCache]:
-    """Softmax over the last axis, keys at positions >= lengths[b] weighted exactly 0.
-
-    Parameters
-    ----------
-    scores : [B, Tk] or [B, Tq, Tk], float32 or float64.
-    lengths : integer [B], each in 1..Tk, or None (every key valid).
-
-    Returns
-    -------
-    weights : like scores; each row sums to 1 over its valid keys.  cache.
-    """
-    scores, lengths = contract.masked_softmax(scores, lengths)
-    valid = None if lengths is None else _key_mask(lengths, scores.ndim, scores.shape[-1])
-    w = _masked_softmax(scores, valid)
-    return w, MaskedSoftmaxCache(w)
-
-
-def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) -> np.ndarray:
-    """Backward of `masked_softmax_forward`: ``d_scores = w * (dw - sum_j w_j dw_j)``.
-
-    d_weights : like the weights. Returns d_scores, like the scores (0 at masked keys).
-    """
-    w = _checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
-    d_weights = contract.like_weights("d_weights", d_weights, w)
-    return w * (d_weights - np.sum(w * d_weights, axis=-1, keepdims=True))
+def _t(x: np.ndarray) -> np.ndarray:
+    """Swap the last two axes."""
+    return np.swapaxes(x, -1, -2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +100,7 @@ def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) ->
 class AdditiveScoresCache(NamedTuple):
     """What `additive_scores_backward` needs."""
 
-    energy: np.ndarray  # [B, Tq, Tk, A]  e = tanh(qa + ka); read
+    energy: np.ndarray  # [..., Tq, Tk, A]  e = tanh(qa + ka); read
     v: np.ndarray  # [A]  read
     single_query: bool  # whether query_proj was [B, A]
 
@@ -150,17 +108,17 @@ class AdditiveScoresCache(NamedTuple):
 def additive_scores_forward(
     query_proj: np.ndarray, key_proj: np.ndarray, v: np.ndarray
 ) -> tuple[np.ndarray, AdditiveScoresCache]:
-    """``s[b,i,j] = v . tanh(query_proj[b,i] + key_proj[b,j])``: the additive score's second
-    half, for queries and keys already projected (``W_query q + b`` and ``W_key k``).
+    """``s[..., i, j] = v . tanh(query_proj[..., i, :] + key_proj[..., j, :])``: the additive
+    score's second half, for queries and keys already projected (``W_query q + b``, ``W_key k``).
 
-    query_proj : [B, A] or [B, Tq, A].  key_proj : [B, Tk, A].  v : [A].
-    Returns scores [B, Tk] or [B, Tq, Tk], and the cache.
+    query_proj : [B, A], [B, Tq, A] or [B, h, Tq, A].  key_proj : [B, Tk, A] ([B, h, Tk, A] with
+    heads).  v : [A].  Returns scores [B, Tk], [B, Tq, Tk] or [B, h, Tq, Tk], and the cache.
     """
     qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
     single = qa.ndim == 2
-    qa = qa[:, None, :] if single else qa  # [B, Tq, A]
-    e = np.tanh(qa[:, :, None, :] + ka[:, None, :, :])  # [B, Tq, Tk, A]
-    s = e @ v  # [B, Tq, Tk]
+    qa = qa[:, None, :] if single else qa  # [..., Tq, A]
+    e = np.tanh(qa[..., :, None, :] + ka[..., None, :, :])  # [..., Tq, Tk, A]
+    s = e @ v  # [..., Tq, Tk]
     return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single)
 
 
@@ -168,13 +126,144 @@ def additive_scores_backward(
     d_scores: np.ndarray, cache: AdditiveScoresCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of `additive_scores_forward`: d_scores like the scores ->
-    (d_query_proj like query_proj, d_key_proj [B, Tk, A], d_v [A])."""
+    (d_query_proj like query_proj, d_key_proj like key_proj, d_v [A])."""
     e, v, single = _checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
-    ds = contract.like_scores("d_scores", d_scores, e, single)  # [B, Tq, Tk]
+    shape = e.shape[:-1]
+    ds = contract.like("d_scores", d_scores, (shape[0], shape[2]) if single else shape,
+                       e.dtype, "the scores")
+    ds = ds[:, None] if single else ds  # [..., Tq, Tk]
     d_z = ds[..., None] * v * (1 - e * e)  # s = tanh(z) @ v, z = qa + ka
-    d_qa, d_ka = d_z.sum(axis=2), d_z.sum(axis=1)  # [B, Tq, A], [B, Tk, A]
-    d_v = np.einsum("bij,bija->a", ds, e)
+    d_qa, d_ka = d_z.sum(axis=-2), d_z.sum(axis=-3)  # [..., Tq, A], [..., Tk, A]
+    d_v = _flat(e).T @ ds.reshape(-1)  # sum over every (row, i, j) of ds e
     return (d_qa[:, 0] if single else d_qa), d_ka, d_v
+
+
+# --------------------------------------------------------------------------------------------
+# the four scores
+
+
+class AttentionScoresCache(NamedTuple):
+    """What `attention_scores_backward` needs."""
+
+    query: np.ndarray  # [..., Tq, Hq]  read for dW (general, additive) and dk
+    keys: np.ndarray  # [..., Tk, Hk]  read for dq
+    score: str  # one of SCORES
+    params: dict[str, np.ndarray]  # the checked score params; read
+    scale: float | None  # the dot-product scores' multiplier (None for additive)
+    projected: np.ndarray | None  # general: q W [..., Tq, Hk]; None otherwise
+    energy: AdditiveScoresCache | None  # additive: the tanh layer; None otherwise
+
+
+def attention_scores_forward(
+    query: np.ndarray,
+    keys: np.ndarray,
+    *,
+    score: str = "dot",
+    params: Mapping[str, np.ndarray] | None = None,
+    scale: float | None = None,
+) -> tuple[np.ndarray, AttentionScoresCache]:
+    """The scores ``s[..., i, j] = scale * score(q_i, k_j)`` (see the module docstring).
+
+    query : [B, Tq, Hq] or [B, h, Tq, Hq].  keys : [B, Tk, Hk] or [B, h, Tk, Hk] (the query's
+    leading axes).  params, scale : as `attention_forward`.
+    Returns scores [B, Tq, Tk] or [B, h, Tq, Tk], and the cache.
+    """
+    q, k, p, scale = contract.scores(query, keys, score, params, scale)
+    projected = energy = None
+    if score in ("dot", "scaled_dot"):
+        s = (q @ _t(k)) * scale  # a Python float: float32 stays float32
+    elif score == "general":
+        projected = _rows(q, p["W"])  # q W
+        s = (projected @ _t(k)) * scale
+    else:
+        qa = _rows(q, p["W_query"].T)  # [..., Tq, A]
+        if "b" in p:
+            qa = qa + p["b"]
+        s, energy = additive_scores_forward(qa, _rows(k, p["W_key"].T), p["v"])
+    return s, AttentionScoresCache(q, k, score, p, scale, projected, energy)
+
+
+def attention_scores_backward(
+    d_scores: np.ndarray, cache: AttentionScoresCache
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Backward of `attention_scores_forward`: d_scores like the scores ->
+    (d_query like query, d_keys like keys, d_params with the params' keys)."""
+    q, k, score, p, scale, projected, energy = _checks.cache_of(
+        cache, AttentionScoresCache, "attention_scores_forward")
+    ds = contract.like("d_scores", d_scores, q.shape[:-1] + k.shape[-2:-1], q.dtype,
+                       "the scores")
+    d_params: dict[str, np.ndarray] = {}
+    if score in ("dot", "scaled_dot"):  # s = scale q k^T
+        g = ds * scale
+        return g @ k, _t(g) @ q, d_params
+    if score == "general":  # s = scale (q W) k^T
+        g = ds * scale
+        d_proj = g @ k
+        d_params["W"] = _flat(q).T @ _flat(d_proj)
+        return _rows(d_proj, p["W"].T), _t(g) @ projected, d_params
+    d_qa, d_ka, d_params["v"] = additive_scores_backward(ds, energy)  # s(q W_q^T + b, k W_k^T)
+    d_params["W_query"] = _flat(d_qa).T @ _flat(q)
+    d_params["W_key"] = _flat(d_ka).T @ _flat(k)
+    if "b" in p:
+        d_params["b"] = _flat(d_qa).sum(axis=0)
+    return _rows(d_qa, p["W_query"]), _rows(d_ka, p["W_key"]), {key: d_params[key] for key in p}
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """[..., n] -> [N, n]: every leading axis as rows."""
+    return x.reshape(-1, x.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# masked softmax over the last axis
+
+
+class MaskedSoftmaxCache(NamedTuple):
+    """What `masked_softmax_backward` needs."""
+
+    weights: np.ndarray  # like the scores: the softmax output; read
+
+
+def masked_softmax_forward(
+    scores: np.ndarray, lengths: Any = None, *, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, MaskedSoftmaxCache]:
+    """Softmax over the last axis of the keys each row sees: weight exactly 0 elsewhere.
+
+    Parameters
+    ----------
+    scores : [B, Tk], [B, Tq, Tk] or [B, h, Tq, Tk], float32 or float64 (may hold -inf).
+    lengths : integer [B], each in 1..Tk, or None: row b sees keys j < lengths[b].
+    mask : bool, broadcastable to scores (True = sees), or None.
+
+    Returns
+    -------
+    weights : like scores. A row that sees no key, or whose visible scores are all -inf, is 0.
+    cache.
+    """
+    s, lengths, mask = contract.masked_softmax(scores, lengths, mask)
+    if lengths is not None:
+        seen = np.arange(s.shape[-1]) < lengths.reshape((-1,) + (1,) * (s.ndim - 1))
+        mask = seen if mask is None else mask & seen
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)  # a real -inf: exp gives exactly 0
+    m = s.max(axis=-1, keepdims=True)  # NaN if the row holds one: the row becomes NaN
+    e = np.exp(s - np.where(m == -np.inf, 0, m))  # a row of -inf only: every e is 0
+    total = e.sum(axis=-1, keepdims=True)
+    w = e / np.where(total == 0, 1, total)
+    if mask is not None:
+        w = np.where(mask, w, 0)  # already 0, except in a row made NaN by a visible NaN
+    return w, MaskedSoftmaxCache(w)
+
+
+def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) -> np.ndarray:
+    """Backward of `masked_softmax_forward`: ``d_scores = w * (dw - sum_j w_j dw_j)``.
+
+    d_weights : like the weights. Returns d_scores, like the scores (0 where w is 0).
+    """
+    w = _checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
+    d_weights = contract.like_weights("d_weights", d_weights, w)
+    ds = w * (d_weights - np.sum(w * d_weights, axis=-1, keepdims=True))
+    return np.where(w == 0, 0, ds)  # 0 where w is, even when the row's sum is NaN
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,19 +273,20 @@ def additive_scores_backward(
 class WeightedSumCache(NamedTuple):
     """What `weighted_sum_backward` needs."""
 
-    weights: np.ndarray  # [B, Tq, Tk]  read for d_values
-    values: np.ndarray  # [B, Tk, Hv]  read for d_weights
+    weights: np.ndarray  # [..., Tq, Tk]  read for d_values
+    values: np.ndarray  # [..., Tk, Hv]  read for d_weights
     single_query: bool  # whether weights were [B, Tk]
 
 
 def weighted_sum_forward(
     weights: np.ndarray, values: np.ndarray
 ) -> tuple[np.ndarray, WeightedSumCache]:
-    """``c[b,i] = sum_j w[b,i,j] v[b,j]``: weights [B, Tk] or [B, Tq, Tk], values
-    [B, Tk, Hv] -> context [B, Hv] or [B, Tq, Hv], and the cache."""
+    """``c[..., i, :] = sum_j w[..., i, j] v[..., j, :]``: weights [B, Tk], [B, Tq, Tk] or
+    [B, h, Tq, Tk], values [B, Tk, Hv] ([B, h, Tk, Hv] with heads) -> context [B, Hv],
+    [B, Tq, Hv] or [B, h, Tq, Hv], and the cache."""
     w, values = contract.weighted_sum(weights, values)
     single = w.ndim == 2
-    w = w[:, None, :] if single else w  # [B, Tq, Tk]
+    w = w[:, None, :] if single else w  # [..., Tq, Tk]
     c = w @ values
     return (c[:, 0] if single else c), WeightedSumCache(w, values, single)
 
@@ -205,13 +295,14 @@ def weighted_sum_backward(
     d_context: np.ndarray, cache: WeightedSumCache
 ) -> tuple[np.ndarray, np.ndarray]:
     """Backward of `weighted_sum_forward`: d_context like the context ->
-    (d_weights like the weights, d_values [B, Tk, Hv])."""
+    (d_weights like the weights, d_values like the values)."""
     w, values, single = _checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
-    B, Tq, Tk = w.shape
-    dc, _ = contract.validate_cotangents(d_context, None, (B, Tq, Tk, values.shape[2]), single,
-                                         w.dtype)
-    d_w = dc @ values.transpose(0, 2, 1)  # c = w @ v
-    d_values = w.transpose(0, 2, 1) @ dc
+    shape = w.shape[:-1] + values.shape[-1:]
+    dc = contract.like("d_context", d_context, (shape[0], shape[2]) if single else shape,
+                       w.dtype, "the context")
+    dc = dc[:, None] if single else dc
+    d_w = dc @ _t(values)  # c = w @ v
+    d_values = _t(w) @ dc
     return (d_w[:, 0] if single else d_w), d_values
 
 
@@ -220,17 +311,25 @@ def weighted_sum_backward(
 
 
 class AttentionCache(NamedTuple):
-    """Everything `attention_backward` needs from one `attention_forward` call."""
+    """Everything `attention_backward` needs from one `attention_forward` call. Arrays are in
+    the heads layout [B, h, Tq, ...] whatever the caller's (see `inputs.layout`)."""
 
-    query: np.ndarray  # [B, Tq, Hq]  the query (Tq = 1 when single); read for dW / dk
-    keys: np.ndarray  # [B, Tk, Hk]  read for dq
-    softmax: MaskedSoftmaxCache  # the weights [B, Tq, Tk]; read
+    inputs: contract.AttentionInputs  # the checked arguments (views; padding not removed)
+    padding: contract.Padding  # which key and query rows are not data
+    scores: AttentionScoresCache  # q and k (kv heads repeated per query head); read
+    softmax: MaskedSoftmaxCache  # the weights [B, h, Tq, Tk]; read
     context: WeightedSumCache  # the weights and values; read
-    score: str  # one of SCORES
-    params: dict[str, np.ndarray]  # the validated score params ({} for dot, scaled_dot); read
-    projected: np.ndarray | None  # general: q W [B, Tq, Hk]; None otherwise
-    energy: AdditiveScoresCache | None  # additive: the tanh layer; None otherwise
-    single_query: bool  # whether query was [B, Hq] (outputs squeezed to match)
+
+
+def _per_query_head(x: np.ndarray, group: int) -> np.ndarray:
+    """[B, h_kv, T, H] -> [B, h, T, H]: kv head g serves query heads g*group .. g*group+group-1."""
+    return x if group == 1 else np.repeat(x, group, axis=1)
+
+
+def _per_kv_head(d: np.ndarray, group: int) -> np.ndarray:
+    """The adjoint of `_per_query_head`: [B, h, T, H] -> [B, h_kv, T, H], summed per group."""
+    B, h, T, H = d.shape
+    return d if group == 1 else d.reshape(B, h // group, group, T, H).sum(axis=2)
 
 
 def attention_forward(
@@ -241,93 +340,91 @@ def attention_forward(
     score: str = "dot",
     params: Mapping[str, np.ndarray] | None = None,
     lengths: Any = None,
+    mask: np.ndarray | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, AttentionCache]:
     """Attention: scores -> masked softmax over keys -> weighted sum of values.
 
     Parameters
     ----------
-    query : [B, Hq] (one query per row) or [B, Tq, Hq].
-    keys : [B, Tk, Hk].  values : [B, Tk, Hv] (may be the same array as keys).
+    query : [B, Hq] (one query per row), [B, Tq, Hq], or [B, h, Tq, D] (heads).
+    keys : [B, Tk, Hk], or [B, h_kv, Tk, D] with heads (h_kv divides h).
+    values : like keys with its own last size Hv (may be the same array as keys).
     score : "dot", "scaled_dot", "general" or "additive" (see the module docstring).
     params : {"W": [Hq, Hk]} for general; {"W_query": [A, Hq], "W_key": [A, Hk], "v": [A]}
         and optionally "b": [A] for additive; None for dot and scaled_dot.
-    lengths : integer [B], each in 1..Tk, or None. Keys at j >= lengths[b] get weight 0.
+    lengths : integer [B], each in 1..Tk, or None: keys j >= lengths[b] are not input.
+    mask : bool, broadcastable to the weights' shape, True = attend (SDPA's bool attn_mask).
+    causal : query i sees keys j <= i (SDPA's is_causal).
+    scale : multiplies the dot-product scores instead of the default (1/sqrt(Hk) for
+        scaled_dot, 1 otherwise); not with additive.
+    bias : float, broadcastable to the weights' shape, added to the scaled scores (SDPA's float
+        attn_mask; -inf hides a key); its gradient is d_params["bias"].
 
     Returns
     -------
-    context : [B, Hv] or [B, Tq, Hv].  weights : [B, Tk] or [B, Tq, Tk].  cache.
+    context : [B, Hv], [B, Tq, Hv] or [B, h, Tq, Dv].  weights : [B, Tk], [B, Tq, Tk] or
+    [B, h, Tq, Tk] (0 at hidden keys; a query that sees no key has weights and context 0).
+    cache.
     """
-    query, keys, values, p, lengths = contract.validate_attention(query, keys, values, score,
-                                                                  params, lengths)
-    single = query.ndim == 2
-    q = query[:, None, :] if single else query  # [B, Tq, Hq]
-    projected = energy = None
-    if score == "dot":
-        s = q @ keys.transpose(0, 2, 1)  # [B, Tq, Tk]
-    elif score == "scaled_dot":
-        s = (q @ keys.transpose(0, 2, 1)) * (1.0 / math.sqrt(keys.shape[2]))  # float32 stays
-    elif score == "general":
-        projected = _rows(q, p["W"])  # q W [B, Tq, Hk]
-        s = projected @ keys.transpose(0, 2, 1)
-    else:
-        qa = _rows(q, p["W_query"].T)  # [B, Tq, A]
-        if "b" in p:
-            qa = qa + p["b"]
-        s, energy = additive_scores_forward(qa, _rows(keys, p["W_key"].T), p["v"])  # [B, Tq, Tk]
-    w, softmax = masked_softmax_forward(s, lengths)  # [B, Tq, Tk]
-    context, weighted = weighted_sum_forward(w, values)  # [B, Tq, Hv]
-    cache = AttentionCache(q, keys, softmax, weighted, score, p, projected, energy, single)
-    if single:
-        return context[:, 0], w[:, 0], cache
-    return context, w, cache
+    a = contract.validate_attention(query, keys, values, score, params, lengths, mask, causal,
+                                    scale, bias)
+    visible = contract.visibility(a)
+    pad = contract.padding(a, visible)
+    q = contract.without_padding(a.query, pad.queries)  # [B, h, Tq, Hq]
+    k = _per_query_head(contract.without_padding(a.keys, pad.keys), a.group)  # [B, h, Tk, Hk]
+    v = _per_query_head(contract.without_padding(a.values, pad.keys), a.group)
+    s, scores = attention_scores_forward(q, k, score=score, params=a.params, scale=a.scale)
+    if a.bias is not None:
+        s = s + a.bias
+    w, softmax = masked_softmax_forward(s, mask=visible)
+    c, weighted = weighted_sum_forward(w, v)  # [B, h, Tq, Hv]
+    c = contract.without_padding(c, pad.queries)  # 0 * (a value another query sees) may be NaN
+    cache = AttentionCache(a, pad, scores, softmax, weighted)
+    return a.to_user(c), a.to_user(w), cache
 
 
 def attention_backward(
-    d_context: np.ndarray, cache: AttentionCache, *, d_weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    d_context: np.ndarray,
+    cache: AttentionCache,
+    *,
+    d_weights: np.ndarray | None = None,
+    sum_kv: bool = False,
+    out: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
     """Backward of `attention_forward`.
 
     Parameters
     ----------
-    d_context : like the context ([B, Hv] or [B, Tq, Hv]).
-    d_weights : optional cotangent on the returned weights ([B, Tk] or [B, Tq, Tk]), for a
-        loss on the alignment itself; it adds to the gradient.
+    d_context : like the context.
+    d_weights : optional cotangent on the returned weights (like them), for a loss on the
+        alignment itself; it adds to the gradient.
+    sum_kv : return d_keys + d_values as d_keys and None as d_values (keys and values of one
+        shape, e.g. the seed's keys-is-values): one array instead of two.
+    out : optional (d_query, d_keys, d_values) buffers, each a C-contiguous array shaped like
+        the gradient or None; gradients are written there and the buffers returned. With
+        sum_kv the sum goes to out[1] and out[2] must be None.
 
     Returns
     -------
-    d_query : like query.  d_keys : [B, Tk, Hk].  d_values : [B, Tk, Hv].
-    d_params : same keys as params ({} for dot and scaled_dot).
-    d_keys and d_values come back separately even when keys is values: the caller adds them.
+    d_query : like query.  d_keys : like keys.  d_values : like values, or None with sum_kv.
+    d_params : the score params' keys ({} for dot and scaled_dot), and "bias" (bias's shape)
+    when a bias was given.
     """
-    q, k, softmax, weighted, score, p, projected, energy, single = _checks.cache_of(
-        cache, AttentionCache, "attention_forward")
-    B, Tq, Tk = softmax.weights.shape
-    dc, d_weights = contract.validate_cotangents(d_context, d_weights,
-                                                 (B, Tq, Tk, weighted.values.shape[2]), single,
-                                                 q.dtype)
-    dw, d_values = weighted_sum_backward(dc, weighted)  # context = w @ values
-    if d_weights is not None:
-        dw = dw + d_weights
-    ds = masked_softmax_backward(dw, softmax)  # 0 at masked keys
-
-    d_params: dict[str, np.ndarray] = {}
-    if score in ("dot", "scaled_dot"):  # s = q @ k^T (* 1/sqrt(Hk))
-        if score == "scaled_dot":
-            ds = ds * (1.0 / math.sqrt(k.shape[2]))
-        d_q = ds @ k
-        d_k = ds.transpose(0, 2, 1) @ q
-    elif score == "general":  # s = (q @ W) @ k^T
-        d_proj = ds @ k  # [B, Tq, Hk]
-        d_q = _rows(d_proj, p["W"].T)
-        d_params["W"] = q.reshape(B * Tq, -1).T @ d_proj.reshape(B * Tq, -1)
-        d_k = ds.transpose(0, 2, 1) @ projected
-    else:  # s = additive_scores(q @ W_query^T + b, k @ W_key^T)
-        d_qa, d_ka, d_params["v"] = additive_scores_backward(ds, energy)
-        d_q = _rows(d_qa, p["W_query"])
-        d_k = _rows(d_ka, p["W_key"])
-        d_params["W_query"] = d_qa.reshape(B * Tq, -1).T @ q.reshape(B * Tq, -1)
-        d_params["W_key"] = d_ka.reshape(B * Tk, -1).T @ k.reshape(B * Tk, -1)
-        if "b" in p:
-            d_params["b"] = d_qa.sum(axis=(0, 1))
-        d_params = {key: d_params[key] for key in p}  # the params' own order
-    return (d_q[:, 0] if single else d_q), d_k, d_values, d_params
+    a, pad, scores, softmax, weighted = _checks.cache_of(cache, AttentionCache,
+                                                         "attention_forward")
+    sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
+    dc, dW = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])
+    dw, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
+    if dW is not None:
+        dw = dw + dW
+    ds = masked_softmax_backward(dw, softmax)  # 0 at hidden keys
+    d_query, d_keys, d_params = attention_scores_backward(ds, scores)
+    if a.bias is not None:  # s = scores + bias
+        d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
+    d_query = contract.without_padding(d_query, pad.queries)
+    d_keys, d_values = _per_kv_head(d_keys, a.group), _per_kv_head(d_values, a.group)
+    d_query, d_keys, d_values = contract.deliver(a, d_query, d_keys, d_values, sum_kv, out)
+    return d_query, d_keys, d_values, d_params

@@ -64,9 +64,12 @@ MIXED = r"does not match the dtype of query \(float64\)"
 CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     # ranks and types of query, keys, values
     ("query rank 1", lambda m: forward(m, query=Q[0, 0]), ValueError,
-     r"query: expected a 2-D \[B, Hq\] or 3-D \[B, Tq, Hq\] array, got shape \(4,\)"),
-    ("query rank 4", lambda m: forward(m, query=Q[None]), ValueError,
-     r"query: expected a 2-D \[B, Hq\] or 3-D \[B, Tq, Hq\] array, got shape \(1, 3, 2, 4\)"),
+     r"query: expected a 2-D \[B, Hq\] or 3-D \[B, Tq, Hq\] or 4-D \[B, h, Tq, D\] array, "
+     r"got shape \(4,\)"),
+    ("query rank 5", lambda m: forward(m, query=Q[None, None]), ValueError,
+     r"query: expected a 2-D .* array, got shape \(1, 1, 3, 2, 4\)"),
+    ("heads query with 3-D keys", lambda m: forward(m, query=Q[:, None]), ValueError,
+     r"keys: expected a 4-D array \[B, h_kv, Tk, D\], got shape \(3, 5, 4\)"),
     ("keys rank 2", lambda m: forward(m, keys=K[0]), ValueError,
      r"keys: expected a 3-D array \[B, Tk, Hk\], got shape \(5, 4\)"),
     ("keys rank 4", lambda m: forward(m, keys=K[None]), ValueError,
@@ -102,6 +105,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      r"keys: expected at least one key and one row, got shape \(0, 5, 4\)"),
     ("no query steps", lambda m: forward(m, query=Q[:, :0]), ValueError,
      r"query: expected at least one query step, got shape \(3, 0, 4\)"),
+    ("no features", lambda m: forward(m, query=Q[..., :0], keys=K[..., :0]), ValueError,
+     r"query/keys/values: every axis must be non-empty"),
     ("dot with Hq != Hk", lambda m: forward(m, query=Q[..., :3]), ValueError,
      r"query: the 'dot' score needs Hq == Hk, got query \(3, 2, 3\) and keys \(3, 5, 4\)"),
     ("scaled_dot with Hq != Hk", lambda m: forward(m, query=Q[:, 0, :3], score="scaled_dot"),
@@ -210,9 +215,10 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      r"lengths: expected shape \[B\] = \(3,\), got \(\)"),
     # masked softmax
     ("scores rank 1", lambda m: m.masked_softmax_forward(S[0]), ValueError,
-     r"scores: expected a 2-D \[B, Tk\] or 3-D \[B, Tq, Tk\] array, got shape \(5,\)"),
-    ("scores rank 4", lambda m: m.masked_softmax_forward(S[None, None]), ValueError,
-     r"scores: expected a 2-D \[B, Tk\] or 3-D \[B, Tq, Tk\] array, got shape \(1, 1, 3, 5\)"),
+     r"scores: expected a 2-D \[B, Tk\] or 3-D \[B, Tq, Tk\] or 4-D \[B, h, Tq, Tk\] array, "
+     r"got shape \(5,\)"),
+    ("scores rank 5", lambda m: m.masked_softmax_forward(S[None, None, None]), ValueError,
+     r"scores: expected a 2-D .* array, got shape \(1, 1, 1, 3, 5\)"),
     ("scores integer", lambda m: m.masked_softmax_forward(S.astype(np.int64)), TypeError,
      r"scores: expected dtype float32 or float64, got int64"),
     ("scores list", lambda m: m.masked_softmax_forward(S.tolist()), TypeError,

@@ -35,11 +35,15 @@ def run_core(q, k, v, lengths, dc, dW=None, scale=1.0):
     context64, context = np.empty((B, v.shape[2])), np.empty((B, v.shape[2]), dtype)
     weights, stats = np.empty((B, T), dtype), np.empty((B, 2))
     scale = dtype.type(scale)
-    ka._single_forward(q, k, v, lengths, scale, context64, context, weights, stats)
+    visible = np.broadcast_to(np.True_, (B, T))  # what the wrapper passes without a mask
+    bias = np.broadcast_to(dtype.type(0), (B, T))
+    ka._single_forward(q, k, v, lengths, visible, bias, scale, context64, context, weights,
+                       stats)
     d_q, d_k, d_v = (np.full_like(a, np.nan) for a in (q, k, v))
     dW = np.zeros((0, 0), dtype) if dW is None else dW
-    ka._single_backward(q, k, v, lengths, scale, stats, context64, dc.astype(np.float64), dW,
-                        weights, d_q, d_k, d_v)
+    ka._single_backward(q, k, v, lengths, visible, bias, scale, stats, context64,
+                        dc.astype(np.float64), dW, weights, False, d_q, d_k, d_v,
+                        np.empty((0, 0), dtype))
     return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
             "d_values": d_v}
 
@@ -181,9 +185,10 @@ def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None
     want = run_core(q, k, v, clamped, dc)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    s = np.ones((3, 2, 8))
-    stats = np.empty((3, 2, 2))
-    ka._softmax_rows(s, bad_lengths, 1.0, stats)
+    s = np.ones((3, 1, 2, 8))
+    stats = np.empty((3, 1, 2, 2))
+    ka._softmax_rows(s, bad_lengths, np.broadcast_to(np.True_, s.shape),
+                     np.broadcast_to(0.0, s.shape), 1.0, stats)
     np.testing.assert_allclose(s.sum(axis=-1), 1.0)
 
 

@@ -1,10 +1,35 @@
-"""Validation of the attention family's arguments (see `numpy_ref.attention`); `kernels`
-calls the same functions, so both backends reject the same inputs with the same messages."""
+"""Checking and layout plumbing for the attention family (the math is in `numpy_ref.attention`).
+
+`kernels` calls the same functions, so both backends reject the same inputs with the same
+messages and agree on what is padding.
+
+Layouts. `validate_attention` turns the three public layouts into one, the heads layout
+[B, h, Tq, H] of `F.scaled_dot_product_attention`, as views (no copy):
+
+    query [B, Hq]        -> [B, 1, 1, Hq]    keys/values [B, Tk, H] -> [B, 1, Tk, H]
+    query [B, Tq, Hq]    -> [B, 1, Tq, Hq]   keys/values [B, Tk, H] -> [B, 1, Tk, H]
+    query [B, h, Tq, D]  -> itself           keys/values [B, h_kv, Tk, D] -> themselves
+
+`AttentionInputs.to_user` / `from_user` convert a [B, h, Tq, X] array of the common layout
+back to the caller's, and the reverse.
+
+Visibility. Query i of head hh in row b sees key j when every given condition holds:
+j < lengths[b]; mask[..., i, j] (True = attend); j <= i when causal; bias[..., i, j] != -inf.
+`visibility` combines them into one boolean array broadcastable to [B, h, Tq, Tk] (None when
+every key is visible), materialising only the axes some condition varies along.
+
+Padding. A key/value row that no query of any head in its group may see is padding, and so is a
+query row that sees no key: whatever they hold (NaN and inf included) must not reach a result.
+`padding` finds them and `without_padding` replaces them by zeros, so a backend computes
+exactly what it computes for zero padding.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -12,30 +37,49 @@ from numpy_ref import _checks
 
 SCORES = ("dot", "scaled_dot", "general", "additive")
 
-_WEIGHT_RANKS = (("B", "Tk"), ("B", "Tq", "Tk"))
+_SCORE_RANKS = (("B", "Tk"), ("B", "Tq", "Tk"), ("B", "h", "Tq", "Tk"))
+_LAYOUTS = {2: "single", 3: "steps", 4: "heads"}
 
 
-def validate_attention(query, keys, values, score, params, lengths):
-    """Check every `attention_forward` argument; return (query, keys, values, params,
-    lengths or None), params holding only the score's own keys."""
-    query = _checks.float_array_ranks("query", query, (("B", "Hq"), ("B", "Tq", "Hq")))
-    keys = _checks.float_array("keys", keys, ("B", "Tk", "Hk"))
-    values = _checks.float_array("values", values, ("B", "Tk", "Hv"))
-    dtype = query.dtype
-    _checks.same_dtype("keys", keys, dtype, "query")
-    _checks.same_dtype("values", values, dtype, "query")
-    B, Tk, Hk = keys.shape
-    Hq = query.shape[-1]
-    if query.shape[0] != B:
-        raise ValueError(f"query: batch {query.shape[0]} does not match keys' batch {B} "
-                         f"(query {query.shape}, keys {keys.shape})")
-    if values.shape[:2] != (B, Tk):
-        raise ValueError(f"values: expected shape [B, Tk, Hv] with (B, Tk) = {(B, Tk)} from "
-                         f"keys, got {values.shape}")
-    if Tk == 0 or B == 0:
-        raise ValueError(f"keys: expected at least one key and one row, got shape {keys.shape}")
-    if query.ndim == 3 and query.shape[1] == 0:
-        raise ValueError(f"query: expected at least one query step, got shape {query.shape}")
+class AttentionInputs(NamedTuple):
+    """`attention_forward`'s arguments, checked and viewed in the heads layout."""
+
+    query: np.ndarray  # [B, h, Tq, Hq]  a view of the caller's query
+    keys: np.ndarray  # [B, h_kv, Tk, Hk]
+    values: np.ndarray  # [B, h_kv, Tk, Hv]
+    params: dict[str, np.ndarray]  # the score's own params, checked
+    lengths: np.ndarray | None  # [B] int64, each in 1..Tk
+    mask: np.ndarray | None  # bool, broadcastable to [B, h, Tq, Tk] (a view of the caller's)
+    causal: bool
+    scale: float | None  # the dot-product scores' multiplier; None for the additive score
+    bias: np.ndarray | None  # float, broadcastable to [B, h, Tq, Tk] (a view)
+    bias_shape: tuple[int, ...] | None  # the caller's bias shape, for d_params["bias"]
+    score: str  # one of SCORES
+    layout: str  # "single", "steps" or "heads": the query's rank
+    group: int  # h // h_kv: query head hh reads kv head hh // group
+
+    def to_user(self, x: np.ndarray) -> np.ndarray:
+        """[B, h, Tq, X] (common layout) -> the caller's layout: [B, X], [B, Tq, X] or as is."""
+        if self.layout == "single":
+            return x[:, 0, 0]
+        return x[:, 0] if self.layout == "steps" else x
+
+    def from_user(self, x: np.ndarray) -> np.ndarray:
+        """The caller's layout -> [B, h, Tq, X] (a view)."""
+        if self.layout == "single":
+            return x[:, None, None]
+        return x[:, None] if self.layout == "steps" else x
+
+    def weights_shape(self) -> tuple[int, ...]:
+        """The shape of the weights in the caller's layout."""
+        B, h, Tq, _ = self.query.shape
+        Tk = self.keys.shape[2]
+        return {"single": (B, Tk), "steps": (B, Tq, Tk), "heads": (B, h, Tq, Tk)}[self.layout]
+
+
+def score_params(score: Any, params: Any, Hq: int, Hk: int, dtype: np.dtype,
+                 reference: str = "query", shapes: str = "") -> dict[str, np.ndarray]:
+    """Check the params of `score` for query size Hq and key size Hk; return only its keys."""
     if score not in SCORES:
         raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
     params = {} if params is None else params
@@ -44,103 +88,359 @@ def validate_attention(query, keys, values, score, params, lengths):
     p: dict[str, np.ndarray] = {}
     if score in ("dot", "scaled_dot"):
         if Hq != Hk:
-            raise ValueError(f"query: the {score!r} score needs Hq == Hk, got query "
-                             f"{query.shape} and keys {keys.shape}")
+            raise ValueError(f"{reference}: the {score!r} score needs Hq == Hk, got "
+                             f"{shapes or f'Hq = {Hq} and Hk = {Hk}'}")
     elif score == "general":
-        p["W"] = _checks.param(params, "W", (Hq, Hk), "[Hq, Hk]", dtype, "query")
+        p["W"] = _checks.param(params, "W", (Hq, Hk), "[Hq, Hk]", dtype, reference)
     else:
         A = _checks.leading_dim(params, "W_query", 2, "[A, Hq]")
-        p["W_query"] = _checks.param(params, "W_query", (A, Hq), "[A, Hq]", dtype, "query")
-        p["W_key"] = _checks.param(params, "W_key", (A, Hk), "[A, Hk]", dtype, "query")
-        p["v"] = _checks.param(params, "v", (A,), "[A]", dtype, "query")
+        p["W_query"] = _checks.param(params, "W_query", (A, Hq), "[A, Hq]", dtype, reference)
+        p["W_key"] = _checks.param(params, "W_key", (A, Hk), "[A, Hk]", dtype, reference)
+        p["v"] = _checks.param(params, "v", (A,), "[A]", dtype, reference)
         if "b" in params:
-            p["b"] = _checks.param(params, "b", (A,), "[A]", dtype, "query")
+            p["b"] = _checks.param(params, "b", (A,), "[A]", dtype, reference)
     hint = {"dot": "no params", "scaled_dot": "no params", "general": "['W']",
             "additive": "['W_query', 'W_key', 'v'] and optionally 'b'"}[score]
     _checks.no_unexpected_keys(params, set(p), f"the {score!r} score takes {hint}")
+    return p
+
+
+def score_scale(score: str, scale: Any, Hk: int) -> float | None:
+    """The multiplier of the dot-product scores: `scale` when given, else 1/sqrt(Hk) for
+    scaled_dot and 1 for dot and general; None for additive (which takes no scale)."""
+    if score == "additive":
+        if scale is not None:
+            raise ValueError("scale: the 'additive' score takes no scale (it has its own "
+                             "weights); pass scale=None")
+        return None
+    if scale is None:
+        return 1.0 / math.sqrt(Hk) if score == "scaled_dot" else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(
+            scale):
+        raise TypeError(f"scale: expected a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _broadcastable(name: str, a: np.ndarray, shape: tuple[int, ...], labels: str) -> np.ndarray:
+    """`a` as a view broadcast to `shape`, or a ValueError naming both shapes."""
+    try:
+        return np.broadcast_to(a, shape)
+    except ValueError:
+        raise ValueError(f"{name}: shape {a.shape} does not broadcast to the weights' shape "
+                         f"{labels} = {shape}") from None
+
+
+def bool_mask(name: str, mask: Any, shape: tuple[int, ...], labels: str) -> np.ndarray:
+    """A boolean array broadcastable to `shape` (True = attend), checked."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"{name}: expected a bool numpy.ndarray broadcastable to {labels}, got "
+                        f"{type(mask).__name__}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name}: expected dtype bool (True = attend), got {mask.dtype}; a "
+                        "float mask is passed as bias=")
+    _broadcastable(name, mask, shape, labels)
+    return mask
+
+
+def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: Any,
+                       lengths: Any = None, mask: Any = None, causal: Any = False,
+                       scale: Any = None, bias: Any = None) -> AttentionInputs:
+    """Check every `attention_forward` argument; return them in the heads layout."""
+    query = _checks.float_array_ranks("query", query,
+                                      (("B", "Hq"), ("B", "Tq", "Hq"), ("B", "h", "Tq", "D")))
+    layout = _LAYOUTS[query.ndim]
+    heads = layout == "heads"
+    kv = ("B", "h_kv", "Tk") if heads else ("B", "Tk")
+    keys = _checks.float_array("keys", keys, (*kv, "D" if heads else "Hk"))
+    values = _checks.float_array("values", values, (*kv, "Dv" if heads else "Hv"))
+    dtype = query.dtype
+    _checks.same_dtype("keys", keys, dtype, "query")
+    _checks.same_dtype("values", values, dtype, "query")
+    if query.shape[0] != keys.shape[0]:
+        raise ValueError(f"query: batch {query.shape[0]} does not match keys' batch "
+                         f"{keys.shape[0]} (query {query.shape}, keys {keys.shape})")
+    if values.shape[:-1] != keys.shape[:-1]:
+        raise ValueError(f"values: expected shape [{', '.join(kv)}, {'Dv' if heads else 'Hv'}] "
+                         f"with ({', '.join(kv)}) = {keys.shape[:-1]} from keys, got "
+                         f"{values.shape}")
+    if 0 in keys.shape[:-1]:
+        raise ValueError(f"keys: expected at least one key and one row, got shape {keys.shape}")
+    if query.shape[-2] == 0 and layout != "single":
+        raise ValueError(f"query: expected at least one query step, got shape {query.shape}")
+    if 0 in query.shape or 0 in keys.shape or 0 in values.shape:
+        raise ValueError(f"query/keys/values: every axis must be non-empty, got query "
+                         f"{query.shape}, keys {keys.shape}, values {values.shape}")
+    if heads and query.shape[1] % keys.shape[1]:
+        raise ValueError(f"keys: the query's {query.shape[1]} heads must be a multiple of the "
+                         f"keys' {keys.shape[1]} heads (grouped-query attention: query head i "
+                         "reads kv head i // (h / h_kv))")
+    p = score_params(score, params, query.shape[-1], keys.shape[-1], dtype,
+                     shapes=f"query {query.shape} and keys {keys.shape}")
+    scale = score_scale(score, scale, keys.shape[-1])
     if lengths is not None:
-        lengths = _checks.lengths_array(lengths, B, Tk)
-    return query, keys, values, p, lengths
+        lengths = _checks.lengths_array(lengths, keys.shape[0], keys.shape[-2])
+    if not heads:
+        query = query[:, None, None] if layout == "single" else query[:, None]
+        keys, values = keys[:, None], values[:, None]
+    B, h, Tq, _ = query.shape
+    h_kv, Tk = keys.shape[1:3]
+    weights = {"single": (B, Tk), "steps": (B, Tq, Tk), "heads": (B, h, Tq, Tk)}[layout]
+    labels = {"single": "[B, Tk]", "steps": "[B, Tq, Tk]", "heads": "[B, h, Tq, Tk]"}[layout]
+    inputs = AttentionInputs(query, keys, values, p, lengths, None, bool(causal), scale, None,
+                             None, score, layout, h // h_kv)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if mask is not None:
+        mask = inputs.from_user(_broadcastable("mask", bool_mask("mask", mask, weights, labels),
+                                               weights, labels))
+    bias_shape = None
+    if bias is not None:
+        if not isinstance(bias, np.ndarray):
+            raise TypeError(f"bias: expected a float numpy.ndarray broadcastable to {labels}, "
+                            f"got {type(bias).__name__}")
+        if bias.dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"bias: expected dtype float32 or float64 (a bool mask is passed "
+                            f"as mask=), got {bias.dtype}")
+        _checks.same_dtype("bias", bias, dtype, "query")
+        bias_shape = bias.shape
+        bias = inputs.from_user(_broadcastable("bias", bias, weights, labels))
+    return inputs._replace(mask=mask, bias=bias, bias_shape=bias_shape)
 
 
-def validate_cotangents(
-    d_context: Any, d_weights: Any, sizes: tuple[int, int, int, int], single: bool,
-    dtype: np.dtype,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Check d_context (and d_weights when given) against the forward's (B, Tq, Tk, Hv).
+def _causal(Tq: int, Tk: int) -> np.ndarray:
+    """[1, 1, Tq, Tk]: query i sees keys j <= i (top-left aligned, SDPA's is_causal)."""
+    return (np.arange(Tk)[None, :] <= np.arange(Tq)[:, None])[None, None]
 
-    Returns them as [B, Tq, Hv] and [B, Tq, Tk] views (Tq = 1 for a single query).
-    """
-    B, Tq, Tk, Hv = sizes
-    labels = ("B", "Hv") if single else ("B", "Tq", "Hv")
-    d_context = _checks.float_array("d_context", d_context, labels)
-    _checks.same_dtype("d_context", d_context, dtype, "query")
-    _checks.shape_is("d_context", d_context, (B, Hv) if single else (B, Tq, Hv),
-                     f"[{', '.join(labels)}]")
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """A broadcast view reduced to its own extent: axes of stride 0 become size 1."""
+    index = tuple(slice(0, 1) if s == 0 else slice(None) for s in a.strides)
+    return a[index]
+
+
+def visibility(a: AttentionInputs, *, with_lengths: bool = True) -> np.ndarray | None:
+    """Which (query, key) pairs are visible: a bool array broadcastable to [B, h, Tq, Tk], the
+    AND of lengths (unless with_lengths is False), mask, causal and bias != -inf; None when
+    all are."""
+    _B, _h, Tq, _ = a.query.shape
+    Tk = a.keys.shape[2]
+    parts = []
+    if with_lengths and a.lengths is not None and a.lengths.min() < Tk:
+        parts.append((np.arange(Tk) < a.lengths[:, None])[:, None, None, :])
+    if a.mask is not None:
+        parts.append(_compact(a.mask))
+    if a.causal and Tk > 1:
+        parts.append(_causal(Tq, Tk))
+    if a.bias is not None:
+        finite = _compact(a.bias) != -np.inf  # NaN stays visible: it is data and propagates
+        if not finite.all():
+            parts.append(finite)
+    if not parts:
+        return None
+    visible = parts[0]
+    for part in parts[1:]:
+        visible = visible & part
+    return visible
+
+
+class Padding(NamedTuple):
+    """Rows that are not data (None: there are none)."""
+
+    keys: np.ndarray | None  # bool, broadcastable to [B, h_kv, Tk, 1]: True = a real key row
+    queries: np.ndarray | None  # bool, broadcastable to [B, h, Tq, 1]: True = sees a key
+
+
+def padding(a: AttentionInputs, visible: np.ndarray | None) -> Padding:
+    """The key/value rows no query of their group sees, and the query rows that see no key."""
+    if visible is None:
+        return Padding(None, None)
+    h_kv = a.keys.shape[1]
+    seen = visible.any(axis=2)  # [B?, h?, Tk?]: some query of that head sees key j
+    if seen.shape[1] > 1:  # one entry per query head: a kv row is real if one head sees it
+        seen = seen.reshape(seen.shape[0], h_kv, a.group, seen.shape[2]).any(axis=2)
+    keys = None if seen.all() else seen[..., None]
+    sees = visible.any(axis=3, keepdims=True)  # [B?, h?, Tq?, 1]
+    return Padding(keys, None if sees.all() else sees)
+
+
+def without_padding(x: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """`x` with the rows where `real` is False replaced by exact zeros (x itself if none)."""
+    return x if real is None else np.where(real, x, x.dtype.type(0))
+
+
+def reduce_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The adjoint of broadcasting an array of `shape` up to x.shape: sum x over the axes the
+    broadcast added or stretched, so the result has `shape`."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
+
+
+def attention_cotangents(a: AttentionInputs, d_context: Any, d_weights: Any,
+                         Hv: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check d_context (like the context) and d_weights (like the weights, or None) against the
+    forward; return them in the heads layout."""
+    B, h, Tq, _ = a.query.shape
+    Tk = a.keys.shape[2]
+    dtype = a.query.dtype
+    axes = {"single": ("B",), "steps": ("B", "Tq"), "heads": ("B", "h", "Tq")}[a.layout]
+    sizes = {"B": B, "h": h, "Tq": Tq, "Tk": Tk, "Hv": Hv}
+    d_context = _like_axes("d_context", d_context, (*axes, "Hv"), sizes, dtype)
     if d_weights is not None:
-        labels = ("B", "Tk") if single else ("B", "Tq", "Tk")
-        d_weights = _checks.float_array("d_weights", d_weights, labels)
-        _checks.same_dtype("d_weights", d_weights, dtype, "query")
-        _checks.shape_is("d_weights", d_weights, (B, Tk) if single else (B, Tq, Tk),
-                         f"[{', '.join(labels)}]")
-        d_weights = d_weights[:, None, :] if single else d_weights
-    return (d_context[:, None, :] if single else d_context), d_weights
+        d_weights = a.from_user(_like_axes("d_weights", d_weights, (*axes, "Tk"), sizes, dtype))
+    return a.from_user(d_context), d_weights
 
 
-def masked_softmax(scores: Any, lengths: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """Check `masked_softmax_forward`'s arguments; return (scores, lengths as int64 or
-    None)."""
-    scores = _checks.float_array_ranks("scores", scores, _WEIGHT_RANKS)
-    if scores.shape[-1] == 0:
-        raise ValueError(f"scores: expected at least one key (Tk >= 1), got shape {scores.shape}")
+def _like_axes(name: str, d: Any, axes: tuple[str, ...], sizes: dict[str, int],
+               dtype: np.dtype) -> np.ndarray:
+    d = _checks.float_array(name, d, axes)
+    _checks.same_dtype(name, d, dtype, "query")
+    _checks.shape_is(name, d, tuple(sizes[n] for n in axes), f"[{', '.join(axes)}]")
+    return d
+
+
+def _like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+    if not isinstance(d, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray shaped like {what} {shape}, got "
+                        f"{type(d).__name__}")
+    if d.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {d.dtype}")
+    _checks.same_dtype(name, d, dtype, "query")
+    _checks.shape_is(name, d, shape, f"like {what}")
+    return d
+
+
+def gradient_outputs(a: AttentionInputs, sum_kv: Any, out: Any) -> tuple:
+    """Check `attention_backward`'s sum_kv and out; return (sum_kv, (d_query, d_keys,
+    d_values) buffers, each an array or None). Buffers must be C-contiguous, writeable, and
+    shaped and typed like the gradient they receive."""
+    if not isinstance(sum_kv, (bool, np.bool_)):
+        raise TypeError(f"sum_kv: expected a bool, got {type(sum_kv).__name__}")
+    k_shape = a.keys.shape if a.layout == "heads" else a.keys.shape[:1] + a.keys.shape[2:]
+    v_shape = a.values.shape if a.layout == "heads" else a.values.shape[:1] + a.values.shape[2:]
+    if sum_kv and k_shape != v_shape:
+        raise ValueError(f"sum_kv: d_keys + d_values needs keys and values of one shape, got "
+                         f"keys {k_shape} and values {v_shape}")
+    q = a.query
+    q_shape = {"single": (q.shape[0], q.shape[3]), "steps": (q.shape[0], *q.shape[2:]),
+               "heads": q.shape}[a.layout]
+    if out is None:
+        return bool(sum_kv), (None, None, None)
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise TypeError("out: expected a tuple (d_query, d_keys, d_values) of arrays or None")
+    names = ("out[0] (d_query)", "out[1] (d_keys + d_values)" if sum_kv else "out[1] (d_keys)",
+             "out[2] (d_values)")
+    if sum_kv and out[2] is not None:
+        raise ValueError("out[2]: with sum_kv=True the sum goes to out[1] and out[2] must be "
+                         "None")
+    for name, buf, shape in zip(names, out, (q_shape, k_shape, v_shape), strict=True):
+        if buf is None:
+            continue
+        if not isinstance(buf, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray or None, got "
+                            f"{type(buf).__name__}")
+        _checks.same_dtype(name, buf, q.dtype, "query")
+        _checks.shape_is(name, buf, shape, "like the gradient")
+        if not (buf.flags.c_contiguous and buf.flags.writeable):
+            raise ValueError(f"{name}: expected a C-contiguous, writeable array")
+    return bool(sum_kv), tuple(out)
+
+
+def deliver(a: AttentionInputs, d_query: np.ndarray, d_keys: np.ndarray,
+            d_values: np.ndarray | None, sum_kv: bool, out: tuple) -> tuple:
+    """Gradients in the heads layout -> (d_query, d_keys, d_values) in the caller's layout,
+    summed into d_keys (d_values None) when sum_kv (d_values None on entry: d_keys already
+    holds the sum), written into the `out` buffers given (unless computed there already)."""
+    def layout_kv(x):
+        return x if x is None or a.layout == "heads" else x[:, 0]
+
+    grads = [a.to_user(d_query), layout_kv(d_keys), layout_kv(d_values)]
+    if sum_kv:
+        grads = [grads[0], grads[1] if grads[2] is None else grads[1] + grads[2], None]
+    for i, buf in enumerate(out):
+        if buf is not None and not np.shares_memory(buf, grads[i]):
+            np.copyto(buf, grads[i])
+            grads[i] = buf
+        elif buf is not None:
+            grads[i] = buf
+    return tuple(grads)
+
+
+def masked_softmax(scores: Any, lengths: Any, mask: Any) -> tuple:
+    """Check `masked_softmax_forward`'s arguments; return (scores, lengths as int64 or None,
+    mask or None)."""
+    scores = _checks.float_array_ranks("scores", scores, _SCORE_RANKS)
+    if 0 in scores.shape:
+        raise ValueError(f"scores: expected non-empty axes, got shape {scores.shape}")
     if lengths is not None:
         lengths = _checks.lengths_array(lengths, scores.shape[0], scores.shape[-1])
-    return scores, lengths
+    if mask is not None:
+        mask = bool_mask("mask", mask, scores.shape, "like the scores")
+    return scores, lengths, mask
 
 
 def like_weights(name: str, d: Any, weights: np.ndarray) -> np.ndarray:
     """A cotangent shaped and typed like the softmax weights it belongs to."""
-    d = _checks.float_array_ranks(name, d, _WEIGHT_RANKS)
+    d = _checks.float_array_ranks(name, d, _SCORE_RANKS)
     _checks.same_dtype(name, d, weights.dtype, "scores")
     _checks.shape_is(name, d, weights.shape, "like the weights")
     return d
 
 
-def like_scores(name: str, d: Any, energy: np.ndarray, single: bool) -> np.ndarray:
-    """The additive scores' cotangent: [B, Tk] (single) or [B, Tq, Tk], returned as
-    [B, Tq, Tk]; `energy` is the forward's [B, Tq, Tk, A]."""
-    B, Tq, Tk, _ = energy.shape
-    shape = (B, Tk) if single else (B, Tq, Tk)
-    d = _checks.float_array(name, d, _WEIGHT_RANKS[0] if single else _WEIGHT_RANKS[1])
-    _checks.same_dtype(name, d, energy.dtype, "query_proj")
-    _checks.shape_is(name, d, shape, "like the scores")
-    return d[:, None, :] if single else d
+def like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+    """A cotangent of exactly `shape` and `dtype` (`what` names the output it belongs to)."""
+    return _like(name, d, shape, dtype, what)
 
 
 def additive_scores(query_proj: Any, key_proj: Any, v: Any):
     """Check `additive_scores_forward`'s arguments; return them."""
-    qa = _checks.float_array_ranks("query_proj", query_proj, (("B", "A"), ("B", "Tq", "A")))
-    ka = _checks.float_array("key_proj", key_proj, ("B", "Tk", "A"))
+    qa = _checks.float_array_ranks("query_proj", query_proj,
+                                   (("B", "A"), ("B", "Tq", "A"), ("B", "h", "Tq", "A")))
+    heads = qa.ndim == 4
+    ka = _checks.float_array("key_proj", key_proj,
+                             ("B", "h", "Tk", "A") if heads else ("B", "Tk", "A"))
     v = _checks.float_array("v", v, ("A",))
     _checks.same_dtype("key_proj", ka, qa.dtype, "query_proj")
     _checks.same_dtype("v", v, qa.dtype, "query_proj")
-    B, Tk, A = ka.shape
-    if B == 0 or Tk == 0 or A == 0:
-        raise ValueError(f"key_proj: expected at least one row, key and feature, got shape "
-                         f"{ka.shape}")
-    if qa.shape[0] != B or qa.shape[-1] != A:
-        raise ValueError(f"query_proj: expected [B, A] or [B, Tq, A] with (B, A) = {(B, A)} "
-                         f"from key_proj, got {qa.shape}")
-    _checks.shape_is("v", v, (A,), "[A]")
+    if 0 in ka.shape or 0 in qa.shape:
+        raise ValueError(f"key_proj/query_proj: expected non-empty axes, got {ka.shape} and "
+                         f"{qa.shape}")
+    lead = ka.shape[:2] if heads else ka.shape[:1]
+    if qa.shape[:len(lead)] != lead or qa.shape[-1] != ka.shape[-1]:
+        raise ValueError(f"query_proj: expected the leading axes {lead} and the width "
+                         f"A = {ka.shape[-1]} of key_proj {ka.shape}, got {qa.shape}")
+    _checks.shape_is("v", v, (ka.shape[-1],), "[A]")
     return qa, ka, v
 
 
 def weighted_sum(weights: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     """Check `weighted_sum_forward`'s arguments; return them."""
-    w = _checks.float_array_ranks("weights", weights, _WEIGHT_RANKS)
-    values = _checks.float_array("values", values, ("B", "Tk", "Hv"))
+    w = _checks.float_array_ranks("weights", weights, _SCORE_RANKS)
+    heads = w.ndim == 4
+    values = _checks.float_array("values", values,
+                                 ("B", "h", "Tk", "Hv") if heads else ("B", "Tk", "Hv"))
     _checks.same_dtype("values", values, w.dtype, "weights")
-    if values.shape[:2] != (w.shape[0], w.shape[-1]):
-        raise ValueError(f"values: expected shape [B, Tk, Hv] with (B, Tk) = "
-                         f"{(w.shape[0], w.shape[-1])} from weights, got {values.shape}")
+    lead = (w.shape[:2] if heads else w.shape[:1]) + (w.shape[-1],)
+    if values.shape[:-1] != lead:
+        raise ValueError(f"values: expected leading axes {lead} (batch{', heads' * heads} and "
+                         f"Tk from weights {w.shape}), got {values.shape}")
     return w, values
+
+
+def scores(query: Any, keys: Any, score: Any, params: Any, scale: Any):
+    """Check `attention_scores_forward`'s arguments: query [..., Tq, Hq] and keys [..., Tk, Hk]
+    with the same leading axes (one or two). Return (query, keys, params, scale)."""
+    query = _checks.float_array_ranks("query", query, (("B", "Tq", "Hq"),
+                                                       ("B", "h", "Tq", "Hq")))
+    labels = ("B", "Tk", "Hk") if query.ndim == 3 else ("B", "h", "Tk", "Hk")
+    keys = _checks.float_array("keys", keys, labels)
+    _checks.same_dtype("keys", keys, query.dtype, "query")
+    if keys.shape[:-2] != query.shape[:-2]:
+        raise ValueError(f"keys: expected the query's leading axes {query.shape[:-2]}, got "
+                         f"{keys.shape}")
+    if 0 in query.shape or 0 in keys.shape:
+        raise ValueError(f"query/keys: expected non-empty axes, got {query.shape} and "
+                         f"{keys.shape}")
+    p = score_params(score, params, query.shape[-1], keys.shape[-1], query.dtype)
+    return query, keys, p, score_scale(score, scale, keys.shape[-1])
