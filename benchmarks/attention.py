@@ -132,13 +132,15 @@ def _reference(inputs: AttentionInputs, pass_: str) -> dict[str, np.ndarray]:
     return _collect_module(pass_, result)
 
 
-def _call_module(forward, backward, inputs: AttentionInputs, pass_: str) -> tuple:
-    """The timed call of a module backend: forward, and backward from the context's cotangent."""
+def _call_module(forward, backward, inputs: AttentionInputs, pass_: str,
+                 sum_kv: bool = False) -> tuple:
+    """The timed call of a module backend: forward, and backward from the context's cotangent
+    (with ``sum_kv``, asking for d_keys + d_values as one array)."""
     context, _, cache = forward(inputs.query, inputs.kv, inputs.kv, score="dot",
                                 lengths=inputs.lengths)
     if pass_ == "forward":
         return (context,)
-    d_query, d_keys, d_values, _ = backward(inputs.d_context, cache)
+    d_query, d_keys, d_values, _ = backward(inputs.d_context, cache, sum_kv=sum_kv)
     return context, d_query, d_keys, d_values
 
 
@@ -146,16 +148,19 @@ def _collect_module(pass_: str, result: tuple) -> dict[str, np.ndarray]:
     if pass_ == "forward":
         return dict(zip(FORWARD_NAMES, result, strict=True))
     context, d_query, d_keys, d_values = result
-    return dict(zip(BACKWARD_NAMES, (context, d_query, d_keys + d_values), strict=True))
+    d_kv = d_keys if d_values is None else d_keys + d_values  # None: sum_kv gave the sum
+    return dict(zip(BACKWARD_NAMES, (context, d_query, d_kv), strict=True))
 
 
-def module_backend(name: str, module: ModuleType) -> Backend:
+def module_backend(name: str, module: ModuleType, *, sum_kv: bool = False) -> Backend:
     """A CPU backend calling ``module.attention_forward`` / ``module.attention_backward``, with
-    `numpy_ref`'s signatures; unavailable (its cases skipped) while `module` lacks them."""
+    `numpy_ref`'s signatures; unavailable (its cases skipped) while `module` lacks them. With
+    ``sum_kv`` the backward returns d_keys + d_values as one array (keys is values here): one
+    write of V's size instead of two, the floor's traffic."""
 
     def prepare(inputs: AttentionInputs, pass_: str) -> Prepared:
         run = partial(_call_module, module.attention_forward, module.attention_backward,
-                      inputs, pass_)
+                      inputs, pass_, sum_kv)
         return Prepared(run=run, collect=partial(_collect_module, pass_))
 
     return Backend(name=name, op="attention", device="cpu", passes=OP_PASSES, prepare=prepare,
@@ -243,3 +248,124 @@ TORCH_BMM_CPU = _torch_backend("torch_bmm", "cpu", "bmm")
 TORCH_SDPA_CPU = _torch_backend("torch_sdpa", "cpu", "sdpa")
 TORCH_BMM_CUDA = _torch_backend("torch_bmm", "cuda", "bmm")
 TORCH_SDPA_CUDA = _torch_backend("torch_sdpa", "cuda", "sdpa")
+
+
+# --------------------------------------------------------------------------------------------
+# heads: SDPA's layout [B, h, T, D], scaled_dot, causal or not, grouped-query when h_kv < h
+
+HEADS_NAMES = ("context", "d_query", "d_keys", "d_values")
+
+
+@dataclass(frozen=True)
+class HeadsInputs:
+    """One heads-layout problem's inputs, the arrays all of one dtype."""
+
+    query: np.ndarray  # [B, h, T, D]
+    keys: np.ndarray  # [B, h_kv, T, D]
+    values: np.ndarray  # [B, h_kv, T, D]
+    causal: bool
+    d_context: np.ndarray  # [B, h, T, D]  cotangent
+
+    def astype(self, dtype: np.dtype) -> HeadsInputs:
+        return replace(self, query=self.query.astype(dtype), keys=self.keys.astype(dtype),
+                       values=self.values.astype(dtype), d_context=self.d_context.astype(dtype))
+
+
+def heads_problem(B: int, h: int, T: int, D: int, *, h_kv: int | None = None,
+                  causal: bool = False, suites: tuple[str, ...] = ("default",)) -> Problem:
+    """Self-attention in SDPA's layout: query [B, h, T, D], keys/values [B, h_kv, T, D]
+    (h_kv = h unless given: grouped-query attention), score scaled_dot, optionally causal.
+
+    GEMM-bound: the work is the full products' flops, 2 * 2*B*h*T*T*D forward and 3x that
+    forward+backward, causal or not (a causal kernel may skip the hidden half, and then reads
+    above the dense rate: the column says what a dense product would need). The floor is one
+    GEMM with the forward's flops, [B*h*T, D] @ [D, 2*T].
+    """
+    h_kv = h if h_kv is None else h_kv
+    size = f"B{B},h{h},T{T},D{D}" + (f",h_kv{h_kv}" if h_kv != h else "") + (
+        ",causal" if causal else "")
+
+    def make(dtype: np.dtype, rng: np.random.Generator) -> HeadsInputs:
+        return HeadsInputs(query=rng.standard_normal((B, h, T, D)),
+                           keys=rng.standard_normal((B, h_kv, T, D)),
+                           values=rng.standard_normal((B, h_kv, T, D)), causal=causal,
+                           d_context=rng.standard_normal((B, h, T, D))).astype(dtype)
+
+    forward_gflop = 2 * 2 * B * h * T * T * D / 1e9
+
+    def work(pass_: str, dtype: np.dtype) -> float:
+        return forward_gflop if pass_ == "forward" else 3 * forward_gflop
+
+    return Problem(op="sdpa", size=size, suites=suites, make=make,
+                   reference=lambda inputs, pass_: _heads_module(
+                       attention_forward, attention_backward, inputs.astype(np.float64), pass_),
+                   work=work, floors=dict.fromkeys(OP_PASSES, gemm_floor(B * h * T, D, 2 * T)))
+
+
+def _heads_module(forward, backward, inputs: HeadsInputs, pass_: str) -> dict[str, np.ndarray]:
+    context, _, cache = forward(inputs.query, inputs.keys, inputs.values, score="scaled_dot",
+                                causal=inputs.causal)
+    if pass_ == "forward":
+        return {"context": context}
+    d_query, d_keys, d_values, _ = backward(inputs.d_context, cache)
+    return dict(zip(HEADS_NAMES, (context, d_query, d_keys, d_values), strict=True))
+
+
+def heads_module_backend(name: str, module: ModuleType) -> Backend:
+    """``module.attention_forward/backward`` on the heads problems (CPU)."""
+
+    def prepare(inputs: HeadsInputs, pass_: str) -> Prepared:
+        run = partial(_heads_module, module.attention_forward, module.attention_backward,
+                      inputs, pass_)
+        return Prepared(run=run, collect=lambda result: result)
+
+    return Backend(name=name, op="sdpa", device="cpu", passes=OP_PASSES, prepare=prepare)
+
+
+def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str) -> Prepared:
+    """``F.scaled_dot_product_attention`` (is_causal, enable_gqa when h_kv < h) on `device`."""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    q, k, v = (torch.from_numpy(a).to(device) for a in (inputs.query, inputs.keys,
+                                                       inputs.values))
+    gqa = k.shape[1] != q.shape[1]
+
+    def attend() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=inputs.causal, enable_gqa=gqa)
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if pass_ == "forward":
+        def run() -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                context = attend()
+            synchronize()
+            return (context,)
+    else:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        d_context = torch.from_numpy(inputs.d_context).to(device)
+
+        def run() -> tuple[torch.Tensor, ...]:
+            context = attend()
+            grads = torch.autograd.grad(context, (q, k, v), d_context)
+            synchronize()
+            return (context.detach(), *grads)
+
+    def collect(result: tuple[torch.Tensor, ...]) -> Mapping[str, np.ndarray]:
+        return {k: t.cpu().numpy() for k, t in zip(HEADS_NAMES, result, strict=False)}
+
+    return Prepared(run=run, collect=collect)
+
+
+def _torch_heads_backend(device: str) -> Backend:
+    available = torch.cuda.is_available if device == "cuda" else (lambda: True)
+    return Backend(name="torch_sdpa", op="sdpa", device=device, passes=OP_PASSES,
+                   prepare=partial(_prepare_torch_heads, device=device), available=available)
+
+
+TORCH_HEADS_CPU = _torch_heads_backend("cpu")
+TORCH_HEADS_CUDA = _torch_heads_backend("cuda")

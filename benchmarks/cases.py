@@ -29,6 +29,11 @@ PROBLEMS: list[Problem] = [
     attention.attention_problem(3, 7, 5, suites=("small",)),
     attention.attention_problem(3, 7, 5, masked=True, suites=("small",)),
     attention.attention_problem(3, 7, 5, Tq=4, masked=True, suites=("small",)),
+    # Heads (SDPA's layout): plain, causal, grouped-query with 2 kv heads.
+    attention.heads_problem(8, 8, 512, 64),
+    attention.heads_problem(8, 8, 512, 64, causal=True),
+    attention.heads_problem(8, 8, 512, 64, h_kv=2),
+    attention.heads_problem(2, 4, 7, 5, h_kv=2, causal=True, suites=("small",)),
     # A training step of each model (forward, loss, backward, Adam) at a realistic size.
     training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000),
     training.training_problem("luong", B=32, T=32, E=128, H=256, V=4000),
@@ -50,6 +55,11 @@ BACKENDS: list[Backend] = [
     attention.TORCH_SDPA_CUDA,
     attention.module_backend("numpy_ref", numpy_ref),
     attention.module_backend("kernels", kernels),
+    attention.module_backend("kernels_sum_kv", kernels, sum_kv=True),
+    attention.TORCH_HEADS_CPU,
+    attention.TORCH_HEADS_CUDA,
+    attention.heads_module_backend("numpy_ref", numpy_ref),
+    attention.heads_module_backend("kernels", kernels),
     training.TORCH_CPU,
     training.TORCH_CUDA,
     training.NUMPY_REF,
@@ -58,7 +68,7 @@ BACKENDS: list[Backend] = [
 
 # op -> (backend name, device) that the "vs base" column divides by: the usual counterpart.
 BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu"),
-             "train": ("torch", "cpu")}
+             "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu")}
 
 
 def select_cases(suite: str, substring: str = "") -> list[Case]:

@@ -1,0 +1,143 @@
+"""Compile every kernel ahead of use: ``kernels.warmup()``.
+
+A Numba kernel compiles on its first call with a new combination of argument types (float32 or
+float64, contiguous or broadcast views, read-only or not), which takes about a second per
+kernel: a first attention or LSTM call of a fresh install can take tens of seconds. The
+kernels are compiled with ``cache=True``, so the machine code lands next to the sources
+(``__pycache__``) and later processes load it in milliseconds. `warmup` makes that first cost
+explicit, with a progress bar: it calls every public op of this package, forward and backward,
+in both dtypes, on tiny inputs that reach each compiled path (the fused single-query core with
+and without masks and bias, the batched path with heads and grouped queries, the additive
+score, the LSTM with lengths and projections, the layers and the optimizers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+_DTYPES = (np.float32, np.float64)
+
+
+def _attention_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
+    rng = np.random.default_rng(0)
+
+    def arr(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    B, Tq, Tk, H, A = 2, 3, 5, 4, 6
+    lengths = np.array([Tk, 2])
+    general = {"W": arr(H, H)}
+    additive = {"W_query": arr(A, H), "W_key": arr(A, H), "v": arr(A), "b": arr(A)}
+    mask = rng.random(Tk) > 0.3
+    mask[0] = True
+
+    def both(query, keys, values, **kw):
+        def run():
+            context, weights, cache = k.attention_forward(query, keys, values, **kw)
+            k.attention_backward(np.ones_like(context), cache, d_weights=np.ones_like(weights))
+            if keys.shape == values.shape:
+                k.attention_backward(np.ones_like(context), cache, sum_kv=True)
+        return run
+
+    q1, q3, kv = arr(B, H), arr(B, Tq, H), arr(B, Tk, H)
+    q4, kv4 = arr(B, 4, Tq, H), arr(B, 2, Tk, H)
+    calls = [
+        ("attention, one query", both(q1, kv, kv, lengths=lengths)),
+        ("attention, one query, mask and bias", both(q1, kv, kv, mask=mask, bias=arr(B, Tk))),
+        ("attention, one query, general", both(q1, kv, kv, score="general", params=general)),
+        ("attention, many queries", both(q3, kv, kv, lengths=lengths, causal=True)),
+        ("attention, many queries, mask and bias", both(q3, kv, kv, mask=mask,
+                                                        bias=arr(Tq, Tk))),
+        ("attention, additive", both(q3, kv, kv, score="additive", params=additive)),
+        ("attention, one query, additive", both(q1, kv, kv, score="additive",
+                                                params=additive, lengths=lengths)),
+        ("attention, heads (grouped)", both(q4, kv4, kv4, score="scaled_dot", causal=True)),
+    ]
+
+    def softmax():
+        for scores in (arr(B, Tk), arr(B, Tq, Tk)):
+            w, cache = k.masked_softmax_forward(scores, lengths)
+            k.masked_softmax_backward(np.ones_like(w), cache)
+
+    def decoder_step():
+        s, cache = k.additive_scores_forward(arr(B, A), arr(B, Tk, A), arr(A))
+        k.additive_scores_backward(np.ones_like(s), cache)
+        w, _ = k.masked_softmax_forward(s, lengths)
+        c, cache = k.weighted_sum_forward(w, kv)
+        k.weighted_sum_backward(np.ones_like(c), cache)
+
+    return [*calls, ("masked softmax", softmax), ("decoder step", decoder_step)]
+
+
+def _other_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
+    from numpy_ref import init_lstm_params
+
+    rng = np.random.default_rng(1)
+    T, B, I, H = 4, 3, 5, 6
+
+    def lstm(bidirectional: bool, proj_size: int, lengths):
+        def run():
+            params = init_lstm_params(I, H, num_layers=2, bidirectional=bidirectional,
+                                      proj_size=proj_size, rng=0, dtype=dtype)
+            x = rng.standard_normal((T, B, I)).astype(dtype)
+            out, _, cache = k.lstm_forward(x, params, num_layers=2, bidirectional=bidirectional,
+                                           lengths=lengths)
+            k.lstm_backward(np.ones_like(out), cache)
+        return run
+
+    def layers():
+        logits = rng.standard_normal((B, 7)).astype(dtype)
+        targets = np.array([1, 0, 6])
+        loss, cache = k.cross_entropy_forward(logits, targets, label_smoothing=0.1)
+        k.cross_entropy_backward(np.ones_like(loss), cache)
+        out, cache = k.embedding_forward(np.array([[0, 2], [1, 1]]), {"weight": logits})
+        k.embedding_backward(np.ones_like(out), cache)
+
+    def optimizers():
+        params = {"w": rng.standard_normal((3, 4)).astype(dtype)}
+        grads = {"w": np.ones_like(params["w"])}
+        for opt in (k.Adam(params), k.AdamW(params), k.SGD(params, lr=0.1, momentum=0.9)):
+            opt.step(grads)
+
+    return [("LSTM", lstm(False, 0, None)),
+            ("LSTM, bidirectional, lengths", lstm(True, 0, np.array([4, 2, 1]))),
+            ("LSTM, projections", lstm(True, 3, np.array([4, 2, 1]))),
+            ("cross-entropy, embedding", layers), ("optimizers", optimizers)]
+
+
+def warmup(*, progress: bool = True) -> dict[str, float]:
+    """Compile (or load from the on-disk cache) every kernel, for float32 and float64.
+
+    Parameters
+    ----------
+    progress : show a tqdm progress bar (on stderr) while compiling.
+
+    Returns
+    -------
+    seconds : {"<op>, <dtype>": seconds} of each warm-up call: a few seconds each the first time
+    on a machine, milliseconds once the cache holds them.
+    """
+    import kernels
+
+    calls = [(f"{name}, {np.dtype(dtype).name}", run) for dtype in _DTYPES
+             for name, run in _attention_calls(kernels, dtype) + _other_calls(kernels, dtype)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(calls), desc="compiling kernels", unit="op")
+    seconds: dict[str, float] = {}
+    for name, run in calls:
+        if bar is not None:
+            bar.set_postfix_str(name)
+        start = time.perf_counter()
+        run()
+        seconds[name] = time.perf_counter() - start
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return seconds
