@@ -27,6 +27,11 @@ from kernels.layers import (
     embedding_backward,
 )
 from kernels.lstm import lstm_backward, lstm_forward
+from kernels.multihead_attention import (
+    MultiheadAttentionCache,
+    multihead_attention_backward,
+    multihead_attention_forward,
+)
 from kernels.optim import SGD, Adam, AdamW, clip_grad_norm
 from kernels.reexported import (
     embedding_forward,
@@ -43,6 +48,7 @@ __all__ = [
     "KernelAttentionCache",
     "KernelCrossEntropyCache",
     "KernelMaskedSoftmaxCache",
+    "MultiheadAttentionCache",
     "additive_scores_backward",
     "additive_scores_forward",
     "attention_backward",
@@ -60,6 +66,8 @@ __all__ = [
     "lstm_forward",
     "masked_softmax_backward",
     "masked_softmax_forward",
+    "multihead_attention_backward",
+    "multihead_attention_forward",
     "weighted_sum_backward",
     "weighted_sum_forward",
 ]

@@ -54,6 +54,11 @@ from numpy_ref.models import (
     seq2seq_backward,
     seq2seq_forward,
 )
+from numpy_ref.multihead_attention import (
+    MultiheadAttentionCache,
+    multihead_attention_backward,
+    multihead_attention_forward,
+)
 from numpy_ref.optim import SGD, Adam, AdamW, clip_grad_norm
 
 __all__ = [
@@ -70,6 +75,7 @@ __all__ = [
     "LSTMCellCache",
     "LinearCache",
     "MaskedSoftmaxCache",
+    "MultiheadAttentionCache",
     "Seq2SeqCache",
     "WeightedSumCache",
     "additive_scores_backward",
@@ -97,6 +103,8 @@ __all__ = [
     "lstm_forward",
     "masked_softmax_backward",
     "masked_softmax_forward",
+    "multihead_attention_backward",
+    "multihead_attention_forward",
     "numerical_gradient",
     "seq2seq_backward",
     "seq2seq_forward",
