@@ -124,7 +124,7 @@ _BLOCK = 128  # keys per block: its rows of K (and V) stay in L2 between the blo
 
 
 @njit(**PARALLEL_JIT)
-def _single_forward(q, k, v, lengths, visible, bias, scale, context64, context, weights,
+def _single_forward(q, k, v, lengths, masked, visible, bias, scale, context64, context, weights,
                     stats):
     """q [B, H], k [B, T, H], v [B, T, Hv] -> context64 [B, Hv] (float64, kept for the
     backward), context [B, Hv], weights [B, T], stats [B, 2] (float64: each row's max score m
@@ -154,7 +154,7 @@ def _single_forward(q, k, v, lengths, visible, bias, scale, context64, context, 
             block_max = m
             for u in range(nb):
                 s = -np.inf
-                if visible[b, j0 + u]:
+                if not masked or visible[b, j0 + u]:
                     s = np.float64(dot(qb, kb[u], zero) * scale + bias[b, j0 + u])
                     if s > block_max:
                         block_max = s
@@ -176,7 +176,7 @@ def _single_forward(q, k, v, lengths, visible, bias, scale, context64, context, 
             for h in range(Hv):
                 part[h] = zero
             for u in range(nb):
-                if visible[b, j0 + u]:
+                if not masked or visible[b, j0 + u]:
                     p = as_type_of(pb[u], zero)
                     vj = vb[u]
                     for h in range(Hv):
@@ -210,8 +210,8 @@ def _single_finish(acc, cb, wb, stats_b, n, m, l, zero):
 
 
 @njit(**PARALLEL_JIT)
-def _single_backward(q, k, v, lengths, visible, bias, scale, stats, context64, d_context64,
-                     d_weights, weights, sum_kv, d_q, d_k, d_v, d_bias):
+def _single_backward(q, k, v, lengths, masked, visible, bias, scale, stats, context64,
+                     d_context64, d_weights, weights, sum_kv, d_q, d_k, d_v, d_bias):
     """One pass per row, writing d_q [B, H], d_k [B, T, H] (d_k + d_v when sum_kv, then d_v is
     not written), d_v [B, T, Hv] and, when d_bias is [B, T], the unscaled ds (every entry: the
     hidden keys get exact zeros, so the outputs may come from np.empty).
@@ -244,7 +244,7 @@ def _single_backward(q, k, v, lengths, visible, bias, scale, stats, context64, d
             dc_low[h] = as_type_of(dcb[h], zero)
         for j in range(n):
             dkj, dvj = d_k[b, j], d_v[b, j]
-            if not visible[b, j]:
+            if masked and not visible[b, j]:
                 for h in range(H):
                     dkj[h] = zero
                 if not sum_kv:
@@ -440,6 +440,7 @@ class KernelAttentionCache(NamedTuple):
     context64: np.ndarray | None  # [B, Hv] float64 context, read for delta = <c, dc> (single
     #                               query); None on the batched path
     lengths: np.ndarray  # [B] int64, Tk where none were given
+    masked: bool  # whether any key is hidden beyond lengths (else `visible` is all True)
     visible: np.ndarray  # bool [B, h, Tq, Tk] view (broadcast): the mask, causal, bias > -inf
     bias: np.ndarray  # [B, h, Tq, Tk] view (broadcast zeros when no bias was given)
     projections: tuple[np.ndarray, np.ndarray] | None  # additive: (q W_query^T + b, k W_key^T)
@@ -481,6 +482,7 @@ def attention_forward(
     lengths = np.full(B, Tk, np.int64) if a.lengths is None else a.lengths
     shape = (B, h, Tq, Tk)
     visible = contract.visibility(a, with_lengths=False)
+    masked = visible is not None  # False: the kernels need not read `visible`
     visible = np.broadcast_to(np.True_ if visible is None else visible, shape)
     bias4 = np.broadcast_to(dtype.type(0) if a.bias is None else a.bias, shape)
     scale = dtype.type(1.0 if a.scale is None else a.scale)
@@ -502,7 +504,7 @@ def attention_forward(
     if fused:
         context, weights = np.empty((B, Hv), dtype), np.empty((B, Tk), dtype)
         context64 = np.empty((B, Hv))
-        _single_forward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, visible[:, 0, 0],
+        _single_forward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, masked, visible[:, 0, 0],
                         bias4[:, 0, 0], scale, context64, context, weights, stats[:, 0, 0])
         context, weights = context[:, None, None], weights[:, None, None]
     else:
@@ -524,7 +526,7 @@ def attention_forward(
         context = (weights.reshape(B, h_kv, g * Tq, Tk) @ v).reshape(B, h, Tq, Hv)
         context = contract.without_padding(context, pad.queries)
     cache = KernelAttentionCache(a, pad, q, k, v, core_q, weights, stats, context64, lengths,
-                                 visible, bias4, projections, fused)
+                                 masked, visible, bias4, projections, fused)
     return a.to_user(context), a.to_user(weights), cache
 
 
@@ -539,7 +541,7 @@ def attention_backward(
     """Numba `numpy_ref.attention_backward`: returns d_query, d_keys, d_values (None with
     sum_kv), d_params; `out` buffers are written by the kernels themselves on the fused
     path."""
-    (a, pad, q, k, v, core_q, w, stats, context64, lengths, visible, bias4, projections,
+    (a, pad, q, k, v, core_q, w, stats, context64, lengths, masked, visible, bias4, projections,
      fused) = _checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
     B, h, Tq, Tk = w.shape
@@ -562,7 +564,7 @@ def attention_backward(
         d_bias = np.empty((B, Tk), dtype) if a.bias is not None else np.empty((0, 0), dtype)
         dw_in = (np.ascontiguousarray(dW[:, 0, 0]) if dW is not None
                  else np.empty((0, 0), dtype))
-        _single_backward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, visible[:, 0, 0],
+        _single_backward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, masked, visible[:, 0, 0],
                          bias4[:, 0, 0], scale, stats[:, 0, 0], context64,
                          dc[:, 0, 0].astype(np.float64), dw_in, w[:, 0, 0], sum_kv, d_core_q,
                          d_keys, d_values, d_bias)

@@ -37,11 +37,11 @@ def run_core(q, k, v, lengths, dc, dW=None, scale=1.0):
     scale = dtype.type(scale)
     visible = np.broadcast_to(np.True_, (B, T))  # what the wrapper passes without a mask
     bias = np.broadcast_to(dtype.type(0), (B, T))
-    ka._single_forward(q, k, v, lengths, visible, bias, scale, context64, context, weights,
+    ka._single_forward(q, k, v, lengths, False, visible, bias, scale, context64, context, weights,
                        stats)
     d_q, d_k, d_v = (np.full_like(a, np.nan) for a in (q, k, v))
     dW = np.zeros((0, 0), dtype) if dW is None else dW
-    ka._single_backward(q, k, v, lengths, visible, bias, scale, stats, context64,
+    ka._single_backward(q, k, v, lengths, False, visible, bias, scale, stats, context64,
                         dc.astype(np.float64), dW, weights, False, d_q, d_k, d_v,
                         np.empty((0, 0), dtype))
     return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
