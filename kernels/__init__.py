@@ -5,7 +5,7 @@ arguments, raises the same errors and returns the same results (to rounding) as
 ``numpy_ref.attention_forward``, and likewise for every op below. The package offers the whole
 op surface of `numpy_ref`, so a model runs on it with ``backend=kernels``: the ops it does not
 accelerate are `numpy_ref`'s own, re-exported (see `kernels.reexported`). Compilation options
-live in `kernels._config` alone.
+live in `kernels._config` alone; `kernels.warmup()` compiles every kernel ahead of use.
 """
 
 from kernels.attention import (
@@ -34,12 +34,15 @@ from kernels.multihead_attention import (
 )
 from kernels.optim import SGD, Adam, AdamW, clip_grad_norm
 from kernels.reexported import (
+    attention_scores_backward,
+    attention_scores_forward,
     embedding_forward,
     linear_backward,
     linear_forward,
     lstm_cell_backward,
     lstm_cell_forward,
 )
+from kernels.warmup import warmup
 
 __all__ = [
     "SGD",
@@ -53,6 +56,8 @@ __all__ = [
     "additive_scores_forward",
     "attention_backward",
     "attention_forward",
+    "attention_scores_backward",
+    "attention_scores_forward",
     "clip_grad_norm",
     "cross_entropy_backward",
     "cross_entropy_forward",
@@ -68,6 +73,7 @@ __all__ = [
     "masked_softmax_forward",
     "multihead_attention_backward",
     "multihead_attention_forward",
+    "warmup",
     "weighted_sum_backward",
     "weighted_sum_forward",
 ]
