@@ -29,8 +29,11 @@ Backward, walking the steps in reverse::
 
 so a bidirectional layer's d_x is one GEMM with K = 8H rather than two GEMMs and a sum.
 Padded steps (t >= lengths[b]) cost no pointwise work: the kernels pass the state through and
-write zeros. The GEMMs still run over all B rows. No step allocates: every per-step array is
-a view of a cache array or a buffer allocated once per direction.
+write zeros. The GEMMs still run over all B rows. Padding is not data: when some step is padded,
+layer 0's x is copied once with its padded steps set to 0 (`numpy_ref.contract.lstm`'s
+`without_padding`, as numpy_ref does), so NaN or inf there reaches no product (d_W_ih = da^T x
+included). No step allocates: every per-step array is a view of a cache array or a buffer
+allocated once per direction.
 
 Threads
 -------
@@ -84,13 +87,14 @@ from numba import njit
 
 from kernels._config import JIT
 from kernels._util import as_type_of, sigmoid, tanh
-from numpy_ref.lstm import (
-    LSTMCache,
-    LSTMDirectionCache,
-    _key,
+from numpy_ref.contract.lstm import (
+    padding_mask,
+    param_key,
     validate_lstm_cotangents,
     validate_lstm_inputs,
+    without_padding,
 )
+from numpy_ref.lstm import LSTMCache, LSTMDirectionCache
 
 # --------------------------------------------------------------------------------------------
 # the libm sigmoid of `_cell_forward_v1` (v2 uses `kernels._util.sigmoid` / `tanh`)
@@ -356,21 +360,21 @@ def lstm_forward(
     output [T, B, D*Ho] (or [B, T, D*Ho]), (h_n [L*D, B, Ho], c_n [L*D, B, H]), cache.
 
     The cache is a `numpy_ref.lstm.LSTMCache` with the same fields and meaning, and each
-    direction's x is C-contiguous (layer 0's a time-major copy when x was not). One difference:
-    at padded steps (t >= lengths[b]) its gates and tanh_c hold zeros, where numpy_ref holds
-    the gates computed from the padding; both backwards multiply those entries by a zero
-    cotangent, so either backward gives the same gradients from either cache.
+    direction's x is C-contiguous (layer 0's a time-major copy when x was not, or when padded
+    steps were zeroed). One difference: at padded steps (t >= lengths[b]) its gates and tanh_c
+    hold zeros, where numpy_ref holds the gates computed from the zeroed input and the carried
+    state; both backwards give padded rows an exact zero da, so either backward gives the same
+    gradients from either cache.
     """
     xt, p, H, Ho, D, h0, c0, lengths = validate_lstm_inputs(
         x, params, num_layers, bidirectional, batch_first, h0, c0, lengths, dropout)
     T, B, _ = xt.shape
     dtype = xt.dtype
-    mask = None
+    mask = padding_mask(lengths, T)  # [T, B, 1] or None
     if lengths is None:
         lengths = np.full(B, T, np.int64)
-    else:
-        mask = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]  # [T, B, 1]
-    layer_input = np.ascontiguousarray(xt)  # [T, B, In]
+    # [T, B, In]; padded steps are 0 (padding is not data: it reaches no product, d_W_ih included)
+    layer_input = np.ascontiguousarray(without_padding(xt, mask))
     h_n = np.empty((num_layers * D, B, Ho), dtype)
     c_n = np.empty((num_layers * D, B, H), dtype)
     caches: list[LSTMDirectionCache] = []
@@ -380,9 +384,9 @@ def lstm_forward(
             k = layer * D + d
             caches.append(_direction_forward(
                 layer_input, d, out, h0[k], c0[k], h_n[k], c_n[k], lengths,
-                p[_key("weight_ih", layer, d)], p[_key("weight_hh", layer, d)],
-                p[_key("bias_ih", layer, d)] + p[_key("bias_hh", layer, d)],
-                p.get(_key("weight_hr", layer, d))))
+                p[param_key("weight_ih", layer, d)], p[param_key("weight_hh", layer, d)],
+                p[param_key("bias_ih", layer, d)] + p[param_key("bias_hh", layer, d)],
+                p.get(param_key("weight_hr", layer, d))))
         layer_input = out
     output = layer_input.transpose(1, 0, 2) if batch_first else layer_input
     cache = LSTMCache(tuple(caches), p, mask, num_layers, bool(bidirectional), bool(batch_first),
@@ -457,9 +461,10 @@ def lstm_backward(
         for d in range(D):
             k = layer * D + d
             g = _direction_backward(d_layer_out, d, da, d_h_n[k], d_c_n[k], d_h0[k], d_c0[k],
-                                    cache.directions[k], cache.params[_key("weight_hh", layer, d)],
-                                    cache.params.get(_key("weight_hr", layer, d)), lengths)
-            grads.update({_key(kind, layer, d): v for kind, v in g.items()})
+                                    cache.directions[k],
+                                    cache.params[param_key("weight_hh", layer, d)],
+                                    cache.params.get(param_key("weight_hr", layer, d)), lengths)
+            grads.update({param_key(kind, layer, d): v for kind, v in g.items()})
         # a_t = x_t W_ih^T + b_ih + b_hh + ... for every direction: one product each
         x = cache.directions[layer * D].x
         In = x.shape[2]
@@ -468,10 +473,10 @@ def lstm_backward(
         d_bias = da2.sum(axis=0)
         for d in range(D):
             rows = slice(d * 4 * H, (d + 1) * 4 * H)
-            grads[_key("weight_ih", layer, d)] = d_w_ih[rows]
-            grads[_key("bias_ih", layer, d)] = d_bias[rows]
-            grads[_key("bias_hh", layer, d)] = d_bias[rows].copy()
-        w_ih = np.concatenate([cache.params[_key("weight_ih", layer, d)] for d in range(D)])
+            grads[param_key("weight_ih", layer, d)] = d_w_ih[rows]
+            grads[param_key("bias_ih", layer, d)] = d_bias[rows]
+            grads[param_key("bias_hh", layer, d)] = d_bias[rows].copy()
+        w_ih = np.concatenate([cache.params[param_key("weight_ih", layer, d)] for d in range(D)])
         d_layer_out = (da2 @ w_ih).reshape(T, B, In)  # both directions read the same input
     d_x = d_layer_out.transpose(1, 0, 2) if cache.batch_first else d_layer_out
     return d_x, {k: grads[k] for k in cache.params}, (d_h0, d_c0)

@@ -28,6 +28,14 @@ Let m_t[b] = (t < lengths[b]). A padded step leaves the state alone and outputs 
 so the forward direction's final state is the state at each row's last real step, and the
 reverse direction, walking down from T-1, keeps (h0, c0) untouched until it reaches that step.
 
+Padding is not data: the padded steps of x are replaced by zeros before anything reads them,
+
+    x_t[b] = m_t[b] ? x_t[b] : 0
+
+so whatever they hold (NaN and inf included) changes no output and no gradient, bit for bit the
+same as zero padding, and d_x is exactly 0 there. (Layers above the first read outputs, which
+are already 0 at padded steps.)
+
 Backward (backpropagation through time), one direction, walking the forward loop in reverse
 ---------------------------------------------------------------------------------------------
 Carry dh = dL/dh_t and dc = dL/dc_t (initialised from d_h_n, d_c_n). At step t:
@@ -39,6 +47,10 @@ Carry dh = dL/dh_t and dc = dL/dc_t (initialised from d_h_n, d_c_n). At step t:
     di, df, dg = dc^new * g, dc^new * c_{t-1}, dc^new * i
     da     = [di i(1-i), df f(1-f), dg (1-g^2), do o(1-o)]                 [B, 4H]
     dh     = da W_hh + dh_keep                 dc = dc^new * f + dc_keep
+
+A padded row has dh^new = dc^new = 0, so its da and dc^new * f are 0; they are set to exactly 0
+(not computed as 0 * gate), so a non-finite state carried through the padding cannot make them
+NaN.
 
 After the loop, with every step's da stacked as [T*B, 4H], the weight gradients are one matrix
 product each: dW_ih = da^T x, dW_hh = da^T h_{t-1}, db_ih = db_hh = sum(da), dx = da W_ih; what
@@ -56,7 +68,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract.lstm import (
+    padding_mask,
+    param_key,
+    param_specs,
+    validate_lstm_cell_cotangents,
+    validate_lstm_cell_inputs,
+    validate_lstm_cotangents,
+    validate_lstm_inputs,
+    validate_lstm_sizes,
+    without_padding,
+)
 
 # --------------------------------------------------------------------------------------------
 # pointwise helpers
@@ -111,31 +133,6 @@ class LSTMCellCache(NamedTuple):
     params: Mapping[str, np.ndarray]  # the weights; read
 
 
-def _hidden_size(params: Mapping[str, Any], key: str) -> int:
-    """H, read off ``params[key]`` = a weight_hh of shape [4H, Ho]."""
-    four_h = _checks.leading_dim(params, key, 2, "[4H, Ho]")
-    if four_h % 4:
-        raise ValueError(f"params[{key!r}]: expected shape [4H, Ho], got {params[key].shape}")
-    return four_h // 4
-
-
-def _cell_params(params: Mapping[str, Any], I: int, dtype: np.dtype):
-    H = _hidden_size(params, "weight_hh")
-    P = _checks.leading_dim(params, "weight_hr", 2, "[P, H]") if "weight_hr" in params else 0
-    Ho = P or H
-    p = {
-        "weight_ih": _checks.param(params, "weight_ih", (4 * H, I), "[4H, I]", dtype, "x"),
-        "weight_hh": _checks.param(params, "weight_hh", (4 * H, Ho), "[4H, Ho]", dtype, "x"),
-        "bias_ih": _checks.param(params, "bias_ih", (4 * H,), "[4H]", dtype, "x"),
-        "bias_hh": _checks.param(params, "bias_hh", (4 * H,), "[4H]", dtype, "x"),
-    }
-    if P:
-        p["weight_hr"] = _checks.param(params, "weight_hr", (P, H), "[P, H]", dtype, "x")
-    _checks.no_unexpected_keys(params, set(p), "an LSTM cell has weight_ih, weight_hh, "
-                               "bias_ih, bias_hh and optionally weight_hr")
-    return p, H, Ho
-
-
 def lstm_cell_forward(
     x: np.ndarray, h: np.ndarray, c: np.ndarray, params: Mapping[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, LSTMCellCache]:
@@ -151,14 +148,7 @@ def lstm_cell_forward(
     -------
     h_new [B, Ho], c_new [B, H], cache.
     """
-    x = _checks.float_array("x", x, ("B", "I"))
-    h = _checks.float_array("h", h, ("B", "Ho"))
-    c = _checks.float_array("c", c, ("B", "H"))
-    B, I = x.shape
-    p, H, Ho = _cell_params(params, I, x.dtype)
-    for name, a, shape, labels in (("h", h, (B, Ho), "[B, Ho]"), ("c", c, (B, H), "[B, H]")):
-        _checks.same_dtype(name, a, x.dtype, "x")
-        _checks.shape_is(name, a, shape, labels)
+    x, h, c, p, H, _ = validate_lstm_cell_inputs(x, h, c, params)
     a = x @ p["weight_ih"].T + p["bias_ih"] + p["bias_hh"] + h @ p["weight_hh"].T
     gates, c_new, tanh_c = _gates_forward(a, c)
     r = gates[:, 3 * H :] * tanh_c
@@ -180,16 +170,9 @@ def lstm_cell_backward(
     -------
     d_x [B, I], d_h [B, Ho], d_c [B, H], d_params (same keys and shapes as params).
     """
+    d_h_new, d_c_new = validate_lstm_cell_cotangents(d_h_new, d_c_new, cache)
     x, h, c, gates, tanh_c, p = cache
     H = c.shape[1]
-    d_h_new = _checks.float_array("d_h_new", d_h_new, ("B", "Ho"))
-    _checks.same_dtype("d_h_new", d_h_new, x.dtype, "x")
-    _checks.shape_is("d_h_new", d_h_new, h.shape, "[B, Ho]")
-    if d_c_new is None:
-        d_c_new = np.zeros_like(c)
-    d_c_new = _checks.float_array("d_c_new", d_c_new, ("B", "H"))
-    _checks.same_dtype("d_c_new", d_c_new, x.dtype, "x")
-    _checks.shape_is("d_c_new", d_c_new, c.shape, "[B, H]")
     grads = {}
     if "weight_hr" in p:  # h_new = r @ weight_hr.T
         r = gates[:, 3 * H :] * tanh_c
@@ -209,14 +192,10 @@ def lstm_cell_backward(
 # the full layer stack
 
 
-def _key(kind: str, layer: int, direction: int) -> str:
-    return f"{kind}_l{layer}{'_reverse' if direction else ''}"
-
-
 class LSTMDirectionCache(NamedTuple):
     """One direction of one layer: what its backward needs."""
 
-    x: np.ndarray  # [T, B, In]  this layer's input; read for d_weight_ih
+    x: np.ndarray  # [T, B, In]  this layer's input, 0 at padded steps; read for d_weight_ih
     h_prev: np.ndarray  # [T, B, Ho]  hidden state entering step t; read for d_weight_hh
     c_prev: np.ndarray  # [T, B, H]   cell state entering step t; read
     gates: np.ndarray  # [T, B, 4H]  activated gates i, f, g, o; read
@@ -251,89 +230,11 @@ def init_lstm_params(
 
     Returns a dict with `torch.nn.LSTM.state_dict()` keys, in the same order and shapes.
     """
-    for name, v, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
-                         ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
-        if not isinstance(v, (int, np.integer)) or v < low:
-            raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
-    if proj_size >= hidden_size:
-        raise ValueError(f"proj_size: expected 0 <= proj_size < hidden_size = {hidden_size}, "
-                         f"got {proj_size}")
+    validate_lstm_sizes(input_size, hidden_size, num_layers, proj_size)
     rng = np.random.default_rng(rng)
-    H, Ho, D = hidden_size, proj_size or hidden_size, 2 if bidirectional else 1
-    bound = 1.0 / np.sqrt(H)
-    shapes = {}
-    for layer in range(num_layers):
-        layer_in = input_size if layer == 0 else D * Ho
-        for d in range(D):
-            shapes[_key("weight_ih", layer, d)] = (4 * H, layer_in)
-            shapes[_key("weight_hh", layer, d)] = (4 * H, Ho)
-            shapes[_key("bias_ih", layer, d)] = (4 * H,)
-            shapes[_key("bias_hh", layer, d)] = (4 * H,)
-            if proj_size:
-                shapes[_key("weight_hr", layer, d)] = (proj_size, H)
-    return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}
-
-
-def _validate_lstm_params(params, I, num_layers, D, dtype):
-    """Check every key and shape; return (validated dict, H, P)."""
-    H = _hidden_size(params, "weight_hh_l0")
-    P = _checks.leading_dim(params, "weight_hr_l0", 2, "[P, H]") if "weight_hr_l0" in params else 0
-    Ho = P or H
-    p = {}
-    for layer in range(num_layers):
-        layer_in = I if layer == 0 else D * Ho
-        for d in range(D):
-            for kind, shape, labels in (
-                ("weight_ih", (4 * H, layer_in), "[4H, I]" if layer == 0 else "[4H, D*Ho]"),
-                ("weight_hh", (4 * H, Ho), "[4H, Ho]"),
-                ("bias_ih", (4 * H,), "[4H]"),
-                ("bias_hh", (4 * H,), "[4H]"),
-            ) + ((("weight_hr", (P, H), "[P, H]"),) if P else ()):
-                k = _key(kind, layer, d)
-                p[k] = _checks.param(params, k, shape, labels, dtype, "x")
-    _checks.no_unexpected_keys(
-        params, set(p),
-        f"they do not fit num_layers={num_layers}, bidirectional={D == 2}, "
-        f"proj_size={P} (check those options)",
-    )
-    return p, H, Ho
-
-
-def validate_lstm_inputs(x, params, num_layers, bidirectional, batch_first, h0, c0, lengths,
-                         dropout=0.0):
-    """Check every `lstm_forward` argument, in the order the errors are reported.
-
-    Returns ``(xt, p, H, Ho, D, h0, c0, lengths)``: x as a time-major view [T, B, I] (no copy),
-    the validated params (the caller's arrays, keyed as torch), the hidden and output sizes,
-    the number of directions, h0 [L*D, B, Ho] and c0 [L*D, B, H] (zeros when not given), and
-    lengths as int64 [B] or None. Shared by `kernels.lstm`, so both backends reject the same
-    inputs with the same messages.
-    """
-    if dropout != 0:
-        raise ValueError(f"dropout: inter-layer dropout is random and not part of the "
-                         f"reference; expected 0, got {dropout!r}")
-    if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
-    x = _checks.float_array("x", x, ("B", "T", "I") if batch_first else ("T", "B", "I"))
-    xt = x.transpose(1, 0, 2) if batch_first else x  # [T, B, I]
-    T, B, I = xt.shape
-    if T == 0 or B == 0:
-        raise ValueError(f"x: expected at least one step and one row, got shape {x.shape}")
-    D = 2 if bidirectional else 1
-    p, H, Ho = _validate_lstm_params(params, I, num_layers, D, x.dtype)
-    if (h0 is None) != (c0 is None):
-        raise ValueError("h0, c0: give both initial states or neither")
-    if h0 is None:
-        h0 = np.zeros((num_layers * D, B, Ho), x.dtype)
-        c0 = np.zeros((num_layers * D, B, H), x.dtype)
-    for name, a, size in (("h0", h0, "Ho"), ("c0", c0, "H")):
-        _checks.float_array(name, a, ("L*D", "B", size))
-        _checks.same_dtype(name, a, x.dtype, "x")
-        _checks.shape_is(name, a, (num_layers * D, B, Ho if size == "Ho" else H),
-                         f"[L*D, B, {size}]")
-    if lengths is not None:
-        lengths = _checks.lengths_array(lengths, B, T)
-    return xt, p, H, Ho, D, h0, c0, lengths
+    bound = 1.0 / np.sqrt(hidden_size)
+    specs = param_specs(input_size, hidden_size, proj_size, num_layers, 2 if bidirectional else 1)
+    return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s, _ in specs}
 
 
 def lstm_forward(
@@ -368,22 +269,18 @@ def lstm_forward(
     """
     xt, p, H, Ho, D, h0, c0, lengths = validate_lstm_inputs(
         x, params, num_layers, bidirectional, batch_first, h0, c0, lengths, dropout)
-    T = xt.shape[0]
-    mask = None
-    if lengths is not None:
-        mask = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]  # [T, B, 1]
-
-    layer_input = xt
+    mask = padding_mask(lengths, xt.shape[0])  # [T, B, 1] or None
+    layer_input = without_padding(xt, mask)  # padded steps are 0: padding is not data
     caches, h_n, c_n = [], [], []
     for layer in range(num_layers):
         outputs = []
         for d in range(D):
             k = layer * D + d
             out, h, c, cache = _direction_forward(
-                layer_input, h0[k], c0[k], p[_key("weight_ih", layer, d)],
-                p[_key("weight_hh", layer, d)],
-                p[_key("bias_ih", layer, d)] + p[_key("bias_hh", layer, d)],
-                p.get(_key("weight_hr", layer, d)), mask, reverse=d == 1,
+                layer_input, h0[k], c0[k], p[param_key("weight_ih", layer, d)],
+                p[param_key("weight_hh", layer, d)],
+                p[param_key("bias_ih", layer, d)] + p[param_key("bias_hh", layer, d)],
+                p.get(param_key("weight_hr", layer, d)), mask, reverse=d == 1,
             )
             outputs.append(out)
             caches.append(cache)
@@ -394,60 +291,6 @@ def lstm_forward(
     cache = LSTMCache(tuple(caches), p, mask, num_layers, bool(bidirectional),
                       bool(batch_first), H, Ho)
     return output, (np.stack(h_n), np.stack(c_n)), cache
-
-
-def _direction_forward(x, h, c, w_ih, w_hh, bias, w_hr, mask, reverse):
-    """Run one direction over x [T, B, In]; return (out [T, B, Ho], h_last, c_last, cache)."""
-    T, B, _ = x.shape
-    H, Ho = c.shape[1], h.shape[1]
-    xw = (x.reshape(T * B, -1) @ w_ih.T + bias).reshape(T, B, 4 * H)  # all steps at once
-    out = np.zeros((T, B, Ho), x.dtype)
-    h_prev = np.empty((T, B, Ho), x.dtype)
-    c_prev = np.empty((T, B, H), x.dtype)
-    gates = np.empty((T, B, 4 * H), x.dtype)
-    tanh_c = np.empty((T, B, H), x.dtype)
-    for t in range(T - 1, -1, -1) if reverse else range(T):
-        h_prev[t], c_prev[t] = h, c
-        gates[t], c_new, tanh_c[t] = _gates_forward(xw[t] + h @ w_hh.T, c)
-        h_new = gates[t, :, 3 * H :] * tanh_c[t]  # r_t
-        if w_hr is not None:
-            h_new = h_new @ w_hr.T
-        if mask is None:
-            h, c = h_new, c_new
-            out[t] = h_new
-        else:  # padded rows keep their state and output 0
-            h, c = np.where(mask[t], h_new, h), np.where(mask[t], c_new, c)
-            out[t] = np.where(mask[t], h_new, 0)
-    return out, h, c, LSTMDirectionCache(x, h_prev, c_prev, gates, tanh_c, reverse)
-
-
-def validate_lstm_cotangents(d_output, d_h_n, d_c_n, cache: LSTMCache):
-    """Check the `lstm_backward` cotangents against the forward that made `cache`.
-
-    Returns ``(d_out, d_h_n, d_c_n)``: d_output as a time-major view [T, B, D*Ho] (no copy), and
-    d_h_n [L*D, B, Ho], d_c_n [L*D, B, H] (zeros when not given). Shared by `kernels.lstm`.
-    """
-    L, D = cache.num_layers, 2 if cache.bidirectional else 1
-    first = cache.directions[0]
-    T, B, _ = first.x.shape
-    H, Ho, dtype = cache.hidden_size, cache.output_size, first.x.dtype
-    out_labels = ("B", "T", "D*Ho") if cache.batch_first else ("T", "B", "D*Ho")
-    d_output = _checks.float_array("d_output", d_output, out_labels)
-    _checks.same_dtype("d_output", d_output, dtype, "x")
-    expected = (B, T, D * Ho) if cache.batch_first else (T, B, D * Ho)
-    _checks.shape_is("d_output", d_output, expected, f"[{', '.join(out_labels)}]")
-    finals = []
-    for name, a, size in (("d_h_n", d_h_n, "Ho"), ("d_c_n", d_c_n, "H")):
-        shape = (L * D, B, Ho if size == "Ho" else H)
-        if a is None:
-            a = np.zeros(shape, dtype)
-        _checks.float_array(name, a, ("L*D", "B", size))
-        _checks.same_dtype(name, a, dtype, "x")
-        _checks.shape_is(name, a, shape, f"[L*D, B, {size}]")
-        finals.append(a)
-    d_h_n, d_c_n = finals
-    d_out = d_output.transpose(1, 0, 2) if cache.batch_first else d_output  # [T, B, D*Ho]
-    return d_out, d_h_n, d_c_n
 
 
 def lstm_backward(
@@ -482,18 +325,44 @@ def lstm_backward(
         d_x = None
         for d in range(D):
             k = layer * D + d
-            w_hr = cache.params.get(_key("weight_hr", layer, d))
+            w_hr = cache.params.get(param_key("weight_hr", layer, d))
             dx, g, d_h0[k], d_c0[k] = _direction_backward(
                 d_layer_out[:, :, d * Ho : (d + 1) * Ho], d_h_n[k], d_c_n[k],
-                cache.directions[k], cache.params[_key("weight_ih", layer, d)],
-                cache.params[_key("weight_hh", layer, d)], w_hr, cache.mask,
+                cache.directions[k], cache.params[param_key("weight_ih", layer, d)],
+                cache.params[param_key("weight_hh", layer, d)], w_hr, cache.mask,
             )
             d_x = dx if d_x is None else d_x + dx  # both directions read the same input
             for kind, v in g.items():
-                grads[_key(kind, layer, d)] = v
+                grads[param_key(kind, layer, d)] = v
         d_layer_out = d_x
     d_x = d_layer_out.transpose(1, 0, 2) if cache.batch_first else d_layer_out
     return d_x, {k: grads[k] for k in cache.params}, (d_h0, d_c0)
+
+
+def _direction_forward(x, h, c, w_ih, w_hh, bias, w_hr, mask, reverse):
+    """Run one direction over x [T, B, In] (0 at padded steps); return (out [T, B, Ho], h_last,
+    c_last, cache)."""
+    T, B, _ = x.shape
+    H, Ho = c.shape[1], h.shape[1]
+    xw = (x.reshape(T * B, -1) @ w_ih.T + bias).reshape(T, B, 4 * H)  # all steps at once
+    out = np.zeros((T, B, Ho), x.dtype)
+    h_prev = np.empty((T, B, Ho), x.dtype)
+    c_prev = np.empty((T, B, H), x.dtype)
+    gates = np.empty((T, B, 4 * H), x.dtype)
+    tanh_c = np.empty((T, B, H), x.dtype)
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        h_prev[t], c_prev[t] = h, c
+        gates[t], c_new, tanh_c[t] = _gates_forward(xw[t] + h @ w_hh.T, c)
+        h_new = gates[t, :, 3 * H :] * tanh_c[t]  # r_t
+        if w_hr is not None:
+            h_new = h_new @ w_hr.T
+        if mask is None:
+            h, c = h_new, c_new
+            out[t] = h_new
+        else:  # padded rows keep their state and output 0
+            h, c = np.where(mask[t], h_new, h), np.where(mask[t], c_new, c)
+            out[t] = np.where(mask[t], h_new, 0)
+    return out, h, c, LSTMDirectionCache(x, h_prev, c_prev, gates, tanh_c, reverse)
 
 
 def _direction_backward(d_out, d_h, d_c, cache, w_ih, w_hh, w_hr, mask):
@@ -505,18 +374,21 @@ def _direction_backward(d_out, d_h, d_c, cache, w_ih, w_hh, w_hr, mask):
     d_h_new = np.zeros((T, B, Ho), x.dtype) if w_hr is not None else None
     for t in range(T) if reverse else range(T - 1, -1, -1):  # the forward loop, backwards
         d_hn = d_out[t] + d_h  # out_t = h_t^new, and h_t = h_t^new on real steps
-        d_cn = d_c
         if mask is not None:  # h_t = m ? h_t^new : h_{t-1}, same for c
             d_hn, d_h = np.where(mask[t], d_hn, 0), np.where(mask[t], 0, d_h)
-            d_cn, d_c = np.where(mask[t], d_cn, 0), np.where(mask[t], 0, d_c)
+            d_cn = np.where(mask[t], d_c, 0)
         else:
-            d_h, d_c = 0, 0
+            d_cn, d_h = d_c, 0
         if w_hr is not None:  # h^new = r @ w_hr.T
             d_h_new[t] = d_hn
             d_hn = d_hn @ w_hr
-        da[t], d_c_prev = _gates_backward(d_hn, d_cn, gates[t], c_prev[t], tanh_c[t])
+        da_t, d_c_prev = _gates_backward(d_hn, d_cn, gates[t], c_prev[t], tanh_c[t])
+        if mask is None:
+            da[t], d_c = da_t, d_c_prev
+        else:  # padded rows: da = 0 and dc passes through (dc_keep), exactly
+            da[t] = np.where(mask[t], da_t, 0)
+            d_c = np.where(mask[t], d_c_prev, d_c)
         d_h = da[t] @ w_hh + d_h  # a_t = ... + h_{t-1} @ w_hh.T
-        d_c = d_c_prev + d_c
     da2 = da.reshape(T * B, 4 * H)
     d_bias = da2.sum(axis=0)
     grads = {
