@@ -56,14 +56,16 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _inputs(query: Any, key: Any, value: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    query = _checks.float_array_ranks("query", query, (("L", "E"), ("N", "L", "E")))
+def _inputs(query: Any, key: Any, value: Any, batch_first: bool
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    batched = ("N", "L", "E") if batch_first else ("L", "N", "E")
+    query = _checks.float_array_ranks("query", query, (("L", "E"), batched))
     rank = query.ndim
-    kv = ("S",) if rank == 2 else ("N", "S")
-    how = "unbatched (2-D)" if rank == 2 else "batched (3-D)"
+    kv = ("S",) if rank == 2 else ("N", "S") if batch_first else ("S", "N")
+    how = "an unbatched (2-D)" if rank == 2 else "a batched (3-D)"
     for name, a, last in (("key", key, "kdim"), ("value", value, "vdim")):
         if isinstance(a, np.ndarray) and a.dtype in _checks.FLOAT_DTYPES and a.ndim != rank:
-            raise ValueError(f"{name}: a {how} query needs a {rank}-D {name} "
+            raise ValueError(f"{name}: {how} query needs a {rank}-D {name} "
                              f"[{', '.join((*kv, last))}] (query {query.shape}), got shape "
                              f"{a.shape}")
         _checks.float_array(name, a, (*kv, last))
@@ -147,8 +149,8 @@ def multihead_attention(query: Any, key: Any, value: Any, params: Any, num_heads
                         average_attn_weights: Any, batch_first: Any
                         ) -> MultiheadAttentionInputs:
     """Check every `multihead_attention_forward` argument; return them ready for the core."""
-    query, key, value = _inputs(query, key, value)
     batch_first = _flag("batch_first", batch_first)
+    query, key, value = _inputs(query, key, value, batch_first)
     is_causal = _flag("is_causal", is_causal)
     need_weights = _flag("need_weights", need_weights)
     average = _flag("average_attn_weights", average_attn_weights)
