@@ -93,10 +93,10 @@ from numba import njit, prange
 
 from kernels._config import JIT, PARALLEL_JIT
 from kernels._util import as_type_of, dot, exp_nonpositive, matmul_rows, max_prefix, tanh
-from numpy_ref import _checks
 from numpy_ref import attention as reference
 from numpy_ref.attention import AdditiveScoresCache, WeightedSumCache
 from numpy_ref.contract import attention as contract
+from numpy_ref.contract import checks
 
 
 @njit(**JIT)
@@ -542,7 +542,7 @@ def attention_backward(
     sum_kv), d_params; `out` buffers are written by the kernels themselves on the fused
     path."""
     (a, pad, q, k, v, core_q, w, stats, context64, lengths, masked, visible, bias4, projections,
-     fused) = _checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
+     fused) = checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
     B, h, Tq, Tk = w.shape
     h_kv, Hv = k.shape[1], v.shape[3]
@@ -692,7 +692,7 @@ def additive_scores_backward(
     d_scores: np.ndarray, cache: AdditiveScoresCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Numba `numpy_ref.additive_scores_backward`: -> (d_query_proj, d_key_proj, d_v)."""
-    e, v, single = _checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
+    e, v, single = checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
     if e.ndim == 5:
         return reference.additive_scores_backward(d_scores, cache)
     B, Tq, Tk, A = e.shape
@@ -757,7 +757,7 @@ def weighted_sum_backward(
     d_context: np.ndarray, cache: WeightedSumCache
 ) -> tuple[np.ndarray, np.ndarray]:
     """Numba `numpy_ref.weighted_sum_backward`: -> (d_weights, d_values)."""
-    w, values, single = _checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
+    w, values, single = checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
     if not single:
         return reference.weighted_sum_backward(d_context, cache)
     B, _, Tk = w.shape
@@ -806,7 +806,7 @@ def masked_softmax_forward(
 
 def masked_softmax_backward(d_weights: np.ndarray, cache: KernelMaskedSoftmaxCache) -> np.ndarray:
     """Numba `numpy_ref.masked_softmax_backward`: d_scores = w * (dw - sum_j w_j dw_j)."""
-    w, lengths, shape = _checks.cache_of(cache, KernelMaskedSoftmaxCache,
+    w, lengths, shape = checks.cache_of(cache, KernelMaskedSoftmaxCache,
                                          "kernels.masked_softmax_forward")
     d_weights = contract.like_weights("d_weights", d_weights, w.reshape(shape))
     dw = np.array(_as4(d_weights), order="C")

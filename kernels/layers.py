@@ -35,7 +35,7 @@ from numba import njit
 
 from kernels._config import JIT
 from kernels._util import as_type_of, exp_nonpositive, max_prefix
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 from numpy_ref.contract import layers as contract
 from numpy_ref.layers import EmbeddingCache
 
@@ -192,7 +192,7 @@ def cross_entropy_forward(
 def cross_entropy_backward(d_loss: Any, cache: KernelCrossEntropyCache) -> np.ndarray:
     """Numba `numpy_ref.cross_entropy_backward`: d_loss -> d_logits, shaped like the logits."""
     (z, stats, t, probabilities, w, ls, ignore_index, reduction, denominator,
-     logits_shape) = _checks.cache_of(cache, KernelCrossEntropyCache,
+     logits_shape) = checks.cache_of(cache, KernelCrossEntropyCache,
                                       "kernels.cross_entropy_forward")
     d_rows = contract.cross_entropy_cotangent(d_loss, reduction, denominator, logits_shape,
                                               z.dtype).astype(np.float64)
@@ -224,7 +224,7 @@ def _scatter_rows(ids, d_out, d_weight):
 def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np.ndarray]:
     """Numba `numpy_ref.embedding_backward`: d_out [..., E] -> {"weight": [V, E]} (0 at
     padding_idx). Takes numpy_ref's cache (`kernels.embedding_forward` is numpy_ref's own)."""
-    ids, (V, E), dtype, padding_idx = _checks.cache_of(cache, EmbeddingCache,
+    ids, (V, E), dtype, padding_idx = checks.cache_of(cache, EmbeddingCache,
                                                        "embedding_forward")
     d_out = contract.cotangent("d_out", d_out, (*ids.shape, E), dtype, "the embedding output")
     d_weight = np.zeros((V, E), dtype)

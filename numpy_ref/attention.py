@@ -71,8 +71,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref import _checks
 from numpy_ref.contract import attention as contract
+from numpy_ref.contract import checks
 from numpy_ref.contract.attention import SCORES
 
 __all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "AttentionScoresCache",
@@ -127,7 +127,7 @@ def additive_scores_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of `additive_scores_forward`: d_scores like the scores ->
     (d_query_proj like query_proj, d_key_proj like key_proj, d_v [A])."""
-    e, v, single = _checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
+    e, v, single = checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
     shape = e.shape[:-1]
     ds = contract.like("d_scores", d_scores, (shape[0], shape[2]) if single else shape,
                        e.dtype, "the scores")
@@ -188,7 +188,7 @@ def attention_scores_backward(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Backward of `attention_scores_forward`: d_scores like the scores ->
     (d_query like query, d_keys like keys, d_params with the params' keys)."""
-    q, k, score, p, scale, projected, energy = _checks.cache_of(
+    q, k, score, p, scale, projected, energy = checks.cache_of(
         cache, AttentionScoresCache, "attention_scores_forward")
     ds = contract.like("d_scores", d_scores, q.shape[:-1] + k.shape[-2:-1], q.dtype,
                        "the scores")
@@ -260,7 +260,7 @@ def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) ->
 
     d_weights : like the weights. Returns d_scores, like the scores (0 where w is 0).
     """
-    w = _checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
+    w = checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
     d_weights = contract.like_weights("d_weights", d_weights, w)
     ds = w * (d_weights - np.sum(w * d_weights, axis=-1, keepdims=True))
     return np.where(w == 0, 0, ds)  # 0 where w is, even when the row's sum is NaN
@@ -296,7 +296,7 @@ def weighted_sum_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Backward of `weighted_sum_forward`: d_context like the context ->
     (d_weights like the weights, d_values like the values)."""
-    w, values, single = _checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
+    w, values, single = checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
     shape = w.shape[:-1] + values.shape[-1:]
     dc = contract.like("d_context", d_context, (shape[0], shape[2]) if single else shape,
                        w.dtype, "the context")
@@ -413,7 +413,7 @@ def attention_backward(
     d_params : the score params' keys ({} for dot and scaled_dot), and "bias" (bias's shape)
     when a bias was given.
     """
-    a, pad, scores, softmax, weighted = _checks.cache_of(cache, AttentionCache,
+    a, pad, scores, softmax, weighted = checks.cache_of(cache, AttentionCache,
                                                          "attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
     dc, dW = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 from numpy_ref.contract import layers as contract
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def embedding_forward(
 
 def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np.ndarray]:
     """Backward of `embedding_forward`: d_out [..., E] -> {"weight": [V, E]}."""
-    ids, (V, E), dtype, padding_idx = _checks.cache_of(cache, EmbeddingCache, "embedding_forward")
+    ids, (V, E), dtype, padding_idx = checks.cache_of(cache, EmbeddingCache, "embedding_forward")
     d_out = contract.cotangent("d_out", d_out, (*ids.shape, E), dtype, "the embedding output")
     d_weight = np.zeros((V, E), dtype)
     np.add.at(d_weight, ids.reshape(-1), d_out.reshape(-1, E))  # out = W[ids]: rows scatter-add
@@ -113,7 +113,7 @@ def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
 def linear_backward(d_y: np.ndarray, cache: LinearCache
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of `linear_forward`: d_y [..., O] -> (d_x [..., I], {"weight", "bias"})."""
-    x, weight, has_bias = _checks.cache_of(cache, LinearCache, "linear_forward")
+    x, weight, has_bias = checks.cache_of(cache, LinearCache, "linear_forward")
     d_y = contract.cotangent("d_y", d_y, (*x.shape[:-1], weight.shape[0]), x.dtype,
                              "the linear output")
     rows_dy = d_y.reshape(-1, weight.shape[0])  # [rows, O]
@@ -202,7 +202,7 @@ def cross_entropy_backward(d_loss: Any, cache: CrossEntropyCache) -> np.ndarray:
     """Backward of `cross_entropy_forward`: d_loss (a scalar, or [N, d...] for reduction
     "none") -> d_logits, shaped like the logits."""
     (probs, t, probabilities, class_weight, ls, ignore_index, reduction, denominator,
-     logits_shape) = _checks.cache_of(cache, CrossEntropyCache,
+     logits_shape) = checks.cache_of(cache, CrossEntropyCache,
                                         "cross_entropy_forward")
     dtype, C = probs.dtype, probs.shape[1]
     d_rows = contract.cross_entropy_cotangent(d_loss, reduction, denominator, logits_shape, dtype)

@@ -73,7 +73,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import numpy_ref
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 from numpy_ref.contract import models as contract
 from numpy_ref.contract.models import as_cell, group, prefixed
 
@@ -224,7 +224,7 @@ def bilstm_attention_backward(
     """Backward of `bilstm_attention_forward`: d_logits [B, C] (and optionally d_attention
     [B, T]) -> d_params, the keys of params in their order."""
     backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, keys = \
-        _checks.cache_of(cache, BiLSTMAttentionCache, "bilstm_attention_forward")
+        checks.cache_of(cache, BiLSTMAttentionCache, "bilstm_attention_forward")
     d_context, d_out = backend.linear_backward(d_logits, out_cache)  # logits = out(context)
     # context, attention = attention(query, output, output)
     d_query, d_keys, d_values, _ = backend.attention_backward(d_context, att_cache,
@@ -472,7 +472,7 @@ def seq2seq_backward(
 ) -> dict[str, np.ndarray]:
     """Backward of `seq2seq_forward`: d_logits [B, Tt, Vt] (and optionally d_attention
     [B, Tt, Ts]) -> d_params, the keys of params in their order."""
-    backend, decoder, enc_cache, tgt_cache, dec_cache, keys = _checks.cache_of(
+    backend, decoder, enc_cache, tgt_cache, dec_cache, keys = checks.cache_of(
         cache, Seq2SeqCache, "seq2seq_forward")
     backward = _luong_backward if decoder == "luong" else _bahdanau_backward
     d_y, d_memory, d_s0, d_m0, grads = backward(backend, d_logits, d_attention, dec_cache)

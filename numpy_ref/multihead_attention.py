@@ -70,7 +70,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import numpy_ref
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 from numpy_ref.contract import multihead_attention as contract
 from numpy_ref.contract.multihead_attention import MultiheadAttentionInputs
 
@@ -191,7 +191,7 @@ def multihead_attention_backward(
     also when the forward got one array for several of them: sum them then).
     d_params : the params' keys, in their order, each shaped like its param.
     """
-    backend, a, proj_caches, att_cache, out_cache = _checks.cache_of(
+    backend, a, proj_caches, att_cache, out_cache = checks.cache_of(
         cache, MultiheadAttentionCache, "multihead_attention_forward")
     d_output, d_w = contract.cotangents(a, d_output, d_weights)
     d_c, d_out = backend.linear_backward(d_output, out_cache)  # output = out_proj(c)

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 
 SCORES = ("dot", "scaled_dot", "general", "additive")
 
@@ -91,17 +91,17 @@ def score_params(score: Any, params: Any, Hq: int, Hk: int, dtype: np.dtype,
             raise ValueError(f"{reference}: the {score!r} score needs Hq == Hk, got "
                              f"{shapes or f'Hq = {Hq} and Hk = {Hk}'}")
     elif score == "general":
-        p["W"] = _checks.param(params, "W", (Hq, Hk), "[Hq, Hk]", dtype, reference)
+        p["W"] = checks.param(params, "W", (Hq, Hk), "[Hq, Hk]", dtype, reference)
     else:
-        A = _checks.leading_dim(params, "W_query", 2, "[A, Hq]")
-        p["W_query"] = _checks.param(params, "W_query", (A, Hq), "[A, Hq]", dtype, reference)
-        p["W_key"] = _checks.param(params, "W_key", (A, Hk), "[A, Hk]", dtype, reference)
-        p["v"] = _checks.param(params, "v", (A,), "[A]", dtype, reference)
+        A = checks.leading_dim(params, "W_query", 2, "[A, Hq]")
+        p["W_query"] = checks.param(params, "W_query", (A, Hq), "[A, Hq]", dtype, reference)
+        p["W_key"] = checks.param(params, "W_key", (A, Hk), "[A, Hk]", dtype, reference)
+        p["v"] = checks.param(params, "v", (A,), "[A]", dtype, reference)
         if "b" in params:
-            p["b"] = _checks.param(params, "b", (A,), "[A]", dtype, reference)
+            p["b"] = checks.param(params, "b", (A,), "[A]", dtype, reference)
     hint = {"dot": "no params", "scaled_dot": "no params", "general": "['W']",
             "additive": "['W_query', 'W_key', 'v'] and optionally 'b'"}[score]
-    _checks.no_unexpected_keys(params, set(p), f"the {score!r} score takes {hint}")
+    checks.no_unexpected_keys(params, set(p), f"the {score!r} score takes {hint}")
     return p
 
 
@@ -146,16 +146,16 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
                        lengths: Any = None, mask: Any = None, causal: Any = False,
                        scale: Any = None, bias: Any = None) -> AttentionInputs:
     """Check every `attention_forward` argument; return them in the heads layout."""
-    query = _checks.float_array_ranks("query", query,
+    query = checks.float_array_ranks("query", query,
                                       (("B", "Hq"), ("B", "Tq", "Hq"), ("B", "h", "Tq", "D")))
     layout = _LAYOUTS[query.ndim]
     heads = layout == "heads"
     kv = ("B", "h_kv", "Tk") if heads else ("B", "Tk")
-    keys = _checks.float_array("keys", keys, (*kv, "D" if heads else "Hk"))
-    values = _checks.float_array("values", values, (*kv, "Dv" if heads else "Hv"))
+    keys = checks.float_array("keys", keys, (*kv, "D" if heads else "Hk"))
+    values = checks.float_array("values", values, (*kv, "Dv" if heads else "Hv"))
     dtype = query.dtype
-    _checks.same_dtype("keys", keys, dtype, "query")
-    _checks.same_dtype("values", values, dtype, "query")
+    checks.same_dtype("keys", keys, dtype, "query")
+    checks.same_dtype("values", values, dtype, "query")
     if query.shape[0] != keys.shape[0]:
         raise ValueError(f"query: batch {query.shape[0]} does not match keys' batch "
                          f"{keys.shape[0]} (query {query.shape}, keys {keys.shape})")
@@ -178,7 +178,7 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
                      shapes=f"query {query.shape} and keys {keys.shape}")
     scale = score_scale(score, scale, keys.shape[-1])
     if lengths is not None:
-        lengths = _checks.lengths_array(lengths, keys.shape[0], keys.shape[-2])
+        lengths = checks.lengths_array(lengths, keys.shape[0], keys.shape[-2])
     if not heads:
         query = query[:, None, None] if layout == "single" else query[:, None]
         keys, values = keys[:, None], values[:, None]
@@ -198,10 +198,10 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
         if not isinstance(bias, np.ndarray):
             raise TypeError(f"bias: expected a float numpy.ndarray broadcastable to {labels}, "
                             f"got {type(bias).__name__}")
-        if bias.dtype not in _checks.FLOAT_DTYPES:
+        if bias.dtype not in checks.FLOAT_DTYPES:
             raise TypeError(f"bias: expected dtype float32 or float64 (a bool mask is passed "
                             f"as mask=), got {bias.dtype}")
-        _checks.same_dtype("bias", bias, dtype, "query")
+        checks.same_dtype("bias", bias, dtype, "query")
         bias_shape = bias.shape
         bias = inputs.from_user(_broadcastable("bias", bias, weights, labels))
     return inputs._replace(mask=mask, bias=bias, bias_shape=bias_shape)
@@ -294,9 +294,9 @@ def attention_cotangents(a: AttentionInputs, d_context: Any, d_weights: Any,
 
 def _like_axes(name: str, d: Any, axes: tuple[str, ...], sizes: dict[str, int],
                dtype: np.dtype) -> np.ndarray:
-    d = _checks.float_array(name, d, axes)
-    _checks.same_dtype(name, d, dtype, "query")
-    _checks.shape_is(name, d, tuple(sizes[n] for n in axes), f"[{', '.join(axes)}]")
+    d = checks.float_array(name, d, axes)
+    checks.same_dtype(name, d, dtype, "query")
+    checks.shape_is(name, d, tuple(sizes[n] for n in axes), f"[{', '.join(axes)}]")
     return d
 
 
@@ -304,10 +304,10 @@ def _like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str)
     if not isinstance(d, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray shaped like {what} {shape}, got "
                         f"{type(d).__name__}")
-    if d.dtype not in _checks.FLOAT_DTYPES:
+    if d.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {d.dtype}")
-    _checks.same_dtype(name, d, dtype, "query")
-    _checks.shape_is(name, d, shape, f"like {what}")
+    checks.same_dtype(name, d, dtype, "query")
+    checks.shape_is(name, d, shape, f"like {what}")
     return d
 
 
@@ -340,8 +340,8 @@ def gradient_outputs(a: AttentionInputs, sum_kv: Any, out: Any) -> tuple:
         if not isinstance(buf, np.ndarray):
             raise TypeError(f"{name}: expected a numpy.ndarray or None, got "
                             f"{type(buf).__name__}")
-        _checks.same_dtype(name, buf, q.dtype, "query")
-        _checks.shape_is(name, buf, shape, "like the gradient")
+        checks.same_dtype(name, buf, q.dtype, "query")
+        checks.shape_is(name, buf, shape, "like the gradient")
         if not (buf.flags.c_contiguous and buf.flags.writeable):
             raise ValueError(f"{name}: expected a C-contiguous, writeable array")
     return bool(sum_kv), tuple(out)
@@ -370,11 +370,11 @@ def deliver(a: AttentionInputs, d_query: np.ndarray, d_keys: np.ndarray,
 def masked_softmax(scores: Any, lengths: Any, mask: Any) -> tuple:
     """Check `masked_softmax_forward`'s arguments; return (scores, lengths as int64 or None,
     mask or None)."""
-    scores = _checks.float_array_ranks("scores", scores, _SCORE_RANKS)
+    scores = checks.float_array_ranks("scores", scores, _SCORE_RANKS)
     if 0 in scores.shape:
         raise ValueError(f"scores: expected non-empty axes, got shape {scores.shape}")
     if lengths is not None:
-        lengths = _checks.lengths_array(lengths, scores.shape[0], scores.shape[-1])
+        lengths = checks.lengths_array(lengths, scores.shape[0], scores.shape[-1])
     if mask is not None:
         mask = bool_mask("mask", mask, scores.shape, "like the scores")
     return scores, lengths, mask
@@ -382,9 +382,9 @@ def masked_softmax(scores: Any, lengths: Any, mask: Any) -> tuple:
 
 def like_weights(name: str, d: Any, weights: np.ndarray) -> np.ndarray:
     """A cotangent shaped and typed like the softmax weights it belongs to."""
-    d = _checks.float_array_ranks(name, d, _SCORE_RANKS)
-    _checks.same_dtype(name, d, weights.dtype, "scores")
-    _checks.shape_is(name, d, weights.shape, "like the weights")
+    d = checks.float_array_ranks(name, d, _SCORE_RANKS)
+    checks.same_dtype(name, d, weights.dtype, "scores")
+    checks.shape_is(name, d, weights.shape, "like the weights")
     return d
 
 
@@ -395,14 +395,14 @@ def like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) 
 
 def additive_scores(query_proj: Any, key_proj: Any, v: Any):
     """Check `additive_scores_forward`'s arguments; return them."""
-    qa = _checks.float_array_ranks("query_proj", query_proj,
+    qa = checks.float_array_ranks("query_proj", query_proj,
                                    (("B", "A"), ("B", "Tq", "A"), ("B", "h", "Tq", "A")))
     heads = qa.ndim == 4
-    ka = _checks.float_array("key_proj", key_proj,
+    ka = checks.float_array("key_proj", key_proj,
                              ("B", "h", "Tk", "A") if heads else ("B", "Tk", "A"))
-    v = _checks.float_array("v", v, ("A",))
-    _checks.same_dtype("key_proj", ka, qa.dtype, "query_proj")
-    _checks.same_dtype("v", v, qa.dtype, "query_proj")
+    v = checks.float_array("v", v, ("A",))
+    checks.same_dtype("key_proj", ka, qa.dtype, "query_proj")
+    checks.same_dtype("v", v, qa.dtype, "query_proj")
     if 0 in ka.shape or 0 in qa.shape:
         raise ValueError(f"key_proj/query_proj: expected non-empty axes, got {ka.shape} and "
                          f"{qa.shape}")
@@ -410,17 +410,17 @@ def additive_scores(query_proj: Any, key_proj: Any, v: Any):
     if qa.shape[:len(lead)] != lead or qa.shape[-1] != ka.shape[-1]:
         raise ValueError(f"query_proj: expected the leading axes {lead} and the width "
                          f"A = {ka.shape[-1]} of key_proj {ka.shape}, got {qa.shape}")
-    _checks.shape_is("v", v, (ka.shape[-1],), "[A]")
+    checks.shape_is("v", v, (ka.shape[-1],), "[A]")
     return qa, ka, v
 
 
 def weighted_sum(weights: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     """Check `weighted_sum_forward`'s arguments; return them."""
-    w = _checks.float_array_ranks("weights", weights, _SCORE_RANKS)
+    w = checks.float_array_ranks("weights", weights, _SCORE_RANKS)
     heads = w.ndim == 4
-    values = _checks.float_array("values", values,
+    values = checks.float_array("values", values,
                                  ("B", "h", "Tk", "Hv") if heads else ("B", "Tk", "Hv"))
-    _checks.same_dtype("values", values, w.dtype, "weights")
+    checks.same_dtype("values", values, w.dtype, "weights")
     lead = (w.shape[:2] if heads else w.shape[:1]) + (w.shape[-1],)
     if values.shape[:-1] != lead:
         raise ValueError(f"values: expected leading axes {lead} (batch{', heads' * heads} and "
@@ -431,11 +431,11 @@ def weighted_sum(weights: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
 def scores(query: Any, keys: Any, score: Any, params: Any, scale: Any):
     """Check `attention_scores_forward`'s arguments: query [..., Tq, Hq] and keys [..., Tk, Hk]
     with the same leading axes (one or two). Return (query, keys, params, scale)."""
-    query = _checks.float_array_ranks("query", query, (("B", "Tq", "Hq"),
+    query = checks.float_array_ranks("query", query, (("B", "Tq", "Hq"),
                                                        ("B", "h", "Tq", "Hq")))
     labels = ("B", "Tk", "Hk") if query.ndim == 3 else ("B", "h", "Tk", "Hk")
-    keys = _checks.float_array("keys", keys, labels)
-    _checks.same_dtype("keys", keys, query.dtype, "query")
+    keys = checks.float_array("keys", keys, labels)
+    checks.same_dtype("keys", keys, query.dtype, "query")
     if keys.shape[:-2] != query.shape[:-2]:
         raise ValueError(f"keys: expected the query's leading axes {query.shape[:-2]}, got "
                          f"{keys.shape}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -39,10 +39,10 @@ def integer_ids(name: str, ids: Any, vocab: int) -> np.ndarray:
 def embedding(ids: Any, params: Mapping[str, Any], padding_idx: Any):
     """Check `embedding_forward`'s arguments; return (ids, weight, padding_idx as 0..V-1 or
     None)."""
-    V = _checks.leading_dim(params, "weight", 2, "[V, E]")
-    weight = _checks.param(params, "weight", (V, params["weight"].shape[1]), "[V, E]",
+    V = checks.leading_dim(params, "weight", 2, "[V, E]")
+    weight = checks.param(params, "weight", (V, params["weight"].shape[1]), "[V, E]",
                            params["weight"].dtype, "weight")
-    _checks.no_unexpected_keys(params, {"weight"}, "an embedding takes only 'weight'")
+    checks.no_unexpected_keys(params, {"weight"}, "an embedding takes only 'weight'")
     ids = integer_ids("ids", ids, V)
     if padding_idx is not None:
         if not isinstance(padding_idx, (int, np.integer)) or not -V <= padding_idx < V:
@@ -58,26 +58,26 @@ def cotangent(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: 
     if not isinstance(d, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray shaped like {what} {shape}, "
                         f"got {type(d).__name__}")
-    if d.dtype not in _checks.FLOAT_DTYPES:
+    if d.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {d.dtype}")
-    _checks.same_dtype(name, d, dtype, what)
-    _checks.shape_is(name, d, shape, f"like {what}")
+    checks.same_dtype(name, d, dtype, what)
+    checks.shape_is(name, d, shape, f"like {what}")
     return d
 
 
 def linear(x: Any, params: Mapping[str, Any]):
     """Check `linear_forward`'s arguments; return (x, weight, bias or None)."""
     if not isinstance(x, np.ndarray) or x.ndim == 0:
-        _checks.float_array("x", x, ("...", "I"))  # raises the type / rank message
-    if x.dtype not in _checks.FLOAT_DTYPES:
+        checks.float_array("x", x, ("...", "I"))  # raises the type / rank message
+    if x.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    O = _checks.leading_dim(params, "weight", 2, "[O, I]")
+    O = checks.leading_dim(params, "weight", 2, "[O, I]")
     I = x.shape[-1]
-    weight = _checks.param(params, "weight", (O, I), "[O, I]", x.dtype, "x")
+    weight = checks.param(params, "weight", (O, I), "[O, I]", x.dtype, "x")
     bias = None
     if "bias" in params:
-        bias = _checks.param(params, "bias", (O,), "[O]", x.dtype, "x")
-    _checks.no_unexpected_keys(params, {"weight", "bias"},
+        bias = checks.param(params, "bias", (O,), "[O]", x.dtype, "x")
+    checks.no_unexpected_keys(params, {"weight", "bias"},
                                "a linear layer takes 'weight' and optionally 'bias'")
     return x, weight, bias
 
@@ -93,7 +93,7 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
     if not isinstance(logits, np.ndarray):
         raise TypeError(f"logits: expected a numpy.ndarray [N, C] or [N, C, d...], got "
                         f"{type(logits).__name__}")
-    if logits.dtype not in _checks.FLOAT_DTYPES:
+    if logits.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"logits: expected dtype float32 or float64, got {logits.dtype}")
     if logits.ndim == 0:
         raise ValueError(f"logits: expected [C], [N, C] or [N, C, d...], got shape {logits.shape}")
@@ -111,16 +111,16 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
         raise TypeError(f"ignore_index: expected an integer, got {ignore_index!r}")
     class_weight = None
     if weight is not None:
-        class_weight = _checks.float_array("weight", weight, ("C",))
-        _checks.same_dtype("weight", class_weight, logits.dtype, "logits")
-        _checks.shape_is("weight", class_weight, (C,), "[C]")
+        class_weight = checks.float_array("weight", weight, ("C",))
+        checks.same_dtype("weight", class_weight, logits.dtype, "logits")
+        checks.shape_is("weight", class_weight, (C,), "[C]")
     if not isinstance(targets, np.ndarray):
         targets = np.asarray(targets)
     target_shape = z.shape[:1] + z.shape[2:]  # [N, d...]
     zl = np.moveaxis(z, 1, -1).reshape(-1, C)  # [M, C]
     if targets.dtype.kind == "f":  # class probabilities, shaped like the logits
-        _checks.same_dtype("targets", targets, logits.dtype, "logits")
-        _checks.shape_is("targets", targets, logits.shape,
+        checks.same_dtype("targets", targets, logits.dtype, "logits")
+        checks.shape_is("targets", targets, logits.shape,
                          "like logits (class probabilities)")
         t = targets[None] if unbatched else targets
         return zl, np.moveaxis(t, 1, -1).reshape(-1, C), class_weight, True
@@ -128,7 +128,7 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
         raise TypeError(f"targets: expected integer class indices or float probabilities, "
                         f"got dtype {targets.dtype}")
     expected = () if unbatched else target_shape
-    _checks.shape_is("targets", targets, expected, "[N, d...] (logits without the class axis)")
+    checks.shape_is("targets", targets, expected, "[N, d...] (logits without the class axis)")
     t = targets.reshape(-1).astype(np.int64)
     bad = (t != ignore_index) & ((t < 0) | (t >= C))
     if bad.any():

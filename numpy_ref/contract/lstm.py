@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 
 if TYPE_CHECKING:
     from numpy_ref.lstm import LSTMCache, LSTMCellCache
@@ -66,7 +66,7 @@ def validate_lstm_sizes(input_size: Any, hidden_size: Any, num_layers: Any, proj
 
 def _hidden_size(params: Mapping[str, Any], key: str) -> int:
     """H, read off ``params[key]`` = a weight_hh of shape [4H, Ho]."""
-    four_h = _checks.leading_dim(params, key, 2, "[4H, Ho]")
+    four_h = checks.leading_dim(params, key, 2, "[4H, Ho]")
     if four_h % 4:
         raise ValueError(f"params[{key!r}]: expected shape [4H, Ho], got {params[key].shape}")
     return four_h // 4
@@ -80,17 +80,17 @@ def _cell_params(params: Mapping[str, Any], I: int, dtype: np.dtype
                  ) -> tuple[dict[str, np.ndarray], int, int]:
     """Check the cell's params against input size I; return (params, H, Ho)."""
     H = _hidden_size(params, "weight_hh")
-    P = _checks.leading_dim(params, "weight_hr", 2, "[P, H]") if "weight_hr" in params else 0
+    P = checks.leading_dim(params, "weight_hr", 2, "[P, H]") if "weight_hr" in params else 0
     Ho = P or H
     p = {
-        "weight_ih": _checks.param(params, "weight_ih", (4 * H, I), "[4H, I]", dtype, "x"),
-        "weight_hh": _checks.param(params, "weight_hh", (4 * H, Ho), "[4H, Ho]", dtype, "x"),
-        "bias_ih": _checks.param(params, "bias_ih", (4 * H,), "[4H]", dtype, "x"),
-        "bias_hh": _checks.param(params, "bias_hh", (4 * H,), "[4H]", dtype, "x"),
+        "weight_ih": checks.param(params, "weight_ih", (4 * H, I), "[4H, I]", dtype, "x"),
+        "weight_hh": checks.param(params, "weight_hh", (4 * H, Ho), "[4H, Ho]", dtype, "x"),
+        "bias_ih": checks.param(params, "bias_ih", (4 * H,), "[4H]", dtype, "x"),
+        "bias_hh": checks.param(params, "bias_hh", (4 * H,), "[4H]", dtype, "x"),
     }
     if P:
-        p["weight_hr"] = _checks.param(params, "weight_hr", (P, H), "[P, H]", dtype, "x")
-    _checks.no_unexpected_keys(params, set(p), "an LSTM cell has weight_ih, weight_hh, "
+        p["weight_hr"] = checks.param(params, "weight_hr", (P, H), "[P, H]", dtype, "x")
+    checks.no_unexpected_keys(params, set(p), "an LSTM cell has weight_ih, weight_hh, "
                                "bias_ih, bias_hh and optionally weight_hr")
     return p, H, Ho
 
@@ -103,14 +103,14 @@ def validate_lstm_cell_inputs(
     Returns ``(x, h, c, p, H, Ho)``: the arrays, the validated params (the caller's arrays,
     only the cell's keys), the hidden and output sizes.
     """
-    x = _checks.float_array("x", x, ("B", "I"))
-    h = _checks.float_array("h", h, ("B", "Ho"))
-    c = _checks.float_array("c", c, ("B", "H"))
+    x = checks.float_array("x", x, ("B", "I"))
+    h = checks.float_array("h", h, ("B", "Ho"))
+    c = checks.float_array("c", c, ("B", "H"))
     B, I = x.shape
     p, H, Ho = _cell_params(params, I, x.dtype)
     for name, a, shape, labels in (("h", h, (B, Ho), "[B, Ho]"), ("c", c, (B, H), "[B, H]")):
-        _checks.same_dtype(name, a, x.dtype, "x")
-        _checks.shape_is(name, a, shape, labels)
+        checks.same_dtype(name, a, x.dtype, "x")
+        checks.shape_is(name, a, shape, labels)
     return x, h, c, p, H, Ho
 
 
@@ -122,14 +122,14 @@ def validate_lstm_cell_cotangents(
     Returns them, d_c_new as zeros [B, H] when None.
     """
     x, h, c = cache.x, cache.h, cache.c
-    d_h_new = _checks.float_array("d_h_new", d_h_new, ("B", "Ho"))
-    _checks.same_dtype("d_h_new", d_h_new, x.dtype, "x")
-    _checks.shape_is("d_h_new", d_h_new, h.shape, "[B, Ho]")
+    d_h_new = checks.float_array("d_h_new", d_h_new, ("B", "Ho"))
+    checks.same_dtype("d_h_new", d_h_new, x.dtype, "x")
+    checks.shape_is("d_h_new", d_h_new, h.shape, "[B, Ho]")
     if d_c_new is None:
         d_c_new = np.zeros_like(c)
-    d_c_new = _checks.float_array("d_c_new", d_c_new, ("B", "H"))
-    _checks.same_dtype("d_c_new", d_c_new, x.dtype, "x")
-    _checks.shape_is("d_c_new", d_c_new, c.shape, "[B, H]")
+    d_c_new = checks.float_array("d_c_new", d_c_new, ("B", "H"))
+    checks.same_dtype("d_c_new", d_c_new, x.dtype, "x")
+    checks.shape_is("d_c_new", d_c_new, c.shape, "[B, H]")
     return d_h_new, d_c_new
 
 
@@ -141,10 +141,10 @@ def _validate_lstm_params(params: Mapping[str, Any], I: int, num_layers: int, D:
                           dtype: np.dtype) -> tuple[dict[str, np.ndarray], int, int]:
     """Check every key and shape; return (validated dict, H, Ho)."""
     H = _hidden_size(params, "weight_hh_l0")
-    P = _checks.leading_dim(params, "weight_hr_l0", 2, "[P, H]") if "weight_hr_l0" in params else 0
-    p = {k: _checks.param(params, k, shape, labels, dtype, "x")
+    P = checks.leading_dim(params, "weight_hr_l0", 2, "[P, H]") if "weight_hr_l0" in params else 0
+    p = {k: checks.param(params, k, shape, labels, dtype, "x")
          for k, shape, labels in param_specs(I, H, P, num_layers, D)}
-    _checks.no_unexpected_keys(
+    checks.no_unexpected_keys(
         params, set(p),
         f"they do not fit num_layers={num_layers}, bidirectional={D == 2}, "
         f"proj_size={P} (check those options)",
@@ -169,7 +169,7 @@ def validate_lstm_inputs(
                          f"reference; expected 0, got {dropout!r}")
     if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
         raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
-    x = _checks.float_array("x", x, ("B", "T", "I") if batch_first else ("T", "B", "I"))
+    x = checks.float_array("x", x, ("B", "T", "I") if batch_first else ("T", "B", "I"))
     xt = x.transpose(1, 0, 2) if batch_first else x  # [T, B, I]
     T, B, I = xt.shape
     if T == 0 or B == 0:
@@ -182,12 +182,12 @@ def validate_lstm_inputs(
         h0 = np.zeros((num_layers * D, B, Ho), x.dtype)
         c0 = np.zeros((num_layers * D, B, H), x.dtype)
     for name, a, size in (("h0", h0, "Ho"), ("c0", c0, "H")):
-        _checks.float_array(name, a, ("L*D", "B", size))
-        _checks.same_dtype(name, a, x.dtype, "x")
-        _checks.shape_is(name, a, (num_layers * D, B, Ho if size == "Ho" else H),
+        checks.float_array(name, a, ("L*D", "B", size))
+        checks.same_dtype(name, a, x.dtype, "x")
+        checks.shape_is(name, a, (num_layers * D, B, Ho if size == "Ho" else H),
                          f"[L*D, B, {size}]")
     if lengths is not None:
-        lengths = _checks.lengths_array(lengths, B, T)
+        lengths = checks.lengths_array(lengths, B, T)
     return xt, p, H, Ho, D, h0, c0, lengths
 
 
@@ -224,18 +224,18 @@ def validate_lstm_cotangents(
     T, B, _ = first.x.shape
     H, Ho, dtype = cache.hidden_size, cache.output_size, first.x.dtype
     out_labels = ("B", "T", "D*Ho") if cache.batch_first else ("T", "B", "D*Ho")
-    d_output = _checks.float_array("d_output", d_output, out_labels)
-    _checks.same_dtype("d_output", d_output, dtype, "x")
+    d_output = checks.float_array("d_output", d_output, out_labels)
+    checks.same_dtype("d_output", d_output, dtype, "x")
     expected = (B, T, D * Ho) if cache.batch_first else (T, B, D * Ho)
-    _checks.shape_is("d_output", d_output, expected, f"[{', '.join(out_labels)}]")
+    checks.shape_is("d_output", d_output, expected, f"[{', '.join(out_labels)}]")
     finals = []
     for name, a, size in (("d_h_n", d_h_n, "Ho"), ("d_c_n", d_c_n, "H")):
         shape = (L * D, B, Ho if size == "Ho" else H)
         if a is None:
             a = np.zeros(shape, dtype)
-        _checks.float_array(name, a, ("L*D", "B", size))
-        _checks.same_dtype(name, a, dtype, "x")
-        _checks.shape_is(name, a, shape, f"[L*D, B, {size}]")
+        checks.float_array(name, a, ("L*D", "B", size))
+        checks.same_dtype(name, a, dtype, "x")
+        checks.shape_is(name, a, shape, f"[L*D, B, {size}]")
         finals.append(a)
     d_h_n, d_c_n = finals
     d_out = d_output.transpose(1, 0, 2) if cache.batch_first else d_output  # [T, B, D*Ho]

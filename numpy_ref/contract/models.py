@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 from numpy_ref.contract.attention import SCORES
 from numpy_ref.contract.layers import integer_ids
 
@@ -43,24 +43,24 @@ def _check_spec(params: Mapping[str, Any], spec, dtype: np.dtype, model: str
         shape, labels = expected[missing[0]]
         raise ValueError(f"params: missing key {missing[0]!r} (expected shape {labels} = "
                          f"{shape}) for this {model}; {len(missing)} missing in all: {missing}")
-    _checks.no_unexpected_keys(params, set(expected), f"they are not part of this {model}")
+    checks.no_unexpected_keys(params, set(expected), f"they are not part of this {model}")
     first = next(iter(expected))
-    return {key: _checks.param(params, key, shape, labels, dtype, f"params[{first!r}]")
+    return {key: checks.param(params, key, shape, labels, dtype, f"params[{first!r}]")
             for key, (shape, labels) in expected.items()}
 
 
 def _float_param(params: Any, key: str, labels: str) -> np.ndarray:
     """``params[key]``, a 2-D float array that fixes sizes (read before the full check)."""
-    _checks.leading_dim(params, key, 2, labels)
+    checks.leading_dim(params, key, 2, labels)
     a = params[key]
-    if a.dtype not in _checks.FLOAT_DTYPES:
+    if a.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"params[{key!r}]: expected dtype float32 or float64, got {a.dtype}")
     return a
 
 
 def _hidden(params: Any, key: str) -> int:
     """H from ``params[key]``, an LSTM's weight_hh of shape [4H, H]."""
-    four_h = _checks.leading_dim(params, key, 2, "[4H, H]")
+    four_h = checks.leading_dim(params, key, 2, "[4H, H]")
     if four_h % 4 or params[key].shape[1] != four_h // 4:
         raise ValueError(f"params[{key!r}]: expected shape [4H, H], got {params[key].shape}")
     return four_h // 4
@@ -91,7 +91,7 @@ def _lengths(name: str, lengths: Any, ids: Any) -> np.ndarray | None:
     shape = np.shape(ids)
     if len(shape) != 2:
         return None  # token_ids reports the rank
-    return _checks.lengths_array(lengths, shape[0], shape[1], name)
+    return checks.lengths_array(lengths, shape[0], shape[1], name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def bilstm_attention(ids: Any, params: Any, lengths: Any, seed_compatible: Any):
     emb = _float_param(params, "embedding.weight", "[V, E]")
     V, E = emb.shape
     H = _hidden(params, "lstm.weight_hh_l0")
-    C = _checks.leading_dim(params, "out.weight", 2, "[C, 2H]")
+    C = checks.leading_dim(params, "out.weight", 2, "[C, 2H]")
     spec = [("embedding.weight", (V, E), "[V, E]"),
             *_lstm_keys("lstm.", E, H, 1, 2),
             ("out.weight", (C, 2 * H), "[C, 2H]"),
@@ -162,7 +162,7 @@ def seq2seq_params(params: Any, decoder: str, score: str
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     src = _float_param(params, "src_embed.weight", "[Vs, E]")
     Vs, E = src.shape
-    Vt = _checks.leading_dim(params, "tgt_embed.weight", 2, "[Vt, E]")
+    Vt = checks.leading_dim(params, "tgt_embed.weight", 2, "[Vt, E]")
     H = _hidden(params, "encoder.weight_hh_l0")
     L = 1
     while f"encoder.weight_ih_l{L}" in params:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 
 PACKED = ("in_proj_weight",)
 SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -59,17 +59,17 @@ def _flag(name: str, value: Any) -> bool:
 def _inputs(query: Any, key: Any, value: Any, batch_first: bool
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     batched = ("N", "L", "E") if batch_first else ("L", "N", "E")
-    query = _checks.float_array_ranks("query", query, (("L", "E"), batched))
+    query = checks.float_array_ranks("query", query, (("L", "E"), batched))
     rank = query.ndim
     kv = ("S",) if rank == 2 else ("N", "S") if batch_first else ("S", "N")
     how = "an unbatched (2-D)" if rank == 2 else "a batched (3-D)"
     for name, a, last in (("key", key, "kdim"), ("value", value, "vdim")):
-        if isinstance(a, np.ndarray) and a.dtype in _checks.FLOAT_DTYPES and a.ndim != rank:
+        if isinstance(a, np.ndarray) and a.dtype in checks.FLOAT_DTYPES and a.ndim != rank:
             raise ValueError(f"{name}: {how} query needs a {rank}-D {name} "
                              f"[{', '.join((*kv, last))}] (query {query.shape}), got shape "
                              f"{a.shape}")
-        _checks.float_array(name, a, (*kv, last))
-        _checks.same_dtype(name, a, query.dtype, "query")
+        checks.float_array(name, a, (*kv, last))
+        checks.same_dtype(name, a, query.dtype, "query")
     return query, key, value
 
 
@@ -105,21 +105,21 @@ def _params(params: Any, E: int, kdim: int, vdim: int, dtype: np.dtype
                              f"{E}, got kdim {kdim} and vdim {vdim}; pass q_proj_weight, "
                              "k_proj_weight and v_proj_weight (nn.MultiheadAttention(kdim=, "
                              "vdim=)) for other sizes")
-        w = _checks.param(params, "in_proj_weight", (3 * E, E), "[3E, E]", dtype, ref)
+        w = checks.param(params, "in_proj_weight", (3 * E, E), "[3E, E]", dtype, ref)
         weights = (w[:E], w[E:2 * E], w[2 * E:])
     else:
-        weights = (_checks.param(params, "q_proj_weight", (E, E), "[E, E]", dtype, ref),
-                   _checks.param(params, "k_proj_weight", (E, kdim), "[E, kdim]", dtype, ref),
-                   _checks.param(params, "v_proj_weight", (E, vdim), "[E, vdim]", dtype, ref))
-    out = {"weight": _checks.param(params, "out_proj.weight", (E, E), "[E, E]", dtype, ref)}
+        weights = (checks.param(params, "q_proj_weight", (E, E), "[E, E]", dtype, ref),
+                   checks.param(params, "k_proj_weight", (E, kdim), "[E, kdim]", dtype, ref),
+                   checks.param(params, "v_proj_weight", (E, vdim), "[E, vdim]", dtype, ref))
+    out = {"weight": checks.param(params, "out_proj.weight", (E, E), "[E, E]", dtype, ref)}
     biases: tuple = (None, None, None)
     if has_bias:
-        b = _checks.param(params, "in_proj_bias", (3 * E,), "[3E]", dtype, ref)
+        b = checks.param(params, "in_proj_bias", (3 * E,), "[3E]", dtype, ref)
         biases = (b[:E], b[E:2 * E], b[2 * E:])
-        out["bias"] = _checks.param(params, "out_proj.bias", (E,), "[E]", dtype, ref)
+        out["bias"] = checks.param(params, "out_proj.bias", (E,), "[E]", dtype, ref)
     allowed = set(PACKED if packed else SEPARATE) | {"out_proj.weight"}
     allowed |= set(BIASES) if has_bias else set()
-    _checks.no_unexpected_keys(params, allowed, "nn.MultiheadAttention's state_dict holds "
+    checks.no_unexpected_keys(params, allowed, "nn.MultiheadAttention's state_dict holds "
                                f"{sorted(allowed)} for these options")
     projections = tuple({"weight": w} if b is None else {"weight": w, "bias": b}
                         for w, b in zip(weights, biases, strict=True))
@@ -134,11 +134,11 @@ def _mask(name: str, m: Any, expected: tuple[tuple[int, ...], ...], labels: tupl
     if not isinstance(m, np.ndarray):
         raise TypeError(f"{name}: expected a bool or float numpy.ndarray {accepted}, got "
                         f"{type(m).__name__}")
-    if m.dtype != np.bool_ and m.dtype not in _checks.FLOAT_DTYPES:
+    if m.dtype != np.bool_ and m.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype bool (True = not allowed to attend) or a "
                         f"float dtype (added to the scores), got {m.dtype}")
     if m.dtype != np.bool_:
-        _checks.same_dtype(name, m, dtype, "query")
+        checks.same_dtype(name, m, dtype, "query")
     if m.shape not in expected:
         raise ValueError(f"{name}: expected shape {accepted}, got {m.shape}")
     return m
@@ -174,7 +174,7 @@ def multihead_attention(query: Any, key: Any, value: Any, params: Any, num_heads
     if not isinstance(params, Mapping):
         raise TypeError(f"params: expected a dict of arrays (nn.MultiheadAttention's "
                         f"state_dict names), got {type(params).__name__}")
-    E = _checks.leading_dim(params, "out_proj.weight", 2, "[E, E]")
+    E = checks.leading_dim(params, "out_proj.weight", 2, "[E, E]")
     if query.shape[2] != E:
         raise ValueError(f"query: expected the embedding size E = {E} of "
                          f"params['out_proj.weight'] [E, E] as its last axis, got shape "
@@ -228,9 +228,9 @@ def cotangents(a: MultiheadAttentionInputs, d_output: Any, d_weights: Any
     out_shape = (N, L, E) if a.batch_first else (L, N, E)
     if not a.batched:
         out_axes, out_shape = ("L", "E"), (L, E)
-    d_output = _checks.float_array("d_output", d_output, out_axes)
-    _checks.same_dtype("d_output", d_output, dtype, "query")
-    _checks.shape_is("d_output", d_output, out_shape, f"like the output [{', '.join(out_axes)}]")
+    d_output = checks.float_array("d_output", d_output, out_axes)
+    checks.same_dtype("d_output", d_output, dtype, "query")
+    checks.shape_is("d_output", d_output, out_shape, f"like the output [{', '.join(out_axes)}]")
     d_output = d_output if a.batched else d_output[None]
     if d_weights is None:
         return d_output, None
@@ -241,9 +241,9 @@ def cotangents(a: MultiheadAttentionInputs, d_output: Any, d_weights: Any
     w_shape = (N, L, S) if a.average_attn_weights else (N, h, L, S)
     if not a.batched:
         w_axes, w_shape = w_axes[1:], w_shape[1:]
-    d_weights = _checks.float_array("d_weights", d_weights, w_axes)
-    _checks.same_dtype("d_weights", d_weights, dtype, "query")
-    _checks.shape_is("d_weights", d_weights, w_shape, f"like the weights [{', '.join(w_axes)}]")
+    d_weights = checks.float_array("d_weights", d_weights, w_axes)
+    checks.same_dtype("d_weights", d_weights, dtype, "query")
+    checks.shape_is("d_weights", d_weights, w_shape, f"like the weights [{', '.join(w_axes)}]")
     d_weights = d_weights if a.batched else d_weights[None]
     if a.average_attn_weights:  # w = mean over heads: each head gets dW / h
         d_weights = np.broadcast_to((d_weights / dtype.type(h))[:, None], (N, h, L, S))

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from numpy_ref import _checks
+from numpy_ref.contract import checks
 
 
 def params_dict(params: Any) -> dict[str, np.ndarray]:
@@ -19,7 +19,7 @@ def params_dict(params: Any) -> dict[str, np.ndarray]:
     for k, v in params.items():
         if not isinstance(v, np.ndarray):
             raise TypeError(f"params[{k!r}]: expected a numpy.ndarray, got {type(v).__name__}")
-        if v.dtype not in _checks.FLOAT_DTYPES:
+        if v.dtype not in checks.FLOAT_DTYPES:
             raise TypeError(f"params[{k!r}]: expected dtype float32 or float64, got {v.dtype}")
         if not v.flags.writeable:
             raise ValueError(f"params[{k!r}]: the array is read-only; an optimizer updates "
@@ -39,8 +39,8 @@ def grads_like(grads: Any, params: Mapping[str, np.ndarray]) -> dict[str, np.nda
         g = grads[k]
         if not isinstance(g, np.ndarray):
             raise TypeError(f"grads[{k!r}]: expected a numpy.ndarray, got {type(g).__name__}")
-        _checks.same_dtype(f"grads[{k!r}]", g, p.dtype, f"params[{k!r}]")
-        _checks.shape_is(f"grads[{k!r}]", g, p.shape, f"like params[{k!r}]")
+        checks.same_dtype(f"grads[{k!r}]", g, p.dtype, f"params[{k!r}]")
+        checks.shape_is(f"grads[{k!r}]", g, p.shape, f"like params[{k!r}]")
     return {k: grads[k] for k in params}
 
 

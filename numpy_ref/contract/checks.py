@@ -1,4 +1,4 @@
-"""Input validation shared by every public op (the README's "Bad input" rules).
+"""Validation primitives the contract modules are built from (the README's "Bad input" rules).
 
 Every public function validates before it computes. A wrong rank or size is a `ValueError`, a
 wrong dtype (integer data, float16, mixed float32/float64) is a `TypeError`; each message names
