@@ -142,7 +142,7 @@ def _single_forward(q, k, v, lengths, masked, visible, bias, scale, context64, c
     for b in prange(B):
         n = _clamp_length(lengths[b], T)
         qb, wb, acc, part, pb = q[b], weights[b], context64[b], context[b], p_rows[b]
-        zero = scale - scale
+        zero = as_type_of(0.0, scale)
         for h in range(Hv):
             acc[h] = 0.0
         m = -np.inf  # running max of the scores (float64)
@@ -229,7 +229,7 @@ def _single_backward(q, k, v, lengths, masked, visible, bias, scale, stats, cont
     for b in prange(B):
         n = _clamp_length(lengths[b], T)
         qb, dcb, dqb, dc_low = q[b], d_context64[b], d_q[b], dc_rows[b]
-        zero = scale - scale
+        zero = as_type_of(0.0, scale)
         m, l = stats[b, 0], stats[b, 1]
         for h in range(H):
             dqb[h] = zero
@@ -312,7 +312,7 @@ def _softmax_rows(s, lengths, visible, bias, scale, stats):
         b, hh, i = r // (h * Tq), (r // Tq) % h, r % Tq
         n = _clamp_length(lengths[b], Tk)
         row, seen, br = s[b, hh, i], visible[b, hh, i], bias[b, hh, i]
-        zero = scale - scale
+        zero = as_type_of(0.0, scale)
         for j in range(n):
             x = row[j] * scale + br[j]
             row[j] = x if seen[j] else -np.inf
@@ -350,7 +350,7 @@ def _softmax_rows_backward(dw, w, d_weights, lengths):
         b, hh, i = r // (h * Tq), (r // Tq) % h, r % Tq
         n = _clamp_length(lengths[b], Tk)
         row, wr = dw[b, hh, i], w[b, hh, i]
-        zero = wr[0] - wr[0]
+        zero = as_type_of(0.0, wr[0])
         if has_dw:
             dwr = d_weights[b, hh, i]
             for j in range(n):
@@ -376,7 +376,7 @@ def _additive_scores(qa, ka, u, lengths, s):
         b, i = r // Tq, r % Tq
         n = _clamp_length(lengths[b], Tk)
         qi = qa[b, i]
-        zero = qi[0] - qi[0]
+        zero = as_type_of(0.0, qi[0])
         for j in range(n):
             kj = ka[b, j]
             acc = zero
@@ -393,7 +393,7 @@ def _additive_backward(qa, ka, u, lengths, ds, d_qa, d_ka, d_u_rows):
     Tk = ka.shape[1]
     for b in prange(B):  # one batch row per iteration: d_ka[b] and d_u_rows[b] are its own
         n = _clamp_length(lengths[b], Tk)
-        zero = u[0] - u[0]
+        zero = as_type_of(0.0, u[0])
         one = as_type_of(1.0, zero)
         dkb, dub = d_ka[b], d_u_rows[b]
         for j in range(Tk):
@@ -610,6 +610,9 @@ def attention_backward(
     if a.bias is not None:
         d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
     d_query = contract.without_padding(d_query, pad.queries)
+    if not fused:  # padding rows got 0 * (a NaN of a query row, or of dc): 0 by definition
+        d_keys = contract.without_padding(d_keys, pad.keys)
+        d_values = contract.without_padding(d_values, pad.keys)
     d_query, d_keys, d_values = contract.deliver(a, d_query, d_keys, d_values, sum_kv, out)
     return d_query, d_keys, d_values, d_params
 
@@ -630,7 +633,7 @@ def _additive_energy(qa, ka, v, e, s):
     scalar libm call here)."""
     B, Tq, A = qa.shape
     Tk = ka.shape[1]
-    zero = v[0] - v[0]
+    zero = as_type_of(0.0, v[0])
     for b in range(B):
         for i in range(Tq):
             qi = qa[b, i]
@@ -649,7 +652,7 @@ def _additive_energy_backward(e, v, ds, d_qa, d_ka, d_v64):
     """From ds [B, Tq, Tk] and the saved e: d_qa [B, Tq, A], d_ka [B, Tk, A] (both zeroed
     here) and d_v64 [A] (float64, zeroed here): dz = ds v (1 - e^2), d_v = sum ds e."""
     B, Tq, Tk, A = e.shape
-    zero = v[0] - v[0]
+    zero = as_type_of(0.0, v[0])
     one = as_type_of(1.0, zero)
     d_qa[...] = zero
     d_ka[...] = zero
@@ -711,7 +714,7 @@ def additive_scores_backward(
 def _weighted_sum_single(w, values, c):
     """c[b] = sum_j w[b, j] values[b, j] for w [B, Tk], values [B, Tk, Hv], c [B, Hv]."""
     B, Tk, Hv = values.shape
-    zero = c[0, 0] - c[0, 0]
+    zero = as_type_of(0.0, c[0, 0])
     for b in range(B):
         cb = c[b]
         cb[:] = zero
@@ -725,7 +728,7 @@ def _weighted_sum_single(w, values, c):
 def _weighted_sum_single_backward(w, values, dc, d_w, d_values):
     """d_w [B, Tk] = dc . values_j and d_values [B, Tk, Hv] = w_j dc, one pass per row."""
     B, Tk, Hv = values.shape
-    zero = dc[0, 0] - dc[0, 0]
+    zero = as_type_of(0.0, dc[0, 0])
     for b in range(B):
         dcb = dc[b]
         for j in range(Tk):

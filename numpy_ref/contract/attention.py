@@ -179,6 +179,11 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
     scale = score_scale(score, scale, keys.shape[-1])
     if lengths is not None:
         lengths = checks.lengths_array(lengths, keys.shape[0], keys.shape[-2])
+    # strided input gives the bits of a contiguous copy: BLAS sums a product in an order that
+    # follows the memory layout (a copy only when the caller's array is not C-contiguous)
+    same = values is keys
+    query, keys = np.ascontiguousarray(query), np.ascontiguousarray(keys)
+    values = keys if same else np.ascontiguousarray(values)
     if not heads:
         query = query[:, None, None] if layout == "single" else query[:, None]
         keys, values = keys[:, None], values[:, None]
@@ -186,10 +191,10 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
     h_kv, Tk = keys.shape[1:3]
     weights = {"single": (B, Tk), "steps": (B, Tq, Tk), "heads": (B, h, Tq, Tk)}[layout]
     labels = {"single": "[B, Tk]", "steps": "[B, Tq, Tk]", "heads": "[B, h, Tq, Tk]"}[layout]
-    inputs = AttentionInputs(query, keys, values, p, lengths, None, bool(causal), scale, None,
-                             None, score, layout, h // h_kv)
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    inputs = AttentionInputs(query, keys, values, p, lengths, None, bool(causal), scale, None,
+                             None, score, layout, h // h_kv)
     if mask is not None:
         mask = inputs.from_user(_broadcastable("mask", bool_mask("mask", mask, weights, labels),
                                                weights, labels))
