@@ -187,7 +187,7 @@ def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     s = np.ones((3, 1, 2, 8))
     stats = np.empty((3, 1, 2, 2))
-    ka._softmax_rows(s, bad_lengths, np.broadcast_to(np.True_, s.shape),
+    ka._softmax_rows(s, bad_lengths, False, False, np.broadcast_to(np.True_, s.shape), False,
                      np.broadcast_to(0.0, s.shape), 1.0, stats)
     np.testing.assert_allclose(s.sum(axis=-1), 1.0)
 

@@ -223,10 +223,11 @@ def _compact(a: np.ndarray) -> np.ndarray:
     return a[index]
 
 
-def visibility(a: AttentionInputs, *, with_lengths: bool = True) -> np.ndarray | None:
+def visibility(a: AttentionInputs, *, with_lengths: bool = True,
+               with_causal: bool = True) -> np.ndarray | None:
     """Which (query, key) pairs are visible: a bool array broadcastable to [B, h, Tq, Tk], the
-    AND of lengths (unless with_lengths is False), mask, causal and bias != -inf; None when
-    all are."""
+    AND of lengths, mask, causal and bias != -inf (lengths and causal only when asked: a kernel
+    that handles a prefix per row itself leaves them out); None when all are."""
     _B, _h, Tq, _ = a.query.shape
     Tk = a.keys.shape[2]
     parts = []
@@ -234,7 +235,7 @@ def visibility(a: AttentionInputs, *, with_lengths: bool = True) -> np.ndarray |
         parts.append((np.arange(Tk) < a.lengths[:, None])[:, None, None, :])
     if a.mask is not None:
         parts.append(_compact(a.mask))
-    if a.causal and Tk > 1:
+    if with_causal and a.causal and Tk > 1:
         parts.append(_causal(Tq, Tk))
     if a.bias is not None:
         finite = _compact(a.bias) != -np.inf  # NaN stays visible: it is data and propagates
