@@ -832,7 +832,7 @@ def masked_softmax_forward(
 def masked_softmax_backward(d_weights: np.ndarray, cache: KernelMaskedSoftmaxCache) -> np.ndarray:
     """Numba `numpy_ref.masked_softmax_backward`: d_scores = w * (dw - sum_j w_j dw_j)."""
     w, lengths, shape = checks.cache_of(cache, KernelMaskedSoftmaxCache,
-                                         "kernels.masked_softmax_forward")
+                                        "kernels.masked_softmax_forward")
     d_weights = contract.like_weights("d_weights", d_weights, w.reshape(shape))
     dw = np.array(_as4(d_weights), order="C")
     _softmax_rows_backward(dw, w, np.empty((0, 0, 0, 0), w.dtype), lengths, False)

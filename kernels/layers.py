@@ -193,7 +193,7 @@ def cross_entropy_backward(d_loss: Any, cache: KernelCrossEntropyCache) -> np.nd
     """Numba `numpy_ref.cross_entropy_backward`: d_loss -> d_logits, shaped like the logits."""
     (z, stats, t, probabilities, w, ls, ignore_index, reduction, denominator,
      logits_shape) = checks.cache_of(cache, KernelCrossEntropyCache,
-                                      "kernels.cross_entropy_forward")
+                                     "kernels.cross_entropy_forward")
     d_rows = contract.cross_entropy_cotangent(d_loss, reduction, denominator, logits_shape,
                                               z.dtype).astype(np.float64)
     dz = np.empty_like(z)
@@ -225,7 +225,7 @@ def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np
     """Numba `numpy_ref.embedding_backward`: d_out [..., E] -> {"weight": [V, E]} (0 at
     padding_idx). Takes numpy_ref's cache (`kernels.embedding_forward` is numpy_ref's own)."""
     ids, (V, E), dtype, padding_idx = checks.cache_of(cache, EmbeddingCache,
-                                                       "embedding_forward")
+                                                      "embedding_forward")
     d_out = contract.cotangent("d_out", d_out, (*ids.shape, E), dtype, "the embedding output")
     d_weight = np.zeros((V, E), dtype)
     _scatter_rows(np.ascontiguousarray(ids.reshape(-1), dtype=np.int64),

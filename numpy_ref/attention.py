@@ -414,7 +414,7 @@ def attention_backward(
     when a bias was given.
     """
     a, pad, scores, softmax, weighted = checks.cache_of(cache, AttentionCache,
-                                                         "attention_forward")
+                                                        "attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
     dc, dW = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])
     dw, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v

@@ -147,7 +147,7 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
                        scale: Any = None, bias: Any = None) -> AttentionInputs:
     """Check every `attention_forward` argument; return them in the heads layout."""
     query = checks.float_array_ranks("query", query,
-                                      (("B", "Hq"), ("B", "Tq", "Hq"), ("B", "h", "Tq", "D")))
+                                     (("B", "Hq"), ("B", "Tq", "Hq"), ("B", "h", "Tq", "D")))
     layout = _LAYOUTS[query.ndim]
     heads = layout == "heads"
     kv = ("B", "h_kv", "Tk") if heads else ("B", "Tk")
@@ -402,10 +402,10 @@ def like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) 
 def additive_scores(query_proj: Any, key_proj: Any, v: Any):
     """Check `additive_scores_forward`'s arguments; return them."""
     qa = checks.float_array_ranks("query_proj", query_proj,
-                                   (("B", "A"), ("B", "Tq", "A"), ("B", "h", "Tq", "A")))
+                                  (("B", "A"), ("B", "Tq", "A"), ("B", "h", "Tq", "A")))
     heads = qa.ndim == 4
     ka = checks.float_array("key_proj", key_proj,
-                             ("B", "h", "Tk", "A") if heads else ("B", "Tk", "A"))
+                            ("B", "h", "Tk", "A") if heads else ("B", "Tk", "A"))
     v = checks.float_array("v", v, ("A",))
     checks.same_dtype("key_proj", ka, qa.dtype, "query_proj")
     checks.same_dtype("v", v, qa.dtype, "query_proj")
@@ -425,7 +425,7 @@ def weighted_sum(weights: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     w = checks.float_array_ranks("weights", weights, _SCORE_RANKS)
     heads = w.ndim == 4
     values = checks.float_array("values", values,
-                                 ("B", "h", "Tk", "Hv") if heads else ("B", "Tk", "Hv"))
+                                ("B", "h", "Tk", "Hv") if heads else ("B", "Tk", "Hv"))
     checks.same_dtype("values", values, w.dtype, "weights")
     lead = (w.shape[:2] if heads else w.shape[:1]) + (w.shape[-1],)
     if values.shape[:-1] != lead:

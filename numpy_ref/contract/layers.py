@@ -41,7 +41,7 @@ def embedding(ids: Any, params: Mapping[str, Any], padding_idx: Any):
     None)."""
     V = checks.leading_dim(params, "weight", 2, "[V, E]")
     weight = checks.param(params, "weight", (V, params["weight"].shape[1]), "[V, E]",
-                           params["weight"].dtype, "weight")
+                          params["weight"].dtype, "weight")
     checks.no_unexpected_keys(params, {"weight"}, "an embedding takes only 'weight'")
     ids = integer_ids("ids", ids, V)
     if padding_idx is not None:
@@ -78,7 +78,7 @@ def linear(x: Any, params: Mapping[str, Any]):
     if "bias" in params:
         bias = checks.param(params, "bias", (O,), "[O]", x.dtype, "x")
     checks.no_unexpected_keys(params, {"weight", "bias"},
-                               "a linear layer takes 'weight' and optionally 'bias'")
+                              "a linear layer takes 'weight' and optionally 'bias'")
     return x, weight, bias
 
 
@@ -121,7 +121,7 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
     if targets.dtype.kind == "f":  # class probabilities, shaped like the logits
         checks.same_dtype("targets", targets, logits.dtype, "logits")
         checks.shape_is("targets", targets, logits.shape,
-                         "like logits (class probabilities)")
+                        "like logits (class probabilities)")
         t = targets[None] if unbatched else targets
         return zl, np.moveaxis(t, 1, -1).reshape(-1, C), class_weight, True
     if targets.dtype.kind not in "iu":

@@ -91,7 +91,7 @@ def _cell_params(params: Mapping[str, Any], I: int, dtype: np.dtype
     if P:
         p["weight_hr"] = checks.param(params, "weight_hr", (P, H), "[P, H]", dtype, "x")
     checks.no_unexpected_keys(params, set(p), "an LSTM cell has weight_ih, weight_hh, "
-                               "bias_ih, bias_hh and optionally weight_hr")
+                              "bias_ih, bias_hh and optionally weight_hr")
     return p, H, Ho
 
 
@@ -185,7 +185,7 @@ def validate_lstm_inputs(
         checks.float_array(name, a, ("L*D", "B", size))
         checks.same_dtype(name, a, x.dtype, "x")
         checks.shape_is(name, a, (num_layers * D, B, Ho if size == "Ho" else H),
-                         f"[L*D, B, {size}]")
+                        f"[L*D, B, {size}]")
     if lengths is not None:
         lengths = checks.lengths_array(lengths, B, T)
     return xt, p, H, Ho, D, h0, c0, lengths

@@ -120,7 +120,7 @@ def _params(params: Any, E: int, kdim: int, vdim: int, dtype: np.dtype
     allowed = set(PACKED if packed else SEPARATE) | {"out_proj.weight"}
     allowed |= set(BIASES) if has_bias else set()
     checks.no_unexpected_keys(params, allowed, "nn.MultiheadAttention's state_dict holds "
-                               f"{sorted(allowed)} for these options")
+                              f"{sorted(allowed)} for these options")
     projections = tuple({"weight": w} if b is None else {"weight": w, "bias": b}
                         for w, b in zip(weights, biases, strict=True))
     return projections, out, packed, tuple(params)
