@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy import assert_close_policy
+from test_attention_reliability import run
 
 import kernels
 import numpy_ref
@@ -184,17 +185,9 @@ def cast(a: dict, dtype) -> dict:
 
 
 def run_ours(backend: str, s: Spec, a: dict) -> dict[str, np.ndarray]:
-    mod = BACKENDS[backend]
-    context, weights, cache = mod.attention_forward(
-        a["query"], a["keys"], a["values"], score=s.score, params=a["params"] or None,
-        lengths=None if s.lengths is None else np.array(s.lengths), mask=a["mask"],
-        causal=s.causal, scale=s.scale, bias=a["bias"])
-    d_query, d_keys, d_values, d_params = mod.attention_backward(a["d_context"], cache,
-                                                                 d_weights=a["d_weights"])
-    res = {"context": context, "weights": weights, "d_query": d_query, "d_keys": d_keys,
-           "d_values": d_values}
-    res.update({f"d_params[{k!r}]": v for k, v in d_params.items()})
-    return res
+    """Forward and backward of the spec's options; every result by name."""
+    return run(backend, s.score, a, lengths=None if s.lengths is None else np.array(s.lengths),
+               mask=a["mask"], causal=s.causal, scale=s.scale, bias=a["bias"])
 
 
 # ---------------------------------------------------------------------------------------------
