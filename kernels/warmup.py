@@ -93,6 +93,9 @@ def _other_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
         targets = np.array([1, 0, 6])
         loss, cache = k.cross_entropy_forward(logits, targets, label_smoothing=0.1)
         k.cross_entropy_backward(np.ones_like(loss), cache)
+        probabilities = np.full_like(logits, 1 / 7)  # class probabilities as targets
+        loss, cache = k.cross_entropy_forward(logits, probabilities)
+        k.cross_entropy_backward(np.ones_like(loss), cache)
         out, cache = k.embedding_forward(np.array([[0, 2], [1, 1]]), {"weight": logits})
         k.embedding_backward(np.ones_like(out), cache)
 
