@@ -519,11 +519,11 @@ def attention_forward(
     visible = np.broadcast_to(np.True_ if visible is None else visible, shape)
     bias4 = np.broadcast_to(dtype.type(0) if a.bias is None else a.bias, shape)
     scale = dtype.type(1.0 if a.scale is None else a.scale)
-    if fused:  # hidden rows are skipped, never read: no copy needed
-        q = np.ascontiguousarray(a.query)
+    # a query row that sees no key is zeroed (general's d_W = q^T d_q' would read it)
+    q = np.ascontiguousarray(contract.without_padding(a.query, pad.queries))
+    if fused:  # hidden key rows are skipped, never read: no copy of K or V needed
         k = np.ascontiguousarray(a.keys)
     else:
-        q = np.ascontiguousarray(contract.without_padding(a.query, pad.queries))
         k = np.ascontiguousarray(contract.without_padding(a.keys, pad.keys))
     if same:
         v = k

@@ -894,3 +894,31 @@ def test_threaded_cores_are_bitwise_repeatable_on_a_wide_batch(backend: str, lay
     for i in range(4):
         for j, (x, y) in enumerate(zip(once(), first, strict=True)):
             np.testing.assert_array_equal(x, y, err_msg=f"output {j}, call {i + 2}")
+
+
+@over_backends
+@pytest.mark.parametrize("score", ["dot", "general", "additive"])
+@pytest.mark.parametrize("single", [True, False], ids=["one-query", "many-queries"])
+def test_a_query_that_sees_no_key_is_not_data(backend: str, score: str, single: bool) -> None:
+    """NaN in a query row the mask hides every key from changes nothing, bit for bit, not even
+    the score's weight gradients (general's d_W = q^T d_q' reads every query row)."""
+    mod = BACKENDS[backend]
+    rng = np.random.default_rng(11)
+    B, Tq, Tk, H, A = 3, 2, 5, 4, 3
+    q = rng.standard_normal((B, H) if single else (B, Tq, H))
+    k = rng.standard_normal((B, Tk, H))
+    params = {"general": {"W": rng.standard_normal((H, H))}, "dot": None,
+              "additive": {"W_query": rng.standard_normal((A, H)),
+                           "W_key": rng.standard_normal((A, H)), "v": rng.standard_normal(A)}}
+    mask = np.ones((*q.shape[:-1], Tk), bool)
+    mask[1] = False  # row 1 (every query of it) sees no key
+    results = []
+    for fill in (0.0, np.nan):
+        qq = q.copy()
+        qq[1] = fill
+        context, weights, cache = mod.attention_forward(qq, k, k, score=score,
+                                                        params=params[score], mask=mask)
+        d_q, d_k, d_v, d_p = mod.attention_backward(np.ones_like(context), cache)
+        results.append([context, weights, d_q, d_k, d_v, *d_p.values()])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_array_equal(got, want)
