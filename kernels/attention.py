@@ -252,7 +252,8 @@ def _single_backward(q, k, v, lengths, masked, visible, bias, scale, stats, cont
         delta = dot(context64[b], dcb, 0.0)  # = sum_j w_j (dc . v_j)
         if has_dw:
             for j in range(n):
-                delta += weights[b, j] * d_weights[b, j]
+                wj = weights[b, j]
+                delta += 0.0 if wj == zero else wj * d_weights[b, j]  # a hidden key adds nothing
         for h in range(Hv):
             dc_low[h] = as_type_of(dcb[h], zero)
         for j in range(n):
@@ -267,8 +268,11 @@ def _single_backward(q, k, v, lengths, masked, visible, bias, scale, stats, cont
                     d_bias[b, j] = zero
                 continue
             kj, vj = k[b, j], v[b, j]
-            s = np.float64(dot(qb, kj, zero) * scale + bias[b, j])
-            w = np.exp(s - m) * inv_l  # recomputed
+            if has_db:  # the forward's own weight: with fast-math, (q.k s + bias) - m could be
+                w = np.float64(weights[b, j])  # reassociated and drift from it for a large bias
+            else:
+                s = np.float64(dot(qb, kj, zero) * scale)
+                w = np.exp(s - m) * inv_l  # recomputed
             dw = dot(dcb, vj, 0.0)
             if has_dw:
                 dw += d_weights[b, j]
@@ -317,14 +321,18 @@ def _softmax_rows(s, lengths, causal, masked, visible, has_bias, bias, scale, st
     where the caller's arrays were), read only when masked / has_bias.
 
     Three vectorized passes over an L1-resident row: the max (through integer keys, see
-    `max_prefix`), exp with the sum, the normalisation; with a mask or a bias (or a scale
-    <= 0, where the max of scale * s is not scale * max s) a first pass forms the scores. The
+    `max_prefix`), exp with the sum, the normalisation; with a mask, a bias or a scale other
+    than 1, a first pass forms the scores in place. The
     causal prefix is the row's own length, i + 1: the keys above the diagonal are not read. At
     (32, 256, 256) float32: 1.1 ms, against 2.3 ms with a float compare max and separate exp
     and sum passes.
     """
     B, h, Tq, Tk = s.shape
-    plain = not masked and not has_bias and scale > 0
+    # scale 1: the scores are used as they are; any other scale is applied in a first pass,
+    # so that max and subtraction see the same rounded numbers (exp(s * scale - max * scale)
+    # with a fused multiply-add is off by up to ulp(max * scale): exp(+-1024) at |s| ~ 1e10
+    # in float32)
+    plain = not masked and not has_bias and scale == 1
     for r in range(B * h * Tq):
         b, hh, i = r // (h * Tq), (r // Tq) % h, r % Tq
         n = _clamp_length(lengths[b], Tk)
@@ -333,8 +341,7 @@ def _softmax_rows(s, lengths, causal, masked, visible, has_bias, bias, scale, st
         row = s[b, hh, i]
         zero = as_type_of(0.0, scale)
         if plain:
-            m = max_prefix(row, n) * scale
-            sc = scale
+            m = max_prefix(row, n)
         else:
             seen, br = visible[b, hh, i], bias[b, hh, i]
             for j in range(n):
@@ -345,7 +352,6 @@ def _softmax_rows(s, lengths, causal, masked, visible, has_bias, bias, scale, st
                     x = -np.inf
                 row[j] = x
             m = max_prefix(row, n)  # NaN if the row holds one
-            sc = as_type_of(1.0, scale)
         row[n:] = zero
         if m == -np.inf:  # the row sees no key
             row[:n] = zero
@@ -353,7 +359,7 @@ def _softmax_rows(s, lengths, causal, masked, visible, has_bias, bias, scale, st
             continue
         total = 0.0
         for j in range(n):
-            e = exp_nonpositive(row[j] * sc - m)  # vectorizes, unlike np.exp (scalar libm)
+            e = exp_nonpositive(row[j] - m)  # vectorizes, unlike np.exp (scalar libm)
             row[j] = e
             total += e
         inv = as_type_of(1.0 / total, zero)
@@ -387,7 +393,11 @@ def _softmax_rows_backward(dw, w, d_weights, lengths, causal):
             dwr = d_weights[b, hh, i]
             for j in range(n):
                 row[j] += dwr[j]
-        d = as_type_of(dot(wr[:n], row[:n], 0.0), zero)
+        d = 0.0
+        for j in range(n):
+            x = wr[j] * row[j]
+            d += 0.0 if wr[j] == zero else x  # a hidden key adds nothing, even next to a NaN
+        d = as_type_of(d, zero)
         for j in range(n):
             x = wr[j] * (row[j] - d)
             row[j] = zero if wr[j] == zero else x
@@ -439,8 +449,6 @@ def _additive_backward(qa, ka, u, lengths, ds, d_qa, d_ka, d_u_rows):
                 dqi[a] = zero
             for j in range(n):
                 g = ds[b, i, j]
-                if g == zero:  # a hidden key (or no gradient): nothing to add
-                    continue
                 kj, dkj = ka[b, j], dkb[j]
                 for a in range(A):
                     e = np.tanh(qi[a] + kj[a])
@@ -472,8 +480,9 @@ class KernelAttentionCache(NamedTuple):
     context64: np.ndarray | None  # [B, Hv] float64 context, read for delta = <c, dc> (single
     #                               query); None on the batched path
     lengths: np.ndarray  # [B] int64, Tk where none were given
-    masked: bool  # whether any key is hidden beyond lengths (else `visible` is all True)
-    visible: np.ndarray  # bool [B, h, Tq, Tk] view (broadcast): the mask, causal, bias > -inf
+    masked: bool  # whether `visible` hides any key (else it is all True and not read)
+    visible: np.ndarray  # bool [B, h, Tq, Tk] view (broadcast): the mask and bias > -inf, and
+    #                      causal on the fused path (the batched one takes causal as a prefix)
     bias: np.ndarray  # [B, h, Tq, Tk] view (broadcast zeros when no bias was given)
     projections: tuple[np.ndarray, np.ndarray] | None  # additive: (q W_query^T + b, k W_key^T)
     fused: bool  # whether the single-query fused kernels ran
@@ -577,7 +586,7 @@ def attention_backward(
     path."""
     (a, pad, q, k, v, core_q, w, stats, context64, lengths, masked, visible, bias4, projections,
      fused) = checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
-    sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
+    sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
     B, h, Tq, Tk = w.shape
     h_kv, Hv = k.shape[1], v.shape[3]
     dtype = w.dtype

@@ -262,8 +262,9 @@ def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) ->
     """
     w = checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
     d_weights = contract.like_weights("d_weights", d_weights, w)
-    ds = w * (d_weights - np.sum(w * d_weights, axis=-1, keepdims=True))
-    return np.where(w == 0, 0, ds)  # 0 where w is, even when the row's sum is NaN
+    delta = np.sum(np.where(w == 0, 0, w * d_weights), axis=-1, keepdims=True)
+    ds = w * (d_weights - delta)
+    return np.where(w == 0, 0, ds)  # a hidden key (w = 0) takes and gives nothing, even NaN
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def attention_backward(
     """
     a, pad, scores, softmax, weighted = checks.cache_of(cache, AttentionCache,
                                                         "attention_forward")
-    sum_kv, out = contract.gradient_outputs(a, sum_kv, out)
+    sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
     dc, dW = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])
     dw, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
     if dW is not None:

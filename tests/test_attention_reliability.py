@@ -922,3 +922,57 @@ def test_a_query_that_sees_no_key_is_not_data(backend: str, score: str, single: 
         results.append([context, weights, d_q, d_k, d_v, *d_p.values()])
     for got, want in zip(*results, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@over_backends
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", ["single", "steps", "heads"])
+def test_huge_finite_scores_give_finite_weights(backend: str, dtype, layout: str) -> None:
+    """Scores near 1e10 (float32) or 1e19 (float64), scaled: the weights are a finite one-hot,
+    as numpy_ref's (exp of the scaled score minus a max formed from other roundings would
+    be exp(+-ulp(max)) = exp(+-1024) there)."""
+    rng = np.random.default_rng(12)
+    magnitude = 1e10 if dtype == np.float32 else 1e19
+    lead = {"single": (2,), "steps": (2, 3), "heads": (2, 3, 4)}[layout]
+    kv_lead = (2, 3) if layout == "heads" else (2,)
+    q = rng.standard_normal((*lead, 8)).astype(dtype)
+    k = (rng.standard_normal((*kv_lead, 5, 8)) * magnitude).astype(dtype)
+    v = rng.standard_normal((*kv_lead, 5, 8)).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, want, _ = numpy_ref.attention_forward(q, k, v, score="scaled_dot")
+        _, got, _ = BACKENDS[backend].attention_forward(q, k, v, score="scaled_dot")
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shift", [1e12, 1e14])
+def test_kernels_gradients_under_a_large_bias_are_numpy_refs(shift: float) -> None:
+    """A large bias per row (the fused single-query backward must use the forward's weights:
+    recomputed under fast-math, exp((q.k s + bias) - m) drifted from them by 2e-5 at 1e12 and
+    0.4 at 1e16) gives numpy_ref's gradients."""
+    rng = np.random.default_rng(13)
+    q, k = rng.standard_normal((3, 4)), rng.standard_normal((3, 6, 4))
+    bias = shift + rng.standard_normal((3, 6))
+    dc = rng.standard_normal((3, 4))
+    want = numpy_ref.attention_backward(dc, numpy_ref.attention_forward(q, k, k, bias=bias)[2])
+    got = kernels.attention_backward(dc, kernels.attention_forward(q, k, k, bias=bias)[2])
+    for name, g, w in zip(("d_query", "d_keys", "d_values"), got, want, strict=False):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * np.abs(w).max(), err_msg=name)
+    np.testing.assert_allclose(got[3]["bias"], want[3]["bias"], rtol=1e-9, atol=1e-12)
+
+
+@over_backends
+def test_gradient_buffers_that_overlap_are_refused(backend: str) -> None:
+    """out buffers may not alias the forward's inputs, the cotangents, or each other: a kernel
+    reads those while it writes the buffers."""
+    mod = BACKENDS[backend]
+    rng = np.random.default_rng(14)
+    q, kv, dc = rng.standard_normal((3, 4)), rng.standard_normal((3, 6, 4)), np.ones((3, 4))
+    cache = mod.attention_forward(q, kv, kv)[2]
+    b = np.empty_like(kv)
+    for out, message in [((q, None, None), r"out\[0\] \(d_query\): overlaps the memory of query"),
+                         ((dc, None, None), r"overlaps the memory of d_context"),
+                         ((None, b, b), r"out\[1\] \(d_keys\): overlaps the memory of out\[2\]"),
+                         ((None, kv, None), r"overlaps the memory of keys")]:
+        with pytest.raises(ValueError, match=message):
+            mod.attention_backward(dc, cache, out=out)

@@ -70,11 +70,6 @@ class AttentionInputs(NamedTuple):
             return x[:, None, None]
         return x[:, None] if self.layout == "steps" else x
 
-    def weights_shape(self) -> tuple[int, ...]:
-        """The shape of the weights in the caller's layout."""
-        B, h, Tq, _ = self.query.shape
-        Tk = self.keys.shape[2]
-        return {"single": (B, Tk), "steps": (B, Tq, Tk), "heads": (B, h, Tq, Tk)}[self.layout]
 
 
 def score_params(score: Any, params: Any, Hq: int, Hk: int, dtype: np.dtype,
@@ -196,8 +191,8 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
     inputs = AttentionInputs(query, keys, values, p, lengths, None, bool(causal), scale, None,
                              None, score, layout, h // h_kv)
     if mask is not None:
-        mask = inputs.from_user(_broadcastable("mask", bool_mask("mask", mask, weights, labels),
-                                               weights, labels))
+        mask = inputs.from_user(np.broadcast_to(bool_mask("mask", mask, weights, labels),
+                                                weights))
     bias_shape = None
     if bias is not None:
         if not isinstance(bias, np.ndarray):
@@ -306,7 +301,8 @@ def _like_axes(name: str, d: Any, axes: tuple[str, ...], sizes: dict[str, int],
     return d
 
 
-def _like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+def like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+    """A cotangent of exactly `shape` and `dtype` (`what` names the output it belongs to)."""
     if not isinstance(d, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray shaped like {what} {shape}, got "
                         f"{type(d).__name__}")
@@ -317,10 +313,12 @@ def _like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str)
     return d
 
 
-def gradient_outputs(a: AttentionInputs, sum_kv: Any, out: Any) -> tuple:
+def gradient_outputs(a: AttentionInputs, sum_kv: Any, out: Any, *reads: Any) -> tuple:
     """Check `attention_backward`'s sum_kv and out; return (sum_kv, (d_query, d_keys,
-    d_values) buffers, each an array or None). Buffers must be C-contiguous, writeable, and
-    shaped and typed like the gradient they receive."""
+    d_values) buffers, each an array or None). Buffers must be C-contiguous, writeable, shaped
+    and typed like the gradient they receive, and share no memory with each other, with the
+    forward's query, keys and values, or with `reads` (d_context, d_weights): a kernel reads
+    those while it writes the buffers."""
     if not isinstance(sum_kv, (bool, np.bool_)):
         raise TypeError(f"sum_kv: expected a bool, got {type(sum_kv).__name__}")
     k_shape = a.keys.shape if a.layout == "heads" else a.keys.shape[:1] + a.keys.shape[2:]
@@ -350,6 +348,14 @@ def gradient_outputs(a: AttentionInputs, sum_kv: Any, out: Any) -> tuple:
         checks.shape_is(name, buf, shape, "like the gradient")
         if not (buf.flags.c_contiguous and buf.flags.writeable):
             raise ValueError(f"{name}: expected a C-contiguous, writeable array")
+    inputs = {"query": a.query, "keys": a.keys, "values": a.values}
+    inputs.update(zip(("d_context", "d_weights"), reads, strict=False))
+    given = [(name, buf) for name, buf in zip(names, out, strict=True) if buf is not None]
+    for i, (name, buf) in enumerate(given):
+        for other, x in [*inputs.items(), *given[i + 1:]]:
+            if isinstance(x, np.ndarray) and np.may_share_memory(buf, x):
+                raise ValueError(f"{name}: overlaps the memory of {other}; gradient buffers "
+                                 "must be separate arrays")
     return bool(sum_kv), tuple(out)
 
 
@@ -392,11 +398,6 @@ def like_weights(name: str, d: Any, weights: np.ndarray) -> np.ndarray:
     checks.same_dtype(name, d, weights.dtype, "scores")
     checks.shape_is(name, d, weights.shape, "like the weights")
     return d
-
-
-def like(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
-    """A cotangent of exactly `shape` and `dtype` (`what` names the output it belongs to)."""
-    return _like(name, d, shape, dtype, what)
 
 
 def additive_scores(query_proj: Any, key_proj: Any, v: Any):
