@@ -8,7 +8,9 @@ kernels are compiled with ``cache=True``, so the machine code lands next to the 
 explicit, with a progress bar: it calls every public op of this package, forward and backward,
 in both dtypes, on tiny inputs that reach each compiled path (the fused single-query core with
 and without masks and bias, the batched path with heads and grouped queries, the additive
-score, the LSTM with lengths and projections, the layers and the optimizers).
+score, the LSTM with lengths and projections, the layers and the optimizers). Masks and
+biases are warmed up both broadcast and full-shape; read-only input arrays (``flags.writeable``
+False) are a type of their own and still compile on their first call.
 """
 
 from __future__ import annotations
@@ -44,9 +46,16 @@ def _attention_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
 
     q1, q3, kv = arr(B, H), arr(B, Tq, H), arr(B, Tk, H)
     q4, kv4 = arr(B, 4, Tq, H), arr(B, 2, Tk, H)
+    # A mask or bias that broadcasts is passed to the kernels as a strided view, a full-shape
+    # one as a contiguous array: Numba compiles each kind once, so both are warmed up.
+    full = np.broadcast_to(mask, (B, Tk)).copy()
+    full4 = np.broadcast_to(mask, (B, 4, Tq, Tk)).copy()
     calls = [
         ("attention, one query", both(q1, kv, kv, lengths=lengths)),
         ("attention, one query, mask and bias", both(q1, kv, kv, mask=mask, bias=arr(B, Tk))),
+        ("attention, one query, full mask", both(q1, kv, kv, mask=full, bias=arr(Tk))),
+        ("attention, one query, full mask and bias", both(q1, kv, kv, mask=full,
+                                                          bias=arr(B, Tk))),
         ("attention, one query, general", both(q1, kv, kv, score="general", params=general)),
         ("attention, many queries", both(q3, kv, kv, lengths=lengths, causal=True)),
         ("attention, many queries, mask and bias", both(q3, kv, kv, mask=mask,
@@ -55,6 +64,9 @@ def _attention_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
         ("attention, one query, additive", both(q1, kv, kv, score="additive",
                                                 params=additive, lengths=lengths)),
         ("attention, heads (grouped)", both(q4, kv4, kv4, score="scaled_dot", causal=True)),
+        ("attention, heads, mask and bias", both(q4, kv4, kv4, mask=mask, bias=arr(Tq, Tk))),
+        ("attention, heads, full mask and bias", both(q4, kv4, kv4, mask=full4,
+                                                      bias=arr(B, 4, Tq, Tk))),
     ]
 
     def softmax():
