@@ -472,7 +472,8 @@ class KernelAttentionCache(NamedTuple):
     query: np.ndarray  # [B, h, Tq, Hq] contiguous, padding rows zeroed; read for d_W, d_keys
     keys: np.ndarray  # [B, h_kv, Tk, Hk] contiguous, padding zeroed; read
     values: np.ndarray  # [B, h_kv, Tk, Hv] contiguous (the keys array when keys is values)
-    core_query: np.ndarray  # [B, h, Tq, Hk] what meets the keys: q, or q W for general; read
+    core_query: np.ndarray  # [B, h, Tq, Hk] what meets the keys: q, or q W for general, times
+    #                         the scale on the batched path (the fused one scales each score)
     weights: np.ndarray  # [B, h, Tq, Tk] read by the batched backward and for the dW term;
     #                      the single-query backward recomputes them from stats
     stats: np.ndarray  # [B, h, Tq, 2] float64: each row's max score m and
@@ -562,10 +563,12 @@ def attention_forward(
                              projections[1].reshape(B * h_kv, Tk, A), p["v"],
                              np.repeat(lengths, h_kv), weights)
             weights = weights.reshape(shape)
-        else:
+        else:  # the scale goes into the (Tk times smaller) query: the scores come out scaled
+            if scale != 1:
+                core_q = core_q * scale
             weights = (core_q.reshape(B, h_kv, g * Tq, -1) @ np.swapaxes(k, 2, 3)).reshape(shape)
         _softmax_rows(weights, lengths, a.causal, masked, visible, a.bias is not None, bias4,
-                      scale, stats)
+                      dtype.type(1.0), stats)
         context = (weights.reshape(B, h_kv, g * Tq, Tk) @ v).reshape(B, h, Tq, Hv)
         context = contract.without_padding(context, pad.queries)
     cache = KernelAttentionCache(a, pad, q, k, v, core_q, weights, stats, context64, lengths,
@@ -643,7 +646,7 @@ def attention_backward(
             d_core_q = None
         else:
             d_core_q = (dsg @ k).reshape(B, h, Tq, -1) * scale
-            d_keys = (np.swapaxes(dsg, 2, 3) @ core_q.reshape(B, h_kv, g * Tq, -1)) * scale
+            d_keys = np.swapaxes(dsg, 2, 3) @ core_q.reshape(B, h_kv, g * Tq, -1)  # q is scaled
     if d_core_q is not None:
         if score == "general":  # core_q = q @ W
             d_params["W"] = _flat(q).T @ _flat(d_core_q)
