@@ -1,26 +1,34 @@
-"""Time every backend of every op against the float64 reference and the hardware floor.
+"""Time every backend of every op against the float64 reference and the machine's ceiling.
 
 What is measured: for each problem (an op at one size) and each backend (numpy_ref, kernels,
 torch on the CPU, torch on CUDA when present; for attention torch's bmm path and its
-scaled_dot_product_attention), the wall time of one forward call and of one forward+backward
-call, backward driven by random cotangents of the outputs; and for each model (the seed's
+scaled_dot_product_attention), the time of one forward call and of one forward+backward call,
+backward driven by random cotangents of the outputs; and for each model (the seed's
 classifier, the encoder-decoder with a Luong and with a Bahdanau decoder) one training step:
-forward, cross-entropy, backward and an Adam step (benchmarks/training.py; where the time of
-such a step goes: python -m benchmarks.profile).
+forward, cross-entropy, backward and an Adam step (where such a step's time goes:
+python -m benchmarks.profile).
+
 Before a row is timed its result (outputs, and for forward+backward the gradient of every input
 and parameter) is compared with numpy_ref run in float64 on the same inputs; a row that
-disagrees is flagged FAIL and the command exits with status 1.
+disagrees is FAIL and the command exits with status 1.
 
-Each row is printed next to the floor the machine puts under it, measured in the same run:
-- The LSTM, the many-query attention and the training steps are GEMM-bound (an LSTM step is
-  two matrix products and cheap gate math), so their GFLOP/s is compared with the rate numpy's
-  BLAS reaches on one product of a comparable shape.
-- The single-query attention (the seed's) is memory-bound: forward must read the values V once,
-  backward read them once more and write d_values once. Its GB/s is compared with a streaming
-  read and a fresh copy of V's bytes, done by parallel Numba kernels on as many threads.
-"% floor" is the floor's time for the row's work over the row's time. The "vs base" column is
-speed relative to the op's usual counterpart: torch on the CPU, torch's bmm path for attention.
-A training-step row is validated on its loss and every gradient (before the update).
+Each row is printed as a percentage of its ceiling, the least time any library on this
+machine takes for the row's work, measured in the same run (benchmarks/ceilings.py):
+- GEMM-bound rows (the LSTM, the many-query and multi-head attention, the training steps): the
+  best of NumPy's and torch's BLAS on exactly the matrix products the op must compute;
+- memory-bound rows (the single-query attention, the seed's case): a streaming read of V (and
+  for forward+backward a fresh copy of it), the least traffic the op needs.
+A row above 100% of its ceiling is flagged ABOVE CEILING (a measurement problem); rows whose
+ceiling is under 20 us, or whose samples spread too widely, say "too small" instead of a
+percentage. The header gives the CPU's nominal peak and how it was derived.
+
+Files: the run is written as JSON (benchmarks/schema.json: a header with the machine, versions,
+threads, BLAS, git commit, date and the run's noise; one record per row) and as PNG plots
+(speed against torch; with --sizes sweep, time and % of ceiling against size), by default into
+bench-results/<date>-<time>-<commit>/. --compare OLD.json [NEW.json] compares runs row by row.
+
+Exit status: 0 when every row validated; 1 when a row FAILed; 2 when no case matched the
+selection; 3 with --fail-on-regression when --compare found a regression.
 """
 
 from __future__ import annotations
@@ -28,12 +36,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import numba
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from benchmarks import cases, runner
+from benchmarks import cases, compare, plots, runner
+from benchmarks.core import Case
+
+# --quick: every case at its tiny size with a few short samples, under a minute on 2 cores.
+QUICK = {"repeat": 3, "min_time": 0.01}
+DEFAULT_TIMING = {"default": {"repeat": 5, "min_time": 0.5},
+                  "quick": QUICK, "sweep": {"repeat": 5, "min_time": 0.2}}
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,58 +63,149 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--sizes", choices=cases.SUITES, default="default",
-                        help="problem sizes: the default set, or tiny ones for a smoke test")
+                        help="default: realistic sizes (the main job, a few minutes); quick: "
+                             "tiny ones (a smoke test); sweep: each op over a range of sizes, "
+                             "for the plots")
+    parser.add_argument("--quick", action="store_true",
+                        help="every case at tiny sizes with short timing: --sizes quick "
+                             f"--repeat {QUICK['repeat']} --min-time {QUICK['min_time']}")
+    parser.add_argument("--ops", type=_names, metavar="OP,...",
+                        help=f"only these ops, of {', '.join(cases.OPS)}")
+    parser.add_argument("--backends", type=_names, metavar="NAME,...",
+                        help=f"only these backends, of {', '.join(cases.BACKEND_NAMES)}")
     parser.add_argument("--filter", default="", metavar="SUBSTRING",
-                        help="run only the cases whose id (op/size/backend/device/pass) "
-                             "contains SUBSTRING")
-    parser.add_argument("--repeat", type=int, default=5, metavar="N",
-                        help="at least N timed calls per row (default 5)")
-    parser.add_argument("--min-time", type=float, default=0.5, metavar="SECONDS",
-                        help="and at least SECONDS of timed calls per row (default 0.5)")
+                        help="only the cases whose id (op/size/backend/device/pass) contains "
+                             "SUBSTRING")
+    parser.add_argument("--repeat", type=int, metavar="N",
+                        help="at least N timed samples per row (default 5, --quick 3)")
+    parser.add_argument("--min-time", type=float, metavar="SECONDS",
+                        help="and at least SECONDS of them per row (default 0.5; sweep 0.2)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
-                        help="torch CPU threads, and numba's for the memory floors (default: "
-                             "the machine's cores)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+                        help="torch's CPU threads, and numba's (default: the machine's "
+                             "logical CPUs)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write the run here (default: results.json in the run's folder)")
+    parser.add_argument("--plot", metavar="DIR",
+                        help="write the plots here (default: the run's folder)")
+    parser.add_argument("--compare", nargs="+", metavar="JSON",
+                        help="OLD.json: run, then compare this run with OLD; OLD.json "
+                             "NEW.json: compare the two files without running anything")
+    parser.add_argument("--fail-on-regression", action="store_true",
+                        help="exit with status 3 when --compare flags a row slower")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory measurement of each row")
     parser.add_argument("--list", action="store_true",
                         help="print the selected case ids and exit")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = "quick"
+    timing = DEFAULT_TIMING[args.sizes]
+    args.repeat = timing["repeat"] if args.repeat is None else args.repeat
+    args.min_time = timing["min_time"] if args.min_time is None else args.min_time
     if args.repeat < 1 or args.threads < 1 or args.min_time < 0:
         parser.error("--repeat and --threads must be >= 1, --min-time >= 0")
+    if args.compare is not None and len(args.compare) > 2:
+        parser.error("--compare takes OLD.json, or OLD.json NEW.json")
+    if args.fail_on_regression and args.compare is None:
+        parser.error("--fail-on-regression needs --compare")
     return args
 
 
+def _compare(old: dict, new: dict, args: argparse.Namespace) -> int:
+    comparison = compare.compare(old, new)
+    print()
+    print(compare.format_comparison(comparison))
+    return 3 if args.fail_on_regression and comparison.regressions else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; return 0 when every row validated, 1 otherwise, 2 when none matched."""
+    """Run the benchmark (see the module docstring for the exit status)."""
     args = parse_args(argv)
-    selected = cases.select_cases(args.sizes, args.filter)
+    if args.compare is not None and len(args.compare) == 2:
+        try:
+            old, new = (compare.load(path) for path in args.compare)
+        except (OSError, ValueError) as error:
+            print(f"--compare: {error}", file=sys.stderr)
+            return 2
+        return _compare(old, new, args)
+    old = None
+    if args.compare is not None:  # read it first: a bad file should not cost a whole run
+        try:
+            old = compare.load(args.compare[0])
+        except (OSError, ValueError) as error:
+            print(f"--compare: {error}", file=sys.stderr)
+            return 2
+    try:
+        selected = cases.select_cases(args.sizes, args.filter, ops=args.ops,
+                                      backends=args.backends)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not selected:
-        print(f"no case of --sizes {args.sizes} matches --filter {args.filter!r}",
-              file=sys.stderr)
+        print(f"no case of --sizes {args.sizes} matches the selection", file=sys.stderr)
         return 2
     if args.list:
         print("\n".join(case.id for case in selected))
         return 0
+
     torch.set_num_threads(args.threads)
-    # The memory floors' Numba kernels get the same threads; numba cannot go above the count
-    # it started with (NUMBA_NUM_THREADS, by default the machine's cores).
+    # numba cannot go above the thread count it started with (NUMBA_NUM_THREADS, by default
+    # the machine's logical CPUs).
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    warmup = 1
+    started = runner.utc_now()
+    folder = Path("bench-results") / runner.run_stamp(started)
     watch = runner.OtherProcesses()
-    rows = runner.run_cases(selected, dtype=np.dtype(args.dtype), repeat=args.repeat,
-                            min_time=args.min_time, warmup=warmup)
-    info = runner.machine_info()
-    info["other_processes"] = watch.report()
-    for line in runner.header_lines(info, rows, repeat=args.repeat, min_time=args.min_time,
-                                    warmup=warmup):
+    probe = runner.Probe()
+    bar = tqdm(total=len(selected), unit="row", disable=None, file=sys.stderr,
+               dynamic_ncols=True)
+    seen = []
+
+    def progress(case: Case) -> None:
+        if seen:
+            bar.update(1)
+        seen.append(case)
+        bar.set_postfix_str(case.id, refresh=True)
+
+    try:
+        rows = runner.run_cases(selected, dtype=np.dtype(args.dtype), repeat=args.repeat,
+                                min_time=args.min_time, memory=not args.no_memory,
+                                progress=progress)
+        bar.update(1)
+    finally:
+        bar.close()
+    drift = probe.drift()
+    other_cpu_s, wall_s = watch.seconds()
+    head = runner.header(
+        argv=sys.argv, started=started, rows=rows, other_cpu_s=other_cpu_s, drift=drift,
+        wall_s=wall_s, options={"sizes": args.sizes, "dtype": args.dtype,
+                                "repeat": args.repeat, "min_time": args.min_time,
+                                "threads": args.threads, "ops": args.ops,
+                                "backends": args.backends, "filter": args.filter})
+    for line in runner.header_lines(head):
         print(f"# {line}")
     print(runner.format_table(rows))
-    if args.json:
-        runner.write_json(args.json, info, rows)
-    failed = [r for r in rows if not r.ok]
-    if failed:
-        print(f"{len(failed)} row(s) failed validation", file=sys.stderr)
-    return 1 if failed else 0
+    flagged = runner.flagged_lines(rows)
+    if flagged:
+        print()
+        print("\n".join(flagged))
+
+    json_path = runner.write_json(args.json or folder / "results.json", head, rows)
+    records = [r.record(rows) for r in rows]
+    plot_dir = Path(args.plot) if args.plot else folder
+    title = f"{head['machine']['cpu']}, {args.dtype}, {head['date']}"
+    written = [p for p in (plots.plot_ratios(records, plot_dir / "vs-torch.png", title=title),
+                           *plots.plot_sweeps(records, plot_dir)) if p is not None]
+    print()
+    print(f"wrote {json_path}")
+    for path in written:
+        print(f"wrote {path}")
+
+    status = 1 if any(r.status == "FAIL" for r in rows) else 0
+    if old is not None:
+        new = {"schema": runner.SCHEMA, "header": head, "rows": records}
+        status = max(status, _compare(old, new, args))
+    return status
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ random cotangent of the context (never ``.sum()``) and returns the context, d_qu
 d_keys + d_values (keys is values, so their gradients add, as autograd adds them). The
 reference is `numpy_ref` in float64 on the same inputs (the float32 inputs upcast exactly).
 
-Work and floor (the README's "Performance" section):
+Work and ceiling (the README's "Performance" section):
 - single query: memory-bound. Work is bytes of V: forward reads the valid keys of V once
   (n_valid = sum(lengths) * H elements, all B*T*H without lengths); forward+backward reads them
   once more and writes d_values once, 2 * n_valid + B*T*H elements. q, the context and the
-  weights ([B, T]) are below 1/H of that and not counted. The floor is a streaming read and a
-  fresh copy of the same bytes, measured in the same run (`benchmarks.floors.memory_floors`);
-  a row's "% floor" is the floor's time over the row's.
-- many queries: GEMM-bound. Work is the two batched products' flops, 2 * 2*B*Tq*Tk*H forward
-  (scores q k^T, context w v); backward has four (d_values = w^T dc, dw = dc v^T, d_query = ds k,
-  d_keys = ds^T q), so forward+backward is 3x forward. The softmax is not counted. The floor is
-  one GEMM with the forward's flops, [B*Tq, H] @ [H, 2*Tk].
+  weights ([B, T]) are below 1/H of that and not counted. The ceiling is a streaming read and a
+  fresh copy of the same bytes, measured in the same run (`benchmarks.ceilings`).
+- many queries: GEMM-bound. Work is the batched products' flops: forward the scores
+  q k^T [Tq, H] @ [H, Tk] and the context w v [Tq, Tk] @ [Tk, H], per batch row; backward four
+  more (dw = dc v^T, d_values = w^T dc, d_query = ds k, d_keys = ds^T q), so forward+backward is
+  3x forward. The softmax is not counted. The ceiling is the best BLAS time of these products.
 
 Backends: `module_backend` (``numpy_ref`` and, once it exports the op, ``kernels``: same
 function names and signatures), torch's bmm -> softmax -> bmm, and torch's
@@ -40,8 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.ceilings import Product, gemm_ceiling, gemm_work, memory_ceilings, memory_work
 from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
-from benchmarks.floors import gemm_floor, memory_floors, memory_work
 from numpy_ref import attention_backward, attention_forward
 
 FORWARD_NAMES = ("context",)
@@ -78,9 +77,11 @@ def attention_problem(
     Tq: int | None = None,
     masked: bool = False,
     suites: tuple[str, ...] = ("default",),
+    sweep: tuple[str, str] | None = None,
 ) -> Problem:
     """Attention of batch B over Tk keys of size H: one query per row (``Tq=None``, query
-    [B, H]) or Tq of them; with ``masked``, lengths from `spread_lengths`."""
+    [B, H]) or Tq of them; with ``masked``, lengths from `spread_lengths`. `sweep`: the
+    family and swept size's name when the problem is a point of a size sweep."""
     lengths = spread_lengths(B, Tk) if masked else None
     if Tq is None:
         size = f"B{B},T{Tk},H{H}"
@@ -103,17 +104,17 @@ def attention_problem(
     if Tq is None:
         n_full = B * Tk * H
         n_valid = n_full if lengths is None else int(lengths.sum()) * H
-        floors = memory_floors((B, Tk, H), lengths)
+        ceilings = memory_ceilings((B, Tk, H), lengths)
 
         def work(pass_: str, dtype: np.dtype) -> float:
             return memory_work(n_valid, n_full, pass_, dtype)
 
     else:
-        forward_gflop = 2 * 2 * B * Tq * Tk * H / 1e9
-        floors = dict.fromkeys(OP_PASSES, gemm_floor(B * Tq, H, 2 * Tk))
+        products = attention_products(B, Tq, Tk, H, H)
+        ceilings = {pass_: gemm_ceiling(products[pass_]) for pass_ in OP_PASSES}
 
         def work(pass_: str, dtype: np.dtype) -> float:
-            return forward_gflop if pass_ == "forward" else 3 * forward_gflop
+            return gemm_work(products[pass_])
 
     return Problem(
         op="attention",
@@ -122,8 +123,23 @@ def attention_problem(
         make=make,
         reference=lambda inputs, pass_: _reference(inputs.astype(np.float64), pass_),
         work=work,
-        floors=floors,
+        ceilings=ceilings,
+        shape=(dict(B=B, T=Tk, H=H) if Tq is None else dict(B=B, Tq=Tq, Tk=Tk, H=H))
+        | {"lengths": masked},
+        sweep=sweep,
     )
+
+
+def attention_products(batch: int, Tq: int, Tk: int, Hk: int, Hv: int
+                       ) -> dict[str, list[Product]]:
+    """pass -> the products of an attention of `batch` independent (query, key) sets: scores
+    [Tq, Hk] @ [Hk, Tk] and context [Tq, Tk] @ [Tk, Hv] forward; dw = dc v^T
+    [Tq, Hv] @ [Hv, Tk], d_values = w^T dc [Tk, Tq] @ [Tq, Hv], d_query = ds k
+    [Tq, Tk] @ [Tk, Hk] and d_keys = ds^T q [Tk, Tq] @ [Tq, Hk] backward."""
+    forward = [Product(Tq, Hk, Tk, batch), Product(Tq, Tk, Hv, batch)]
+    backward = [Product(Tq, Hv, Tk, batch), Product(Tk, Tq, Hv, batch),
+                Product(Tq, Tk, Hk, batch), Product(Tk, Tq, Hk, batch)]
+    return {"forward": forward, "forward+backward": forward + backward}
 
 
 def _reference(inputs: AttentionInputs, pass_: str) -> dict[str, np.ndarray]:
@@ -156,7 +172,7 @@ def module_backend(name: str, module: ModuleType, *, sum_kv: bool = False) -> Ba
     """A CPU backend calling ``module.attention_forward`` / ``module.attention_backward``, with
     `numpy_ref`'s signatures; unavailable (its cases skipped) while `module` lacks them. With
     ``sum_kv`` the backward returns d_keys + d_values as one array (keys is values here): one
-    write of V's size instead of two, the floor's traffic."""
+    write of V's size instead of two, the ceiling's traffic."""
 
     def prepare(inputs: AttentionInputs, pass_: str) -> Prepared:
         run = partial(_call_module, module.attention_forward, module.attention_backward,
@@ -276,10 +292,10 @@ def heads_problem(B: int, h: int, T: int, D: int, *, h_kv: int | None = None,
     """Self-attention in SDPA's layout: query [B, h, T, D], keys/values [B, h_kv, T, D]
     (h_kv = h unless given: grouped-query attention), score scaled_dot, optionally causal.
 
-    GEMM-bound: the work is the full products' flops, 2 * 2*B*h*T*T*D forward and 3x that
-    forward+backward, causal or not (a causal kernel may skip the hidden half, and then reads
-    above the dense rate: the column says what a dense product would need). The floor is one
-    GEMM with the forward's flops, [B*h*T, D] @ [D, 2*T].
+    GEMM-bound: the work is the products' flops (`attention_products` with batch B*h), 3x the
+    forward's for forward+backward. Causal, a query sees (T+1)/2 keys on average, so the work
+    and the ceiling's time are (T+1)/(2T) of the dense ones: a kernel that computes the hidden
+    half too reads about half the rate of one that skips it.
     """
     h_kv = h if h_kv is None else h_kv
     size = f"B{B},h{h},T{T},D{D}" + (f",h_kv{h_kv}" if h_kv != h else "") + (
@@ -291,15 +307,19 @@ def heads_problem(B: int, h: int, T: int, D: int, *, h_kv: int | None = None,
                            values=rng.standard_normal((B, h_kv, T, D)), causal=causal,
                            d_context=rng.standard_normal((B, h, T, D))).astype(dtype)
 
-    forward_gflop = 2 * 2 * B * h * T * T * D / 1e9
+    products = attention_products(B * h, T, T, D, D)
+    visible = (T + 1) / (2 * T) if causal else 1.0
 
     def work(pass_: str, dtype: np.dtype) -> float:
-        return forward_gflop if pass_ == "forward" else 3 * forward_gflop
+        return visible * gemm_work(products[pass_])
 
     return Problem(op="sdpa", size=size, suites=suites, make=make,
                    reference=lambda inputs, pass_: _heads_module(
                        attention_forward, attention_backward, inputs.astype(np.float64), pass_),
-                   work=work, floors=dict.fromkeys(OP_PASSES, gemm_floor(B * h * T, D, 2 * T)))
+                   work=work,
+                   ceilings={pass_: gemm_ceiling(products[pass_], scale=visible)
+                             for pass_ in OP_PASSES},
+                   shape=dict(B=B, h=h, h_kv=h_kv, T=T, D=D, causal=causal))
 
 
 def _heads_module(forward, backward, inputs: HeadsInputs, pass_: str) -> dict[str, np.ndarray]:

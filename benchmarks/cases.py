@@ -4,43 +4,62 @@ Adding a size is one `PROBLEMS` entry, a backend one `BACKENDS` entry, an op a m
 `benchmarks.lstm` plus its entries here. Cases are every (problem, backend, pass) with the same
 op, a pass the backend supports, and a backend available on this machine, in registry order:
 by problem, then pass, then backend.
+
+Three suites (``--sizes``): ``default``, realistic sizes of every op and model (the README's
+main job); ``quick``, every op, backend and model at tiny odd sizes (a smoke test: the numbers
+time Python overhead, not the math); ``sweep``, the same op at a range of sizes, one size
+varied at a time, for the plots of how cost grows with the work.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import kernels
 import numpy_ref
 from benchmarks import attention, lstm, training
 from benchmarks.core import PASSES, Backend, Case, Problem
 
-SUITES = ("default", "small")
+SUITES = ("default", "quick", "sweep")
 
 PROBLEMS: list[Problem] = [
     lstm.lstm_problem(128, 64, 256, 256, suites=("default",)),
     lstm.lstm_problem(32, 16, 64, 64, suites=("default",)),
     # Odd sizes, so that a shape or transpose mistake cannot hide behind a square matrix.
-    lstm.lstm_problem(7, 3, 5, 11, suites=("small",)),
+    lstm.lstm_problem(7, 3, 5, 11, suites=("quick",)),
     # Single query (the seed's case): memory-bound, V is 128 MiB in float32, then 1 MiB.
     attention.attention_problem(256, 512, 256),
     attention.attention_problem(256, 512, 256, masked=True),
     attention.attention_problem(32, 64, 128),
     # Many queries: GEMM-bound.
     attention.attention_problem(32, 256, 128, Tq=256),
-    attention.attention_problem(3, 7, 5, suites=("small",)),
-    attention.attention_problem(3, 7, 5, masked=True, suites=("small",)),
-    attention.attention_problem(3, 7, 5, Tq=4, masked=True, suites=("small",)),
+    attention.attention_problem(3, 7, 5, suites=("quick",)),
+    attention.attention_problem(3, 7, 5, masked=True, suites=("quick",)),
+    attention.attention_problem(3, 7, 5, Tq=4, masked=True, suites=("quick",)),
     # Heads (SDPA's layout): plain, causal, grouped-query with 2 kv heads.
     attention.heads_problem(8, 8, 512, 64),
     attention.heads_problem(8, 8, 512, 64, causal=True),
     attention.heads_problem(8, 8, 512, 64, h_kv=2),
-    attention.heads_problem(2, 4, 7, 5, h_kv=2, causal=True, suites=("small",)),
+    attention.heads_problem(2, 4, 7, 5, h_kv=2, causal=True, suites=("quick",)),
     # A training step of each model (forward, loss, backward, Adam) at a realistic size.
     training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000),
     training.training_problem("luong", B=32, T=32, E=128, H=256, V=4000),
     training.training_problem("bahdanau", B=32, T=32, E=128, H=256, V=4000),
-    training.training_problem("classifier", B=3, T=5, E=4, H=3, V=11, suites=("small",)),
-    training.training_problem("luong", B=3, T=4, E=4, H=3, V=13, suites=("small",)),
-    training.training_problem("bahdanau", B=3, T=4, E=4, H=3, V=13, suites=("small",)),
+    training.training_problem("classifier", B=3, T=5, E=4, H=3, V=11, suites=("quick",)),
+    training.training_problem("luong", B=3, T=4, E=4, H=3, V=13, suites=("quick",)),
+    training.training_problem("bahdanau", B=3, T=4, E=4, H=3, V=13, suites=("quick",)),
+    # The sweeps: the single-query core over T at fixed B and H, and over B at fixed T and H;
+    # the LSTM over T and over H (= I). Powers of two, as the plots' log axes.
+    *(attention.attention_problem(32, T, 256, suites=("sweep",),
+                                  sweep=("attention single query B32,H256", "T"))
+      for T in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
+    *(attention.attention_problem(B, 256, 256, suites=("sweep",),
+                                  sweep=("attention single query T256,H256", "B"))
+      for B in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
+    *(lstm.lstm_problem(T, 32, 128, 128, suites=("sweep",), sweep=("lstm B32,I128,H128,bi", "T"))
+      for T in (8, 16, 32, 64, 128, 256, 512)),
+    *(lstm.lstm_problem(32, 32, H, H, suites=("sweep",), sweep=("lstm T32,B32,I=H,bi", "H"))
+      for H in (16, 32, 64, 128, 256, 512)),
 ]
 
 # Each op's baseline (see BASELINES) leads its group.
@@ -71,16 +90,27 @@ BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu"),
              "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu")}
 
 
-def select_cases(suite: str, substring: str = "") -> list[Case]:
-    """The cases of `suite` whose `Case.id` contains `substring`, in registry order."""
+OPS = tuple(dict.fromkeys(p.op for p in PROBLEMS))
+BACKEND_NAMES = tuple(dict.fromkeys(b.name for b in BACKENDS))
+
+
+def select_cases(suite: str, substring: str = "", *, ops: Collection[str] | None = None,
+                 backends: Collection[str] | None = None) -> list[Case]:
+    """The cases of `suite` whose `Case.id` contains `substring`, of the ops in `ops` and the
+    backends named in `backends` (None: all), in registry order."""
     if suite not in SUITES:
         raise ValueError(f"suite: expected one of {SUITES}, got {suite!r}")
+    for name, given, known in (("ops", ops, OPS), ("backends", backends, BACKEND_NAMES)):
+        unknown = sorted(set(given or ()) - set(known))
+        if unknown:
+            raise ValueError(f"{name}: unknown {unknown}, expected some of {list(known)}")
     cases = [
         Case(problem, backend, pass_)
         for problem in PROBLEMS
-        if suite in problem.suites
+        if suite in problem.suites and (ops is None or problem.op in ops)
         for pass_ in PASSES
         for backend in BACKENDS
         if backend.op == problem.op and pass_ in backend.passes and backend.available()
+        and (backends is None or backend.name in backends)
     ]
     return [case for case in cases if substring in case.id]

@@ -1,13 +1,14 @@
-"""The benchmark's vocabulary: problems, backends, floors, the cases they form, and the timer.
+"""The benchmark's vocabulary: problems, backends, ceilings, the cases they form, and the timer.
 
 A `Problem` is one op at one size: it builds the inputs and computes the float64 reference every
 backend is validated against. A `Backend` is one implementation of one op on one device: given a
 problem's inputs and a pass, it does everything that must stay out of the timed region (build a
-module, copy to the device, compile) and returns the zero-argument call to time. A `Floor` is
-the hardware rate a problem is measured against (a GEMM rate for GEMM-bound ops, a memory rate
-for memory-bound ones), measured in the same run; a problem names one floor per pass. A `Case`
-is one (problem, backend, pass) row of the table. The registry that lists problems and backends
-is `benchmarks.cases`; the loop that validates and times the cases is `benchmarks.runner`.
+module, copy to the device, compile) and returns the zero-argument call to time. A `Ceiling` is
+the least time the machine's libraries take for a problem's work (the best BLAS on the op's
+matrix products for GEMM-bound ops, a streaming read and copy for memory-bound ones), measured in
+the same run (`benchmarks.ceilings`); a problem names one ceiling per pass. A `Case` is one
+(problem, backend, pass) row of the table. The registry that lists problems and backends is
+`benchmarks.cases`; the loop that validates and times the cases is `benchmarks.runner`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,13 +47,16 @@ class Backend:
 
 
 @dataclass(frozen=True)
-class Floor:
-    """A hardware rate measured in the same run; a row's rate is reported as a fraction of it."""
+class Ceiling:
+    """The least time this machine's libraries take for a row's work, measured in the run."""
 
-    name: str  # what is measured, e.g. "GEMM [8192, 512] @ [512, 1024]"
-    unit: str  # the rate's unit, e.g. "GFLOP/s" or "GB/s"
-    measure: Callable[[str, np.dtype], float]  # (device, dtype) -> rate in `unit`
+    name: str  # what is timed, e.g. "BLAS on its 2 products" or "stream read of V [...]"
+    unit: str  # the rate's unit: "GFLOP/s" or "GB/s"
+    # (device, dtype, again) -> (seconds, the library that set them). ``again=True`` times it
+    # once more and keeps the better of the two looks (a row above its ceiling asks for that).
+    seconds: Callable[..., tuple[float, str]]
     size: Callable[[np.dtype], str] | None = None  # what it moves at a dtype, e.g. "128 MiB"
+    detail: str = ""  # the whole list of what is timed, e.g. every product's shape
 
     def describe(self, dtype: np.dtype) -> str:
         """The name, with the size it moves at `dtype` when it has one."""
@@ -73,8 +77,10 @@ class Problem:
     make: Callable[[np.dtype, np.random.Generator], Any]  # (dtype, rng) -> inputs
     reference: Callable[[Any, str], Mapping[str, np.ndarray]]  # (inputs, pass) -> float64 arrays
     work: Callable[[str, np.dtype], float]  # (pass, dtype) -> work of one call, in the
-    # pass's floor unit times seconds (GFLOP, GB): work / seconds is a rate in that unit
-    floors: Mapping[str, Floor]  # pass -> the floor its rate is measured against
+    # pass's ceiling unit times seconds (GFLOP, GB): work / seconds is a rate in that unit
+    ceilings: Mapping[str, Ceiling]  # pass -> the ceiling its rate is measured against
+    shape: Mapping[str, int | bool | str] = field(default_factory=dict)  # the sizes, by name
+    sweep: tuple[str, str] | None = None  # (family, swept size's name) in a size sweep
 
     @property
     def id(self) -> str:
@@ -97,15 +103,39 @@ class Case:
         return f"{self.problem.id}/{b.name}/{b.device}/{self.pass_}"
 
 
-def time_calls(run: Callable[[], Any], *, repeat: int, min_time: float, warmup: int) -> list[float]:
-    """Call `run` `warmup` times untimed, then time calls until there are at least `repeat` of
-    them and they add up to at least `min_time` seconds. Returns the seconds of each timed call.
+@dataclass(frozen=True)
+class Timing:
+    """The timed samples of one call: each is the mean seconds of `loops` consecutive calls."""
 
-    The garbage collector is off while timing (as in `timeit`): autograd allocates many small
-    objects, and a collection landing inside one call would be noise, not the op's cost.
+    times: list[float]
+    loops: int
+    first_s: float  # the first (warm-up) call alone: compilation and first touches included
+
+
+# A sample is at least this long: a call faster than this is looped (as pyperf calibrates its
+# loops), so that the timer's own cost and resolution stay far below the figure.
+SAMPLE_S = 2e-3
+
+
+def time_calls(run: Callable[[], Any], *, repeat: int, min_time: float, warmup: int,
+               loops: int | None = None) -> Timing:
+    """Call `run` `warmup` times untimed (at least once), then take samples until there are at
+    least `repeat` of them adding up to at least `min_time` seconds.
+
+    A sample times `loops` consecutive calls and records their mean; by default `loops` is
+    chosen from the last warm-up call so that a sample lasts about `SAMPLE_S`. The garbage
+    collector is off while timing (as in `timeit`): autograd allocates many small objects, and
+    a collection landing inside one call would be noise, not the op's cost.
     """
-    for _ in range(warmup):
+    first = time.perf_counter()
+    run()
+    first_s = last = time.perf_counter() - first
+    for _ in range(warmup - 1):
+        start = time.perf_counter()
         run()
+        last = time.perf_counter() - start
+    if loops is None:
+        loops = max(1, min(10_000, int(SAMPLE_S / max(last, 1e-9))))
     times: list[float] = []
     total = 0.0
     was_enabled = gc.isenabled()
@@ -113,10 +143,12 @@ def time_calls(run: Callable[[], Any], *, repeat: int, min_time: float, warmup: 
     try:
         while len(times) < repeat or total < min_time:
             start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-            total += times[-1]
+            for _ in range(loops):
+                run()
+            elapsed = time.perf_counter() - start
+            times.append(elapsed / loops)
+            total += elapsed
     finally:
         if was_enabled:
             gc.enable()
-    return times
+    return Timing(times=times, loops=loops, first_s=first_s)

@@ -6,12 +6,14 @@ which would give every output the same weight), and returns the gradient of x an
 parameter. The reference is `numpy_ref` in float64 on the same inputs (the float32 inputs
 upcast exactly).
 
-Work: the matrix products, per layer and direction 2*T*B*4H*(In + H) flops forward (In = I for
-layer 0, D*H above it); the backward does twice that (d_x and d_weight_ih from the input
-product, d_h and d_weight_hh from the recurrent one), so forward+backward is 3x forward. The
-pointwise gate math is not counted. The floor is one GEMM with the flops of layer 0's direction,
-[T*B, I+H] @ [I+H, 4H]: the rate the LSTM would reach if its recurrence did not split the work
-into T products of only B rows.
+Work: the matrix products an LSTM cannot avoid, per layer and direction (In = I for layer 0,
+D*H above it): forward, the input product of all steps at once [T*B, In] @ [In, 4H] and T
+recurrent products [B, H] @ [H, 4H] (step t needs h_{t-1}); backward, d_x [T*B, 4H] @ [4H, In]
+and d_weight_ih [4H, T*B] @ [T*B, In] over all steps, T products d_h [B, 4H] @ [4H, H] back
+through the recurrence, and d_weight_hh [4H, T*B] @ [T*B, H]. Forward+backward is 3x the
+forward's flops. The pointwise gate math is not counted. The ceiling is the best BLAS time of
+exactly these products (`benchmarks.ceilings`): what the LSTM would take if it were nothing but
+its matrix products.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 
 import numpy_ref
+from benchmarks.ceilings import Product, gemm_ceiling, gemm_work
 from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
-from benchmarks.floors import gemm_floor
 from numpy_ref import init_lstm_params
 from torch_impl import load_numpy_
 
@@ -66,8 +68,10 @@ def lstm_problem(
     num_layers: int = 1,
     bidirectional: bool = True,
     suites: tuple[str, ...] = ("default",),
+    sweep: tuple[str, str] | None = None,
 ) -> Problem:
-    """An LSTM of sequence length T, batch B, input size I and hidden size H."""
+    """An LSTM of sequence length T, batch B, input size I and hidden size H (`sweep`: its
+    family and swept size's name when it is a point of a size sweep)."""
     D = 2 if bidirectional else 1
     size = f"T{T},B{B},I{I},H{H}" + (f",L{num_layers}" if num_layers > 1 else "")
     size += ",bi" if bidirectional else ""
@@ -86,12 +90,10 @@ def lstm_problem(
         )
         return inputs.astype(dtype)
 
-    forward_gflop = sum(
-        D * 2 * T * B * 4 * H * ((I if layer == 0 else D * H) + H) for layer in range(num_layers)
-    ) / 1e9
+    products = lstm_products(T, B, I, H, num_layers=num_layers, D=D)
 
     def work(pass_: str, dtype: np.dtype) -> float:
-        return forward_gflop if pass_ == "forward" else 3 * forward_gflop
+        return gemm_work(products[pass_])
 
     return Problem(
         op="lstm",
@@ -100,8 +102,22 @@ def lstm_problem(
         make=make,
         reference=lambda inputs, pass_: _numpy_lstm(inputs.astype(np.float64), pass_),
         work=work,
-        floors=dict.fromkeys(OP_PASSES, gemm_floor(T * B, I + H, 4 * H)),
+        ceilings={pass_: gemm_ceiling(products[pass_]) for pass_ in OP_PASSES},
+        shape=dict(T=T, B=B, I=I, H=H, L=num_layers, bidirectional=bidirectional),
+        sweep=sweep,
     )
+
+
+def lstm_products(T: int, B: int, I: int, H: int, *, num_layers: int, D: int
+                  ) -> dict[str, list[Product]]:
+    """pass -> the matrix products of the LSTM (see the module docstring)."""
+    forward, backward = [], []
+    for layer in range(num_layers):
+        In = I if layer == 0 else D * H
+        forward += [Product(T * B, In, 4 * H, count=D), Product(B, H, 4 * H, count=D * T)]
+        backward += [Product(T * B, 4 * H, In, count=D), Product(4 * H, T * B, In, count=D),
+                     Product(B, 4 * H, H, count=D * T), Product(4 * H, T * B, H, count=D)]
+    return {"forward": forward, "forward+backward": forward + backward}
 
 
 def _numpy_lstm(inputs: LSTMInputs, pass_: str, module: ModuleType = numpy_ref

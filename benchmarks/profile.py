@@ -1,7 +1,7 @@
 """Where a training step's time goes: a profile by op of each model on each backend.
 
 ``python -m benchmarks.profile`` runs the training-step problems of `benchmarks.cases` (the
-default sizes unless ``--sizes small``, float32) and prints, per model and backend, the time
+default sizes unless ``--sizes quick``, float32) and prints, per model and backend, the time
 per step of each op:
 
 - numpy_ref and kernels: every ``*_forward`` / ``*_backward`` of the backend module is wrapped

@@ -1,4 +1,4 @@
-"""Validate, then time, every case; render the rows as a table and as JSON.
+"""Validate, then time, every case; measure its memory and its ceiling; render table and JSON.
 
 For each case, in order:
 
@@ -6,84 +6,167 @@ For each case, in order:
    reference once per pass, from those same inputs upcast; both are dropped when the next
    problem starts (cases come grouped by problem).
 2. The backend is prepared (module built, arrays copied to the device: outside any clock).
-3. One untimed call is validated: every array it returns is compared with the reference, and
-   the row's error is the largest ``max|got - ref| / max|ref|`` over those arrays. A row above
-   ``sqrt(eps)`` of its dtype is flagged FAIL: a correct float32 LSTM lands near 1e-6 here, so
-   3.5e-4 means the backend computes something else, not that it rounds differently.
-4. `warmup` more untimed calls (JIT compilation, allocator and cache warm-up), then timed calls
-   until there are `repeat` of them and `min_time` seconds; the row reports median and min.
-5. The floor of the problem's pass (a GEMM rate for the LSTM and the multi-query attention, a
-   memory rate for the single-query attention) is measured once per device, and the row's rate
-   (the problem's work / median time) is reported as a percentage of it: the floor's time for
-   the same work over the row's time.
+3. The first call is validated: every array it returns is compared with the reference, and the
+   row's error is the largest ``max|got - ref| / max|ref|`` over those arrays. A row above
+   ``sqrt(eps)`` of its dtype is FAIL: a correct float32 LSTM lands near 1e-6 here, so 3.5e-4
+   means the backend computes something else, not that it rounds differently. The first call
+   also gives ``compile_s``: its time minus the median (JIT compilation or loading from the
+   cache, first touches of fresh memory).
+4. More untimed calls, then timed samples (`benchmarks.core.time_calls`: a call faster than
+   2 ms is looped) until there are `repeat` of them and `min_time` seconds; the row reports
+   their median, min and interquartile range.
+5. One more call measures the peak memory the call allocates beyond what existed before it:
+   `tracemalloc` for the NumPy backends (every NumPy array is traced; the few scratch arrays a
+   compiled Numba kernel allocates inside itself are not), torch's profiler with
+   ``profile_memory`` for torch on the CPU (the running sum of its allocation and free
+   events), ``torch.cuda.max_memory_allocated`` on CUDA.
+6. The ceiling of the problem's pass (`benchmarks.ceilings`) is measured once per device and
+   dtype; the row's "% of ceiling" is the ceiling's time over the row's median.
+
+A row's status: ``FAIL`` (validation); ``too small`` when its ceiling is under `MIN_CEILING_S`
+(the work is less than one library call's overhead, so a percentage of it measures overheads)
+or its samples spread by more than `MAX_REL_IQR` of their median (the machine was too noisy to
+time it); ``above ceiling`` when it beat its ceiling even after the ceiling was timed a second
+time (a measurement problem: the ceiling is not one); else ``ok``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
-import sys
+import re
+import subprocess
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+import tracemalloc
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
+import scipy
 import torch
 
 from benchmarks.cases import BASELINES
+from benchmarks.ceilings import nominal_peak
 from benchmarks.core import Case, time_calls
 
 SEED = 0  # every backend of a problem sees the same inputs, run after run
+SCHEMA = "lstm-attention-reference/benchmarks/1"
+MIN_CEILING_S = 20e-6  # below this, the ceiling is one library call's overhead
+MAX_REL_IQR = 0.5  # samples spread wider than this (IQR / median) were not timed reliably
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
 class Row:
-    """One validated and timed case."""
+    """One validated and timed case: the fields of a JSON record (`benchmarks/schema.json`)."""
 
     op: str
     size: str
+    shape: Mapping[str, Any]
     backend: str
     device: str
     pass_: str
     dtype: str
-    median_ms: float
-    min_ms: float
-    calls: int  # timed calls
-    work: float  # the problem's work of one call: GFLOP or GB (floor_unit times seconds)
-    rate: float  # work / median time, in floor_unit
-    floor: str  # what the floor measures, e.g. "GEMM [8192, 512] @ [512, 1024]"
-    floor_unit: str  # "GFLOP/s" or "GB/s"
-    floor_rate: float  # the floor measured in this run on this device, in floor_unit
-    floor_ms: float  # work / floor_rate: the floor's time for this row's work
-    error: float  # max over the compared arrays of max|got - ref| / max|ref|
+    median_s: float
+    min_s: float
+    iqr_s: float
+    times_s: list[float]
+    loops: int
+    max_err: float  # max over the compared arrays of max|got - ref| / max|ref| (NaN possible)
     worst: str  # the array with that error
-    tolerance: float  # sqrt(eps) of dtype; above it the row is flagged
+    tolerance: float  # sqrt(eps) of dtype; above it the row FAILs
+    work: float
+    work_unit: str  # "GFLOP" or "GB"
+    ceiling_s: float
+    ceiling_name: str
+    ceiling_detail: str  # e.g. every product's shape
+    ceiling_by: str
+    peak_gflops: float | None  # the CPU's nominal peak for GEMM-bound CPU rows
+    peak_bytes: int | None
+    peak_bytes_by: str
+    compile_s: float
+    sweep: tuple[str, str, float] | None  # (family, swept size's name, its value)
+    ceiling_rechecked: bool = False  # the row beat its first ceiling, which was timed again
+
+    @property
+    def id(self) -> str:
+        """``op/size/backend/device/pass``, as `benchmarks.core.Case.id`."""
+        return f"{self.op}/{self.size}/{self.backend}/{self.device}/{self.pass_}"
+
+    @property
+    def rate(self) -> float:
+        """work / median, in `rate_unit`."""
+        return self.work / self.median_s
+
+    @property
+    def rate_unit(self) -> str:
+        return f"{self.work_unit}/s"
+
+    @property
+    def ceiling(self) -> float:
+        """The ceiling as a rate: work / ceiling_s."""
+        return self.work / self.ceiling_s
+
+    @property
+    def pct_of_ceiling(self) -> float:
+        """ceiling_s / median_s, in percent: 100 means the row runs at the ceiling."""
+        return 100 * self.ceiling_s / self.median_s
+
+    @property
+    def pct_of_peak(self) -> float | None:
+        return None if self.peak_gflops is None else 100 * self.rate / self.peak_gflops
+
+    @property
+    def rel_iqr(self) -> float:
+        return self.iqr_s / self.median_s
 
     @property
     def ok(self) -> bool:
-        """Whether the error is within the tolerance (a NaN error is not)."""
-        return bool(self.error <= self.tolerance)
+        """Whether the result validated (a NaN error does not)."""
+        return bool(self.max_err <= self.tolerance)
 
     @property
-    def pct_floor(self) -> float:
-        """floor_ms / median_ms, in percent: 100 means the row runs at the floor."""
-        return 100 * self.rate / self.floor_rate
+    def status(self) -> str:
+        """"FAIL", "too small", "above ceiling" or "ok" (see the module docstring)."""
+        if not self.ok:
+            return "FAIL"
+        if self.ceiling_s < MIN_CEILING_S or self.rel_iqr > MAX_REL_IQR:
+            return "too small"
+        if self.pct_of_ceiling > 100:
+            return "above ceiling"
+        return "ok"
 
-    def to_dict(self) -> dict[str, object]:
-        """The row as plain JSON-ready values, with ``pass`` for ``pass_``, and ``ok`` and
-        ``pct_floor`` added."""
-        d = asdict(self)
-        d["pass"] = d.pop("pass_")
-        d["ok"] = self.ok
-        d["pct_floor"] = self.pct_floor
-        return d
+    def record(self, rows: Sequence[Row]) -> dict[str, Any]:
+        """The row as a JSON record of `benchmarks/schema.json`; `rows` gives the baseline."""
+        base = baseline(self, rows)
+        return {
+            "id": self.id, "op": self.op, "size": self.size, "shape": dict(self.shape),
+            "backend": self.backend, "device": self.device, "dtype": self.dtype,
+            "pass": self.pass_, "median_s": self.median_s, "min_s": self.min_s,
+            "iqr_s": self.iqr_s, "times_s": list(self.times_s), "loops": self.loops,
+            "max_err": None if math.isnan(self.max_err) else self.max_err, "worst": self.worst,
+            "tolerance": self.tolerance, "work": self.work, "work_unit": self.work_unit,
+            "rate": self.rate, "rate_unit": self.rate_unit, "ceiling": self.ceiling,
+            "ceiling_s": self.ceiling_s, "ceiling_name": self.ceiling_name
+            + (f": {self.ceiling_detail}" if self.ceiling_detail else ""),
+            "ceiling_by": self.ceiling_by, "pct_of_ceiling": self.pct_of_ceiling,
+            "pct_of_peak": self.pct_of_peak, "peak_bytes": self.peak_bytes,
+            "peak_bytes_by": self.peak_bytes_by, "compile_s": self.compile_s,
+            "vs_baseline": None if base is None else base.median_s / self.median_s,
+            "status": self.status,
+            "sweep": None if self.sweep is None else dict(zip(("family", "x", "value"),
+                                                              self.sweep, strict=True)),
+        }
 
 
 def tolerance(dtype: np.dtype) -> float:
-    """The largest relative error a row may have before it is flagged: sqrt(eps) of `dtype`."""
+    """The largest relative error a row may have before it FAILs: sqrt(eps) of `dtype`."""
     return float(np.sqrt(np.finfo(dtype).eps))
 
 
@@ -107,6 +190,40 @@ def relative_errors(
     return errors
 
 
+def peak_memory(run: Callable[[], Any], backend: str, device: str) -> tuple[int | None, str]:
+    """The bytes one call of `run` allocates at its peak beyond what was allocated before it,
+    and the counter that measured them (see the module docstring, step 5)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
+    if backend.startswith("torch"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        events = []  # (time, bytes): an op's own allocations at its start, frees as they come
+        for e in prof.events():
+            if e.name == "[memory]":
+                events.append((e.time_range.start, e.cpu_memory_usage))
+            elif e.self_cpu_memory_usage > 0:
+                events.append((e.time_range.start, e.self_cpu_memory_usage))
+        current = peak = 0
+        for _, nbytes in sorted(events):
+            current += nbytes
+            peak = max(peak, current)
+        return peak, "torch.profiler(profile_memory=True)"
+    tracemalloc.start()
+    try:
+        run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, "tracemalloc"
+
+
 def run_cases(
     cases: Sequence[Case],
     *,
@@ -114,12 +231,18 @@ def run_cases(
     repeat: int,
     min_time: float,
     warmup: int = 1,
+    memory: bool = True,
+    progress: Callable[[Case], None] | None = None,
 ) -> list[Row]:
-    """Validate and time `cases` in order (see the module docstring); one row per case."""
+    """Validate and time `cases` in order (see the module docstring); one row per case.
+    `progress` is called with each case as it starts; ``memory=False`` skips step 5."""
     dtype = np.dtype(dtype)
-    inputs, references, floors = {}, {}, {}
+    peak, _ = nominal_peak()
+    inputs, references = {}, {}
     rows = []
     for case in cases:
+        if progress is not None:
+            progress(case)
         problem, backend = case.problem, case.backend
         if problem.id not in inputs:
             inputs.clear()  # the single-query attention's float64 arrays are 256 MiB each
@@ -127,26 +250,81 @@ def run_cases(
             inputs[problem.id] = problem.make(dtype, np.random.default_rng(SEED))
         if (problem.id, case.pass_) not in references:
             references[problem.id, case.pass_] = problem.reference(inputs[problem.id], case.pass_)
-        floor = problem.floors[case.pass_]
-        if (floor, backend.device) not in floors:
-            floors[floor, backend.device] = floor.measure(backend.device, dtype)
-        floor_rate = floors[floor, backend.device]
 
         prepared = backend.prepare(inputs[problem.id], case.pass_)
-        got = prepared.collect(prepared.run())
-        errors = relative_errors(got, references[problem.id, case.pass_])
+        start = time.perf_counter()
+        result = prepared.run()
+        first_s = time.perf_counter() - start
+        errors = relative_errors(prepared.collect(result), references[problem.id, case.pass_])
+        del result
         worst = max(errors, key=lambda name: errors[name])
-        times = time_calls(prepared.run, repeat=repeat, min_time=min_time, warmup=warmup)
+        timing = time_calls(prepared.run, repeat=repeat, min_time=min_time, warmup=warmup)
+        times = np.asarray(timing.times)
         median = float(np.median(times))
-        work = problem.work(case.pass_, dtype)
+        q1, q3 = np.percentile(times, [25, 75])
+        peak_bytes, peak_by = (peak_memory(prepared.run, backend.name, backend.device)
+                               if memory else (None, "not measured"))
+        ceiling = problem.ceilings[case.pass_]
+        ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype)
+        rechecked = False
+        if ceiling_s > median:  # faster than the machine's best: look at the ceiling again
+            ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype, again=True)
+            rechecked = True
+        gemm = ceiling.unit == "GFLOP/s" and backend.device == "cpu"
+        x = None
+        if problem.sweep is not None:
+            family, name = problem.sweep
+            x = (family, name, float(problem.shape[name]))
         rows.append(Row(
-            op=problem.op, size=problem.size, backend=backend.name, device=backend.device,
-            pass_=case.pass_, dtype=dtype.name, median_ms=1e3 * median, min_ms=1e3 * min(times),
-            calls=len(times), work=work, rate=work / median, floor=floor.describe(dtype),
-            floor_unit=floor.unit, floor_rate=floor_rate, floor_ms=1e3 * work / floor_rate,
-            error=errors[worst], worst=worst, tolerance=tolerance(dtype),
+            op=problem.op, size=problem.size, shape=problem.shape, backend=backend.name,
+            device=backend.device, pass_=case.pass_, dtype=dtype.name, median_s=median,
+            min_s=float(times.min()), iqr_s=float(q3 - q1), times_s=times.tolist(),
+            loops=timing.loops, max_err=errors[worst], worst=worst, tolerance=tolerance(dtype),
+            work=problem.work(case.pass_, dtype), work_unit=ceiling.unit.split("/")[0],
+            ceiling_s=ceiling_s, ceiling_name=ceiling.describe(dtype),
+            ceiling_detail=ceiling.detail, ceiling_by=ceiling_by,
+            peak_gflops=peak[dtype.name] if gemm else None, peak_bytes=peak_bytes,
+            peak_bytes_by=peak_by, compile_s=max(0.0, first_s - median), sweep=x,
+            ceiling_rechecked=rechecked,
         ))
     return rows
+
+
+def baseline(row: Row, rows: Sequence[Row]) -> Row | None:
+    """The op's baseline row (`benchmarks.cases.BASELINES`) at the same size, pass and dtype."""
+    for b in rows:
+        if ((b.backend, b.device) == BASELINES.get(row.op) and (b.op, b.size, b.pass_, b.dtype)
+                == (row.op, row.size, row.pass_, row.dtype)):
+            return b
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the run's own noise
+
+
+class Probe:
+    """A fixed workload timed at the start and at the end of a run: a 384^3 float32 GEMM and a
+    32 MiB copy. Their relative change (`drift`) is the run's own noise: how much the machine's
+    speed moved while the rows were timed (another process, a frequency change)."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self._a = rng.standard_normal((384, 384)).astype(np.float32)
+        self._big = rng.standard_normal(8 * 2**20).astype(np.float32)  # 32 MiB
+        self._start = self._measure()
+
+    def _measure(self) -> tuple[float, float]:
+        a, big = self._a, self._big
+        out = np.empty_like(a)
+        gemm = time_calls(lambda: np.matmul(a, a, out=out), repeat=5, min_time=0.1, warmup=2)
+        copy = time_calls(lambda: big.copy(), repeat=5, min_time=0.1, warmup=2)
+        return float(np.median(gemm.times)), float(np.median(copy.times))
+
+    def drift(self) -> float:
+        """The largest relative change of the two probes between now and the start."""
+        end = self._measure()
+        return max(abs(e / s - 1) for s, e in zip(self._start, end, strict=True))
 
 
 class OtherProcesses:
@@ -171,118 +349,224 @@ class OtherProcesses:
         user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    def report(self) -> str:
-        """E.g. "0.4 CPU-s during this 58 s run on 2 cores"; "unknown" without /proc/stat."""
+    def seconds(self) -> tuple[float | None, float]:
+        """(CPU seconds other processes took, wall seconds) since creation."""
         busy, own, wall = self._busy_seconds(), time.process_time(), time.perf_counter()
         busy0, own0, wall0 = self._start
         if busy is None or busy0 is None:
-            return "unknown"
-        others = max(0.0, (busy - busy0) - (own - own0))
-        return f"{others:.1f} CPU-s during this {wall - wall0:.0f} s run on {os.cpu_count()} cores"
+            return None, wall - wall0
+        return max(0.0, (busy - busy0) - (own - own0)), wall - wall0
 
 
-def machine_info() -> dict[str, str]:
-    """What the figures depend on: CPU, core count, library versions and thread counts."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")]
-        cpu = models[0] if models else cpu
+# --------------------------------------------------------------------------------------------
+# the header
+
+
+def _git() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                  timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    return model.group(1).strip() if model else platform.processor() or platform.machine()
+
+
+def _torch_blas() -> str:
+    config = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
+    info = re.search(r"BLAS_INFO=(\w+)", config)
+    if mkl:
+        return f"MKL {mkl.group(1)}"
+    return info.group(1) if info else "unknown"
+
+
+def _threading_layer() -> str | None:
+    try:
+        return numba.threading_layer()  # known once a parallel kernel has run
+    except ValueError:
+        return None
+
+
+def header(*, argv: Sequence[str], options: Mapping[str, Any], started: datetime,
+           rows: Sequence[Row], other_cpu_s: float | None, drift: float | None,
+           wall_s: float) -> dict[str, Any]:
+    """The JSON header (`benchmarks/schema.json`): what the figures depend on."""
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    blas_env = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                                  "MKL_NUM_THREADS") if k in os.environ]
+    peak, how = nominal_peak()
+    rel_iqrs = [r.rel_iqr for r in rows]
     return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "blas": f"{blas.get('name')} {blas.get('version')}",
-        # numpy's BLAS reads its thread count from the environment when it loads.
-        "blas_threads": ", ".join(blas_env) or "from BLAS default (no *_NUM_THREADS set)",
-        "torch": torch.__version__,
-        "torch_threads": str(torch.get_num_threads()),
-        "numba": numba.__version__,
-        "numba_threads": str(numba.get_num_threads()),  # kernels and the memory floors
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "date": started.isoformat(timespec="seconds"),
+        "git": _git(),
+        "argv": list(argv),
+        "options": dict(options),
+        "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count() or 1,
+                    "platform": platform.platform(),
+                    "cuda_device": torch.cuda.get_device_name()
+                    if torch.cuda.is_available() else None},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                     "scipy": scipy.__version__, "torch": torch.__version__,
+                     "numba": numba.__version__},
+        "threads": {"torch": torch.get_num_threads(), "numba": numba.get_num_threads(),
+                    "numba_threading_layer": _threading_layer(),
+                    # numpy's BLAS reads its thread count from the environment when it loads
+                    "blas_env": {k: os.environ[k] for k in (
+                        "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                        "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER") if k in os.environ}},
+        "blas": {"numpy": f"{blas.get('name')} {blas.get('version')}", "torch": _torch_blas()},
+        "peak": {"gflops": peak, "derivation": how},
+        "noise": {"other_processes_cpu_s": other_cpu_s, "probe_drift": drift,
+                  "median_row_rel_iqr": float(np.median(rel_iqrs)) if rel_iqrs else None},
+        "wall_s": wall_s,
     }
 
 
-def header_lines(
-    info: Mapping[str, str], rows: Sequence[Row], *, repeat: int, min_time: float, warmup: int
-) -> list[str]:
-    """The lines above the table: machine, timing and error rules, and the measured floors."""
-    lines = [
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['platform']}, "
-        f"python {info['python']}, CUDA device: {info['cuda']}",
-        f"numpy {info['numpy']} (BLAS {info['blas']}, threads {info['blas_threads']}); "
-        f"torch {info['torch']} (threads {info['torch_threads']}); "
-        f"numba {info['numba']} (threads {info['numba_threads']})",
-        *([f"other processes took {info['other_processes']}: near 0 when figures can be trusted"]
-          if "other_processes" in info else []),
-        f"timing: {warmup + 1} untimed calls (the first one validated), then the median and min "
-        f"of >= {repeat} calls and >= {min_time:g} s per row",
-        "max err: max over every array a row returns (the outputs; for forward+backward also "
-        "the gradient of every input and parameter) of max|got - ref| / max|ref|,",
-        "  ref = numpy_ref in float64 on the same inputs; FAIL above sqrt(eps) of the dtype",
-        "vs base: the median of the op's baseline row (same size and pass) / this row's; "
-        + ", ".join(f"{op}: {' '.join(base)}" for op, base in BASELINES.items()),
-        "rate: work / median; GFLOP/s counts matrix-product flops, GB/s the bytes of V the op "
-        "must move (benchmarks/attention.py); % floor: the floor's time for that work / median",
+def header_lines(head: Mapping[str, Any]) -> list[str]:
+    """The lines above the table: machine, versions, peak, noise, and the rules of each column."""
+    m, v, t, n = head["machine"], head["versions"], head["threads"], head["noise"]
+    commit = head["git"]["commit"]
+    commit = "no git" if commit is None else commit[:10] + (" (dirty)" if head["git"]["dirty"]
+                                                            else "")
+    peak = head["peak"]["gflops"]
+    peak_text = ("unknown" if peak["float32"] is None else
+                 f"{peak['float32']:.0f} GFLOP/s float32, {peak['float64']:.0f} float64")
+    other = n["other_processes_cpu_s"]
+    return [
+        f"{head['date']}  commit {commit}  {m['cpu']}, {m['logical_cpus']} logical CPUs, "
+        f"{m['platform']}, CUDA: {m['cuda_device'] or 'none'}",
+        f"python {v['python']}, numpy {v['numpy']} (BLAS {head['blas']['numpy']}), torch "
+        f"{v['torch']} (BLAS {head['blas']['torch']}), numba {v['numba']}, scipy {v['scipy']}",
+        f"threads: torch {t['torch']}, numba {t['numba']} ({t['numba_threading_layer'] or '-'} "
+        f"layer), env {' '.join(f'{k}={x}' for k, x in t['blas_env'].items()) or 'none set'}",
+        f"nominal peak: {peak_text} = {head['peak']['derivation']}",
+        "noise: other processes took " + ("unknown" if other is None else f"{other:.1f} CPU-s")
+        + f" in {head['wall_s']:.0f} s; the probe moved "
+        + ("unknown" if n["probe_drift"] is None else f"{100 * n['probe_drift']:.0f}%")
+        + " from start to end; median row IQR "
+        + ("-" if n["median_row_rel_iqr"] is None else f"{100 * n['median_row_rel_iqr']:.1f}%"),
+        "median/iqr: of samples (a call under 2 ms is looped); vs torch: the baseline's median / "
+        "this row's (" + ", ".join(f"{op}: {' '.join(b)}" for op, b in BASELINES.items()) + ")",
+        "% ceil: the ceiling's time / median; the ceiling is the fastest any library here does "
+        "the row's work (BLAS on its products, or a read + copy of V's bytes); peak MiB: what "
+        "one call allocates",
+        "max err: max over every returned array of max|got - ref| / max|ref|, ref = numpy_ref "
+        "in float64; FAIL above sqrt(eps)",
     ]
-    groups: dict[tuple[str, ...], dict[str, Row]] = {}  # (op, size, device, dtype) -> floors
-    for r in rows:
-        floors = groups.setdefault((r.op, r.size, r.device, r.dtype), {})
-        floors.setdefault(r.floor, r)
-    for (op, size, device, dtype), floors in groups.items():
-        for floor, r in floors.items():
-            # A floor particular to one pass (the memory floors) is also given as a time.
-            detail = "" if len(floors) == 1 else f", {r.pass_}"
-            ms = "" if len(floors) == 1 else f" ({r.floor_ms:.3g} ms per call)"
-            lines.append(f"floor of {op} {size} {dtype} on {device}{detail}: {floor} = "
-                         f"{_figure(r.floor_rate)} {r.floor_unit}{ms}")
-    return lines
 
 
-def _speedup(row: Row, rows: Sequence[Row]) -> str:
-    """The baseline row's median / this row's median, or '-' without a baseline row."""
-    for b in rows:
-        if ((b.backend, b.device) == BASELINES.get(row.op) and (b.op, b.size, b.pass_, b.dtype)
-                == (row.op, row.size, row.pass_, row.dtype)):
-            return f"{b.median_ms / row.median_ms:.2f}x"
-    return "-"
+# --------------------------------------------------------------------------------------------
+# the table
 
 
 def _figure(x: float) -> str:
-    """A rate with at least three significant digits and at most two decimals above 1."""
-    return f"{x:.1f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3g}"
+    """A rate with at least three significant digits and at most one decimal above 100."""
+    return f"{x:.0f}" if x >= 1000 else f"{x:.1f}" if x >= 100 else f"{x:.3g}"
+
+
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.4f}" if ms < 0.1 else f"{ms:.3f}" if ms < 100 else f"{ms:.1f}"
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """The rows as an aligned text table, one line per row, failures flagged in the last column."""
-    head = ("op", "size", "backend", "device", "pass", "dtype", "median ms", "min ms",
-            "vs base", "rate", "% floor", "max err", "check")
-    body = [
-        (r.op, r.size, r.backend, r.device, r.pass_, r.dtype, f"{r.median_ms:.3f}",
-         f"{r.min_ms:.3f}", _speedup(r, rows), f"{_figure(r.rate)} {r.floor_unit}",
-         f"{r.pct_floor:.1f}", f"{r.error:.1e}",
-         "ok" if r.ok else f"FAIL ({r.worst})")
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
-    numeric = set(range(6, 12))  # right-align the figures so their digits line up
+    """The rows as aligned text, grouped by op and size (a heading line each, with the
+    ceiling), one line per pass and backend; ``*`` marks each pass's fastest backend on each
+    device among the rows that validated."""
+    head = ("pass", "backend", "device", "median ms", "iqr", "min ms", "vs torch", "rate",
+            "% ceil", "peak MiB", "compile s", "max err", "status")
+    numeric = set(range(3, 12))
+    fastest = {}
+    for r in rows:
+        key = (r.op, r.size, r.pass_, r.device, r.dtype)
+        if r.ok and (key not in fastest or r.median_s < fastest[key].median_s):
+            fastest[key] = r
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.op, r.size, r.dtype), []).append(r)
+    body: list[tuple[str, ...] | str] = []
+    for (op, size, dtype), members in groups.items():
+        ceilings = dict.fromkeys(
+            f"{r.pass_} {_ms(r.ceiling_s)} ms = {r.ceiling_name} ({r.ceiling_by})"
+            for r in members if r.device == members[0].device)
+        body.append(f"{op} {size} {dtype}: ceiling {'; '.join(ceilings)}")
+        for r in sorted(members, key=lambda r: (r.pass_, r.device, r.median_s)):
+            base = baseline(r, rows)
+            pct = "-" if r.status == "too small" else f"{r.pct_of_ceiling:.1f}"
+            status = {"FAIL": f"FAIL ({r.worst})", "above ceiling": "ABOVE CEILING"}.get(
+                r.status, r.status)
+            star = "* " if fastest.get((r.op, r.size, r.pass_, r.device, r.dtype)) is r else "  "
+            body.append((
+                r.pass_, star + r.backend, r.device, _ms(r.median_s),
+                f"{100 * r.rel_iqr:.0f}%", _ms(r.min_s),
+                "-" if base is None else f"{base.median_s / r.median_s:.2f}x",
+                f"{_figure(r.rate)} {r.rate_unit}", pct,
+                "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.2f}",
+                f"{r.compile_s:.2f}", f"{r.max_err:.1e}", status,
+            ))
+    lines = [line for line in body if isinstance(line, tuple)]
+    widths = [max(len(line[i]) for line in (head, *lines)) for i in range(len(head))]
 
     def fmt(line: Sequence[str]) -> str:
         cells = [c.rjust(w) if i in numeric else c.ljust(w)
                  for i, (c, w) in enumerate(zip(line, widths, strict=True))]
-        return "  ".join(cells).rstrip()
+        return "  " + "  ".join(cells).rstrip()
 
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(head), rule, *(fmt(line) for line in body)])
+    out = [fmt(head)]
+    for line in body:
+        if isinstance(line, str):
+            out += ["", line]
+        else:
+            out.append(fmt(line))
+    return "\n".join(out)
 
 
-def write_json(path: str | Path, info: Mapping[str, str], rows: Sequence[Row]) -> None:
-    """Write ``{"machine": info, "rows": [...]}`` to `path`."""
-    data = {"machine": dict(info), "argv": sys.argv, "rows": [r.to_dict() for r in rows]}
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+def flagged_lines(rows: Sequence[Row]) -> list[str]:
+    """One line per row whose status is not ok, saying why."""
+    lines = []
+    for r in rows:
+        if r.status == "FAIL":
+            lines.append(f"FAIL: {r.id}: max err {r.max_err:.2e} in {r.worst}, allowed "
+                         f"{r.tolerance:.2e}")
+        elif r.status == "above ceiling":
+            lines.append(f"ABOVE CEILING: {r.id} ran in {_ms(r.median_s)} ms, its ceiling "
+                         f"({r.ceiling_name}, timed twice) in {_ms(r.ceiling_s)} ms: a "
+                         "measurement problem, not a result")
+    small = [r for r in rows if r.status == "too small"]
+    if small:
+        lines.append(f"{len(small)} row(s) too small or too noisy for a % of ceiling (ceiling "
+                     f"under {MIN_CEILING_S * 1e6:.0f} us, or IQR over {MAX_REL_IQR:.0%} of "
+                     "the median): their times stand, their percentages are not printed")
+    return lines
+
+
+def write_json(path: str | Path, head: Mapping[str, Any], rows: Sequence[Row]) -> Path:
+    """Write ``{"schema", "header", "rows"}`` (`benchmarks/schema.json`) to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"schema": SCHEMA, "header": dict(head), "rows": [r.record(rows) for r in rows]}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def run_stamp(started: datetime) -> str:
+    """E.g. ``20261201-130500-2a748b9``: the default name of a run's files."""
+    commit = _git()["commit"]
+    return started.strftime("%Y%m%d-%H%M%S") + ("" if commit is None else f"-{commit[:7]}")
+

@@ -15,9 +15,10 @@ Each call continues training from where the previous one left the weights; the b
 
 Work: the flops of the step's matrix products, forward and backward (each forward product
 has two in the backward, so 3x forward), counted in `_forward_gflop`; the elementwise math
-(gates, softmax, tanh, Adam) is not counted. The floor is one GEMM of the model's largest
-product: the classifier's LSTM input product [T*B, E+H] @ [E+H, 4H], the seq2seq generator
-[B*Tt, 2H (+2H+E)] @ [., V].
+(gates, softmax, tanh, Adam) is not counted. The ceiling is that work at the best BLAS rate of
+the model's largest product (the classifier's LSTM input product [T*B, E+H] @ [E+H, 4H], the
+seq2seq generator [B*Tt, 2H (+2H+E)] @ [., V]): an estimate, since most of a step's products are
+smaller and slower than its largest, so it is a ceiling a step cannot reach.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 
 import kernels
 import numpy_ref
+from benchmarks.ceilings import Product, gemm_ceiling
 from benchmarks.core import TRAINING_STEP, Backend, Prepared, Problem
-from benchmarks.floors import gemm_floor
 from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_
 
 LR = 1e-3
@@ -86,11 +87,11 @@ def training_problem(model: str, *, score: str | None = None, B: int, T: int, E:
     if model == "classifier":
         sizes = dict(B=B, T=T, E=E, H=H, V=V, C=C)
         size = f"classifier,B{B},T{T},E{E},H{H},V{V}"
-        floor = gemm_floor(T * B, E + H, 4 * H)
+        largest = Product(T * B, E + H, 4 * H)
     else:
         sizes = dict(B=B, Ts=T, Tt=T, E=E, H=H, Vs=V, Vt=V)
         size = f"{model}{'-' + score if score else ''},B{B},T{T},E{E},H{H},V{V}"
-        floor = gemm_floor(B * T, 2 * H if model == "luong" else 4 * H + E, V)
+        largest = Product(B * T, 2 * H if model == "luong" else 4 * H + E, V)
 
     def make(dtype: np.dtype, rng: np.random.Generator) -> TrainingInputs:
         if model == "classifier":
@@ -109,7 +110,10 @@ def training_problem(model: str, *, score: str | None = None, B: int, T: int, E:
         reference=lambda inputs, pass_: _numpy_step(inputs.astype(np.float64), numpy_ref,
                                                     update=False),
         work=lambda pass_, dtype: 3 * forward,
-        floors={TRAINING_STEP: floor},
+        ceilings={TRAINING_STEP: gemm_ceiling(
+            [largest], scale=3 * forward / largest.gflop,
+            name=f"its GFLOP at the BLAS rate of its largest product {largest}")},
+        shape={"model": model, **sizes},
     )
 
 

@@ -1,0 +1,333 @@
+"""What the machine can do, measured in the same run: the ceiling every row is a percentage of.
+
+A row's ceiling is the least time any library on this machine takes to do the work the row
+must do (its `ceiling_s`); its "% of ceiling" is ceiling_s / the row's median time. A correct
+ceiling cannot be beaten, so a row above 100% is a measurement problem (the ceiling was timed
+while something else ran, or the op does less work than it is credited with), and the runner
+flags it instead of printing it as a success.
+
+GEMM-bound rows (the LSTM, the many-query attention, SDPA's heads layout, the training steps):
+the op is written as the list of matrix products it cannot avoid (`Product`, the shapes come
+from the op's math: an LSTM step's recurrent product has only B rows, the attention's two
+batched products are q k^T and w v, and so on). Each product is timed with NumPy's ``matmul``
+(the BLAS NumPy links) and with ``torch.matmul`` (torch's BLAS: MKL on x86), on the same
+operands, and the faster library's best time counts; the ceiling is the sum over the products.
+So the ceiling is what the best BLAS on the machine needs for exactly those shapes, with nothing
+else in between. The pointwise work (gates, softmax) is not in it: a real op can only be slower.
+
+Memory-bound rows (the single-query attention, the seed's case): the least traffic the op needs
+is reading V once forward, and forward+backward once more plus writing d_values, a fresh array
+of V's size (README, "Performance"). The ceiling is the time of exactly that on an array of V's
+shape: a streaming read (per-row sums, so that the read cannot be skipped) and a copy into a
+freshly allocated array (allocation and page faults included: every backend allocates its
+gradient), each the faster of a parallel Numba kernel and torch (``sum``, ``copy_``).
+
+The CPU's nominal peak (`nominal_peak`: cores x SIMD lanes x 2 flops per FMA x FMA units x
+clock) is printed in the header and in each GEMM-bound row as a second reference: the best BLAS
+reaches some fraction of it, never more.
+
+Every library's time is the minimum over calls, not the median: the ceiling is the best the
+machine was seen to do, so that noise makes it higher (harder to reach), never lower.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from benchmarks.core import Ceiling, time_calls
+
+# Timing of one library on one product or one memory pass: a few samples of at least 2 ms
+# each (`time_calls` loops a fast call), few enough that a default run measures every ceiling
+# in seconds.
+_REPEAT, _MIN_TIME, _WARMUP = 5, 0.04, 1
+
+# The kernels' one fast-math set (no nnan/ninf): the memory ceilings must not be slower than a
+# kernel could be, so they get the same freedom; reassociation lets LLVM vectorize the sum.
+_NJIT = {"parallel": True, "fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"},
+         "cache": True}
+
+
+@dataclass(frozen=True)
+class Product:
+    """`count` independent matrix products [M, K] @ [K, N], each batched over `batch`."""
+
+    M: int
+    K: int
+    N: int
+    batch: int = 1
+    count: int = 1
+
+    @property
+    def gflop(self) -> float:
+        """2 flops per multiply-add, all of them."""
+        return 2 * self.count * self.batch * self.M * self.K * self.N / 1e9
+
+    def __str__(self) -> str:
+        batch = f"{self.batch} x " if self.batch > 1 else ""
+        count = f"{self.count} x " if self.count > 1 else ""
+        return f"{count}{batch}[{self.M},{self.K}]@[{self.K},{self.N}]"
+
+
+# (product shape without count, device, dtype) -> (seconds of one product, library): shapes
+# repeat across problems (the heads problems share theirs), so each is timed once per run.
+_PRODUCT_TIMES: dict[tuple, tuple[float, str]] = {}
+
+
+def _time_product(p: Product, device: str, dtype: np.dtype, *, again: bool = False
+                  ) -> tuple[float, str]:
+    """The best seconds of one [batch, M, K] @ [batch, K, N] and the library that took them."""
+    key = (p.M, p.K, p.N, p.batch, device, np.dtype(dtype).name)
+    if key in _PRODUCT_TIMES and not again:
+        return _PRODUCT_TIMES[key]
+    rng = np.random.default_rng(0)
+    lead = (p.batch,) if p.batch > 1 else ()
+    a = rng.standard_normal((*lead, p.M, p.K)).astype(dtype)
+    b = rng.standard_normal((*lead, p.K, p.N)).astype(dtype)
+    candidates: dict[str, Callable[[], object]] = {}
+    if device == "cpu":
+        out = np.empty((*lead, p.M, p.N), dtype)
+        candidates["numpy"] = lambda: np.matmul(a, b, out=out)
+        ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out.copy())
+        candidates["torch"] = lambda: torch.matmul(ta, tb, out=tout)
+    elif device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the rows run with TF32 off too
+        ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+        tout = torch.empty((*lead, p.M, p.N), dtype=ta.dtype, device="cuda")
+
+        def cuda_run() -> None:
+            torch.matmul(ta, tb, out=tout)
+            torch.cuda.synchronize()
+
+        candidates["torch"] = cuda_run
+    else:
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    best = min((min(time_calls(run, repeat=_REPEAT, min_time=_MIN_TIME, warmup=_WARMUP).times),
+                name) for name, run in candidates.items())
+    if again and key in _PRODUCT_TIMES:  # a second look may only lower the ceiling's time
+        best = min(best, _PRODUCT_TIMES[key])
+    _PRODUCT_TIMES[key] = best
+    return best
+
+
+def gemm_ceiling(products: Sequence[Product], *, scale: float = 1.0, name: str = "") -> Ceiling:
+    """The sum over `products` of the best library's time for each, times `scale`.
+
+    `scale` < 1 credits work that a good kernel may skip (a causal mask hides about half of
+    every product); `scale` > 1 stretches one representative product over a row's whole
+    work (the training steps, whose dozens of products are summarized by their largest).
+    """
+    products = tuple(products)
+
+    def seconds(device: str, dtype: np.dtype, again: bool = False) -> tuple[float, str]:
+        total, winners = 0.0, []
+        for p in products:
+            s, library = _time_product(p, device, dtype, again=again)
+            total += p.count * s
+            winners.append(library)
+        # "torch", or "torch 4 of 6, numpy 2 of 6" when the products' winners differ
+        wins = {w: winners.count(w) for w in dict.fromkeys(winners)}
+        by = winners[0] if len(wins) == 1 else ", ".join(
+            f"{w} {n} of {len(winners)}" for w, n in wins.items())
+        return scale * total, by
+
+    count = sum(p.count for p in products)
+    label = name or f"BLAS on its {count} product{'s' if count > 1 else ''}"
+    return Ceiling(name=label, unit="GFLOP/s", seconds=seconds,
+                   detail=" + ".join(str(p) for p in products))
+
+
+def gemm_work(products: Sequence[Product]) -> float:
+    """GFLOP of `products`: a GEMM-bound row's work."""
+    return sum(p.gflop for p in products)
+
+
+@njit(**_NJIT)
+def _read_rows(values, lengths, sums):
+    """sums[b] = the sum of values[b, :lengths[b]]: each of those elements read once."""
+    B, H = values.shape[0], values.shape[2]
+    for b in prange(B):
+        row = values[b].ravel()  # [T*H], contiguous: a flat loop vectorizes
+        acc = sums.dtype.type(0)
+        for i in range(lengths[b] * H):
+            acc += row[i]
+        sums[b] = acc
+
+
+@njit(**_NJIT)
+def _copy_rows(values, lengths, out):
+    """out[b, :lengths[b]] = values[b, :lengths[b]], out[b, lengths[b]:] = 0."""
+    B, T, H = values.shape
+    for b in prange(B):
+        src, dst = values[b].ravel(), out[b].ravel()  # [T*H]
+        n = lengths[b] * H
+        for i in range(n):
+            dst[i] = src[i]
+        for i in range(n, T * H):
+            dst[i] = 0
+
+
+def memory_ceilings(shape: tuple[int, int, int], lengths: np.ndarray | None = None
+                    ) -> dict[str, Ceiling]:
+    """The ceilings of a single-query attention over values of `shape` [B, T, H], per pass.
+
+    forward: the streaming read of V's valid keys, ``n_valid`` elements (all of V without
+    `lengths`). forward+backward: that read, then the fresh copy (read the valid keys, write all
+    of V). A row's work, in GB, counts the same bytes (`memory_work`).
+    """
+    B, T, H = shape
+    lengths = np.full(B, T, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+    n_valid, n_full = int(lengths.sum()) * H, B * T * H
+    measured: dict[tuple[str, str], tuple[tuple[float, str], tuple[float, str]]] = {}
+
+    def read_and_copy(device: str, dtype: np.dtype, again: bool) -> tuple:
+        key = (device, np.dtype(dtype).name)
+        if key not in measured or again:
+            values = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+            candidates = _torch_read_copy(values, n_valid, device)
+            if device == "cpu":
+                candidates.update(_numba_read_copy(values, lengths))
+            best = []
+            for op in ("read", "copy"):
+                best.append(min(
+                    (min(time_calls(runs[op], repeat=_REPEAT, min_time=_MIN_TIME,
+                                    warmup=_WARMUP).times), library)
+                    for library, runs in candidates.items()))
+            if key in measured:
+                best = [min(new, old) for new, old in zip(best, measured[key], strict=True)]
+            measured[key] = tuple(best)
+        return measured[key]
+
+    def forward(device: str, dtype: np.dtype, again: bool = False) -> tuple[float, str]:
+        read, _ = read_and_copy(device, dtype, again)
+        return read
+
+    def forward_backward(device: str, dtype: np.dtype, again: bool = False
+                         ) -> tuple[float, str]:
+        (read, read_by), (copy, copy_by) = read_and_copy(device, dtype, again)
+        return read + copy, read_by if read_by == copy_by else f"read {read_by}, copy {copy_by}"
+
+    def size(dtype: np.dtype) -> str:
+        full = _binary_size(n_full * dtype.itemsize)
+        return full if n_valid == n_full else f"{_binary_size(n_valid * dtype.itemsize)} of {full}"
+
+    what = f"V [{B}, {T}, {H}]" + ("" if n_valid == n_full else "'s valid keys")
+    return {
+        "forward": Ceiling(name=f"stream read of {what}", unit="GB/s", seconds=forward,
+                           size=size),
+        "forward+backward": Ceiling(name=f"read + fresh copy of {what}", unit="GB/s",
+                                    seconds=forward_backward, size=size),
+    }
+
+
+def memory_work(n_valid: int, n_full: int, pass_: str, dtype: np.dtype) -> float:
+    """GB the single-query attention core must move: forward reads the `n_valid` elements of V
+    it attends to; forward+backward reads them twice and writes d_values, `n_full` elements."""
+    elements = n_valid if pass_ == "forward" else 2 * n_valid + n_full
+    return elements * np.dtype(dtype).itemsize / 1e9
+
+
+def _binary_size(nbytes: int) -> str:
+    """``nbytes`` in MiB, KiB or bytes, e.g. "128 MiB"."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.4g} {unit}"
+    return f"{nbytes} B"
+
+
+def _numba_read_copy(values: np.ndarray, lengths: np.ndarray) -> dict[str, dict]:
+    """The read and fresh-copy calls of `memory_ceilings` as parallel Numba kernels."""
+    sums = np.empty(values.shape[0], values.dtype)
+    return {"numba": {"read": lambda: _read_rows(values, lengths, sums),
+                      "copy": lambda: _copy_rows(values, lengths, np.empty_like(values))}}
+
+
+def _torch_read_copy(values: np.ndarray, n_valid: int, device: str) -> dict[str, dict]:
+    """The read and fresh-copy calls with torch on `device`. The valid keys are the first
+    `n_valid` elements of the flat array: the same bytes as the ragged rows, in one piece."""
+    flat = torch.from_numpy(values).to(device).reshape(-1)
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def read() -> None:
+        torch.sum(flat[:n_valid])
+        synchronize()
+
+    def copy() -> None:
+        out = torch.empty_like(flat)
+        out[:n_valid].copy_(flat[:n_valid])
+        out[n_valid:].zero_()
+        synchronize()
+
+    return {"torch": {"read": read, "copy": copy}}
+
+
+# --------------------------------------------------------------------------------------------
+# the nominal peak
+
+
+def nominal_peak() -> tuple[dict[str, float | None], str]:
+    """The CPU's nominal peak GFLOP/s per dtype, and how it was derived.
+
+    peak = logical CPUs x SIMD lanes of the dtype x 2 flops per FMA x FMA units per core x
+    clock. The lanes come from the widest vector extension /proc/cpuinfo lists (AVX-512: 512
+    bits, AVX/AVX2: 256, SSE2 or NEON: 128); two FMA units per core is assumed (what current
+    x86 server cores have); the clock is the one in the model name, else cpufreq's maximum,
+    else /proc/cpuinfo's current "cpu MHz". Where hyperthreads share a core's FMA units the
+    true peak is half; a virtual machine may not say.
+    """
+    text = _read("/proc/cpuinfo")
+    flags = set(re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M).group(1).split()) \
+        if re.search(r"^(?:flags|Features)\s*:", text, re.M) else set()
+    if "avx512f" in flags:
+        bits, ext = 512, "AVX-512"
+    elif "avx2" in flags or "avx" in flags:
+        bits, ext = 256, "AVX2" if "avx2" in flags else "AVX"
+    elif "sse2" in flags or "asimd" in flags or platform.machine() in ("arm64", "aarch64"):
+        bits, ext = 128, "SSE2" if "sse2" in flags else "NEON"
+    else:
+        return {"float32": None, "float64": None}, "unknown: no SIMD flags in /proc/cpuinfo"
+    fma = "fma" in flags or "avx512f" in flags or "asimd" in flags
+    ghz, clock_from = _clock_ghz(text)
+    if ghz is None:
+        return {"float32": None, "float64": None}, "unknown: no clock in /proc/cpuinfo"
+    cpus = os.cpu_count() or 1
+    units = 2
+    per_lane = (2 if fma else 1) * units
+    peak = {name: cpus * (bits // (8 * size)) * per_lane * ghz
+            for name, size in (("float32", 4), ("float64", 8))}
+    how = (f"{cpus} logical CPUs x {bits // 32} float32 ({bits // 64} float64) lanes ({ext}) x "
+           f"{'2 flops per FMA x ' if fma else ''}{units} FMA units per core (assumed) x "
+           f"{ghz:.3g} GHz ({clock_from})")
+    return peak, how
+
+
+def _clock_ghz(cpuinfo: str) -> tuple[float | None, str]:
+    """The clock in GHz and where it was read."""
+    model = re.search(r"^model name\s*:.*@\s*([\d.]+)\s*GHz", cpuinfo, re.M)
+    if model:
+        return float(model.group(1)), "the model name's nominal clock"
+    khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").strip()
+    if khz.isdigit():
+        return int(khz) / 1e6, "cpufreq's maximum"
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
+    if mhz:
+        return float(mhz.group(1)) / 1e3, "/proc/cpuinfo's cpu MHz, no boost known"
+    return None, ""
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
