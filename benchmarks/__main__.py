@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = runner.write_json(args.json or folder / "results.json", head, rows)
     records = [r.record(rows) for r in rows]
     plot_dir = Path(args.plot) if args.plot else folder
-    title = f"{head['machine']['cpu']}, {args.dtype}, {head['date']}"
+    title = f"{head['machine']['cpu']}, {head['date']}"
     written = [p for p in (plots.plot_ratios(records, plot_dir / "vs-torch.png", title=title),
                            *plots.plot_sweeps(records, plot_dir)) if p is not None]
     print()

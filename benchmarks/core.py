@@ -117,16 +117,24 @@ class Timing:
 SAMPLE_S = 2e-3
 
 
+# The thread pools of NumPy's OpenBLAS, torch and Numba keep their workers spinning for a while
+# after a parallel call. A library timed inside that window competes with them for the cores:
+# torch's matmul right after NumPy's ran 2-4x slower on 2 cores. Waiting this long first lets
+# the previous library's workers go to sleep.
+QUIET_S = 0.2
+
+
 def time_calls(run: Callable[[], Any], *, repeat: int, min_time: float, warmup: int,
-               loops: int | None = None) -> Timing:
-    """Call `run` `warmup` times untimed (at least once), then take samples until there are at
-    least `repeat` of them adding up to at least `min_time` seconds.
+               loops: int | None = None, quiet: float = QUIET_S) -> Timing:
+    """Wait `quiet` seconds, call `run` `warmup` times untimed (at least once), then take
+    samples until there are at least `repeat` of them adding up to at least `min_time` seconds.
 
     A sample times `loops` consecutive calls and records their mean; by default `loops` is
     chosen from the last warm-up call so that a sample lasts about `SAMPLE_S`. The garbage
     collector is off while timing (as in `timeit`): autograd allocates many small objects, and
     a collection landing inside one call would be noise, not the op's cost.
     """
+    time.sleep(quiet)
     first = time.perf_counter()
     run()
     first_s = last = time.perf_counter() - first

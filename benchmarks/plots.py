@@ -12,8 +12,9 @@ Two kinds of figure, both PNG, drawn with matplotlib's object-oriented API (a ba
   about as well as the machine's best, a line that rises with the size is paying a fixed
   overhead that large problems amortize. One colour per backend in every panel of every figure,
   solid lines and circles on the CPU, dashed lines and squares on CUDA. A hollow marker is a row
-  whose status is "too small" (too short to time reliably: read it as an upper bound on the
-  cost); rows that failed validation are not drawn and are listed under the figure.
+  whose status is "too small", "noisy" or "above ceiling" (its percentage of the ceiling is
+  not trusted; the percent axis stops at 150% so that such a point cannot flatten the others);
+  rows that failed validation are not drawn and are listed under the figure.
 - `plot_ratios`: one horizontal bar per row that is not part of a sweep, its speed against its
   op's baseline (`BASELINES`; ``vs_baseline`` = baseline median / row median), on a log axis
   centred on the baseline's 1x: a bar to the right (green) is that many times faster than the
@@ -45,6 +46,8 @@ BASELINES: dict[str, tuple[str, str]] = {
 }
 
 PASS_ORDER = ("forward", "forward+backward", "training step")
+HOLLOW = ("too small", "noisy", "above ceiling")  # statuses drawn hollow: not trusted
+PCT_TOP = 150.0  # the percent axis ends here: an untrusted 3000% must not flatten the rest
 PASS_SHORT = {"forward": "fwd", "forward+backward": "fwd+bwd", "training step": "step"}
 
 # Known backends get fixed colours (tab10), so a backend looks the same in every figure of every
@@ -173,7 +176,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], family: str, x: str | None =
             if not pts:
                 continue
             xs = [p for p, _ in pts]
-            small = [k for k, (_, r) in enumerate(pts) if r["status"] == "too small"]
+            small = [k for k, (_, r) in enumerate(pts) if r["status"] in HOLLOW]
             solid = [k for k in range(len(pts)) if k not in small]
             linestyle, marker = _DEVICE_STYLE.get(device, (":", "^"))
             label = f"{backend} ({device})" + (f" {dtype}" if len(dtypes) > 1 else "")
@@ -196,7 +199,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], family: str, x: str | None =
         ax_p.annotate("ceiling", xy=(1.0, 100.0), xycoords=("axes fraction", "data"),
                       xytext=(3, 0), textcoords="offset points", ha="left", va="center",
                       color="0.35", fontsize=8, annotation_clip=False)
-        ax_p.set_ylim(0.0, pct_max * 1.1)
+        ax_p.set_ylim(0.0, min(pct_max, PCT_TOP) * 1.1)
         ax_t.set_yscale("log")
         if times and max(times) / min(times) < 30:
             # under 1.5 decades a decade's ticks leave the axis almost unlabelled: tick at 1, 2,
@@ -221,9 +224,10 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], family: str, x: str | None =
         ax_p.set_ylabel("rate / ceiling rate (%)")
 
     legend = list(handles.values())
-    if any(r["status"] == "too small" for r in drawn):
+    if any(r["status"] in HOLLOW for r in drawn):
         legend.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="none",
-                             markeredgecolor="0.3", label="hollow: too small to time"))
+                             markeredgecolor="0.3",
+                             label="hollow: not trusted (too\nsmall, noisy, above ceiling)"))
     legend.append(Line2D([], [], color="0.35", linestyle=(0, (5, 3)),
                          label="ceiling: fastest on\nthis machine = 100%"))
     fig.legend(handles=legend, loc="outside right upper", fontsize=9, frameon=False)

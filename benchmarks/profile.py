@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per backend")
     parser.add_argument("--top", type=int, default=10, help="ops listed per backend")
-    parser.add_argument("--sizes", choices=cases.SUITES, default="default",
+    parser.add_argument("--sizes", choices=("default", "quick"), default="default",
                         help="the benchmark's default sizes, or its tiny ones")
     parser.add_argument("--filter", default="", help="only problems whose size contains this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

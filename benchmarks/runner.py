@@ -24,23 +24,29 @@ For each case, in order:
    dtype; the row's "% of ceiling" is the ceiling's time over the row's median.
 
 A row's status: ``FAIL`` (validation); ``too small`` when its ceiling is under `MIN_CEILING_S`
-(the work is less than one library call's overhead, so a percentage of it measures overheads)
-or its samples spread by more than `MAX_REL_IQR` of their median (the machine was too noisy to
-time it); ``above ceiling`` when it beat its ceiling even after the ceiling was timed a second
-time (a measurement problem: the ceiling is not one); else ``ok``.
+(the work is less than one library call's overhead, so a percentage of it measures overheads);
+``noisy`` when its samples spread by more than `MAX_REL_IQR` of their median (the machine was
+too busy to time it); ``above ceiling`` when it beat its ceiling even after the ceiling was
+timed a second time (a measurement problem: the ceiling is not one); else ``ok``. Neither a
+too small nor a noisy row prints a percentage of its ceiling.
+
+Every timing (rows, ceilings, the probe) starts after `benchmarks.core.QUIET_S` of idle time,
+so that the thread pool of the library timed before has gone to sleep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,11 +139,13 @@ class Row:
 
     @property
     def status(self) -> str:
-        """"FAIL", "too small", "above ceiling" or "ok" (see the module docstring)."""
+        """"FAIL", "too small", "noisy", "above ceiling" or "ok" (the module docstring)."""
         if not self.ok:
             return "FAIL"
-        if self.ceiling_s < MIN_CEILING_S or self.rel_iqr > MAX_REL_IQR:
+        if self.ceiling_s < MIN_CEILING_S:
             return "too small"
+        if self.rel_iqr > MAX_REL_IQR:
+            return "noisy"
         if self.pct_of_ceiling > 100:
             return "above ceiling"
         return "ok"
@@ -149,7 +157,9 @@ class Row:
             "id": self.id, "op": self.op, "size": self.size, "shape": dict(self.shape),
             "backend": self.backend, "device": self.device, "dtype": self.dtype,
             "pass": self.pass_, "median_s": self.median_s, "min_s": self.min_s,
-            "iqr_s": self.iqr_s, "times_s": list(self.times_s), "loops": self.loops,
+            "iqr_s": self.iqr_s,
+            # 4 significant digits: the machine's noise is far above that, the file 3x smaller
+            "times_s": [float(f"{t:.4g}") for t in self.times_s], "loops": self.loops,
             "max_err": None if math.isnan(self.max_err) else self.max_err, "worst": self.worst,
             "tolerance": self.tolerance, "work": self.work, "work_unit": self.work_unit,
             "rate": self.rate, "rate_unit": self.rate_unit, "ceiling": self.ceiling,
@@ -202,7 +212,8 @@ def peak_memory(run: Callable[[], Any], backend: str, device: str) -> tuple[int 
     if backend.startswith("torch"):
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                         profile_memory=True) as prof:
             run()
         events = []  # (time, bytes): an op's own allocations at its start, frees as they come
         for e in prof.events():
@@ -222,6 +233,21 @@ def peak_memory(run: Callable[[], Any], backend: str, device: str) -> tuple[int 
     finally:
         tracemalloc.stop()
     return peak, "tracemalloc"
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: torch's profiler (kineto) prints a line to it from C++ at
+    every start and stop, which would scroll the progress bar away."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def run_cases(
@@ -498,13 +524,18 @@ def format_table(rows: Sequence[Row]) -> str:
         groups.setdefault((r.op, r.size, r.dtype), []).append(r)
     body: list[tuple[str, ...] | str] = []
     for (op, size, dtype), members in groups.items():
-        ceilings = dict.fromkeys(
+        # per pass, the lowest ceiling its rows saw (a second look at a ceiling only lowers it)
+        ceilings: dict[str, Row] = {}
+        for r in members:
+            if r.device == members[0].device and (
+                    r.pass_ not in ceilings or r.ceiling_s < ceilings[r.pass_].ceiling_s):
+                ceilings[r.pass_] = r
+        body.append(f"{op} {size} {dtype}: ceiling " + "; ".join(
             f"{r.pass_} {_ms(r.ceiling_s)} ms = {r.ceiling_name} ({r.ceiling_by})"
-            for r in members if r.device == members[0].device)
-        body.append(f"{op} {size} {dtype}: ceiling {'; '.join(ceilings)}")
+            for r in ceilings.values()))
         for r in sorted(members, key=lambda r: (r.pass_, r.device, r.median_s)):
             base = baseline(r, rows)
-            pct = "-" if r.status == "too small" else f"{r.pct_of_ceiling:.1f}"
+            pct = "-" if r.status in ("too small", "noisy") else f"{r.pct_of_ceiling:.1f}"
             status = {"FAIL": f"FAIL ({r.worst})", "above ceiling": "ABOVE CEILING"}.get(
                 r.status, r.status)
             star = "* " if fastest.get((r.op, r.size, r.pass_, r.device, r.dtype)) is r else "  "
@@ -544,11 +575,15 @@ def flagged_lines(rows: Sequence[Row]) -> list[str]:
             lines.append(f"ABOVE CEILING: {r.id} ran in {_ms(r.median_s)} ms, its ceiling "
                          f"({r.ceiling_name}, timed twice) in {_ms(r.ceiling_s)} ms: a "
                          "measurement problem, not a result")
-    small = [r for r in rows if r.status == "too small"]
+    small = sum(r.status == "too small" for r in rows)
+    noisy = sum(r.status == "noisy" for r in rows)
     if small:
-        lines.append(f"{len(small)} row(s) too small or too noisy for a % of ceiling (ceiling "
-                     f"under {MIN_CEILING_S * 1e6:.0f} us, or IQR over {MAX_REL_IQR:.0%} of "
-                     "the median): their times stand, their percentages are not printed")
+        lines.append(f"{small} row(s) too small for a % of ceiling (a ceiling under "
+                     f"{MIN_CEILING_S * 1e6:.0f} us is one library call's overhead): their "
+                     "times stand, their percentages are not printed")
+    if noisy:
+        lines.append(f"{noisy} row(s) noisy (IQR over {MAX_REL_IQR:.0%} of the median): the "
+                     "machine was busy while they ran; run again on an idle machine")
     return lines
 
 
