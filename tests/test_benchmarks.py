@@ -206,18 +206,19 @@ def test_a_second_look_at_the_ceiling_clears_a_row_the_first_look_wronged():
     assert looks == [False, True] and row.ceiling_s == 1e-6 and row.pct_of_ceiling < 100
 
 
-def test_rows_too_small_or_too_noisy_print_no_percentage():
+def test_rows_too_small_or_noisy_print_no_percentage():
     (row,) = runner.run_cases([_big_case()], dtype=np.float32, repeat=3, min_time=0.0)
     fine = dataclasses.replace(row, ceiling_s=0.5 * row.median_s, iqr_s=0.1 * row.median_s)
     tiny = dataclasses.replace(fine, ceiling_s=runner.MIN_CEILING_S / 2,
                                median_s=runner.MIN_CEILING_S)
     noisy = dataclasses.replace(fine, iqr_s=(runner.MAX_REL_IQR + 0.1) * fine.median_s)
     assert fine.status == "ok" and f"{fine.pct_of_ceiling:.1f}" in runner.format_table([fine])
-    for r in (tiny, noisy):
-        assert r.status == "too small"
+    for r, status in ((tiny, "too small"), (noisy, "noisy")):
+        assert r.status == status
         line = runner.format_table([r]).splitlines()[-1]
-        assert f"{r.pct_of_ceiling:.1f}" not in line and "too small" in line
-    assert "too small" in runner.flagged_lines([tiny, noisy])[0]
+        assert f"{r.pct_of_ceiling:.1f}" not in line and line.endswith(status)
+    small, busy = runner.flagged_lines([tiny, noisy])
+    assert small.startswith("1 row(s) too small") and busy.startswith("1 row(s) noisy")
 
 
 def test_the_fastest_backend_of_each_pass_is_marked():
