@@ -332,7 +332,12 @@ def baseline(row: Row, rows: Sequence[Row]) -> Row | None:
 class Probe:
     """A fixed workload timed at the start and at the end of a run: a 384^3 float32 GEMM and a
     32 MiB copy. Their relative change (`drift`) is the run's own noise: how much the machine's
-    speed moved while the rows were timed (another process, a frequency change)."""
+    speed moved while the rows were timed (another process, a frequency change).
+
+    The copy goes into the same preallocated array every time: a fresh 32 MiB array is a
+    fresh mmap with its page faults early in a process and recycled heap memory later (glibc
+    raises its mmap threshold as large blocks are freed), which alone moved the probe by half.
+    """
 
     def __init__(self) -> None:
         rng = np.random.default_rng(0)
@@ -342,9 +347,9 @@ class Probe:
 
     def _measure(self) -> tuple[float, float]:
         a, big = self._a, self._big
-        out = np.empty_like(a)
+        out, big_out = np.empty_like(a), np.empty_like(big)
         gemm = time_calls(lambda: np.matmul(a, a, out=out), repeat=5, min_time=0.1, warmup=2)
-        copy = time_calls(lambda: big.copy(), repeat=5, min_time=0.1, warmup=2)
+        copy = time_calls(lambda: np.copyto(big_out, big), repeat=5, min_time=0.1, warmup=2)
         return float(np.median(gemm.times)), float(np.median(copy.times))
 
     def drift(self) -> float:
