@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "NEW.json: compare the two files without running anything")
     parser.add_argument("--fail-on-regression", action="store_true",
                         help="exit with status 3 when --compare flags a row slower")
+    parser.add_argument("--min-band", type=float, default=compare.MIN_BAND, metavar="FRACTION",
+                        help="--compare calls a change within this fraction noise whatever the "
+                             f"runs' own noise (default {compare.MIN_BAND}; on a shared virtual "
+                             "machine two runs of one commit moved rows by up to 0.45)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the peak-memory measurement of each row")
     parser.add_argument("--list", action="store_true",
@@ -109,11 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--compare takes OLD.json, or OLD.json NEW.json")
     if args.fail_on_regression and args.compare is None:
         parser.error("--fail-on-regression needs --compare")
+    if args.min_band < 0:
+        parser.error("--min-band must be >= 0")
     return args
 
 
 def _compare(old: dict, new: dict, args: argparse.Namespace) -> int:
-    comparison = compare.compare(old, new)
+    comparison = compare.compare(old, new, min_band=args.min_band)
     print()
     print(compare.format_comparison(comparison))
     return 3 if args.fail_on_regression and comparison.regressions else 0

@@ -12,8 +12,12 @@ from the op's math: an LSTM step's recurrent product has only B rows, the attent
 batched products are q k^T and w v, and so on). Each product is timed with NumPy's ``matmul``
 (the BLAS NumPy links) and with ``torch.matmul`` (torch's BLAS: MKL on x86), on the same
 operands, and the faster library's best time counts; the ceiling is the sum over the products.
-So the ceiling is what the best BLAS on the machine needs for exactly those shapes, with nothing
-else in between. The pointwise work (gates, softmax) is not in it: a real op can only be slower.
+Products the op must compute one after another with the same weight (an LSTM's T recurrent
+steps) are timed together, in one call, as if no step waited for the previous one: a bound no
+recurrence can beat (timed one call per step, they were beaten by torch's fused oneDNN LSTM,
+which runs the whole recurrence in one call). So the ceiling is what the best BLAS on the
+machine needs for exactly those shapes, with nothing else in between. The pointwise work
+(gates, softmax) is not in it: a real op can only be slower.
 
 Memory-bound rows (the single-query attention, the seed's case): the least traffic the op needs
 is reading V once forward, and forward+backward once more plus writing d_values, a fresh array
@@ -58,7 +62,8 @@ _NJIT = {"parallel": True, "fastmath": {"nsz", "arcp", "contract", "afn", "reass
 
 @dataclass(frozen=True)
 class Product:
-    """`count` independent matrix products [M, K] @ [K, N], each batched over `batch`."""
+    """`count` matrix products [M, K] @ [K, N] with one right-hand side each (an LSTM's steps,
+    timed together as one batched call), each batched over `batch` independent pairs."""
 
     M: int
     K: int
@@ -77,31 +82,33 @@ class Product:
         return f"{count}{batch}[{self.M},{self.K}]@[{self.K},{self.N}]"
 
 
-# (product shape without count, device, dtype) -> (seconds of one product, library): shapes
-# repeat across problems (the heads problems share theirs), so each is timed once per run.
+# (product, device, dtype) -> (seconds of all its products, library): shapes repeat across
+# problems (the heads problems share theirs), so each is timed once per run.
 _PRODUCT_TIMES: dict[tuple, tuple[float, str]] = {}
 
 
 def _time_product(p: Product, device: str, dtype: np.dtype, *, again: bool = False
                   ) -> tuple[float, str]:
-    """The best seconds of one [batch, M, K] @ [batch, K, N] and the library that took them."""
-    key = (p.M, p.K, p.N, p.batch, device, np.dtype(dtype).name)
+    """The best seconds of all of `p`'s products in one call, [count, batch, M, K] @ [batch, K,
+    N] (the count sharing their right-hand side), and the library that took them."""
+    key = (p.M, p.K, p.N, p.batch, p.count, device, np.dtype(dtype).name)
     if key in _PRODUCT_TIMES and not again:
         return _PRODUCT_TIMES[key]
     rng = np.random.default_rng(0)
     lead = (p.batch,) if p.batch > 1 else ()
-    a = rng.standard_normal((*lead, p.M, p.K)).astype(dtype)
+    a = rng.standard_normal(((p.count,) if p.count > 1 else ()) + (*lead, p.M, p.K)
+                            ).astype(dtype)
     b = rng.standard_normal((*lead, p.K, p.N)).astype(dtype)
     candidates: dict[str, Callable[[], object]] = {}
     if device == "cpu":
-        out = np.empty((*lead, p.M, p.N), dtype)
+        out = np.empty((*a.shape[:-1], p.N), dtype)
         candidates["numpy"] = lambda: np.matmul(a, b, out=out)
         ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out.copy())
         candidates["torch"] = lambda: torch.matmul(ta, tb, out=tout)
     elif device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the rows run with TF32 off too
         ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
-        tout = torch.empty((*lead, p.M, p.N), dtype=ta.dtype, device="cuda")
+        tout = torch.empty((*a.shape[:-1], p.N), dtype=ta.dtype, device="cuda")
 
         def cuda_run() -> None:
             torch.matmul(ta, tb, out=tout)
@@ -131,7 +138,7 @@ def gemm_ceiling(products: Sequence[Product], *, scale: float = 1.0, name: str =
         total, winners = 0.0, []
         for p in products:
             s, library = _time_product(p, device, dtype, again=again)
-            total += p.count * s
+            total += s
             winners.append(library)
         # "torch", or "torch 4 of 6, numpy 2 of 6" when the products' winners differ
         wins = {w: winners.count(w) for w in dict.fromkeys(winners)}

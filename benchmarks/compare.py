@@ -180,8 +180,9 @@ def _rel_iqr(row: Mapping) -> float:
     return float(iqr) / float(row["median_s"])
 
 
-def compare(old: dict, new: dict) -> Comparison:
-    """Compare two loaded runs row by row (the rule is in the module docstring).
+def compare(old: dict, new: dict, *, min_band: float = MIN_BAND) -> Comparison:
+    """Compare two loaded runs row by row (the rule is in the module docstring; `min_band`
+    replaces MIN_BAND, for a machine whose runs move more than their own noise shows).
 
     ``changes`` follows the new run's row order; ``only_old`` and ``only_new`` name the rows
     missing from the other run as ``"id [dtype]"``.
@@ -202,7 +203,7 @@ def compare(old: dict, new: dict) -> Comparison:
                          f"(old {old_s!r}, new {new_s!r}); not compared")
             continue
         ratio = new_s / old_s
-        band = max(MIN_BAND, _rel_iqr(old_row) + _rel_iqr(new_row), drift)
+        band = max(min_band, _rel_iqr(old_row) + _rel_iqr(new_row), drift)
         trusted = not UNTRUSTED_STATUSES.intersection(statuses)
         if trusted and ratio > 1 + band:
             verdict = "slower"
