@@ -18,9 +18,10 @@ machine takes for the row's work, measured in the same run (benchmarks/ceilings.
   best of NumPy's and torch's BLAS on exactly the matrix products the op must compute;
 - memory-bound rows (the single-query attention, the seed's case): a streaming read of V (and
   for forward+backward a fresh copy of it), the least traffic the op needs.
-A row above 100% of its ceiling is flagged ABOVE CEILING (a measurement problem); rows whose
-ceiling is under 20 us, or whose samples spread too widely, say "too small" instead of a
-percentage. The header gives the CPU's nominal peak and how it was derived.
+A row above 100% of its ceiling is flagged ABOVE CEILING (a measurement problem); a row whose
+ceiling is under 20 us says "too small", one whose samples spread by more than half their median
+"noisy", instead of a percentage. The header gives the CPU's nominal peak and how it was
+derived.
 
 Files: the run is written as JSON (benchmarks/schema.json: a header with the machine, versions,
 threads, BLAS, git commit, date and the run's noise; one record per row) and as PNG plots

@@ -593,11 +593,13 @@ def flagged_lines(rows: Sequence[Row]) -> list[str]:
 
 
 def write_json(path: str | Path, head: Mapping[str, Any], rows: Sequence[Row]) -> Path:
-    """Write ``{"schema", "header", "rows"}`` (`benchmarks/schema.json`) to `path`."""
+    """Write ``{"schema", "header", "rows"}`` (`benchmarks/schema.json`) to `path`: the header
+    indented, each row on one line (a diff shows which rows changed; the samples stay short)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"schema": SCHEMA, "header": dict(head), "rows": [r.record(rows) for r in rows]}
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    records = ",\n  ".join(json.dumps(r.record(rows)) for r in rows)
+    path.write_text(f'{{"schema": {json.dumps(SCHEMA)},\n "header": '
+                    f'{json.dumps(dict(head), indent=1)},\n "rows": [\n  {records}\n ]}}\n')
     return path
 
 
