@@ -14,8 +14,9 @@ disagrees is FAIL and the command exits with status 1.
 
 Each row is printed as a percentage of its ceiling, the least time any library on this
 machine takes for the row's work, measured in the same run (benchmarks/ceilings.py):
-- GEMM-bound rows (the LSTM, the many-query and multi-head attention, the training steps): the
-  best of NumPy's and torch's BLAS on exactly the matrix products the op must compute;
+- GEMM-bound rows (the LSTM, the many-query and multi-head attention): the best of NumPy's and
+  torch's BLAS on exactly the matrix products the op must compute; the training steps: their
+  flops at the best BLAS rate of the model's largest product (an estimate);
 - memory-bound rows (the single-query attention, the seed's case): a streaming read of V (and
   for forward+backward a fresh copy of it), the least traffic the op needs.
 A row above 100% of its ceiling is flagged ABOVE CEILING (a measurement problem); a row whose
@@ -28,8 +29,9 @@ threads, BLAS, git commit, date and the run's noise; one record per row) and as 
 (speed against torch; with --sizes sweep, time and % of ceiling against size), by default into
 bench-results/<date>-<time>-<commit>/. --compare OLD.json [NEW.json] compares runs row by row.
 
-Exit status: 0 when every row validated; 1 when a row FAILed; 2 when no case matched the
-selection; 3 with --fail-on-regression when --compare found a regression.
+Exit status: 0 when every row validated; 1 when a row FAILed (whatever --compare says); 2 when
+the selection matched no case, named an unknown op or backend, or --compare could not read a
+file; 3 with --fail-on-regression when --compare found a regression.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from benchmarks import cases, compare, plots, runner
+from benchmarks import cases, compare, runner
 from benchmarks.core import Case
 
 # --quick: every case at its tiny size with a few short samples, under a minute on 2 cores.
@@ -54,7 +57,8 @@ DEFAULT_TIMING = {"default": {"repeat": 5, "min_time": 0.5},
 
 
 def _names(text: str) -> list[str]:
-    return [name for name in text.split(",") if name]
+    """"lstm, attention" -> ["lstm", "attention"]."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="and at least SECONDS of them per row (default 0.5; sweep 0.2)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), metavar="N",
-                        help="torch's CPU threads, and numba's (default: the machine's "
-                             "logical CPUs)")
+                        help="the threads of torch, of numba and of NumPy's BLAS (default: the "
+                             "machine's logical CPUs)")
     parser.add_argument("--json", metavar="PATH",
                         help="write the run here (default: results.json in the run's folder)")
     parser.add_argument("--plot", metavar="DIR",
@@ -150,16 +154,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not selected:
-        print(f"no case of --sizes {args.sizes} matches the selection", file=sys.stderr)
+        by_op = {op: sorted({b.name for b in cases.BACKENDS if b.op == op}) for op in cases.OPS}
+        print(f"no case of --sizes {args.sizes} matches the selection; the backends of each op: "
+              + "; ".join(f"{op}: {', '.join(names)}" for op, names in by_op.items()),
+              file=sys.stderr)
         return 2
     if args.list:
         print("\n".join(case.id for case in selected))
         return 0
 
+    try:
+        from benchmarks import plots  # matplotlib: the bench extra; known before a long run
+    except ImportError as error:
+        plots = None
+        print(f"no plots: {error} (pip install -e '.[bench]')", file=sys.stderr)
     torch.set_num_threads(args.threads)
     # numba cannot go above the thread count it started with (NUMBA_NUM_THREADS, by default
     # the machine's logical CPUs).
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    # NumPy's BLAS (OpenBLAS) reads its thread count when it loads; threadpoolctl resets it.
+    threadpool_limits(limits=args.threads, user_api="blas")
     started = runner.utc_now()
     folder = Path("bench-results") / runner.run_stamp(started)
     watch = runner.OtherProcesses()
@@ -201,18 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     records = [r.record(rows) for r in rows]
     plot_dir = Path(args.plot) if args.plot else folder
     title = f"{head['machine']['cpu']}, {head['date']}"
-    written = [p for p in (plots.plot_ratios(records, plot_dir / "vs-torch.png", title=title),
-                           *plots.plot_sweeps(records, plot_dir)) if p is not None]
+    written = [] if plots is None else [
+        p for p in (plots.plot_ratios(records, plot_dir / "vs-torch.png", title=title),
+                    *plots.plot_sweeps(records, plot_dir)) if p is not None]
     print()
     print(f"wrote {json_path}")
     for path in written:
         print(f"wrote {path}")
 
-    status = 1 if any(r.status == "FAIL" for r in rows) else 0
+    regressed = 0
     if old is not None:
         new = {"schema": runner.SCHEMA, "header": head, "rows": records}
-        status = max(status, _compare(old, new, args))
-    return status
+        regressed = _compare(old, new, args)
+    # a wrong result outranks a slow one
+    return 1 if any(r.status == "FAIL" for r in rows) else regressed
 
 
 if __name__ == "__main__":

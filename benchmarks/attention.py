@@ -257,7 +257,7 @@ def _torch_backend(name: str, device: str, path: str) -> Backend:
     available = torch.cuda.is_available if device == "cuda" else (lambda: True)
     return Backend(name=name, op="attention", device=device, passes=OP_PASSES,
                    prepare=partial(_prepare_torch, device=device, path=path),
-                   available=available)
+                   available=available, memory="torch")
 
 
 TORCH_BMM_CPU = _torch_backend("torch_bmm", "cpu", "bmm")
@@ -283,6 +283,7 @@ class HeadsInputs:
     d_context: np.ndarray  # [B, h, T, D]  cotangent
 
     def astype(self, dtype: np.dtype) -> HeadsInputs:
+        """The same inputs converted to `dtype` (exact when widening float32 to float64)."""
         return replace(self, query=self.query.astype(dtype), keys=self.keys.astype(dtype),
                        values=self.values.astype(dtype), d_context=self.d_context.astype(dtype))
 
@@ -339,7 +340,8 @@ def heads_module_backend(name: str, module: ModuleType) -> Backend:
                       inputs, pass_)
         return Prepared(run=run, collect=lambda result: result)
 
-    return Backend(name=name, op="sdpa", device="cpu", passes=OP_PASSES, prepare=prepare)
+    return Backend(name=name, op="sdpa", device="cpu", passes=OP_PASSES, prepare=prepare,
+                   available=lambda: hasattr(module, "attention_forward"))
 
 
 def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str) -> Prepared:
@@ -384,7 +386,8 @@ def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str) -> Pre
 def _torch_heads_backend(device: str) -> Backend:
     available = torch.cuda.is_available if device == "cuda" else (lambda: True)
     return Backend(name="torch_sdpa", op="sdpa", device=device, passes=OP_PASSES,
-                   prepare=partial(_prepare_torch_heads, device=device), available=available)
+                   prepare=partial(_prepare_torch_heads, device=device), available=available,
+                   memory="torch")
 
 
 TORCH_HEADS_CPU = _torch_heads_backend("cpu")

@@ -27,8 +27,10 @@ freshly allocated array (allocation and page faults included: every backend allo
 gradient), each the faster of a parallel Numba kernel and torch (``sum``, ``copy_``).
 
 The CPU's nominal peak (`nominal_peak`: cores x SIMD lanes x 2 flops per FMA x FMA units x
-clock) is printed in the header and in each GEMM-bound row as a second reference: the best BLAS
-reaches some fraction of it, never more.
+clock) is printed in the header, with the fastest BLAS ceiling of the run as a fraction of it,
+and each GEMM-bound CPU row's JSON record has its ``pct_of_peak``. A BLAS faster than the peak
+means the clock /proc/cpuinfo gives is below the one the cores run at (boost); the header says
+so.
 
 Every library's time is the minimum over calls, not the median: the ceiling is the best the
 machine was seen to do, so that noise makes it higher (harder to reach), never lower.
@@ -140,14 +142,15 @@ def gemm_ceiling(products: Sequence[Product], *, scale: float = 1.0, name: str =
             s, library = _time_product(p, device, dtype, again=again)
             total += s
             winners.append(library)
-        # "torch", or "torch 4 of 6, numpy 2 of 6" when the products' winners differ
+        # "torch", or "torch on 4 of 6 shapes, numpy on 2" when the shapes' winners differ
         wins = {w: winners.count(w) for w in dict.fromkeys(winners)}
         by = winners[0] if len(wins) == 1 else ", ".join(
-            f"{w} {n} of {len(winners)}" for w, n in wins.items())
+            f"{w} on {n}" + (f" of {len(winners)} shapes" if i == 0 else "")
+            for i, (w, n) in enumerate(wins.items()))
         return scale * total, by
 
-    count = sum(p.count for p in products)
-    label = name or f"BLAS on its {count} product{'s' if count > 1 else ''}"
+    count = sum(p.count * p.batch for p in products)
+    label = name or f"BLAS on its {count} matrix product{'s' if count > 1 else ''}"
     return Ceiling(name=label, unit="GFLOP/s", seconds=seconds,
                    detail=" + ".join(str(p) for p in products))
 
@@ -313,8 +316,9 @@ def nominal_peak() -> tuple[dict[str, float | None], str]:
     per_lane = (2 if fma else 1) * units
     peak = {name: cpus * (bits // (8 * size)) * per_lane * ghz
             for name, size in (("float32", 4), ("float64", 8))}
+    unit = "FMA" if fma else "vector"
     how = (f"{cpus} logical CPUs x {bits // 32} float32 ({bits // 64} float64) lanes ({ext}) x "
-           f"{'2 flops per FMA x ' if fma else ''}{units} FMA units per core (assumed) x "
+           f"{'2 flops per FMA x ' if fma else ''}{units} {unit} units per core (assumed) x "
            f"{ghz:.3g} GHz ({clock_from})")
     return peak, how
 

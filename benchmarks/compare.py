@@ -12,10 +12,11 @@ Rows are matched by the key (``id``, ``dtype``). For a row present in both runs,
 - the verdict is ``"slower"`` (a regression) when ``ratio > 1 + band``, ``"faster"`` when
   ``ratio < 1 / (1 + band)``, and ``"same"`` otherwise (the bounds themselves are "same").
 
-A row whose status is ``"FAIL"`` or ``"too small"`` in either run is untrusted (its result is
-wrong or its time is below what the timer resolves): its verdict is always ``"same"``, its
-``trusted`` is False, and the comparison's notes name it. ``"above ceiling"`` rows are judged
-like ``"ok"`` ones (the time is real, only suspiciously good) but are named in the notes too.
+A row whose status is ``"FAIL"`` in either run is untrusted (its result is wrong, or it
+raised): its verdict is always ``"same"``, its ``trusted`` is False, and the comparison's notes
+name it. Rows that are ``"too small"`` (their ceiling is a call's overhead, but their own time
+is looped and real), ``"noisy"`` (their wide IQR widens their band) or ``"above ceiling"`` (the
+time is real, only suspiciously good) are judged like ``"ok"`` ones and named in the notes.
 
 Why not pyperf's test (``compare_to`` calls a change significant from a Student's t-test on the
 two runs' samples): our rows have few samples (``--repeat`` defaults to 5) and the noise that
@@ -35,7 +36,7 @@ from pathlib import Path
 
 SCHEMA = "lstm-attention-reference/benchmarks/1"
 MIN_BAND = 0.10
-UNTRUSTED_STATUSES = frozenset({"FAIL", "too small"})
+UNTRUSTED_STATUSES = frozenset({"FAIL"})
 
 Key = tuple[str, str]
 
@@ -73,7 +74,7 @@ class Change:
     band: float
     verdict: str
     trusted: bool = True
-    """False when either run's status is FAIL or too small: then the verdict is "same"."""
+    """False when either run's status is FAIL: then the verdict is "same"."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ the same run (`benchmarks.ceilings`); a problem names one ceiling per pass. A `C
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class Backend:
     passes: tuple[str, ...]  # the subset of PASSES it supports
     prepare: Callable[[Any, str], Prepared]  # (problem inputs, pass) -> Prepared
     available: Callable[[], bool] = lambda: True  # False skips its cases (no GPU, no numba-cuda)
+    memory: str = "tracemalloc"  # the counter of its allocations: "tracemalloc" (NumPy) or
+    #                              "torch" (torch's profiler on the CPU; CUDA has its own)
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class Problem:
 
     op: str  # "lstm", "attention"
     size: str  # short label without spaces, e.g. "T128,B64,I256,H256,bi"
-    suites: tuple[str, ...]  # the --sizes choices that include it ("default", "small")
+    suites: tuple[str, ...]  # the --sizes choices that include it ("default", "quick", "sweep")
     make: Callable[[np.dtype, np.random.Generator], Any]  # (dtype, rng) -> inputs
     reference: Callable[[Any, str], Mapping[str, np.ndarray]]  # (inputs, pass) -> float64 arrays
     work: Callable[[str, np.dtype], float]  # (pass, dtype) -> work of one call, in the
@@ -109,13 +112,11 @@ class Timing:
 
     times: list[float]
     loops: int
-    first_s: float  # the first (warm-up) call alone: compilation and first touches included
 
 
 # A sample is at least this long: a call faster than this is looped (as pyperf calibrates its
 # loops), so that the timer's own cost and resolution stay far below the figure.
 SAMPLE_S = 2e-3
-
 
 # The thread pools of NumPy's OpenBLAS, torch and Numba keep their workers spinning for a while
 # after a parallel call. A library timed inside that window competes with them for the cores:
@@ -129,21 +130,25 @@ def time_calls(run: Callable[[], Any], *, repeat: int, min_time: float, warmup: 
     """Wait `quiet` seconds, call `run` `warmup` times untimed (at least once), then take
     samples until there are at least `repeat` of them adding up to at least `min_time` seconds.
 
-    A sample times `loops` consecutive calls and records their mean; by default `loops` is
-    chosen from the last warm-up call so that a sample lasts about `SAMPLE_S`. The garbage
-    collector is off while timing (as in `timeit`): autograd allocates many small objects, and
-    a collection landing inside one call would be noise, not the op's cost.
+    A sample times `loops` consecutive calls and records their mean. By default `loops` is
+    calibrated after the warm-up: the fastest of three timed calls sets it so that a sample
+    lasts at least `SAMPLE_S` (the first calls after the wait are slow, waking the thread
+    pools, and would set it too low). The garbage collector is off while timing (as in
+    `timeit`): autograd allocates many small objects, and a collection landing inside one
+    call would be noise, not the op's cost.
     """
     time.sleep(quiet)
-    first = time.perf_counter()
-    run()
-    first_s = last = time.perf_counter() - first
-    for _ in range(warmup - 1):
-        start = time.perf_counter()
+    for _ in range(max(1, warmup)):
         run()
-        last = time.perf_counter() - start
     if loops is None:
-        loops = max(1, min(10_000, int(SAMPLE_S / max(last, 1e-9))))
+        fastest = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            fastest = min(fastest, time.perf_counter() - start)
+            if fastest >= SAMPLE_S:
+                break
+        loops = max(1, min(10_000, math.ceil(SAMPLE_S / max(fastest, 1e-9))))
     times: list[float] = []
     total = 0.0
     was_enabled = gc.isenabled()
@@ -159,4 +164,4 @@ def time_calls(run: Callable[[], Any], *, repeat: int, min_time: float, warmup: 
     finally:
         if was_enabled:
             gc.enable()
-    return Timing(times=times, loops=loops, first_s=first_s)
+    return Timing(times=times, loops=loops)

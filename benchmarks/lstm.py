@@ -197,7 +197,7 @@ def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
 
 NUMPY_REF = module_backend("numpy_ref", numpy_ref)
 TORCH_CPU = Backend(name="torch", op="lstm", device="cpu", passes=OP_PASSES,
-                    prepare=partial(_prepare_torch, device="cpu"))
+                    prepare=partial(_prepare_torch, device="cpu"), memory="torch")
 TORCH_CUDA = Backend(name="torch", op="lstm", device="cuda", passes=OP_PASSES,
                      prepare=partial(_prepare_torch, device="cuda"),
-                     available=torch.cuda.is_available)
+                     available=torch.cuda.is_available, memory="torch")

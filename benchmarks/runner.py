@@ -37,6 +37,8 @@ so that the thread pool of the library timed before has gone to sleep.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import json
 import math
 import os
@@ -55,6 +57,7 @@ from typing import Any
 import numba
 import numpy as np
 import scipy
+import threadpoolctl
 import torch
 
 from benchmarks.cases import BASELINES
@@ -98,7 +101,6 @@ class Row:
     peak_bytes_by: str
     compile_s: float
     sweep: tuple[str, str, float] | None  # (family, swept size's name, its value)
-    ceiling_rechecked: bool = False  # the row beat its first ceiling, which was timed again
 
     @property
     def id(self) -> str:
@@ -112,6 +114,7 @@ class Row:
 
     @property
     def rate_unit(self) -> str:
+        """"GFLOP/s" or "GB/s"."""
         return f"{self.work_unit}/s"
 
     @property
@@ -126,10 +129,12 @@ class Row:
 
     @property
     def pct_of_peak(self) -> float | None:
+        """rate / the CPU's nominal peak, in percent, for GEMM-bound CPU rows (else None)."""
         return None if self.peak_gflops is None else 100 * self.rate / self.peak_gflops
 
     @property
     def rel_iqr(self) -> float:
+        """iqr_s / median_s: the spread of the samples."""
         return self.iqr_s / self.median_s
 
     @property
@@ -160,7 +165,8 @@ class Row:
             "iqr_s": self.iqr_s,
             # 4 significant digits: the machine's noise is far above that, the file 3x smaller
             "times_s": [float(f"{t:.4g}") for t in self.times_s], "loops": self.loops,
-            "max_err": None if math.isnan(self.max_err) else self.max_err, "worst": self.worst,
+            "max_err": self.max_err if math.isfinite(self.max_err) else None,
+            "worst": self.worst,
             "tolerance": self.tolerance, "work": self.work, "work_unit": self.work_unit,
             "rate": self.rate, "rate_unit": self.rate_unit, "ceiling": self.ceiling,
             "ceiling_s": self.ceiling_s, "ceiling_name": self.ceiling_name
@@ -200,29 +206,28 @@ def relative_errors(
     return errors
 
 
-def peak_memory(run: Callable[[], Any], backend: str, device: str) -> tuple[int | None, str]:
+def peak_memory(run: Callable[[], Any], device: str, *, counter: str) -> tuple[int | None, str]:
     """The bytes one call of `run` allocates at its peak beyond what was allocated before it,
-    and the counter that measured them (see the module docstring, step 5)."""
+    and the counter that measured them (see the module docstring, step 5). `counter` is the
+    backend's `benchmarks.core.Backend.memory`: "tracemalloc" or "torch"."""
+    gc.collect()  # garbage freed during the call would count against it
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         run()
         return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
-    if backend.startswith("torch"):
+    if counter == "torch":
         from torch.profiler import ProfilerActivity, profile
 
         with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
                                          profile_memory=True) as prof:
             run()
-        events = []  # (time, bytes): an op's own allocations at its start, frees as they come
-        for e in prof.events():
-            if e.name == "[memory]":
-                events.append((e.time_range.start, e.cpu_memory_usage))
-            elif e.self_cpu_memory_usage > 0:
-                events.append((e.time_range.start, e.self_cpu_memory_usage))
+        # every allocation (+bytes) and free (-bytes) of torch's CPU allocator, in time order
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
         current = peak = 0
-        for _, nbytes in sorted(events):
+        for _, nbytes in events:
             current += nbytes
             peak = max(peak, current)
         return peak, "torch.profiler(profile_memory=True)"
@@ -261,59 +266,84 @@ def run_cases(
     progress: Callable[[Case], None] | None = None,
 ) -> list[Row]:
     """Validate and time `cases` in order (see the module docstring); one row per case.
-    `progress` is called with each case as it starts; ``memory=False`` skips step 5."""
+
+    `progress` is called with each case as it starts; ``memory=False`` skips step 5. A backend
+    that raises, or returns arrays of the wrong names or shapes, gives a FAIL row naming the
+    error instead of ending the run. Every row's ceiling is read once more at the end, so
+    that a ceiling a later row lowered (a second look) applies to every row that shares it.
+    """
     dtype = np.dtype(dtype)
-    peak, _ = nominal_peak()
     inputs, references = {}, {}
     rows = []
     for case in cases:
         if progress is not None:
             progress(case)
-        problem, backend = case.problem, case.backend
+        problem = case.problem
         if problem.id not in inputs:
             inputs.clear()  # the single-query attention's float64 arrays are 256 MiB each
             references.clear()
             inputs[problem.id] = problem.make(dtype, np.random.default_rng(SEED))
         if (problem.id, case.pass_) not in references:
             references[problem.id, case.pass_] = problem.reference(inputs[problem.id], case.pass_)
+        rows.append(_run_case(case, inputs[problem.id], references[problem.id, case.pass_],
+                              dtype=dtype, repeat=repeat, min_time=min_time, warmup=warmup,
+                              memory=memory))
+    final = []
+    for case, row in zip(cases, rows, strict=True):
+        ceiling_s, ceiling_by = case.problem.ceilings[case.pass_].seconds(row.device, dtype)
+        final.append(dataclasses.replace(row, ceiling_s=ceiling_s, ceiling_by=ceiling_by))
+    return final
 
-        prepared = backend.prepare(inputs[problem.id], case.pass_)
+
+def _run_case(case: Case, inputs: Any, reference: Mapping[str, np.ndarray], *, dtype: np.dtype,
+              repeat: int, min_time: float, warmup: int, memory: bool) -> Row:
+    """Steps 2-6 of the module docstring for one case."""
+    problem, backend = case.problem, case.backend
+    start = time.perf_counter()
+    try:
+        prepared = backend.prepare(inputs, case.pass_)
         start = time.perf_counter()
         result = prepared.run()
         first_s = time.perf_counter() - start
-        errors = relative_errors(prepared.collect(result), references[problem.id, case.pass_])
+        errors = relative_errors(prepared.collect(result), reference)
+    except Exception as error:  # a broken backend is a FAIL row, not the end of the run
+        first_s = time.perf_counter() - start
+        errors = {f"error: {type(error).__name__}: {error}"[:300]: math.inf}
+        prepared = None
+    else:
         del result
-        worst = max(errors, key=lambda name: errors[name])
+    # the worst array: a NaN error is the worst of all (max() would never pick it)
+    worst = max(errors, key=lambda name: math.inf if math.isnan(errors[name]) else errors[name])
+    if prepared is not None:
         timing = time_calls(prepared.run, repeat=repeat, min_time=min_time, warmup=warmup)
-        times = np.asarray(timing.times)
-        median = float(np.median(times))
-        q1, q3 = np.percentile(times, [25, 75])
-        peak_bytes, peak_by = (peak_memory(prepared.run, backend.name, backend.device)
+        times, loops = np.asarray(timing.times), timing.loops
+        peak_bytes, peak_by = (peak_memory(prepared.run, backend.device, counter=backend.memory)
                                if memory else (None, "not measured"))
-        ceiling = problem.ceilings[case.pass_]
-        ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype)
-        rechecked = False
-        if ceiling_s > median:  # faster than the machine's best: look at the ceiling again
-            ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype, again=True)
-            rechecked = True
-        gemm = ceiling.unit == "GFLOP/s" and backend.device == "cpu"
-        x = None
-        if problem.sweep is not None:
-            family, name = problem.sweep
-            x = (family, name, float(problem.shape[name]))
-        rows.append(Row(
-            op=problem.op, size=problem.size, shape=problem.shape, backend=backend.name,
-            device=backend.device, pass_=case.pass_, dtype=dtype.name, median_s=median,
-            min_s=float(times.min()), iqr_s=float(q3 - q1), times_s=times.tolist(),
-            loops=timing.loops, max_err=errors[worst], worst=worst, tolerance=tolerance(dtype),
-            work=problem.work(case.pass_, dtype), work_unit=ceiling.unit.split("/")[0],
-            ceiling_s=ceiling_s, ceiling_name=ceiling.describe(dtype),
-            ceiling_detail=ceiling.detail, ceiling_by=ceiling_by,
-            peak_gflops=peak[dtype.name] if gemm else None, peak_bytes=peak_bytes,
-            peak_bytes_by=peak_by, compile_s=max(0.0, first_s - median), sweep=x,
-            ceiling_rechecked=rechecked,
-        ))
-    return rows
+    else:  # nothing to time: the one sample is the time until the error
+        times, loops, peak_bytes, peak_by = np.array([max(first_s, 1e-9)]), 1, None, "failed"
+    median = float(np.median(times))
+    q1, q3 = np.percentile(times, [25, 75])
+    ceiling = problem.ceilings[case.pass_]
+    ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype)
+    if ceiling_s > median:  # faster than the machine's best: look at the ceiling again
+        ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype, again=True)
+    peak, _ = nominal_peak()
+    gemm = ceiling.unit == "GFLOP/s" and backend.device == "cpu"
+    x = None
+    if problem.sweep is not None:
+        family, name = problem.sweep
+        x = (family, name, float(problem.shape[name]))
+    return Row(
+        op=problem.op, size=problem.size, shape=problem.shape, backend=backend.name,
+        device=backend.device, pass_=case.pass_, dtype=dtype.name, median_s=median,
+        min_s=float(times.min()), iqr_s=float(q3 - q1), times_s=times.tolist(), loops=loops,
+        max_err=errors[worst], worst=worst, tolerance=tolerance(dtype),
+        work=problem.work(case.pass_, dtype), work_unit=ceiling.unit.split("/")[0],
+        ceiling_s=ceiling_s, ceiling_name=ceiling.describe(dtype), ceiling_detail=ceiling.detail,
+        ceiling_by=ceiling_by, peak_gflops=peak[dtype.name] if gemm else None,
+        peak_bytes=peak_bytes, peak_bytes_by=peak_by, compile_s=max(0.0, first_s - median),
+        sweep=x,
+    )
 
 
 def baseline(row: Row, rows: Sequence[Row]) -> Row | None:
@@ -343,11 +373,11 @@ class Probe:
         rng = np.random.default_rng(0)
         self._a = rng.standard_normal((384, 384)).astype(np.float32)
         self._big = rng.standard_normal(8 * 2**20).astype(np.float32)  # 32 MiB
+        self._out, self._big_out = np.empty_like(self._a), np.empty_like(self._big)
         self._start = self._measure()
 
     def _measure(self) -> tuple[float, float]:
-        a, big = self._a, self._big
-        out, big_out = np.empty_like(a), np.empty_like(big)
+        a, big, out, big_out = self._a, self._big, self._out, self._big_out
         gemm = time_calls(lambda: np.matmul(a, a, out=out), repeat=5, min_time=0.1, warmup=2)
         copy = time_calls(lambda: np.copyto(big_out, big), repeat=5, min_time=0.1, warmup=2)
         return float(np.median(gemm.times)), float(np.median(copy.times))
@@ -425,6 +455,15 @@ def _torch_blas() -> str:
     return info.group(1) if info else "unknown"
 
 
+def _numpy_blas_threads() -> int | None:
+    """The thread count of the BLAS NumPy links, as threadpoolctl reads it."""
+    for pool in threadpoolctl.threadpool_info():
+        if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", "").lower():
+            return int(pool["num_threads"])
+    blas = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
+    return int(blas[0]["num_threads"]) if blas else None
+
+
 def _threading_layer() -> str | None:
     try:
         return numba.threading_layer()  # known once a parallel kernel has run
@@ -452,13 +491,16 @@ def header(*, argv: Sequence[str], options: Mapping[str, Any], started: datetime
                      "scipy": scipy.__version__, "torch": torch.__version__,
                      "numba": numba.__version__},
         "threads": {"torch": torch.get_num_threads(), "numba": numba.get_num_threads(),
+                    "numpy_blas": _numpy_blas_threads(),
                     "numba_threading_layer": _threading_layer(),
                     # numpy's BLAS reads its thread count from the environment when it loads
                     "blas_env": {k: os.environ[k] for k in (
                         "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                         "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER") if k in os.environ}},
         "blas": {"numpy": f"{blas.get('name')} {blas.get('version')}", "torch": _torch_blas()},
-        "peak": {"gflops": peak, "derivation": how},
+        "peak": {"gflops": peak, "derivation": how, "best_blas_gflops": max(
+            (r.ceiling for r in rows if r.work_unit == "GFLOP" and r.device == "cpu"),
+            default=None)},
         "noise": {"other_processes_cpu_s": other_cpu_s, "probe_drift": drift,
                   "median_row_rel_iqr": float(np.median(rel_iqrs)) if rel_iqrs else None},
         "wall_s": wall_s,
@@ -481,8 +523,10 @@ def header_lines(head: Mapping[str, Any]) -> list[str]:
         f"python {v['python']}, numpy {v['numpy']} (BLAS {head['blas']['numpy']}), torch "
         f"{v['torch']} (BLAS {head['blas']['torch']}), numba {v['numba']}, scipy {v['scipy']}",
         f"threads: torch {t['torch']}, numba {t['numba']} ({t['numba_threading_layer'] or '-'} "
-        f"layer), env {' '.join(f'{k}={x}' for k, x in t['blas_env'].items()) or 'none set'}",
+        f"layer), NumPy's BLAS {t.get('numpy_blas') or '-'}, env "
+        + (" ".join(f"{k}={x}" for k, x in t["blas_env"].items()) or "none set"),
         f"nominal peak: {peak_text} = {head['peak']['derivation']}",
+        *_best_blas_line(head),
         "noise: other processes took " + ("unknown" if other is None else f"{other:.1f} CPU-s")
         + f" in {head['wall_s']:.0f} s; the probe moved "
         + ("unknown" if n["probe_drift"] is None else f"{100 * n['probe_drift']:.0f}%")
@@ -496,6 +540,20 @@ def header_lines(head: Mapping[str, Any]) -> list[str]:
         "max err: max over every returned array of max|got - ref| / max|ref|, ref = numpy_ref "
         "in float64; FAIL above sqrt(eps)",
     ]
+
+
+def _best_blas_line(head: Mapping[str, Any]) -> list[str]:
+    """How close the run's fastest BLAS ceiling came to the nominal peak (a line, or none)."""
+    best = head["peak"].get("best_blas_gflops")
+    peak = head["peak"]["gflops"].get(head["options"]["dtype"])
+    if best is None or peak is None:
+        return []
+    line = (f"  the fastest BLAS ceiling of this run ran at {best:.0f} GFLOP/s, "
+            f"{best / peak:.0%} of it")
+    if best > peak:
+        line += (": the cores ran faster than the clock given (boost), so the peak is an "
+                 "underestimate")
+    return [line]
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,6 +662,7 @@ def write_json(path: str | Path, head: Mapping[str, Any], rows: Sequence[Row]) -
 
 
 def utc_now() -> datetime:
+    """Now, in UTC: the run's start in its header and in its files' names."""
     return datetime.now(UTC)
 
 

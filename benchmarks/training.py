@@ -179,9 +179,11 @@ def _prepare_torch(inputs: TrainingInputs, pass_: str, *, device: str) -> Prepar
         else:
             logits, _ = module(batch[0], batch[1])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[2].reshape(-1))
-        optimizer.zero_grad()
+        optimizer.zero_grad()  # set_to_none: the next backward allocates fresh gradients
         loss.backward()
-        grads = tuple(p.grad.clone() for p in module.parameters())  # before the update
+        # the gradients before the update, without a copy (the NumPy backends make none):
+        # the step reads them and changes only the parameters
+        grads = tuple(p.grad for p in module.parameters())
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -198,7 +200,7 @@ def _prepare_torch(inputs: TrainingInputs, pass_: str, *, device: str) -> Prepar
 NUMPY_REF = module_backend("numpy_ref", numpy_ref)
 KERNELS = module_backend("kernels", kernels)
 TORCH_CPU = Backend(name="torch", op="train", device="cpu", passes=(TRAINING_STEP,),
-                    prepare=partial(_prepare_torch, device="cpu"))
+                    prepare=partial(_prepare_torch, device="cpu"), memory="torch")
 TORCH_CUDA = Backend(name="torch", op="train", device="cuda", passes=(TRAINING_STEP,),
                      prepare=partial(_prepare_torch, device="cuda"),
-                     available=torch.cuda.is_available)
+                     available=torch.cuda.is_available, memory="torch")
