@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print the selected case ids and exit")
     args = parser.parse_args(argv)
     if args.quick:
+        if args.sizes not in ("default", "quick"):
+            parser.error(f"--quick is --sizes quick; it cannot go with --sizes {args.sizes}")
         args.sizes = "quick"
     timing = DEFAULT_TIMING[args.sizes]
     args.repeat = timing["repeat"] if args.repeat is None else args.repeat

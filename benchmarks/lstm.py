@@ -7,13 +7,13 @@ parameter. The reference is `numpy_ref` in float64 on the same inputs (the float
 upcast exactly).
 
 Work: the matrix products an LSTM cannot avoid, per layer and direction (In = I for layer 0,
-D*H above it): forward, the input product of all steps at once [T*B, In] @ [In, 4H] and T
-recurrent products [B, H] @ [H, 4H] (step t needs h_{t-1}); backward, d_x [T*B, 4H] @ [4H, In]
-and d_weight_ih [4H, T*B] @ [T*B, In] over all steps, T products d_h [B, 4H] @ [4H, H] back
-through the recurrence, and d_weight_hh [4H, T*B] @ [T*B, H]. Forward+backward is 3x the
-forward's flops. The pointwise gate math is not counted. The ceiling is the best BLAS time of
-exactly these products (`benchmarks.ceilings`): what the LSTM would take if it were nothing but
-its matrix products.
+D*H above it): forward, the input product of all steps at once [T*B, In] @ [In, 4H] and T - 1
+recurrent products [B, H] @ [H, 4H] (step t needs h_{t-1}; h_0 is zero, so the first step
+needs none); backward, d_x [T*B, 4H] @ [4H, In] and d_weight_ih [4H, T*B] @ [T*B, In] over all
+steps, T products d_h [B, 4H] @ [4H, H] back through the recurrence, and d_weight_hh
+[4H, T*B] @ [T*B, H]. The pointwise gate math is not counted. The ceiling is the best BLAS
+time of exactly these products (`benchmarks.ceilings`): what the LSTM would take if it were
+nothing but its matrix products.
 """
 
 from __future__ import annotations
@@ -114,7 +114,9 @@ def lstm_products(T: int, B: int, I: int, H: int, *, num_layers: int, D: int
     forward, backward = [], []
     for layer in range(num_layers):
         In = I if layer == 0 else D * H
-        forward += [Product(T * B, In, 4 * H, count=D), Product(B, H, 4 * H, count=D * T)]
+        forward += [Product(T * B, In, 4 * H, count=D)]
+        if T > 1:  # the problems start from zero states: step 0 has no recurrent product
+            forward.append(Product(B, H, 4 * H, count=D * (T - 1)))
         backward += [Product(T * B, 4 * H, In, count=D), Product(4 * H, T * B, In, count=D),
                      Product(B, 4 * H, H, count=D * T), Product(4 * H, T * B, H, count=D)]
     return {"forward": forward, "forward+backward": forward + backward}

@@ -587,15 +587,12 @@ def format_table(rows: Sequence[Row]) -> str:
         groups.setdefault((r.op, r.size, r.dtype), []).append(r)
     body: list[tuple[str, ...] | str] = []
     for (op, size, dtype), members in groups.items():
-        # per pass, the lowest ceiling its rows saw (a second look at a ceiling only lowers it)
-        ceilings: dict[str, Row] = {}
-        for r in members:
-            if r.device == members[0].device and (
-                    r.pass_ not in ceilings or r.ceiling_s < ceilings[r.pass_].ceiling_s):
-                ceilings[r.pass_] = r
+        # per pass and device, the ceiling (every row of a pass and device shares it)
+        ceilings = {(r.pass_, r.device): r for r in members}
+        several = len({r.device for r in members}) > 1
         body.append(f"{op} {size} {dtype}: ceiling " + "; ".join(
-            f"{r.pass_} {_ms(r.ceiling_s)} ms = {r.ceiling_name} ({r.ceiling_by})"
-            for r in ceilings.values()))
+            f"{r.pass_}{f' on {r.device}' if several else ''} {_ms(r.ceiling_s)} ms = "
+            f"{r.ceiling_name} ({r.ceiling_by})" for r in ceilings.values()))
         for r in sorted(members, key=lambda r: (r.pass_, r.device, r.median_s)):
             base = baseline(r, rows)
             pct = "-" if r.status in ("too small", "noisy") else f"{r.pct_of_ceiling:.1f}"

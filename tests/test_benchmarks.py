@@ -355,9 +355,12 @@ def test_the_sweep_covers_the_sizes_the_plots_need():
 def test_lstm_and_attention_products_count_the_flops_of_their_math():
     T, B, I, H = 7, 3, 5, 11
     products = lstm.lstm_products(T, B, I, H, num_layers=2, D=2)
-    forward = sum(2 * 2 * T * B * 4 * H * (In + H) for In in (I, 2 * H)) / 1e9
+    # per layer and direction: the input product of all T steps, T - 1 recurrent ones (zero
+    # initial state); backward two of each (d_x and d_W_ih, d_h and d_W_hh), all T steps
+    forward = sum(2 * 2 * 4 * H * B * (T * In + (T - 1) * H) for In in (I, 2 * H)) / 1e9
+    backward = sum(2 * 2 * 2 * T * B * 4 * H * (In + H) for In in (I, 2 * H)) / 1e9
     assert ceilings.gemm_work(products["forward"]) == pytest.approx(forward)
-    assert ceilings.gemm_work(products["forward+backward"]) == pytest.approx(3 * forward)
+    assert ceilings.gemm_work(products["forward+backward"]) == pytest.approx(forward + backward)
     products = attention.attention_products(4, 3, 7, 5, 6)
     forward = 2 * 4 * 3 * 7 * (5 + 6) / 1e9
     assert ceilings.gemm_work(products["forward"]) == pytest.approx(forward)
