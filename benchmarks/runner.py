@@ -273,6 +273,7 @@ def run_cases(
     that a ceiling a later row lowered (a second look) applies to every row that shares it.
     """
     dtype = np.dtype(dtype)
+    peak, _ = nominal_peak()  # the machine's, read once
     inputs, references = {}, {}
     rows = []
     for case in cases:
@@ -287,7 +288,7 @@ def run_cases(
             references[problem.id, case.pass_] = problem.reference(inputs[problem.id], case.pass_)
         rows.append(_run_case(case, inputs[problem.id], references[problem.id, case.pass_],
                               dtype=dtype, repeat=repeat, min_time=min_time, warmup=warmup,
-                              memory=memory))
+                              memory=memory, peak=peak))
     final = []
     for case, row in zip(cases, rows, strict=True):
         ceiling_s, ceiling_by = case.problem.ceilings[case.pass_].seconds(row.device, dtype)
@@ -296,7 +297,8 @@ def run_cases(
 
 
 def _run_case(case: Case, inputs: Any, reference: Mapping[str, np.ndarray], *, dtype: np.dtype,
-              repeat: int, min_time: float, warmup: int, memory: bool) -> Row:
+              repeat: int, min_time: float, warmup: int, memory: bool,
+              peak: Mapping[str, float | None]) -> Row:
     """Steps 2-6 of the module docstring for one case."""
     problem, backend = case.problem, case.backend
     start = time.perf_counter()
@@ -327,7 +329,6 @@ def _run_case(case: Case, inputs: Any, reference: Mapping[str, np.ndarray], *, d
     ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype)
     if ceiling_s > median:  # faster than the machine's best: look at the ceiling again
         ceiling_s, ceiling_by = ceiling.seconds(backend.device, dtype, again=True)
-    peak, _ = nominal_peak()
     gemm = ceiling.unit == "GFLOP/s" and backend.device == "cpu"
     x = None
     if problem.sweep is not None:
