@@ -1,0 +1,880 @@
+r"""Golden vectors: numpy_ref's answers stored as files, an oracle for other languages.
+
+An implementation of these ops in C, Rust, CUDA or anything else can test itself against
+`numpy_ref` without running Python: read a case's inputs, parameters and cotangents from its
+file, run your forward and backward, and compare your outputs and gradients with the stored
+ones under the stored tolerances. The files follow torch's semantics (each case says which
+torch call it is; the tests re-run some of them in torch).
+
+    python -m numpy_ref.golden write DIR [--only PATTERN]   # every case, or those matching
+    python -m numpy_ref.golden verify DIR                   # recompute and check everything
+    python -m numpy_ref.golden list [DIR]                   # the cases (and their tensors)
+
+Files
+-----
+``DIR/manifest.json`` and one ``DIR/<case>.safetensors`` per case. A case is named
+``<family>-<config>-<dtype>`` (lowercase, words joined by ``_``, dtype ``float64`` or
+``float32``), e.g. ``lstm_cell-basic-float64``, ``attention-scaled_dot_lengths-float32``.
+
+A .safetensors file is an 8-byte little-endian u64 N, then N bytes of JSON header
+``{"<tensor>": {"dtype": "F64"|"F32"|"I64"|"BOOL", "shape": [...], "data_offsets": [begin,
+end]}, ..., "__metadata__": {str: str}}``, then the raw little-endian C-order data (offsets
+count from the end of the header). The tensors of a case:
+
+    input.<arg>            the op's inputs (token ids and lengths I64, masks BOOL)
+    param.<key>            parameters, under their torch state_dict names (weight_ih_l0,
+                           embedding.weight, out_proj.weight, ...)
+    cotangent.<d_output>   the gradients fed to the backward (d_h_new, d_context, d_logits)
+    output.<name>          the forward's results
+    grad.d_<input>         gradients of the float inputs (grad.d_x, grad.d_query)
+    grad.d_<key>           gradients of the parameters (grad.d_weight_ih_l0,
+                           grad.d_embedding.weight); a gradient the op does not give is absent
+    cache.<field>          intermediates, for debugging (cache.gates, cache.scores)
+
+Every float tensor of a case has the case's dtype. In a float32 case the inputs, params and
+cotangents are float32 values, and the outputs and gradients stored are the float64
+computation on exactly those values, rounded to float32: the most accurate float32 answer.
+
+``__metadata__`` holds ``case``, ``family``, ``config``, ``op``, ``dtype``, ``semantics`` (what
+the case computes in torch's terms), the case's options (strings as they are, floats as
+Python's repr, anything else as JSON: ``score`` = ``scaled_dot``, ``scale`` =
+``0.4472135954999579``, ``bidirectional`` = ``true``), and ``atol.<tensor>`` / ``rtol.<tensor>``
+(repr of a float) for every output, grad and cache tensor, so a consumer needs only the one
+file. The manifest repeats all of it per case (``file``, ``sha256``, ``size``, ``seed``,
+``semantics``, ``options`` as JSON values, and per tensor its ``role``, ``dtype``, ``shape``
+and tolerances).
+
+Tolerances
+----------
+An implementation passes a tensor when ``|got - want| <= atol + rtol * |want|`` elementwise.
+
+- float64: rtol = atol = 1e-7 (torch.testing's float64 defaults).
+- float32: rtol = 0 and ``atol = factor * err + 8 * eps32 * scale``, the project's float32
+  policy: err is the max error of a plain float32 implementation (numpy_ref run in float32)
+  against the float64 answer, factor 2 for outputs and caches and 3 for gradients, scale is
+  max|want| of the tensor for outputs and, for gradients, the largest gradient magnitude of
+  the whole case (a small gradient next to large ones comes from cancelling sums, whose
+  rounding scales with the terms), never below 1e-30 (so a tensor of zeros has a positive
+  tolerance). eps32 = 2**-23.
+
+``verify`` recomputes each case from its stored inputs with numpy_ref and checks (a) the
+float64 recomputation against the stored values within a tight consistency bound (float64:
+1e-10 relative to the scale; float32: half a float32 ulp plus that), (b) the recomputation in
+the case's dtype against the stored values under the stored tolerances (for float32 that is
+numpy_ref run in float32, the check any float32 implementation faces), (c) every sha256, and
+(d) that the manifest, the metadata and the files agree on names, shapes and dtypes. It exits
+1 naming the case, the tensor, the worst index, got, want and the allowed error.
+
+Reading a file
+--------------
+From Python, with the safetensors package (no NumPy code needed)::
+
+    from safetensors.torch import load_file      # or safetensors.numpy, .flax, ...
+    t = load_file("golden/lstm_cell-basic-float64.safetensors")   # {name: tensor}
+
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()                       # {"case": ..., "atol.output.h_new": ...}
+
+or with the standard library alone (``struct``, ``json``, ``array``): read the u64 N, parse
+the JSON header, and ``array.array("d")`` / ``"f"`` / ``"q"`` the bytes at ``8 + N +
+data_offsets``. From C: ``examples/c/`` holds a dependency-free C reader and checker of these
+files (it parses the header, maps the data and applies the tolerance rule above).
+
+Determinism
+-----------
+Each configuration's data come from ``numpy.random.default_rng(zlib.crc32(b"<family>-<config>"))``
+drawn in float64 (the float32 case holds the same draws rounded), and the metadata keys are
+written sorted, so two ``write`` runs on one machine produce byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import math
+import struct
+import sys
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import numpy_ref as ref
+
+try:  # the project's comparison helper, when it exists
+    from numpy_ref.testing import assert_allclose_named as _assert_allclose_named
+except ImportError:  # pragma: no cover - depends on the checkout
+    _assert_allclose_named = None
+
+EPS32 = float(np.finfo(np.float32).eps)
+F64_TOL = 1e-7  # float64 rtol = atol (torch.testing's float64 defaults)
+SCALE_FLOOR = 1e-30  # the smallest scale of a float32 allowance
+CONSISTENCY = 1e-10  # verify's float64 recomputation bound, relative to the scale
+DTYPES = ("float64", "float32")
+ROLES = ("input", "param", "cotangent", "output", "grad", "cache")
+CHECKED_ROLES = ("output", "grad", "cache")
+MANIFEST = "manifest.json"
+FORMAT = "lstm-attention-reference golden vectors"
+VERSION = 1
+
+Arrays = dict[str, np.ndarray]
+# run(inputs, params, cotangents) -> (outputs, grads, cache), names without the role prefix
+RunFn = Callable[[Arrays, Arrays, Arrays], tuple[Arrays, Arrays, Arrays]]
+MakeFn = Callable[[np.random.Generator], tuple[Arrays, Arrays, Arrays]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One op configuration; it gives one case per dtype."""
+
+    family: str  # e.g. "lstm"
+    config: str  # e.g. "bidirectional_2layer_lengths"
+    op: str  # the numpy_ref functions computing it
+    semantics: str  # what it computes, in torch's terms
+    options: dict[str, Any]  # structured options (JSON values)
+    make: MakeFn  # float64 draws: (inputs, params, cotangents)
+    run: RunFn  # the computation, in the arrays' dtype
+
+    @property
+    def stem(self) -> str:
+        """``<family>-<config>``: the seed's source."""
+        return f"{self.family}-{self.config}"
+
+    @property
+    def seed(self) -> int:
+        """The configuration's fixed seed (a stable hash of its name, not Python's hash())."""
+        return zlib.crc32(self.stem.encode())
+
+    def case(self, dtype: str) -> str:
+        """The case name for `dtype` ("float64" or "float32")."""
+        return f"{self.stem}-{dtype}"
+
+
+CONFIGS: dict[str, Config] = {}
+
+
+def _register(family: str, config: str, op: str, semantics: str, options: dict[str, Any],
+              make: MakeFn, run: RunFn) -> None:
+    c = Config(family, config, op, " ".join(semantics.split()), options, make, run)
+    assert c.stem not in CONFIGS, c.stem
+    assert all(k not in ("case", "family", "config", "op", "dtype", "semantics")
+               and "." not in k for k in options), options
+    CONFIGS[c.stem] = c
+
+
+def all_cases() -> list[tuple[str, Config, str]]:
+    """Every case: (name, config, dtype), in registry order, float64 first."""
+    return [(c.case(d), c, d) for c in CONFIGS.values() for d in DTYPES]
+
+
+# --------------------------------------------------------------------------------------------
+# drawing data
+
+
+def _normal(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return rng.standard_normal(shape) * scale
+
+
+def _uniform(rng: np.random.Generator, bound: float, *shape: int) -> np.ndarray:
+    return rng.uniform(-bound, bound, shape)
+
+
+def _ids(rng: np.random.Generator, vocab: int, *shape: int) -> np.ndarray:
+    return rng.integers(0, vocab, shape).astype(np.int64)
+
+
+def _i64(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def _grads(prefix_free: Mapping[str, np.ndarray | None]) -> Arrays:
+    """Gradient dict with None entries (gradients the op does not give) dropped."""
+    return {k: v for k, v in prefix_free.items() if v is not None}
+
+
+def _param_grads(d_params: Mapping[str, np.ndarray]) -> Arrays:
+    return {f"d_{k}": v for k, v in d_params.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# lstm_cell
+
+
+def _lstm_cell_config(config: str, B: int, I: int, H: int, P: int) -> None:
+    Ho = P or H
+
+    def make(rng):
+        bound = 1 / math.sqrt(H)
+        params = {"weight_ih": _uniform(rng, bound, 4 * H, I),
+                  "weight_hh": _uniform(rng, bound, 4 * H, Ho),
+                  "bias_ih": _uniform(rng, bound, 4 * H),
+                  "bias_hh": _uniform(rng, bound, 4 * H)}
+        if P:
+            params["weight_hr"] = _uniform(rng, bound, P, H)
+        inputs = {"x": _normal(rng, B, I), "h": _normal(rng, B, Ho, scale=0.5),
+                  "c": _normal(rng, B, H, scale=0.5)}
+        cots = {"d_h_new": _normal(rng, B, Ho), "d_c_new": _normal(rng, B, H)}
+        return inputs, params, cots
+
+    def run(inp, par, cot):
+        h_new, c_new, cache = ref.lstm_cell_forward(inp["x"], inp["h"], inp["c"], par)
+        d_x, d_h, d_c, d_p = ref.lstm_cell_backward(cot["d_h_new"], cot["d_c_new"], cache)
+        return ({"h_new": h_new, "c_new": c_new},
+                {"d_x": d_x, "d_h": d_h, "d_c": d_c, **_param_grads(d_p)},
+                {"gates": cache.gates})
+
+    if P:
+        semantics = f"""One step of torch.nn.LSTM({I}, {H}, proj_size={P}) (its layer-0 cell,
+        params named without the _l0 suffix): gates = x @ weight_ih.T + bias_ih + h @
+        weight_hh.T + bias_hh split as i, f, g, o; c_new = f*c + i*g; h_new = (o*tanh(c_new))
+        @ weight_hr.T. Backward with cotangents on both h_new and c_new. cache.gates: the
+        activated gates i, f, g, o [B, 4H]."""
+    else:
+        semantics = f"""torch.nn.LSTMCell({I}, {H}): (h_new, c_new) = cell(x, (h, c)), gate
+        order i, f, g, o. Backward with cotangents on both h_new and c_new (torch:
+        autograd.grad((h_new, c_new), ..., (d_h_new, d_c_new))). cache.gates: the activated
+        gates i, f, g, o [B, 4H]."""
+    _register("lstm_cell", config, "numpy_ref.lstm_cell_forward / lstm_cell_backward",
+              semantics, {"batch": B, "input_size": I, "hidden_size": H, "proj_size": P},
+              make, run)
+
+
+_lstm_cell_config("basic", 3, 4, 5, 0)
+_lstm_cell_config("proj", 3, 4, 5, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# lstm (the layer stack)
+
+
+def _lstm_config(config: str, *, T: int, B: int, I: int, H: int, num_layers: int = 1,
+                 bidirectional: bool = False, proj_size: int = 0, batch_first: bool = False,
+                 lengths: Sequence[int] | None = None, initial_state: bool = False,
+                 final_state_cotangents: bool = False) -> None:
+    D = 2 if bidirectional else 1
+    Ho = proj_size or H
+    LD = num_layers * D
+
+    def make(rng):
+        params = ref.init_lstm_params(I, H, num_layers=num_layers, bidirectional=bidirectional,
+                                      proj_size=proj_size, rng=rng)
+        x = _normal(rng, B, T, I) if batch_first else _normal(rng, T, B, I)
+        inputs = {"x": x}
+        if initial_state:
+            inputs["h0"] = _normal(rng, LD, B, Ho, scale=0.5)
+            inputs["c0"] = _normal(rng, LD, B, H, scale=0.5)
+        if lengths is not None:
+            inputs["lengths"] = _i64(lengths)
+        out_shape = (B, T, D * Ho) if batch_first else (T, B, D * Ho)
+        cots = {"d_output": _normal(rng, *out_shape)}
+        if final_state_cotangents:
+            cots["d_h_n"] = _normal(rng, LD, B, Ho)
+            cots["d_c_n"] = _normal(rng, LD, B, H)
+        return inputs, params, cots
+
+    def run(inp, par, cot):
+        output, (h_n, c_n), cache = ref.lstm_forward(
+            inp["x"], par, num_layers=num_layers, bidirectional=bidirectional,
+            batch_first=batch_first, h0=inp.get("h0"), c0=inp.get("c0"),
+            lengths=inp.get("lengths"))
+        d_x, d_p, (d_h0, d_c0) = ref.lstm_backward(cot["d_output"], cache,
+                                                   d_h_n=cot.get("d_h_n"),
+                                                   d_c_n=cot.get("d_c_n"))
+        grads = {"d_x": d_x, **_param_grads(d_p)}
+        if initial_state:
+            grads.update(d_h0=d_h0, d_c0=d_c0)
+        return {"output": output, "h_n": h_n, "c_n": c_n}, grads, {}
+
+    args = [f"{I}, {H}"]
+    if num_layers > 1:
+        args.append(f"num_layers={num_layers}")
+    if bidirectional:
+        args.append("bidirectional=True")
+    if proj_size:
+        args.append(f"proj_size={proj_size}")
+    if batch_first:
+        args.append("batch_first=True")
+    layout = "[B, T, I]" if batch_first else "[T, B, I]"
+    state = "(h0, c0)" if initial_state else "zero initial states"
+    text = f"torch.nn.LSTM({', '.join(args)}) on x {layout} from {state}"
+    if lengths is not None:
+        text += f""" packed with pack_padded_sequence(x, lengths, batch_first={batch_first},
+        enforce_sorted=False); output is pad_packed_sequence's padded output (exactly 0 at
+        padded steps t >= lengths[b]; d_output there is ignored, x there is not data and
+        grad.d_x there is 0); h_n, c_n are each row's state after its last real step"""
+    text += f"""; returns output, (h_n, c_n) with h_n [L*D, B, Ho], c_n [L*D, B, H], index
+    2*layer + direction. Backward: torch.autograd.grad of (output, h_n, c_n) with cotangents
+    d_output{', d_h_n, d_c_n' if final_state_cotangents else ' only (zero on h_n, c_n)'}"""
+    text += "; grads of x, h0, c0 and every parameter." if initial_state else \
+        "; grads of x and every parameter."
+    options = {"num_layers": num_layers, "bidirectional": bidirectional,
+               "proj_size": proj_size, "batch_first": batch_first, "input_size": I,
+               "hidden_size": H, "seq_len": T, "batch": B,
+               "lengths": list(lengths) if lengths is not None else None,
+               "initial_state": initial_state, "final_state_cotangents": final_state_cotangents}
+    _register("lstm", config, "numpy_ref.lstm_forward / lstm_backward", text, options, make,
+              run)
+
+
+_lstm_config("basic", T=4, B=3, I=4, H=5)
+_lstm_config("bidirectional_2layer", T=4, B=2, I=3, H=4, num_layers=2, bidirectional=True)
+_lstm_config("bidirectional_2layer_lengths", T=5, B=3, I=3, H=4, num_layers=2,
+             bidirectional=True, lengths=[3, 5, 1], final_state_cotangents=True)
+_lstm_config("initial_state", T=4, B=3, I=3, H=4, bidirectional=True, initial_state=True,
+             final_state_cotangents=True)
+_lstm_config("proj", T=4, B=2, I=3, H=5, num_layers=2, bidirectional=True, proj_size=3)
+_lstm_config("batch_first_lengths", T=4, B=3, I=3, H=4, batch_first=True, lengths=[2, 4, 3])
+_lstm_config("all_options", T=5, B=3, I=3, H=5, num_layers=2, bidirectional=True,
+             proj_size=2, batch_first=True, lengths=[4, 1, 5], initial_state=True,
+             final_state_cotangents=True)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+
+
+def _attention_config(config: str, *, score: str, layout: str, B: int = 2, Tq: int = 3,
+                      Tk: int = 4, Hq: int = 5, Hk: int | None = None, Hv: int | None = None,
+                      heads: int = 1, kv_heads: int | None = None, A: int = 4,
+                      additive_bias: bool = True, lengths: Sequence[int] | None = None,
+                      mask: str | None = None, causal: bool = False,
+                      scale: float | None = None, bias_shape: tuple[int, ...] | None = None,
+                      d_weights: bool = False) -> None:
+    """layout: "single" (query [B, Hq]), "many" ([B, Tq, Hq]) or "heads" ([B, h, Tq, D])."""
+    Hk = Hq if Hk is None else Hk
+    Hv = Hk if Hv is None else Hv
+    kv_heads = heads if kv_heads is None else kv_heads
+    if layout == "single":
+        q_shape, kv_lead, w_shape = (B, Hq), (B, Tk), (B, Tk)
+    elif layout == "many":
+        q_shape, kv_lead, w_shape = (B, Tq, Hq), (B, Tk), (B, Tq, Tk)
+    else:
+        q_shape, kv_lead, w_shape = (B, heads, Tq, Hq), (B, kv_heads, Tk), (B, heads, Tq, Tk)
+    c_shape = (*q_shape[:-1], Hv)
+    group = heads // kv_heads
+
+    def make(rng):
+        inputs = {"query": _normal(rng, *q_shape), "keys": _normal(rng, *kv_lead, Hk),
+                  "values": _normal(rng, *kv_lead, Hv)}
+        if lengths is not None:
+            inputs["lengths"] = _i64(lengths)
+        if mask is not None:
+            m = rng.random(w_shape if mask == "full" else w_shape[-2:]) < 0.6
+            m[..., 0] = True  # every query sees a key
+            inputs["mask"] = m
+        if bias_shape is not None:
+            inputs["bias"] = _normal(rng, *bias_shape)
+        params = {}
+        if score == "general":
+            params = {"W": _normal(rng, Hq, Hk, scale=1 / math.sqrt(Hq))}
+        elif score == "additive":
+            params = {"W_query": _normal(rng, A, Hq, scale=1 / math.sqrt(Hq)),
+                      "W_key": _normal(rng, A, Hk, scale=1 / math.sqrt(Hk)),
+                      "v": _normal(rng, A)}
+            if additive_bias:
+                params["b"] = _normal(rng, A, scale=0.5)
+        cots = {"d_context": _normal(rng, *c_shape)}
+        if d_weights:
+            cots["d_weights"] = _normal(rng, *w_shape)
+        return inputs, params, cots
+
+    def run(inp, par, cot):
+        q, k, v = inp["query"], inp["keys"], inp["values"]
+        context, weights, cache = ref.attention_forward(
+            q, k, v, score=score, params=par or None, lengths=inp.get("lengths"),
+            mask=inp.get("mask"), causal=causal, scale=scale, bias=inp.get("bias"))
+        d_q, d_k, d_v, d_p = ref.attention_backward(cot["d_context"], cache,
+                                                    d_weights=cot.get("d_weights"))
+        # the raw scores (scale * score(q, k), no bias, no masking) on the stored inputs
+        q4 = q[:, None, None] if layout == "single" else q[:, None] if layout == "many" else q
+        k4 = k[:, None] if layout != "heads" else np.repeat(k, group, axis=1)
+        s, _ = ref.attention_scores_forward(q4, k4, score=score, params=par or None,
+                                            scale=scale)
+        s = s[:, 0, 0] if layout == "single" else s[:, 0] if layout == "many" else s
+        grads = {"d_query": d_q, "d_keys": d_k, "d_values": d_v, **_param_grads(d_p)}
+        return {"context": context, "weights": weights}, _grads(grads), {"scores": s}
+
+    eff_scale = None if score == "additive" else (
+        scale if scale is not None else (1 / math.sqrt(Hk) if score == "scaled_dot" else 1.0))
+    score_text = {
+        "dot": "s = scale * q . k",
+        "scaled_dot": "s = scale * q . k",
+        "general": "s = scale * (q @ W) . k, W [Hq, Hk] (Luong general)",
+        "additive": "s = v . tanh(W_query q" + (" + b" if additive_bias else "")
+                    + " + W_key k) (Bahdanau)",
+    }[score]
+    if layout == "single":
+        lay = f"one query per row: query [B, Hq] = [{B}, {Hq}], keys [B, Tk, Hk]"
+    elif layout == "many":
+        lay = f"many queries: query [B, Tq, Hq] = [{B}, {Tq}, {Hq}], keys [B, Tk, Hk]"
+    else:
+        lay = (f"SDPA's heads layout: query [B, h, Tq, D] = [{B}, {heads}, {Tq}, {Hq}], keys/"
+               f"values [B, h_kv, Tk, D] with h_kv = {kv_heads}"
+               + (f" (grouped-query: query head i reads kv head i // {group}; torch: "
+                  "F.scaled_dot_product_attention(..., enable_gqa=True))" if group > 1 else ""))
+    text = (f"numpy_ref.attention_forward(query, keys, values, score={score!r}"
+            + (f", scale={scale!r}" if scale is not None else "")
+            + f"): {lay}; {score_text}"
+            + (f" with scale = {eff_scale!r}" if eff_scale is not None else "")
+            + "; weights = softmax over the keys each query sees; context = weights @ values.")
+    hidden = []
+    if lengths is not None:
+        hidden.append("keys j >= lengths[b] get weight exactly 0")
+    if mask is not None:
+        hidden.append("input.mask (bool, True = attend, SDPA's bool attn_mask"
+                      + (", broadcast over the leading axes" if mask != "full" else "") + ")")
+    if causal:
+        hidden.append("causal: query i sees keys j <= i (SDPA's is_causal)")
+    if bias_shape is not None:
+        hidden.append("input.bias (float, broadcast to the weights, added to the scaled "
+                      "scores: SDPA's float attn_mask; grad.d_bias is its gradient in its "
+                      "own shape)")
+    if hidden:
+        text += " " + "; ".join(hidden) + "."
+    if score in ("dot", "scaled_dot") and layout != "single":
+        text += (" In torch: F.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale)"
+                 " with the weights softmax(q k^T * scale + mask).")
+    text += (" Backward with cotangents d_context" + (" and d_weights" if d_weights else "")
+             + ". cache.scores: the raw scores scale * score(q, k) of every (query, key) pair,"
+             " before bias, masking and softmax.")
+    options = {"score": score, "layout": layout, "causal": causal,
+               "scale": eff_scale, "additive_bias": additive_bias if score == "additive"
+               else None, "heads": heads if layout == "heads" else None,
+               "kv_heads": kv_heads if layout == "heads" else None,
+               "mask": mask, "bias_shape": list(bias_shape) if bias_shape else None,
+               "d_weights": d_weights}
+    _register("attention", config, "numpy_ref.attention_forward / attention_backward", text,
+              {k: v for k, v in options.items() if v is not None}, make, run)
+
+
+# the spec's case: B=2, Tq=3, Tk=4, H=5, lengths [4, 2], both cotangents
+_attention_config("scaled_dot_lengths", score="scaled_dot", layout="many", lengths=[4, 2],
+                  d_weights=True)
+for _score, _kw in (("dot", {}), ("scaled_dot", {}), ("general", {"Hq": 3, "Hk": 5, "Hv": 4}),
+                    ("additive", {"Hq": 3, "Hk": 5, "Hv": 4}),
+                    ("additive_nobias", {"Hq": 3, "Hk": 5, "Hv": 4, "additive_bias": False})):
+    _s = "additive" if _score.startswith("additive") else _score
+    _attention_config(f"{_score}_single", score=_s, layout="single", lengths=[4, 3], **_kw)
+    _attention_config(f"{_score}_many", score=_s, layout="many", d_weights=True, **_kw)
+_attention_config("dot_mask_many", score="dot", layout="many", mask="full", d_weights=True)
+_attention_config("heads", score="scaled_dot", layout="heads", heads=2, Hq=4, d_weights=True)
+_attention_config("heads_gqa_lengths", score="scaled_dot", layout="heads", heads=4,
+                  kv_heads=2, Hq=4, lengths=[2, 4])
+_attention_config("heads_causal", score="scaled_dot", layout="heads", heads=2, Tq=4, Tk=4,
+                  Hq=3, causal=True, d_weights=True)
+_attention_config("heads_mask_scale", score="scaled_dot", layout="heads", heads=2, Hq=3,
+                  mask="broadcast", scale=0.7)
+_attention_config("heads_bias", score="scaled_dot", layout="heads", heads=2, Hq=3,
+                  bias_shape=(2, 3, 4), d_weights=True)
+_attention_config("heads_gqa_causal_bias_lengths", score="dot", layout="heads", heads=4,
+                  kv_heads=2, Tq=4, Tk=4, Hq=3, causal=True, bias_shape=(1, 4, 4, 4),
+                  lengths=[3, 4], d_weights=True)
+
+
+# --------------------------------------------------------------------------------------------
+# tolerances and files
+
+
+def _float_dtype(dtype: str) -> type:
+    return np.float64 if dtype == "float64" else np.float32
+
+
+def _cast(arrays: Mapping[str, np.ndarray], dtype: Any) -> Arrays:
+    """Float arrays to `dtype`; integer and bool arrays as they are."""
+    return {k: (np.ascontiguousarray(v, dtype=dtype) if np.issubdtype(v.dtype, np.floating)
+                else np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def _run(config: Config, inputs: Arrays, params: Arrays, cots: Arrays, dtype: Any
+         ) -> dict[str, Arrays]:
+    """The config's computation in `dtype`, as {role: {name: array}} for the checked roles."""
+    outputs, grads, cache = config.run(_cast(inputs, dtype), _cast(params, dtype),
+                                       _cast(cots, dtype))
+    return {"output": dict(outputs), "grad": dict(grads), "cache": dict(cache)}
+
+
+def _tolerances(dtype: str, want: dict[str, Arrays], low: dict[str, Arrays] | None
+                ) -> dict[str, tuple[float, float]]:
+    """{"<role>.<name>": (atol, rtol)} of every checked tensor (see the module docstring).
+
+    want : the float64 answers.  low : numpy_ref's float32 results (float32 cases only).
+    """
+    tol = {}
+    if dtype == "float64":
+        for role in CHECKED_ROLES:
+            for name in want[role]:
+                tol[f"{role}.{name}"] = (F64_TOL, F64_TOL)
+        return tol
+    assert low is not None
+    grad_scale = max((float(np.abs(g).max()) for g in want["grad"].values() if g.size),
+                     default=0.0)
+    for role in CHECKED_ROLES:
+        factor = 3 if role == "grad" else 2
+        for name, w in want[role].items():
+            err = float(np.abs(low[role][name].astype(np.float64) - w).max()) if w.size else 0.0
+            scale = grad_scale if role == "grad" else (float(np.abs(w).max()) if w.size else 0)
+            atol = factor * err + 8 * EPS32 * max(scale, SCALE_FLOOR)
+            tol[f"{role}.{name}"] = (float(np.float64(atol)), 0.0)
+    return tol
+
+
+def _option_str(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float):
+        return repr(v)
+    return json.dumps(v)
+
+
+def _canonical(data: bytes) -> bytes:
+    """The safetensors bytes with the header's ``__metadata__`` keys sorted.
+
+    safetensors writes its metadata from a hash map, in an order that changes from process to
+    process; sorting the keys (same bytes, same length, so every offset holds) makes two
+    writes identical.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = data[8:8 + n]
+    header = json.loads(raw)
+    meta = header.pop("__metadata__", None)
+    new = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+    new.update(header)
+    text = json.dumps(new, separators=(",", ":"), ensure_ascii=False).encode()
+    stripped = raw.rstrip(b" ")
+    if len(text) != len(stripped) or json.loads(text) != json.loads(stripped):
+        raise RuntimeError("safetensors header could not be canonicalised")  # pragma: no cover
+    return data[:8] + text + raw[len(text):] + data[8 + n:]
+
+
+def _st_dtype(a: np.ndarray) -> str:
+    return {"float64": "F64", "float32": "F32", "int64": "I64", "bool": "BOOL"}[a.dtype.name]
+
+
+def build_case(config: Config, dtype: str) -> tuple[Arrays, dict[str, str], dict[str, Any]]:
+    """Compute one case: (tensors {prefixed name: array}, metadata, manifest entry)."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(config.seed)
+    drawn = config.make(rng)
+    fdt = _float_dtype(dtype)
+    stored = {role: _cast(a, fdt) for role, a in zip(ROLES[:3], drawn, strict=True)}
+    want = _run(config, *stored.values(), np.float64)
+    low = _run(config, *stored.values(), np.float32) if dtype == "float32" else None
+    tol = _tolerances(dtype, want, low)
+    tensors: Arrays = {}
+    for role in ROLES:
+        for name, a in (stored[role] if role in stored else want[role]).items():
+            tensors[f"{role}.{name}"] = np.ascontiguousarray(
+                a.astype(fdt) if np.issubdtype(a.dtype, np.floating) else a)
+    name = config.case(dtype)
+    meta = {"case": name, "family": config.family, "config": config.config, "op": config.op,
+            "dtype": dtype, "semantics": config.semantics,
+            **{k: _option_str(v) for k, v in config.options.items()}}
+    for t, (atol, rtol) in tol.items():
+        meta[f"atol.{t}"] = repr(atol)
+        meta[f"rtol.{t}"] = repr(rtol)
+    data = _canonical(save(tensors, metadata=meta))
+    entry = {
+        "file": f"{name}.safetensors",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "family": config.family,
+        "config": config.config,
+        "dtype": dtype,
+        "op": config.op,
+        "seed": config.seed,
+        "semantics": config.semantics,
+        "options": config.options,
+        "tensors": {
+            t: {"role": t.split(".", 1)[0], "dtype": _st_dtype(a), "shape": list(a.shape),
+                **({"atol": tol[t][0], "rtol": tol[t][1]} if t in tol else {})}
+            for t, a in tensors.items()},
+    }
+    return tensors, meta, {"data": data, "entry": entry}
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    if not patterns:
+        return True
+    return any(fnmatch.fnmatchcase(name, p) if any(ch in p for ch in "*?[") else p in name
+               for p in patterns)
+
+
+def write(directory: str | Path, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write the cases matching `only` (all when None) and the manifest into `directory`.
+
+    Files of a previous manifest in the directory that this one does not list are removed.
+    Returns the manifest.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    selected = [(n, c, d) for n, c, d in all_cases() if _matches(n, only)]
+    if not selected:
+        raise ValueError(f"no case matches {list(only or [])}")
+    old = out / MANIFEST
+    stale: set[str] = set()
+    if old.exists():
+        try:
+            stale = {e["file"] for e in json.loads(old.read_text())["cases"].values()}
+        except (ValueError, KeyError, TypeError):
+            stale = set()
+    cases = {}
+    for name, config, dtype in selected:
+        _, _, built = build_case(config, dtype)
+        (out / built["entry"]["file"]).write_bytes(built["data"])
+        cases[name] = built["entry"]
+    for f in stale - {e["file"] for e in cases.values()}:
+        if "/" not in f and f.endswith(".safetensors"):
+            (out / f).unlink(missing_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "written_by": "python -m numpy_ref.golden write",
+        "tolerance_rule": (
+            "pass when |got - want| <= atol + rtol * |want| elementwise; float64: rtol = "
+            "atol = 1e-7; float32: rtol = 0, atol = factor * err + 8 * eps32 * scale (err: "
+            "numpy_ref in float32 against the float64 answer; factor 2 outputs and caches, 3 "
+            "gradients; scale: max|want|, for gradients the case's largest gradient "
+            f"magnitude; scale >= {SCALE_FLOOR!r})"),
+        "cases": cases,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+def _compare(name: str, got: np.ndarray, want: np.ndarray, *, rtol: float, atol: float
+             ) -> str | None:
+    """None when ``|got - want| <= atol + rtol * |want|`` everywhere, else a message naming the
+    worst index, got, want and the allowed error."""
+    if _assert_allclose_named is not None:
+        try:
+            _assert_allclose_named(name, got, want, rtol=rtol, atol=atol)
+        except AssertionError as e:
+            return str(e)
+        return None
+    got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    if got64.shape != want64.shape:
+        return f"{name}: shape {got64.shape} != {want64.shape}"
+    err = np.abs(got64 - want64)
+    allowed = atol + rtol * np.abs(want64)
+    bad = ~(err <= allowed)  # NaN counts as bad
+    if not bad.any():
+        return None
+    excess = np.where(bad, np.nan_to_num(err - allowed, nan=np.inf), -np.inf)
+    j = tuple(int(i) for i in np.unravel_index(np.argmax(excess), err.shape))
+    return (f"{name}: at index {j} got {got64[j]!r}, want {want64[j]!r}, error {err[j]:.3g} > "
+            f"allowed {allowed[j]:.3g} (atol={atol!r}, rtol={rtol!r})")
+
+
+def _read(path: Path) -> tuple[Arrays, dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def verify_case(directory: Path, name: str, entry: Mapping[str, Any]) -> list[str]:
+    """Every problem of one case, as messages starting with the case name ([] when it passes)."""
+    problems: list[str] = []
+
+    def bad(msg: str) -> None:
+        problems.append(f"{name}: {msg}")
+
+    if name not in {n for n, _, _ in all_cases()}:
+        bad("not a case this module knows (no way to recompute it)")
+        return problems
+    stem, dtype = name.rsplit("-", 1)
+    config = CONFIGS[stem]
+    path = directory / str(entry.get("file", ""))
+    if entry.get("file") != f"{name}.safetensors" or not path.is_file():
+        bad(f"file {entry.get('file')!r} missing (expected {name}.safetensors)")
+        return problems
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        bad(f"sha256 of {path.name} is {hashlib.sha256(data).hexdigest()}, the manifest says "
+            f"{entry.get('sha256')}")
+    if entry.get("size") != len(data):
+        bad(f"size of {path.name} is {len(data)} bytes, the manifest says {entry.get('size')}")
+    for key, want in (("dtype", dtype), ("family", config.family), ("config", config.config),
+                      ("op", config.op), ("semantics", config.semantics),
+                      ("options", config.options), ("seed", config.seed)):
+        if entry.get(key) != want:
+            bad(f"manifest {key} is {entry.get(key)!r}, expected {want!r}")
+    try:
+        tensors, meta = _read(path)
+    except Exception as e:  # a damaged file: say so and stop
+        bad(f"cannot read {path.name}: {e}")
+        return problems
+    listed = entry.get("tensors", {})
+    for t in sorted(set(listed) - set(tensors)):
+        bad(f"tensor {t} is in the manifest but not in the file")
+    for t in sorted(set(tensors) - set(listed)):
+        bad(f"tensor {t} is in the file but not in the manifest")
+    fdt = _float_dtype(dtype)
+    for t, a in tensors.items():
+        info = listed.get(t)
+        if info is None:
+            continue
+        if list(a.shape) != info.get("shape"):
+            bad(f"tensor {t}: shape {list(a.shape)} in the file, {info.get('shape')} in the "
+                "manifest")
+        if _st_dtype(a) != info.get("dtype"):
+            bad(f"tensor {t}: dtype {_st_dtype(a)} in the file, {info.get('dtype')} in the "
+                "manifest")
+        if np.issubdtype(a.dtype, np.floating) and a.dtype != fdt:
+            bad(f"tensor {t}: dtype {a.dtype}, the case is {dtype}")
+        if t.split(".", 1)[0] not in ROLES or t.split(".", 1)[0] != info.get("role"):
+            bad(f"tensor {t}: role {info.get('role')!r} does not match its name")
+    want_meta = {"case": name, "family": config.family, "config": config.config,
+                 "op": config.op, "dtype": dtype, "semantics": config.semantics,
+                 **{k: _option_str(v) for k, v in config.options.items()}}
+    for t, info in listed.items():
+        if "atol" in info:
+            want_meta[f"atol.{t}"] = repr(float(info["atol"]))
+            want_meta[f"rtol.{t}"] = repr(float(info["rtol"]))
+    for k in sorted(set(want_meta) | set(meta)):
+        if meta.get(k) != want_meta.get(k):
+            bad(f"metadata {k!r} is {meta.get(k)!r}, expected {want_meta.get(k)!r}")
+    split: dict[str, Arrays] = {r: {} for r in ROLES}
+    for t, a in tensors.items():
+        role, _, rest = t.partition(".")
+        if role in split:
+            split[role][rest] = a
+    try:
+        exact = _run(config, split["input"], split["param"], split["cotangent"], np.float64)
+        own = exact if dtype == "float64" else _run(config, split["input"], split["param"],
+                                                    split["cotangent"], np.float32)
+    except Exception as e:
+        bad(f"numpy_ref failed on the stored inputs: {type(e).__name__}: {e}")
+        return problems
+    grad_scale = max((float(np.abs(g).max()) for g in exact["grad"].values() if g.size),
+                     default=0.0)
+    for role in CHECKED_ROLES:
+        for t in sorted(set(exact[role]) - set(split[role])):
+            bad(f"{role}.{t} is computed but not stored")
+        for t in sorted(set(split[role]) - set(exact[role])):
+            bad(f"{role}.{t} is stored but not computed")
+        for t in sorted(set(exact[role]) & set(split[role])):
+            full = f"{role}.{t}"
+            stored, w = split[role][t], exact[role][t]
+            if stored.shape != w.shape:
+                bad(f"{full}: stored shape {list(stored.shape)}, computed {list(w.shape)}")
+                continue
+            scale = grad_scale if role == "grad" else (float(np.abs(w).max()) if w.size else 0)
+            msg = _compare(full, stored, w, rtol=0.0 if dtype == "float64" else EPS32,
+                           atol=CONSISTENCY * max(scale, SCALE_FLOOR))
+            if msg:
+                bad(f"[stored vs numpy_ref float64] {msg}")
+            info = listed.get(full, {})
+            if "atol" not in info:
+                continue
+            msg = _compare(full, own[role][t], stored, rtol=float(info["rtol"]),
+                           atol=float(info["atol"]))
+            if msg:
+                bad(f"[numpy_ref {dtype} vs stored, stored tolerance] {msg}")
+    return problems
+
+
+def verify(directory: str | Path) -> list[str]:
+    """Every problem of the golden directory (see the module docstring); [] when it passes."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        cases = manifest["cases"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{directory / MANIFEST}: cannot read the manifest ({e})"]
+    problems = []
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        problems.append(f"manifest: format {manifest.get('format')!r} version "
+                        f"{manifest.get('version')!r}, expected {FORMAT!r} {VERSION}")
+    listed = {str(e.get("file")) for e in cases.values()}
+    for f in sorted(p.name for p in directory.glob("*.safetensors")):
+        if f not in listed:
+            problems.append(f"{f}: a file the manifest does not list")
+    for name, entry in cases.items():
+        problems.extend(verify_case(directory, name, entry))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 else \
+        f"{n / (1 << 20):.2f} MiB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m numpy_ref.golden",
+        description="Write, verify or list numpy_ref's golden vectors (safetensors files "
+                    "and a manifest).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="compute the cases and write DIR/*.safetensors and "
+                                     "DIR/manifest.json")
+    w.add_argument("directory")
+    w.add_argument("--only", action="append", metavar="PATTERN",
+                   help="only cases whose name contains PATTERN (or matches it as a glob "
+                        "with * ? [...]); may be repeated")
+    v = sub.add_parser("verify", help="recompute every case of DIR's manifest and check the "
+                                      "files; exit 1 on any mismatch")
+    v.add_argument("directory")
+    ls = sub.add_parser("list", help="list the cases (of DIR's manifest, with its tensors)")
+    ls.add_argument("directory", nargs="?")
+    ls.add_argument("--only", action="append", metavar="PATTERN")
+    args = parser.parse_args(argv)
+
+    if args.command == "write":
+        try:
+            manifest = write(args.directory, args.only)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        total = sum(e["size"] for e in manifest["cases"].values())
+        print(f"wrote {len(manifest['cases'])} files, {_size(total)} in total, to "
+              f"{Path(args.directory).resolve()} (manifest: {MANIFEST})")
+        return 0
+    if args.command == "verify":
+        problems = verify(args.directory)
+        for p in problems:
+            print(p)
+        if problems:
+            print(f"FAILED: {len(problems)} problem(s) in {args.directory}")
+            return 1
+        n = len(json.loads((Path(args.directory) / MANIFEST).read_text())["cases"])
+        print(f"OK: {n} cases in {args.directory} verified")
+        return 0
+    if args.directory is None:
+        for name, config, _ in all_cases():
+            if _matches(name, args.only):
+                print(f"{name}: {config.op}")
+        return 0
+    try:
+        cases = json.loads((Path(args.directory) / MANIFEST).read_text())["cases"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: cannot read the manifest: {e}", file=sys.stderr)
+        return 2
+    for name, entry in cases.items():
+        if not _matches(name, args.only):
+            continue
+        print(f"{name} ({entry['size']} B): {entry['semantics']}")
+        for t, info in entry["tensors"].items():
+            tol = f"  atol={info['atol']:.3g} rtol={info['rtol']:.3g}" if "atol" in info else ""
+            print(f"    {t:<32} {info['dtype']:<4} {info['shape']}{tol}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
