@@ -478,6 +478,296 @@ _attention_config("heads_gqa_causal_bias_lengths", score="dot", layout="heads", 
 
 
 # --------------------------------------------------------------------------------------------
+# multihead_attention
+
+
+def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
+                kdim: int | None = None, vdim: int | None = None, bias: bool = True,
+                batch_first: bool = True, key_padding_mask: bool = False,
+                attn_mask: str | None = None, average_attn_weights: bool = True) -> None:
+    """attn_mask: None, "bool" or "float" ([L, S])."""
+    kdim = E if kdim is None else kdim
+    vdim = E if vdim is None else vdim
+    packed = kdim == E and vdim == E
+
+    def lay(T, size):
+        return (N, T, size) if batch_first else (T, N, size)
+
+    w_shape = (N, L, S) if average_attn_weights else (N, num_heads, L, S)
+
+    def make(rng):
+        b = 1 / math.sqrt(E)
+        params = {}
+        if packed:
+            params["in_proj_weight"] = _uniform(rng, b, 3 * E, E)
+        else:
+            params.update(q_proj_weight=_uniform(rng, b, E, E),
+                          k_proj_weight=_uniform(rng, b, E, kdim),
+                          v_proj_weight=_uniform(rng, b, E, vdim))
+        if bias:
+            params["in_proj_bias"] = _normal(rng, 3 * E, scale=0.3)
+        params["out_proj.weight"] = _uniform(rng, b, E, E)
+        if bias:
+            params["out_proj.bias"] = _normal(rng, E, scale=0.3)
+        inputs = {"query": _normal(rng, *lay(L, E)), "key": _normal(rng, *lay(S, kdim)),
+                  "value": _normal(rng, *lay(S, vdim))}
+        if key_padding_mask:
+            m = np.zeros((N, S), bool)
+            m[-1, S // 2:] = True  # the last row's second half is padding
+            inputs["key_padding_mask"] = m
+        if attn_mask == "bool":
+            m = rng.random((L, S)) < 0.3
+            m[:, 0] = False  # every query may see key 0
+            inputs["attn_mask"] = m
+        elif attn_mask == "float":
+            inputs["attn_mask"] = _normal(rng, L, S)
+        cots = {"d_output": _normal(rng, *lay(L, E)), "d_weights": _normal(rng, *w_shape)}
+        return inputs, params, cots
+
+    def run(inp, par, cot):
+        out, w, cache = ref.multihead_attention_forward(
+            inp["query"], inp["key"], inp["value"], par, num_heads=num_heads,
+            key_padding_mask=inp.get("key_padding_mask"), attn_mask=inp.get("attn_mask"),
+            average_attn_weights=average_attn_weights, batch_first=batch_first)
+        d_q, d_k, d_v, d_p = ref.multihead_attention_backward(cot["d_output"], cache,
+                                                              d_weights=cot["d_weights"])
+        return ({"output": out, "weights": w},
+                {"d_query": d_q, "d_key": d_k, "d_value": d_v, **_param_grads(d_p)}, {})
+
+    args = [str(E), str(num_heads)]
+    if not bias:
+        args.append("bias=False")
+    if not packed:
+        args += [f"kdim={kdim}", f"vdim={vdim}"]
+    args.append(f"batch_first={batch_first}")
+    masks = []
+    if key_padding_mask:
+        masks.append("key_padding_mask=input.key_padding_mask (bool [N, S], True = padding)")
+    if attn_mask:
+        masks.append(f"attn_mask=input.attn_mask ({attn_mask} [L, S]"
+                     + (", True = not allowed)" if attn_mask == "bool" else ", added)"))
+    text = (f"torch.nn.MultiheadAttention({', '.join(args)}) with its state_dict as params: "
+            f"output, weights = mha(query, key, value{''.join(', ' + m for m in masks)}, "
+            f"need_weights=True, average_attn_weights={average_attn_weights}); query "
+            f"{'[N, L, E]' if batch_first else '[L, N, E]'}, N={N}, L={L}, S={S}; weights "
+            f"{'[N, L, S] averaged over heads' if average_attn_weights else '[N, h, L, S]'}. "
+            "Backward with cotangents d_output and d_weights; query, key and value are "
+            "separate tensors, each with its own gradient.")
+    options = {"embed_dim": E, "num_heads": num_heads, "kdim": kdim, "vdim": vdim,
+               "bias": bias, "batch_first": batch_first, "need_weights": True,
+               "average_attn_weights": average_attn_weights,
+               "key_padding_mask": key_padding_mask, "attn_mask": attn_mask}
+    _register("multihead_attention", config,
+              "numpy_ref.multihead_attention_forward / multihead_attention_backward", text,
+              options, make, run)
+
+
+_mha_config("key_padding_mask", E=6, num_heads=2, N=2, L=3, S=4, key_padding_mask=True)
+_mha_config("kdim_vdim_float_mask", E=4, num_heads=2, N=2, L=3, S=4, kdim=3, vdim=5,
+            bias=False, batch_first=False, attn_mask="float", average_attn_weights=False)
+_mha_config("bool_attn_mask", E=6, num_heads=3, N=2, L=4, S=3, attn_mask="bool")
+
+
+# --------------------------------------------------------------------------------------------
+# layers: embedding, linear, cross_entropy
+
+
+def _embedding_config(config: str, *, V: int, E: int, shape: tuple[int, ...],
+                      padding_idx: int | None = None) -> None:
+    def make(rng):
+        ids = _ids(rng, V, *shape)
+        ids.reshape(-1)[:3] = [1, 1, 0]  # a repeated id (its gradient rows add) and id 0
+        return ({"ids": ids}, {"weight": _normal(rng, V, E)},
+                {"d_out": _normal(rng, *shape, E)})
+
+    def run(inp, par, cot):
+        out, cache = ref.embedding_forward(inp["ids"], par, padding_idx=padding_idx)
+        return {"out": out}, _param_grads(ref.embedding_backward(cot["d_out"], cache)), {}
+
+    text = (f"torch.nn.Embedding({V}, {E}"
+            + (f", padding_idx={padding_idx}" if padding_idx is not None else "")
+            + "): out = weight[ids] (ids I64); grad.d_weight scatter-adds d_out into the rows "
+              "of the ids" + (f" (row {padding_idx} gets no gradient)"
+                              if padding_idx is not None else "") + ".")
+    _register("embedding", config, "numpy_ref.embedding_forward / embedding_backward", text,
+              {"num_embeddings": V, "embedding_dim": E, "padding_idx": padding_idx}, make, run)
+
+
+_embedding_config("basic", V=7, E=3, shape=(2, 4))
+_embedding_config("padding_idx", V=6, E=4, shape=(3, 3), padding_idx=0)
+
+
+def _linear_config(config: str, *, shape: tuple[int, ...], I: int, O: int, bias: bool) -> None:
+    def make(rng):
+        b = 1 / math.sqrt(I)
+        params = {"weight": _uniform(rng, b, O, I)}
+        if bias:
+            params["bias"] = _uniform(rng, b, O)
+        return {"x": _normal(rng, *shape, I)}, params, {"d_y": _normal(rng, *shape, O)}
+
+    def run(inp, par, cot):
+        y, cache = ref.linear_forward(inp["x"], par)
+        d_x, d_p = ref.linear_backward(cot["d_y"], cache)
+        return {"y": y}, {"d_x": d_x, **_param_grads(d_p)}, {}
+
+    text = (f"torch.nn.Linear({I}, {O}, bias={bias}): y = x @ weight.T"
+            + (" + bias" if bias else "") + f" on x {[*shape, I]}.")
+    _register("linear", config, "numpy_ref.linear_forward / linear_backward", text,
+              {"in_features": I, "out_features": O, "bias": bias}, make, run)
+
+
+_linear_config("basic", shape=(2, 3), I=4, O=5, bias=True)
+_linear_config("no_bias", shape=(3,), I=4, O=2, bias=False)
+
+
+def _cross_entropy_config(config: str, *, shape: tuple[int, ...], C: int,
+                          reduction: str = "mean", ignore_index: int = -100,
+                          label_smoothing: float = 0.0, class_weight: bool = False,
+                          probabilities: bool = False, ignored: int = 0) -> None:
+    """shape: the logits' shape without the class axis ([N] or [N, d...])."""
+    logits_shape = (shape[0], C, *shape[1:])
+
+    def make(rng):
+        inputs = {"logits": _normal(rng, *logits_shape, scale=2.0)}
+        if probabilities:
+            p = rng.random(logits_shape)
+            inputs["targets"] = p / p.sum(axis=1, keepdims=True)
+        else:
+            t = _ids(rng, C, *shape)
+            t.reshape(-1)[:ignored] = ignore_index
+            inputs["targets"] = t
+        if class_weight:
+            inputs["weight"] = rng.uniform(0.5, 2.0, C)
+        d_loss = _normal(rng, *shape) if reduction == "none" else np.array(rng.normal())
+        return inputs, {}, {"d_loss": d_loss}
+
+    def run(inp, par, cot):
+        loss, cache = ref.cross_entropy_forward(
+            inp["logits"], inp["targets"], ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, weight=inp.get("weight"))
+        d_logits = ref.cross_entropy_backward(cot["d_loss"], cache)
+        return {"loss": np.asarray(loss)}, {"d_logits": d_logits}, {}
+
+    args = [f"reduction={reduction!r}"]
+    if ignored:
+        args.append(f"ignore_index={ignore_index}")
+    if label_smoothing:
+        args.append(f"label_smoothing={label_smoothing}")
+    if class_weight:
+        args.append("weight=input.weight")
+    text = (f"torch.nn.functional.cross_entropy(logits, targets, {', '.join(args)}) with "
+            f"logits {list(logits_shape)} and targets "
+            + ("class probabilities (float, like the logits; no gradient is given for them)"
+               if probabilities else f"class indices (I64 {list(shape)}"
+               + (f", {ignored} of them ignore_index" if ignored else "") + ")")
+            + f"; loss is {'per row' if reduction == 'none' else 'a scalar (shape [])'}; "
+            "backward from cotangent d_loss gives grad.d_logits.")
+    options = {"classes": C, "reduction": reduction, "ignore_index": ignore_index,
+               "label_smoothing": label_smoothing, "class_weight": class_weight,
+               "probabilities": probabilities}
+    _register("cross_entropy", config, "numpy_ref.cross_entropy_forward / "
+              "cross_entropy_backward", text, options, make, run)
+
+
+_cross_entropy_config("mean", shape=(4,), C=5)
+_cross_entropy_config("ignore_index_label_smoothing_weight", shape=(5,), C=4,
+                      label_smoothing=0.1, class_weight=True, ignored=2)
+_cross_entropy_config("sum_spatial", shape=(2, 3), C=4, reduction="sum", ignore_index=1,
+                      ignored=1)
+_cross_entropy_config("none_probabilities", shape=(3,), C=4, reduction="none",
+                      probabilities=True, label_smoothing=0.2)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def _bilstm_attention_config(config: str, *, V: int, E: int, H: int, C: int, B: int, T: int,
+                             lengths: Sequence[int] | None, seed_compatible: bool) -> None:
+    def make(rng):
+        params = ref.init_bilstm_attention_params(V, E, H, C, rng=rng)
+        inputs = {"ids": _ids(rng, V, B, T)}
+        if lengths is not None:
+            inputs["lengths"] = _i64(lengths)
+        return inputs, params, {"d_logits": _normal(rng, B, C),
+                                "d_attention": _normal(rng, B, T)}
+
+    def run(inp, par, cot):
+        logits, attention, cache = ref.bilstm_attention_forward(
+            inp["ids"], par, lengths=inp.get("lengths"), seed_compatible=seed_compatible)
+        d_p = ref.bilstm_attention_backward(cot["d_logits"], cache,
+                                            d_attention=cot["d_attention"])
+        return {"logits": logits, "attention": attention}, _param_grads(d_p), {}
+
+    query = ("the seed's query h_n.view(-1, 2H) (h_n [2, B, H] read in memory order: rows "
+             "mix sentences when B > 1)" if seed_compatible else
+             "each sentence's own query concat(h_n[-2], h_n[-1])")
+    text = (f"torch_impl.BiLSTMAttention({V}, {E}, {H}, {C}"
+            + (", seed_compatible=True" if seed_compatible else "")
+            + f"): embedding(ids) -> nn.LSTM({E}, {H}, bidirectional=True, batch_first=True)"
+            + (" packed by lengths (ids past a length are not data)" if lengths else "")
+            + f" -> dot attention over the LSTM output (keys = values) with {query}"
+            + (", keys past lengths masked" if lengths else "")
+            + f" -> nn.Linear({2 * H}, {C}); outputs logits [B, C] and attention [B, T]. "
+            "Backward from d_logits and d_attention; grads of every parameter.")
+    _register("bilstm_attention", config,
+              "numpy_ref.bilstm_attention_forward / bilstm_attention_backward", text,
+              {"vocab_size": V, "embedding_dim": E, "n_hidden": H, "num_classes": C,
+               "seed_compatible": seed_compatible, "lengths": list(lengths) if lengths else None},
+              make, run)
+
+
+_bilstm_attention_config("default", V=8, E=3, H=4, C=2, B=3, T=4, lengths=[4, 2, 3],
+                         seed_compatible=False)
+_bilstm_attention_config("seed_compatible", V=8, E=3, H=4, C=2, B=3, T=4, lengths=None,
+                         seed_compatible=True)
+
+
+def _seq2seq_config(config: str, *, decoder: str, score: str | None, Vs: int = 7, Vt: int = 6,
+                    E: int = 3, H: int = 3, B: int = 2, Ts: int = 5, Tt: int = 3,
+                    src_lengths: Sequence[int] | None = (5, 3)) -> None:
+    def make(rng):
+        params = ref.init_seq2seq_params(Vs, Vt, E, H, decoder=decoder, score=score, rng=rng)
+        inputs = {"src": _ids(rng, Vs, B, Ts), "tgt": _ids(rng, Vt, B, Tt)}
+        if src_lengths is not None:
+            inputs["src_lengths"] = _i64(src_lengths)
+        return inputs, params, {"d_logits": _normal(rng, B, Tt, Vt),
+                                "d_attention": _normal(rng, B, Tt, Ts)}
+
+    def run(inp, par, cot):
+        logits, attention, cache = ref.seq2seq_forward(
+            inp["src"], inp["tgt"], par, decoder=decoder, score=score,
+            src_lengths=inp.get("src_lengths"))
+        d_p = ref.seq2seq_backward(cot["d_logits"], cache, d_attention=cot["d_attention"])
+        return {"logits": logits, "attention": attention}, _param_grads(d_p), {}
+
+    used = score or ("general" if decoder == "luong" else "additive")
+    if decoder == "luong":
+        body = (f"Luong decoder: nn.LSTM({E}, {2 * H}) over the embedded target from the "
+                f"encoder's final states, {used!r} attention of every step over the encoder "
+                "output, tanh(concat [c_t; s_t]) (no bias), linear generator")
+    else:
+        body = ("Bahdanau decoder, step by step: additive attention (with bias) queried by the "
+                "previous state, nn.LSTMCell on [y_t; c_t], generator on [s_t; c_t; y_t]")
+    text = (f"torch_impl.Seq2SeqAttention({Vs}, {Vt}, {E}, {H}, decoder={decoder!r}, "
+            f"score={score!r}) teacher-forced on src [B, Ts] (ids past src_lengths are not "
+            "data) and tgt [B, Tt]: a bidirectional nn.LSTM encoder packed by src_lengths, the "
+            f"decoder state (2H = {2 * H}) started from concat(h_n[-2], h_n[-1]) and "
+            f"concat(c_n[-2], c_n[-1]); {body}. Outputs logits [B, Tt, Vt] and attention "
+            "[B, Tt, Ts]; backward from d_logits and d_attention; grads of every parameter.")
+    _register("seq2seq", config, "numpy_ref.seq2seq_forward / seq2seq_backward", text,
+              {"src_vocab": Vs, "tgt_vocab": Vt, "embedding_dim": E, "hidden_size": H,
+               "decoder": decoder, "score": used, "num_layers": 1,
+               "src_lengths": list(src_lengths) if src_lengths else None}, make, run)
+
+
+_seq2seq_config("luong_general", decoder="luong", score="general")
+_seq2seq_config("luong_dot", decoder="luong", score="dot")
+_seq2seq_config("luong_additive", decoder="luong", score="additive")
+_seq2seq_config("bahdanau", decoder="bahdanau", score=None)
+
+
+# --------------------------------------------------------------------------------------------
 # tolerances and files
 
 
@@ -487,8 +777,8 @@ def _float_dtype(dtype: str) -> type:
 
 def _cast(arrays: Mapping[str, np.ndarray], dtype: Any) -> Arrays:
     """Float arrays to `dtype`; integer and bool arrays as they are."""
-    return {k: (np.ascontiguousarray(v, dtype=dtype) if np.issubdtype(v.dtype, np.floating)
-                else np.ascontiguousarray(v)) for k, v in arrays.items()}
+    return {k: np.array(v, dtype=dtype if np.issubdtype(v.dtype, np.floating) else v.dtype,
+                        order="C") for k, v in arrays.items()}
 
 
 def _run(config: Config, inputs: Arrays, params: Arrays, cots: Arrays, dtype: Any
@@ -570,8 +860,8 @@ def build_case(config: Config, dtype: str) -> tuple[Arrays, dict[str, str], dict
     tensors: Arrays = {}
     for role in ROLES:
         for name, a in (stored[role] if role in stored else want[role]).items():
-            tensors[f"{role}.{name}"] = np.ascontiguousarray(
-                a.astype(fdt) if np.issubdtype(a.dtype, np.floating) else a)
+            tensors[f"{role}.{name}"] = np.array(
+                a, dtype=fdt if np.issubdtype(a.dtype, np.floating) else a.dtype, order="C")
     name = config.case(dtype)
     meta = {"case": name, "family": config.family, "config": config.config, "op": config.op,
             "dtype": dtype, "semantics": config.semantics,
