@@ -65,9 +65,13 @@ def test_quick_run_covers_every_op_and_backend_and_validates(quick_run):
     single = by_id["attention/B3,T7,H5/numpy_ref/cpu/forward+backward"]
     assert single["rate_unit"] == "GB/s"
     assert single["ceiling_name"] == "read + fresh copy of V [3, 7, 5], 420 B"
-    # The quick sizes are below one library call's overhead: no percentage is claimed for them.
-    assert single["status"] == "too small"
-    assert "too small" in proc.stdout and "vs torch" in proc.stdout
+    # The quick sizes are near one library call's overhead: a row whose ceiling is under
+    # MIN_CEILING_S claims no percentage (on a loaded machine even these ceilings can exceed it,
+    # so the rule is checked, not the verdict on a given row).
+    for r in rows:
+        assert (r["status"] == "too small") == (r["ceiling_s"] < runner.MIN_CEILING_S), r["id"]
+    assert ("too small" in proc.stdout) == any(r["status"] == "too small" for r in rows)
+    assert "vs torch" in proc.stdout
     assert "nominal peak" in proc.stdout and "other processes took" in proc.stdout
 
 
