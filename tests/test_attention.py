@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from policy import assert_allclose_named, assert_close_policy
 
 import kernels.attention
 import numpy_ref as ref
@@ -35,6 +34,7 @@ from numpy_ref.attention import (
     masked_softmax_backward,
     masked_softmax_forward,
 )
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 # Every implementation of the attention API; tests parametrized by `backend` hold each to the
 # same comparisons (kernels must match numpy_ref's signatures, checks and results).

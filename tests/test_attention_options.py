@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy import assert_close_policy
 from test_attention_reliability import run
 
 import kernels
 import numpy_ref
+from numpy_ref.testing import assert_close_policy
 
 BACKENDS = {"numpy_ref": numpy_ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from policy import assert_allclose_named, assert_close_policy
 from test_attention import Case, check_case
 
 import kernels
 import numpy_ref
 from kernels import attention as ka
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 JIT_OFF = bool(numba.config.DISABLE_JIT)
 

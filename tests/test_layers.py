@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from policy import assert_close_policy
 
 import kernels
 import numpy_ref as ref
+from numpy_ref.testing import assert_close_policy
 
 BACKENDS = {"numpy_ref": ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))

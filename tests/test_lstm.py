@@ -17,12 +17,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from policy import assert_allclose_named, assert_close_policy
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import kernels.lstm
 import numpy_ref as ref
 import numpy_ref.lstm
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 from torch_impl import load_numpy_
 
 # Every implementation of the LSTM API; tests parametrized by `backend` hold each to the same

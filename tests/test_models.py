@@ -32,9 +32,9 @@ from models_common import (
     torch_grads,
     torch_module,
 )
-from policy import assert_allclose_named, assert_close_policy
 
 import numpy_ref as ref
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_, to_numpy
 
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))

@@ -27,10 +27,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy import assert_close_policy
 
 import kernels
 import numpy_ref
+from numpy_ref.testing import assert_close_policy
 
 BACKENDS = {"numpy_ref": numpy_ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
