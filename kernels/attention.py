@@ -102,6 +102,7 @@ from numpy_ref import attention as reference
 from numpy_ref.attention import AdditiveScoresCache, WeightedSumCache
 from numpy_ref.contract import attention as contract
 from numpy_ref.contract import checks
+from numpy_ref.contract.fields import documented
 
 
 @njit(**JIT)
@@ -462,6 +463,7 @@ def _additive_backward(qa, ka, u, lengths, ds, d_qa, d_ka, d_u_rows):
 # public wrappers: validate (as numpy_ref), make contiguous, allocate, dispatch
 
 
+@documented
 class KernelAttentionCache(NamedTuple):
     """What `kernels.attention_backward` needs. The returned weights are referenced, not copied:
     modify them in place and backward is wrong (as with numpy_ref's cache). Arrays are in the
@@ -823,6 +825,7 @@ def weighted_sum_backward(
 # masked softmax on its own
 
 
+@documented
 class KernelMaskedSoftmaxCache(NamedTuple):
     """What `kernels.masked_softmax_backward` needs."""
 

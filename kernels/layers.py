@@ -37,6 +37,7 @@ from kernels._config import JIT
 from kernels._util import as_type_of, exp_nonpositive, max_prefix
 from numpy_ref.contract import checks
 from numpy_ref.contract import layers as contract
+from numpy_ref.contract.fields import documented
 from numpy_ref.layers import EmbeddingCache
 
 # --------------------------------------------------------------------------------------------
@@ -134,19 +135,20 @@ def _ce_backward_probabilities(z, P, w, ls, stats, d_rows, dz):
             out[c] = a * exp_nonpositive(row[c] - m) - w[c] * (gl * pr[c] + gs)
 
 
+@documented
 class KernelCrossEntropyCache(NamedTuple):
     """What `kernels.cross_entropy_backward` needs."""
 
     logits: np.ndarray  # [M, C] contiguous rows (the caller's array when already so); read
     stats: np.ndarray  # [M, 2] float64: each row's max m and l = sum_c exp(z_c - m); read
     targets: np.ndarray  # [M] int64 class indices, or [M, C] probabilities
-    probabilities: bool
+    probabilities: bool  # which of the two `targets` holds
     class_weight: np.ndarray  # [C] (ones when none was given)
-    label_smoothing: float
-    ignore_index: int
-    reduction: str
+    label_smoothing: float  # as numpy_ref's CrossEntropyCache
+    ignore_index: int  # as numpy_ref's CrossEntropyCache
+    reduction: str  # "mean", "sum" or "none"
     denominator: float  # what "mean" divided by (1 otherwise)
-    logits_shape: tuple[int, ...]
+    logits_shape: tuple[int, ...]  # the caller's logits shape: d_logits comes back in it
 
 
 def cross_entropy_forward(

@@ -74,6 +74,7 @@ import numpy as np
 from numpy_ref.contract import attention as contract
 from numpy_ref.contract import checks
 from numpy_ref.contract.attention import SCORES
+from numpy_ref.contract.fields import documented
 
 __all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "AttentionScoresCache",
            "MaskedSoftmaxCache", "WeightedSumCache", "additive_scores_backward",
@@ -97,6 +98,7 @@ def _t(x: np.ndarray) -> np.ndarray:
 # the additive score from projected queries and keys
 
 
+@documented
 class AdditiveScoresCache(NamedTuple):
     """What `additive_scores_backward` needs."""
 
@@ -113,6 +115,7 @@ def additive_scores_forward(
 
     query_proj : [B, A], [B, Tq, A] or [B, h, Tq, A].  key_proj : [B, Tk, A] ([B, h, Tk, A] with
     heads).  v : [A].  Returns scores [B, Tk], [B, Tq, Tk] or [B, h, Tq, Tk], and the cache.
+    Derivation: the `numpy_ref.attention` module docstring.
     """
     qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
     single = qa.ndim == 2
@@ -126,7 +129,12 @@ def additive_scores_backward(
     d_scores: np.ndarray, cache: AdditiveScoresCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of `additive_scores_forward`: d_scores like the scores ->
-    (d_query_proj like query_proj, d_key_proj like key_proj, d_v [A])."""
+    (d_query_proj like query_proj, d_key_proj like key_proj, d_v [A]).
+
+    ``dz = ds v (1 - e^2)`` with ``e = tanh(qa + ka)``; ``d_qa = sum_j dz``,
+    ``d_ka = sum_i dz``, ``d_v = sum_ij ds e``.
+    Derivation: the `numpy_ref.attention` module docstring.
+    """
     e, v, single = checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
     shape = e.shape[:-1]
     ds = contract.like("d_scores", d_scores, (shape[0], shape[2]) if single else shape,
@@ -142,6 +150,7 @@ def additive_scores_backward(
 # the four scores
 
 
+@documented
 class AttentionScoresCache(NamedTuple):
     """What `attention_scores_backward` needs."""
 
@@ -162,7 +171,9 @@ def attention_scores_forward(
     params: Mapping[str, np.ndarray] | None = None,
     scale: float | None = None,
 ) -> tuple[np.ndarray, AttentionScoresCache]:
-    """The scores ``s[..., i, j] = scale * score(q_i, k_j)`` (see the module docstring).
+    """The scores ``s[..., i, j] = scale * score(q_i, k_j)``: ``q . k`` (dot, scaled_dot),
+    ``(q W) . k`` (general), ``v . tanh(W_query q + b + W_key k)`` (additive, no scale); the
+    `numpy_ref.attention` module docstring has the table and the derivation.
 
     query : [B, Tq, Hq] or [B, h, Tq, Hq].  keys : [B, Tk, Hk] or [B, h, Tk, Hk] (the query's
     leading axes).  params, scale : as `attention_forward`.
@@ -187,7 +198,12 @@ def attention_scores_backward(
     d_scores: np.ndarray, cache: AttentionScoresCache
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Backward of `attention_scores_forward`: d_scores like the scores ->
-    (d_query like query, d_keys like keys, d_params with the params' keys)."""
+    (d_query like query, d_keys like keys, d_params with the params' keys).
+
+    With ``g = scale * ds``: dot products ``dq = g k``, ``dk = g^T q``; general ``dq = g k W^T``,
+    ``dk = g^T (q W)``, ``dW = q^T g k``; additive through
+    `additive_scores_backward`. Derivation: the `numpy_ref.attention` module docstring.
+    """
     q, k, score, p, scale, projected, energy = checks.cache_of(
         cache, AttentionScoresCache, "attention_scores_forward")
     ds = contract.like("d_scores", d_scores, q.shape[:-1] + k.shape[-2:-1], q.dtype,
@@ -218,6 +234,7 @@ def _flat(x: np.ndarray) -> np.ndarray:
 # masked softmax over the last axis
 
 
+@documented
 class MaskedSoftmaxCache(NamedTuple):
     """What `masked_softmax_backward` needs."""
 
@@ -228,6 +245,10 @@ def masked_softmax_forward(
     scores: np.ndarray, lengths: Any = None, *, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, MaskedSoftmaxCache]:
     """Softmax over the last axis of the keys each row sees: weight exactly 0 elsewhere.
+
+    ``w_j = exp(s_j - m) / sum_l exp(s_l - m)`` over the visible keys l, with m their max (so
+    no overflow); hidden keys get a real -inf before the max and exactly 0 after. Derivation:
+    the `numpy_ref.attention` module docstring.
 
     Parameters
     ----------
@@ -258,6 +279,10 @@ def masked_softmax_forward(
 def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) -> np.ndarray:
     """Backward of `masked_softmax_forward`: ``d_scores = w * (dw - sum_j w_j dw_j)``.
 
+    The softmax's vector-Jacobian product, from ``dw_j/ds_l = w_j (1[j=l] - w_l)``; dropping the
+    ``sum_j w_j dw_j`` (delta) term is the classic bug. Derivation: the `numpy_ref.attention`
+    module docstring.
+
     d_weights : like the weights. Returns d_scores, like the scores (0 where w is 0).
     """
     w = checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
@@ -271,6 +296,7 @@ def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) ->
 # the context: a weighted sum of values
 
 
+@documented
 class WeightedSumCache(NamedTuple):
     """What `weighted_sum_backward` needs."""
 
@@ -284,7 +310,7 @@ def weighted_sum_forward(
 ) -> tuple[np.ndarray, WeightedSumCache]:
     """``c[..., i, :] = sum_j w[..., i, j] v[..., j, :]``: weights [B, Tk], [B, Tq, Tk] or
     [B, h, Tq, Tk], values [B, Tk, Hv] ([B, h, Tk, Hv] with heads) -> context [B, Hv],
-    [B, Tq, Hv] or [B, h, Tq, Hv], and the cache."""
+    [B, Tq, Hv] or [B, h, Tq, Hv], and the cache (the `numpy_ref.attention` module docstring)."""
     w, values = contract.weighted_sum(weights, values)
     single = w.ndim == 2
     w = w[:, None, :] if single else w  # [..., Tq, Tk]
@@ -296,7 +322,11 @@ def weighted_sum_backward(
     d_context: np.ndarray, cache: WeightedSumCache
 ) -> tuple[np.ndarray, np.ndarray]:
     """Backward of `weighted_sum_forward`: d_context like the context ->
-    (d_weights like the weights, d_values like the values)."""
+    (d_weights like the weights, d_values like the values).
+
+    ``d_weights = dc v^T``, ``d_values = w^T dc``. Derivation: the `numpy_ref.attention`
+    module docstring.
+    """
     w, values, single = checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
     shape = w.shape[:-1] + values.shape[-1:]
     dc = contract.like("d_context", d_context, (shape[0], shape[2]) if single else shape,
@@ -311,6 +341,7 @@ def weighted_sum_backward(
 # attention: score -> masked softmax -> weighted sum
 
 
+@documented
 class AttentionCache(NamedTuple):
     """Everything `attention_backward` needs from one `attention_forward` call. Arrays are in
     the heads layout [B, h, Tq, ...] whatever the caller's (see `inputs.layout`)."""
@@ -320,6 +351,9 @@ class AttentionCache(NamedTuple):
     scores: AttentionScoresCache  # q and k (kv heads repeated per query head); read
     softmax: MaskedSoftmaxCache  # the weights [B, h, Tq, Tk]; read
     context: WeightedSumCache  # the weights and values; read
+    logits: np.ndarray  # [B, h, Tq, Tk] the scores after scale and bias, before the mask and
+    #                     the softmax (at padding keys, the score of the zeros that replaced
+    #                     them); not read by backward: compare it with your pre-softmax scores
 
 
 def _per_query_head(x: np.ndarray, group: int) -> np.ndarray:
@@ -347,6 +381,10 @@ def attention_forward(
     bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, AttentionCache]:
     """Attention: scores -> masked softmax over keys -> weighted sum of values.
+
+    ``s = scale * score(q, k) + bias``; ``w = softmax(s)`` over the keys each query sees;
+    ``c = w v``. Composed of `attention_scores_forward`, `masked_softmax_forward` and
+    `weighted_sum_forward`; the `numpy_ref.attention` module docstring has the math.
 
     Parameters
     ----------
@@ -383,7 +421,7 @@ def attention_forward(
     w, softmax = masked_softmax_forward(s, mask=visible)
     c, weighted = weighted_sum_forward(w, v)  # [B, h, Tq, Hv]
     c = contract.without_padding(c, pad.queries)  # 0 * (a value another query sees) may be NaN
-    cache = AttentionCache(a, pad, scores, softmax, weighted)
+    cache = AttentionCache(a, pad, scores, softmax, weighted, s)
     return a.to_user(c), a.to_user(w), cache
 
 
@@ -396,6 +434,10 @@ def attention_backward(
     out: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
     """Backward of `attention_forward`.
+
+    ``dv = w^T dc``; ``dw = dc v^T + d_weights``; ``ds = w (dw - delta)`` with
+    ``delta_i = sum_j w_ij dw_ij``; then the score's chain rule for dq, dk (and ``d_bias = ds``
+    summed over bias's broadcast axes). Derivation: the `numpy_ref.attention` module docstring.
 
     Parameters
     ----------
@@ -414,7 +456,7 @@ def attention_backward(
     d_params : the score params' keys ({} for dot and scaled_dot), and "bias" (bias's shape)
     when a bias was given.
     """
-    a, pad, scores, softmax, weighted = checks.cache_of(cache, AttentionCache,
+    a, pad, scores, softmax, weighted, _ = checks.cache_of(cache, AttentionCache,
                                                         "attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
     dc, dW = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])

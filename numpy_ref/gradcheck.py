@@ -19,7 +19,8 @@ import numpy as np
 def numerical_gradient(
     loss: Callable[[], float], x: np.ndarray, *, eps: float = 1e-6
 ) -> np.ndarray:
-    """Central-difference gradient of ``loss()`` with respect to the float64 array `x`.
+    """Central-difference gradient of ``loss()`` with respect to the float64 array `x`:
+    ``g_j = (L(x + eps e_j) - L(x - eps e_j)) / (2 eps)`` (the module docstring's error bound).
 
     `x` is perturbed in place, one entry at a time, and restored; `loss` must read it.
     Returns an array shaped like x.
@@ -50,7 +51,9 @@ def gradcheck(
     rtol: float = 1e-6,
     atol: float = 1e-8,
 ) -> dict[str, float]:
-    """Compare analytic gradients with central differences; raise if any entry is off.
+    """Compare analytic gradients with central differences; raise if any entry is off:
+    ``|analytic - numeric| <= atol + rtol * |numeric|`` per entry (NaN fails); the
+    `numpy_ref.gradcheck` module docstring has the error bound.
 
     Parameters
     ----------
@@ -70,7 +73,7 @@ def gradcheck(
                              f"input has {numeric.shape}")
         err = np.abs(got - numeric)
         allowed = atol + rtol * np.abs(numeric)
-        if np.any(err > allowed):
+        if not np.all(err <= allowed):  # written so that a NaN fails
             j = np.unravel_index(np.argmax(err - allowed), err.shape)
             raise AssertionError(
                 f"gradcheck {name}: at index {tuple(int(i) for i in j)} analytic {got[j]:.10g} vs "

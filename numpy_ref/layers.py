@@ -47,17 +47,19 @@ import numpy as np
 
 from numpy_ref.contract import checks
 from numpy_ref.contract import layers as contract
+from numpy_ref.contract.fields import documented
 
 # --------------------------------------------------------------------------------------------
 # embedding
 
 
+@documented
 class EmbeddingCache(NamedTuple):
     """What `embedding_backward` needs."""
 
     ids: np.ndarray  # [...] integer, every entry in 0..V-1; read
     weight_shape: tuple[int, int]  # (V, E)
-    dtype: np.dtype
+    dtype: np.dtype  # the weight's dtype: d_weight's
     padding_idx: int | None  # in 0..V-1; its row gets no gradient
 
 
@@ -65,6 +67,8 @@ def embedding_forward(
     ids: np.ndarray, params: Mapping[str, np.ndarray], *, padding_idx: int | None = None
 ) -> tuple[np.ndarray, EmbeddingCache]:
     """Look up rows of ``params["weight"]`` [V, E]: out [..., E] for integer ids [...].
+
+    ``out[...] = W[ids[...]]`` (see the `numpy_ref.layers` module docstring).
 
     Every id must be in 0..V-1 (a negative one is an error, not a count from the end).
     `padding_idx` (in -V..V-1, as torch) only stops that row's gradient; its output is the row
@@ -76,7 +80,10 @@ def embedding_forward(
 
 
 def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np.ndarray]:
-    """Backward of `embedding_forward`: d_out [..., E] -> {"weight": [V, E]}."""
+    """Backward of `embedding_forward`: d_out [..., E] -> {"weight": [V, E]}.
+
+    ``dW[v] = sum of d_out[p] over the positions p with ids[p] = v`` (0 at padding_idx); see
+    the `numpy_ref.layers` module docstring."""
     ids, (V, E), dtype, padding_idx = checks.cache_of(cache, EmbeddingCache, "embedding_forward")
     d_out = contract.cotangent("d_out", d_out, (*ids.shape, E), dtype, "the embedding output")
     d_weight = np.zeros((V, E), dtype)
@@ -90,18 +97,20 @@ def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np
 # linear
 
 
+@documented
 class LinearCache(NamedTuple):
     """What `linear_backward` needs."""
 
     x: np.ndarray  # [..., I]  the input; read for dW
     weight: np.ndarray  # [O, I]  read for dx
-    has_bias: bool
+    has_bias: bool  # whether params had a bias (then d_params has one)
 
 
 def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
                    ) -> tuple[np.ndarray, LinearCache]:
     """``y = x W^T + b``: x [..., I], params {"weight": [O, I], "bias": [O] (optional)} ->
-    y [..., O]."""
+    y [..., O]. Its backward and derivation: `linear_backward`,
+    the `numpy_ref.layers` module docstring."""
     x, weight, bias = contract.linear(x, params)
     # one GEMM over all leading axes: a stacked [B, T, I] @ [I, O] is a loop of small ones
     y = x.reshape(-1, x.shape[-1]) @ weight.T  # [rows, O]
@@ -112,7 +121,10 @@ def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
 
 def linear_backward(d_y: np.ndarray, cache: LinearCache
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Backward of `linear_forward`: d_y [..., O] -> (d_x [..., I], {"weight", "bias"})."""
+    """Backward of `linear_forward`: d_y [..., O] -> (d_x [..., I], {"weight", "bias"}).
+
+    ``dx = dy W``, ``dW = dy^T x``, ``db = sum dy`` over the leading axes flattened into rows
+    (the `numpy_ref.layers` module docstring)."""
     x, weight, has_bias = checks.cache_of(cache, LinearCache, "linear_forward")
     d_y = contract.cotangent("d_y", d_y, (*x.shape[:-1], weight.shape[0]), x.dtype,
                              "the linear output")
@@ -127,6 +139,7 @@ def linear_backward(d_y: np.ndarray, cache: LinearCache
 # cross-entropy
 
 
+@documented
 class CrossEntropyCache(NamedTuple):
     """What `cross_entropy_backward` needs."""
 
@@ -134,9 +147,9 @@ class CrossEntropyCache(NamedTuple):
     targets: np.ndarray  # [M] int64 class indices, or [M, C] probabilities; read
     probabilities: bool  # which of the two `targets` holds
     class_weight: np.ndarray | None  # [C]
-    label_smoothing: float
-    ignore_index: int
-    reduction: str
+    label_smoothing: float  # ls in the module docstring's q
+    ignore_index: int  # the class-index target whose rows contribute nothing
+    reduction: str  # "mean", "sum" or "none"
     denominator: float  # what "mean" divided by (1 otherwise)
     logits_shape: tuple[int, ...]  # [C], [N, C] or [N, C, d...]: d_logits is shaped so
 
@@ -164,6 +177,10 @@ def cross_entropy_forward(
     weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, CrossEntropyCache]:
     """`torch.nn.functional.cross_entropy` of logits and targets.
+
+    ``loss_i = -sum_c q_ic log softmax(z_i)_c``, q the target weighting (one-hot times the
+    class weight, label-smoothed; or probabilities), reduced by mean, sum or none. The
+    weighting and the reductions: the `numpy_ref.layers` module docstring.
 
     Parameters
     ----------
@@ -200,7 +217,11 @@ def cross_entropy_forward(
 
 def cross_entropy_backward(d_loss: Any, cache: CrossEntropyCache) -> np.ndarray:
     """Backward of `cross_entropy_forward`: d_loss (a scalar, or [N, d...] for reduction
-    "none") -> d_logits, shaped like the logits."""
+    "none") -> d_logits, shaped like the logits.
+
+    ``dz_ij = d_loss_i (p_ij sum_c q_ic - q_ij)`` with p = softmax(z) (``p - onehot`` for
+    plain targets, mean reduction divided by its denominator); derivation:
+    the `numpy_ref.layers` module docstring."""
     (probs, t, probabilities, class_weight, ls, ignore_index, reduction, denominator,
      logits_shape) = checks.cache_of(cache, CrossEntropyCache,
                                         "cross_entropy_forward")

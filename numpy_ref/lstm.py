@@ -68,6 +68,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from numpy_ref.contract.fields import documented
 from numpy_ref.contract.lstm import (
     padding_mask,
     param_key,
@@ -122,6 +123,7 @@ def _gates_backward(d_r, d_c, gates, c_prev, tanh_c):
 # one step: the cell (parameters named as torch.nn.LSTMCell's, plus an optional weight_hr)
 
 
+@documented
 class LSTMCellCache(NamedTuple):
     """What `lstm_cell_backward` needs from one `lstm_cell_forward` call."""
 
@@ -137,6 +139,11 @@ def lstm_cell_forward(
     x: np.ndarray, h: np.ndarray, c: np.ndarray, params: Mapping[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, LSTMCellCache]:
     """One LSTM step, as `torch.nn.LSTMCell` (plus projection when ``weight_hr`` is given).
+
+    ``a = x W_ih^T + b_ih + h W_hh^T + b_hh``; ``i, f, g, o = sigmoid, sigmoid, tanh, sigmoid``
+    of its four [B, H] blocks (torch's gate order); ``c_new = f c + i g``;
+    ``h_new = o tanh(c_new)`` (times ``W_hr^T`` with a projection). Derivation: the
+    `numpy_ref.lstm` module docstring.
 
     Parameters
     ----------
@@ -159,7 +166,12 @@ def lstm_cell_forward(
 def lstm_cell_backward(
     d_h_new: np.ndarray, d_c_new: np.ndarray | None, cache: LSTMCellCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Backward of `lstm_cell_forward`.
+    """Backward of `lstm_cell_forward`: one step of the module docstring's BPTT.
+
+    ``dc = d_c_new + d_r o (1 - tanh(c_new)^2)`` with ``d_r = d_h_new`` (``d_h_new W_hr`` with a
+    projection); ``da = [dc g i(1-i), dc c f(1-f), dc i (1-g^2), d_r tanh(c_new) o(1-o)]``;
+    ``d_x = da W_ih``, ``d_h = da W_hh``, ``d_c = dc f``, ``dW_ih = da^T x``, ``dW_hh = da^T h``,
+    ``db_ih = db_hh = sum_b da``. Derivation: the `numpy_ref.lstm` module docstring.
 
     Parameters
     ----------
@@ -192,6 +204,7 @@ def lstm_cell_backward(
 # the full layer stack
 
 
+@documented
 class LSTMDirectionCache(NamedTuple):
     """One direction of one layer: what its backward needs."""
 
@@ -203,15 +216,16 @@ class LSTMDirectionCache(NamedTuple):
     reverse: bool  # whether this is the reverse direction
 
 
+@documented
 class LSTMCache(NamedTuple):
     """Everything `lstm_backward` needs from one `lstm_forward` call."""
 
     directions: tuple[LSTMDirectionCache, ...]  # L*D entries, index 2*layer + direction
     params: dict[str, np.ndarray]  # the validated weights; read
     mask: np.ndarray | None  # [T, B, 1] bool, t < lengths[b]; None when no lengths
-    num_layers: int
-    bidirectional: bool
-    batch_first: bool
+    num_layers: int  # L
+    bidirectional: bool  # D = 2 when True
+    batch_first: bool  # whether output (and d_output) are [B, T, D*Ho]
     hidden_size: int  # H
     output_size: int  # Ho
 
@@ -227,6 +241,11 @@ def init_lstm_params(
     dtype: Any = np.float64,
 ) -> dict[str, np.ndarray]:
     """Random LSTM parameters initialised as torch does: every entry ~ U(-1/sqrt(H), 1/sqrt(H)).
+
+    Sizes: ``weight_ih_l{k}`` [4H, I] (layer 0; D * Ho above), ``weight_hh_l{k}`` [4H, Ho],
+    ``bias_ih_l{k}``, ``bias_hh_l{k}`` [4H], ``weight_hr_l{k}`` [P, H] when proj_size = P > 0,
+    and the same with ``_reverse`` for the second direction (their roles: the
+    `numpy_ref.lstm` module docstring).
 
     Returns a dict with `torch.nn.LSTM.state_dict()` keys, in the same order and shapes.
     """
@@ -250,6 +269,11 @@ def lstm_forward(
     dropout: float = 0.0,
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], LSTMCache]:
     """Multi-layer (bi)directional LSTM forward, as `torch.nn.LSTM`.
+
+    Per step and direction: ``a_t = x_t W_ih^T + b_ih + b_hh + h_{t-1} W_hh^T``, gates
+    ``i, f, g, o``, ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)`` (``W_hr`` projects it);
+    padded steps (t >= lengths[b]) keep the state and output 0. Derivation and the padding
+    rules: the `numpy_ref.lstm` module docstring.
 
     Parameters
     ----------
@@ -301,6 +325,12 @@ def lstm_backward(
     d_c_n: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Backpropagation through time for `lstm_forward`.
+
+    Walks each direction's steps in reverse, carrying ``dh``, ``dc`` (from d_h_n, d_c_n): at
+    step t ``dh = d_out_t + dh``, ``da_t = dgates(dh, dc)`` (as `lstm_cell_backward`), then
+    ``dh <- da_t W_hh``, ``dc <- dc_t f_t``; after the loop
+    ``dW_ih = sum_t da_t^T x_t``, ``dW_hh = sum_t da_t^T h_{t-1}``, ``db = sum_t da_t``,
+    ``d_x_t = da_t W_ih``. Derivation: the `numpy_ref.lstm` module docstring.
 
     Parameters
     ----------

@@ -75,6 +75,7 @@ import numpy as np
 import numpy_ref
 from numpy_ref.contract import checks
 from numpy_ref.contract import models as contract
+from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import as_cell, group, prefixed
 
 # --------------------------------------------------------------------------------------------
@@ -112,9 +113,12 @@ def init_bilstm_attention_params(
     vocab_size: int, embedding_dim: int, n_hidden: int, num_classes: int, *,
     rng: np.random.Generator | int | None = None, dtype: Any = np.float64,
 ) -> dict[str, np.ndarray]:
-    """Random classifier parameters, keyed as `torch_impl.BiLSTMAttention`'s state_dict and
-    drawn from torch's initial distributions (embedding N(0, 1); LSTM U(+-1/sqrt(H)); linear
-    U(+-1/sqrt(fan_in))). Not torch's random numbers: convert a torch module for those."""
+    """Random classifier parameters (``embedding.weight`` [V, E], the LSTM's ``lstm.*``,
+    ``out.weight`` [C, 2H], ``out.bias`` [C]),
+    keyed as `torch_impl.BiLSTMAttention`'s state_dict and
+    drawn from torch's initial distributions (embedding ~ N(0, 1); LSTM ~ U(+-1/sqrt(H));
+    linear ~ U(+-1/sqrt(fan_in))). Not torch's random numbers: convert a torch module for those.
+    The parameters' roles: the `numpy_ref.models` module docstring."""
     rng = np.random.default_rng(rng)
     lstm = numpy_ref.init_lstm_params(embedding_dim, n_hidden, bidirectional=True, rng=rng,
                                       dtype=dtype)
@@ -129,7 +133,9 @@ def init_seq2seq_params(
     rng: np.random.Generator | int | None = None, dtype: Any = np.float64,
 ) -> dict[str, np.ndarray]:
     """Random encoder-decoder parameters, keyed as `torch_impl.Seq2SeqAttention`'s state_dict
-    (same order), from torch's initial distributions (see `init_bilstm_attention_params`)."""
+    (same order), from torch's initial distributions (each entry ~ N(0, 1) in the embeddings,
+    U(+-1/sqrt(fan_in)) elsewhere; see `init_bilstm_attention_params`).
+    The parameters' roles: the `numpy_ref.models` module docstring."""
     score = contract.seq2seq_config(decoder, score)
     rng = np.random.default_rng(rng)
     E, H2 = embedding_dim, 2 * hidden_size
@@ -156,6 +162,7 @@ def init_seq2seq_params(
 # the seed classifier
 
 
+@documented
 class BiLSTMAttentionCache(NamedTuple):
     """What `bilstm_attention_backward` needs: each op's own cache, and the backend."""
 
@@ -177,6 +184,10 @@ def bilstm_attention_forward(
     backend: ModuleType = numpy_ref,
 ) -> tuple[np.ndarray, np.ndarray, BiLSTMAttentionCache]:
     """The seed's BiLSTM-attention classifier.
+
+    ``out, h_n = BiLSTM(embedding(ids))``; ``q = concat(h_n[-2], h_n[-1])`` (the seed's
+    ``h_n.view(-1, 2H)`` with seed_compatible); ``c, w = attention(q, out, out, "dot")``;
+    ``logits = out(c)``. The equations and the seed's bug: the `numpy_ref.models` module docstring.
 
     Parameters
     ----------
@@ -222,7 +233,11 @@ def bilstm_attention_backward(
     d_logits: np.ndarray, cache: BiLSTMAttentionCache, *, d_attention: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Backward of `bilstm_attention_forward`: d_logits [B, C] (and optionally d_attention
-    [B, T]) -> d_params, the keys of params in their order."""
+    [B, T]) -> d_params, the keys of params in their order.
+
+    Each op's backward in reverse order; the LSTM output gets both attention gradients
+    (``d_out = d_keys + d_values``) and ``d_h_n`` gets the query's. See
+    the `numpy_ref.models` module docstring."""
     backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, keys = \
         checks.cache_of(cache, BiLSTMAttentionCache, "bilstm_attention_forward")
     d_context, d_out = backend.linear_backward(d_logits, out_cache)  # logits = out(context)
@@ -245,6 +260,7 @@ def bilstm_attention_backward(
 # the encoder-decoder: the encoder
 
 
+@documented
 class EncoderCache(NamedTuple):
     """The encoder's caches."""
 
@@ -281,6 +297,7 @@ def _encode_backward(backend, d_memory, d_s0, d_m0, cache: EncoderCache):
 # the decoders, with teacher forcing
 
 
+@documented
 class LuongCache(NamedTuple):
     """The Luong decoder's caches."""
 
@@ -320,6 +337,7 @@ def _luong_backward(backend, d_logits, d_attention, cache: LuongCache):
     return d_y, d_keys + d_values, d_h0[0], d_c0[0], grads
 
 
+@documented
 class BahdanauStepCache(NamedTuple):
     """One decoder step's caches."""
 
@@ -330,6 +348,7 @@ class BahdanauStepCache(NamedTuple):
     cell: Any  # decoder.cell cache
 
 
+@documented
 class BahdanauCache(NamedTuple):
     """The Bahdanau decoder's caches."""
 
@@ -414,14 +433,15 @@ def _accumulate(total: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -
 # the encoder-decoder
 
 
+@documented
 class Seq2SeqCache(NamedTuple):
     """What `seq2seq_backward` needs."""
 
-    backend: ModuleType
+    backend: ModuleType  # the module every op ran on
     decoder: str  # "luong" or "bahdanau"
-    encoder: EncoderCache
+    encoder: EncoderCache  # the encoder's caches
     tgt_embed: Any  # tgt_embed cache
-    decoder_cache: LuongCache | BahdanauCache
+    decoder_cache: LuongCache | BahdanauCache  # the decoder's caches
     keys: tuple[str, ...]  # the params' keys, in order
 
 
@@ -436,6 +456,12 @@ def seq2seq_forward(
     backend: ModuleType = numpy_ref,
 ) -> tuple[np.ndarray, np.ndarray, Seq2SeqCache]:
     """The encoder-decoder with attention, teacher-forced.
+
+    ``memory, h_n = BiLSTM(src_embed(src))``; the decoder starts from the final states; Luong:
+    ``s = LSTM(tgt_embed(tgt))``, ``c = attention(s, memory)``,
+    ``logits = generator(tanh(concat([c; s])))``; Bahdanau: per step additive attention on the
+    previous state, ``LSTMCell([y_t; c_t])``, ``generator([s_t; c_t; y_t])``. All of it:
+    the `numpy_ref.models` module docstring.
 
     Parameters
     ----------
@@ -471,7 +497,11 @@ def seq2seq_backward(
     d_logits: np.ndarray, cache: Seq2SeqCache, *, d_attention: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Backward of `seq2seq_forward`: d_logits [B, Tt, Vt] (and optionally d_attention
-    [B, Tt, Ts]) -> d_params, the keys of params in their order."""
+    [B, Tt, Ts]) -> d_params, the keys of params in their order.
+
+    The decoder's backward (Bahdanau: its steps in reverse, the state's two paths added),
+    then the encoder's, with ``d_memory = d_keys + d_values`` summed over the steps. See
+    the `numpy_ref.models` module docstring."""
     backend, decoder, enc_cache, tgt_cache, dec_cache, keys = checks.cache_of(
         cache, Seq2SeqCache, "seq2seq_forward")
     backward = _luong_backward if decoder == "luong" else _bahdanau_backward
@@ -485,16 +515,17 @@ def seq2seq_backward(
 # decoding, one token at a time
 
 
+@documented
 class _Decoder(NamedTuple):
     """What every decoding step reads: the encoder's output and the decoder's params."""
 
-    backend: ModuleType
-    decoder: str
-    score: str
+    backend: ModuleType  # the op module
+    decoder: str  # "luong" or "bahdanau"
+    score: str  # the attention score
     memory: np.ndarray  # [N, Ts, 2H]
     lengths: np.ndarray | None  # [N]
     K: np.ndarray | None  # bahdanau: memory W_key^T [N, Ts, A]
-    p: dict[str, np.ndarray]
+    p: dict[str, np.ndarray]  # the checked params
 
     def repeat(self, k: int) -> _Decoder:
         """Each row k times (row b's copies at b*k .. b*k + k-1), for k beams."""
@@ -554,6 +585,9 @@ def greedy_decode(
 ) -> np.ndarray:
     """Greedy decoding: start from bos, feed each step's most likely token back.
 
+    ``y_{t+1} = argmax_v logits_t[v]`` with the decoder's state carried step to step (the
+    `numpy_ref.models` module docstring).
+
     Returns tokens [B, L], L <= max_len (bos not included): each row up to and including its
     eos, then eos again until the longest row ends; a row without eos has max_len tokens.
     Ties go to the lowest token id.
@@ -588,7 +622,8 @@ def beam_search(
     score: str | None = None,
     backend: ModuleType = numpy_ref,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Beam search over all rows and beams at once.
+    """Beam search over all rows and beams at once: keep the k best hypotheses by
+    ``sum log p / len ** length_penalty`` (the `numpy_ref.models` module docstring).
 
     A hypothesis ends at eos or at max_len tokens; its score is the sum of its tokens'
     log-probabilities (eos included) over ``len ** length_penalty`` (len counts its tokens,

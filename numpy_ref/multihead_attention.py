@@ -72,12 +72,14 @@ import numpy as np
 import numpy_ref
 from numpy_ref.contract import checks
 from numpy_ref.contract import multihead_attention as contract
+from numpy_ref.contract.fields import documented
 from numpy_ref.contract.multihead_attention import MultiheadAttentionInputs
 
 __all__ = ["MultiheadAttentionCache", "multihead_attention_backward",
            "multihead_attention_forward"]
 
 
+@documented
 class MultiheadAttentionCache(NamedTuple):
     """What `multihead_attention_backward` needs from one forward call."""
 
@@ -117,6 +119,10 @@ def multihead_attention_forward(
 ) -> tuple[np.ndarray, np.ndarray | None, MultiheadAttentionCache]:
     """`torch.nn.MultiheadAttention(E, num_heads, bias=, kdim=, vdim=, batch_first=)` forward
     (no dropout, add_bias_kv or add_zero_attn), with the module's state_dict as params.
+
+    ``Q, K, V = split_heads(query W_q^T + b_q, key W_k^T + b_k, value W_v^T + b_v)``;
+    ``C = softmax(Q K^T / sqrt(d) + mask) V`` per head; ``output = merge(C) W_o^T + b_o``. The
+    shapes and the masks' meaning: the `numpy_ref.multihead_attention` module docstring.
 
     Parameters
     ----------
@@ -176,7 +182,10 @@ def multihead_attention_backward(
     *,
     d_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Backward of `multihead_attention_forward`.
+    """Backward of `multihead_attention_forward`: out_proj's backward, the heads merged back,
+    the core's `attention_backward`, then the three in-projections' (the
+    `numpy_ref.multihead_attention` module docstring): ``d_c = d_output W_o``,
+    ``dW_o = d_output^T c``, then ``dQ, dK, dV = attention_backward(split(d_c))``.
 
     Parameters
     ----------

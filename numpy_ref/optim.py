@@ -42,7 +42,10 @@ from numpy_ref.contract import optim as contract
 
 
 class SGD:
-    """Stochastic gradient descent with momentum, as `torch.optim.SGD` (same defaults)."""
+    """Stochastic gradient descent with momentum, as `torch.optim.SGD` (same defaults).
+
+    ``b = mu b + (1 - dampening) g``; ``p -= lr b`` (``g + mu b`` with nesterov);
+    the `numpy_ref.optim` module docstring."""
 
     def __init__(self, params: Mapping[str, np.ndarray], lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
@@ -77,7 +80,11 @@ class SGD:
 
 
 class Adam:
-    """Adam (Kingma & Ba), as `torch.optim.Adam` (same defaults, L2 weight decay)."""
+    """Adam (Kingma & Ba), as `torch.optim.Adam` (same defaults, L2 weight decay).
+
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    ``p -= lr / (1 - b1^k) m / (sqrt(v / (1 - b2^k)) + eps)``;
+    the `numpy_ref.optim` module docstring."""
 
     decoupled = False  # AdamW sets this: weight decay applied to p, not added to g
 
@@ -127,7 +134,8 @@ class Adam:
 
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter), as `torch.optim.AdamW`: decoupled weight decay, default
-    1e-2."""
+    1e-2: ``p *= 1 - lr wd`` first, then Adam's step without ``wd p`` in g (the
+    `numpy_ref.optim` module docstring)."""
 
     decoupled = True
 
@@ -139,8 +147,10 @@ class AdamW(Adam):
 
 def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float,
                    norm_type: float = 2.0) -> Any:
-    """Scale `grads` in place so that their total norm is at most `max_norm`, as
-    `torch.nn.utils.clip_grad_norm_`; returns the total norm before clipping.
+    """``g *= min(1, max_norm / (total + 1e-6))``, total the norm of the per-array norms:
+    scale `grads` in place so that their total norm is at most `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_`; returns the total norm before clipping (the
+    `numpy_ref.optim` module docstring).
 
     grads : name -> array (any shapes, one float dtype).  norm_type : p >= 1 or math.inf.
     The scale is ``min(1, max_norm / (total + 1e-6))`` (torch's 1e-6 included); the arrays

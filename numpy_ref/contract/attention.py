@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from numpy_ref.contract import checks
+from numpy_ref.contract.fields import documented
 
 SCORES = ("dot", "scaled_dot", "general", "additive")
 
@@ -41,6 +42,7 @@ _SCORE_RANKS = (("B", "Tk"), ("B", "Tq", "Tk"), ("B", "h", "Tq", "Tk"))
 _LAYOUTS = {2: "single", 3: "steps", 4: "heads"}
 
 
+@documented
 class AttentionInputs(NamedTuple):
     """`attention_forward`'s arguments, checked and viewed in the heads layout."""
 
@@ -50,7 +52,7 @@ class AttentionInputs(NamedTuple):
     params: dict[str, np.ndarray]  # the score's own params, checked
     lengths: np.ndarray | None  # [B] int64, each in 1..Tk
     mask: np.ndarray | None  # bool, broadcastable to [B, h, Tq, Tk] (a view of the caller's)
-    causal: bool
+    causal: bool  # query i sees keys j <= i
     scale: float | None  # the dot-product scores' multiplier; None for the additive score
     bias: np.ndarray | None  # float, broadcastable to [B, h, Tq, Tk] (a view)
     bias_shape: tuple[int, ...] | None  # the caller's bias shape, for d_params["bias"]
@@ -244,6 +246,7 @@ def visibility(a: AttentionInputs, *, with_lengths: bool = True,
     return visible
 
 
+@documented
 class Padding(NamedTuple):
     """Rows that are not data (None: there are none)."""
 

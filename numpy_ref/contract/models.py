@@ -16,6 +16,7 @@ import numpy as np
 
 from numpy_ref.contract import checks
 from numpy_ref.contract.attention import SCORES
+from numpy_ref.contract.fields import documented
 from numpy_ref.contract.layers import integer_ids
 
 DECODERS = ("luong", "bahdanau")
@@ -98,6 +99,7 @@ def _lengths(name: str, lengths: Any, ids: Any) -> np.ndarray | None:
 # the seed classifier
 
 
+@documented
 class ClassifierSizes(NamedTuple):
     V: int  # vocabulary
     E: int  # embedding size
@@ -134,6 +136,7 @@ def bilstm_attention(ids: Any, params: Any, lengths: Any, seed_compatible: Any):
 # the encoder-decoder
 
 
+@documented
 class Seq2SeqSizes(NamedTuple):
     Vs: int  # source vocabulary
     Vt: int  # target vocabulary

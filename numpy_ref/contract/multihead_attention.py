@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from numpy_ref.contract import checks
+from numpy_ref.contract.fields import documented
 
 PACKED = ("in_proj_weight",)
 SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -28,6 +29,7 @@ BIASES = ("in_proj_bias", "out_proj.bias")
 UNSUPPORTED = ("bias_k", "bias_v")
 
 
+@documented
 class MultiheadAttentionInputs(NamedTuple):
     """The checked arguments of `multihead_attention_forward`."""
 
@@ -39,12 +41,12 @@ class MultiheadAttentionInputs(NamedTuple):
     mask: np.ndarray | None  # bool, broadcastable to [N, h, L, S], True = attend (the core's)
     bias: np.ndarray | None  # float, broadcastable to [N, h, L, S], added to the scores
     causal: bool  # the core's causal flag (torch's is_causal handed to SDPA)
-    num_heads: int
+    num_heads: int  # h
     head_dim: int  # E // num_heads
     batched: bool  # False for unbatched 2-D inputs (a batch axis of 1 was added in front)
     batch_first: bool  # the batched layout: [N, L, E] (True) or [L, N, E]; True when unbatched
-    need_weights: bool
-    average_attn_weights: bool
+    need_weights: bool  # whether the weights are returned
+    average_attn_weights: bool  # whether they are averaged over the heads
     packed: bool  # params held in_proj_weight [3E, E] (else q/k/v_proj_weight)
     keys: tuple[str, ...]  # the params' keys, in order: d_params comes back in it
     sizes: tuple[int, int, int, int]  # (N, L, S, E)
