@@ -704,7 +704,7 @@ def _bilstm_attention_config(config: str, *, V: int, E: int, H: int, C: int, B: 
              "each sentence's own query concat(h_n[-2], h_n[-1])")
     text = (f"torch_impl.BiLSTMAttention({V}, {E}, {H}, {C}"
             + (", seed_compatible=True" if seed_compatible else "")
-            + f"): embedding(ids) -> nn.LSTM({E}, {H}, bidirectional=True, batch_first=True)"
+            + f"): embedding(ids) -> nn.LSTM({E}, {H}, bidirectional=True) on [T, B, E]"
             + (" packed by lengths (ids past a length are not data)" if lengths else "")
             + f" -> dot attention over the LSTM output (keys = values) with {query}"
             + (", keys past lengths masked" if lengths else "")

@@ -1,0 +1,492 @@
+"""Golden vectors (`numpy_ref.golden`): written, verified, deterministic, and torch's semantics.
+
+- `write` then `verify` passes, in-process (`main`) and through ``python -m numpy_ref.golden``;
+  two writes (in two processes too) are byte-identical.
+- `verify` catches damage, each time naming the case: an output or gradient off by 1e-3
+  relative (hash updated, so only the value check can see it, and the stored tolerance alone
+  rejects it), a perturbed input, bytes changed without the hash, a missing file, an extra
+  file, a manifest entry with a wrong shape.
+- The four cases the C consumer reads have exactly the format's tensor names, shapes, dtypes
+  and metadata; a float32 case stores the float64 answer on its float32 inputs, rounded.
+- The files mean what their semantics say, checked with torch and not numpy_ref:
+  torch.nn.LSTMCell, torch.nn.LSTM on a packed batch, masked softmax attention,
+  torch.nn.MultiheadAttention, F.cross_entropy and the torch_impl models reproduce the
+  stored outputs and gradients of the float64 files within 1e-10.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from numpy_ref import golden
+from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = ("lstm_cell-basic", "attention-scaled_dot_lengths")
+TIGHT = 1e-10  # torch float64 against the stored float64 values
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    """Every case, written once."""
+    d = tmp_path_factory.mktemp("golden")
+    assert golden.main(["write", str(d)]) == 0
+    return d
+
+
+@pytest.fixture
+def small(tmp_path) -> Path:
+    """The four spec cases only, in a directory of their own (safe to damage)."""
+    assert golden.main(["write", str(tmp_path), *[a for c in SPEC for a in ("--only", c)]]) == 0
+    return tmp_path
+
+
+def _manifest(d: Path) -> dict:
+    return json.loads((d / "manifest.json").read_text())
+
+
+def _rehash(d: Path, case: str) -> None:
+    """Make the manifest's sha256 and size match the case's file as it is now."""
+    m = _manifest(d)
+    data = (d / f"{case}.safetensors").read_bytes()
+    m["cases"][case].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    (d / "manifest.json").write_text(json.dumps(m, indent=1))
+
+
+def _rewrite(d: Path, case: str, tensor: str, change) -> tuple[float, float]:
+    """Rewrite one tensor of a case with safetensors (metadata kept), rehash; returns the
+    changed entry's (old, new) value."""
+    path = d / f"{case}.safetensors"
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    a = tensors[tensor].copy()
+    j = np.unravel_index(np.argmax(np.abs(a)), a.shape)
+    old = float(a[j])
+    a[j] = change(a[j])
+    tensors[tensor] = a
+    save_file(tensors, str(path), metadata=meta)
+    _rehash(d, case)
+    return old, float(a[j])
+
+
+def _problems(d: Path) -> list[str]:
+    assert golden.main(["verify", str(d)]) == 1
+    problems = golden.verify(d)
+    assert problems
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# writing and verifying
+
+
+def test_write_then_verify_every_case(full):
+    m = _manifest(full)
+    assert set(m["cases"]) == {n for n, _, _ in golden.all_cases()}
+    assert golden.verify(full) == []
+    assert golden.main(["verify", str(full)]) == 0
+    families = {e["family"] for e in m["cases"].values()}
+    assert families == {"lstm_cell", "lstm", "attention", "multihead_attention", "embedding",
+                        "linear", "cross_entropy", "bilstm_attention", "seq2seq"}
+    total = sum(e["size"] for e in m["cases"].values())
+    assert total < 4 << 20, f"the golden set is {total} bytes"
+    for name, e in m["cases"].items():
+        assert e["semantics"] and e["file"] == f"{name}.safetensors"
+        for t, info in e["tensors"].items():
+            role = t.split(".", 1)[0]
+            assert info["role"] == role
+            assert ("atol" in info) == (role in ("output", "grad", "cache")), (name, t)
+            if info["dtype"] in ("F64", "F32"):
+                assert info["dtype"] == {"float64": "F64", "float32": "F32"}[e["dtype"]]
+
+
+def test_cli_in_a_subprocess_writes_what_main_writes(full, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "numpy_ref.golden", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    w = cli("write", str(tmp_path), "--only", "lstm_cell-basic")
+    assert w.returncode == 0, w.stderr
+    assert "wrote 2 files" in w.stdout and "RuntimeWarning" not in w.stderr
+    v = cli("verify", str(tmp_path))
+    assert v.returncode == 0 and "OK: 2 cases" in v.stdout, v.stdout + v.stderr
+    for f in ("lstm_cell-basic-float64.safetensors", "lstm_cell-basic-float32.safetensors"):
+        # another process: safetensors' metadata order would differ unless written sorted
+        assert (tmp_path / f).read_bytes() == (full / f).read_bytes(), f
+    listing = cli("list", str(tmp_path))
+    assert listing.returncode == 0 and "grad.d_weight_ih" in listing.stdout
+
+
+def test_rewrite_is_byte_identical(full, tmp_path):
+    assert golden.main(["write", str(tmp_path)]) == 0
+    names = sorted(p.name for p in full.iterdir())
+    assert names == sorted(p.name for p in tmp_path.iterdir())
+    for n in names:
+        assert (full / n).read_bytes() == (tmp_path / n).read_bytes(), n
+
+
+def test_only_patterns_and_stale_files(tmp_path):
+    assert golden.main(["write", str(tmp_path), "--only", "linear-*-float32"]) == 0
+    assert sorted(_manifest(tmp_path)["cases"]) == ["linear-basic-float32",
+                                                    "linear-no_bias-float32"]
+    assert golden.main(["write", str(tmp_path), "--only", "embedding-basic"]) == 0
+    # the previous manifest's files are removed, so the directory verifies
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "embedding-basic-float32.safetensors", "embedding-basic-float64.safetensors"]
+    assert golden.verify(tmp_path) == []
+    assert golden.main(["write", str(tmp_path), "--only", "no_such_case"]) == 2
+
+
+def test_float32_tolerances_are_tight(full):
+    """The stored float32 allowance is far below a 1e-3 relative error of the tensor (for a
+    gradient, of the case's largest gradient, the policy's scale)."""
+    for name, e in _manifest(full)["cases"].items():
+        if e["dtype"] != "float32":
+            continue
+        t = load_file(str(full / e["file"]))
+        grad_scale = max(float(np.abs(a).max()) for k, a in t.items() if k.startswith("grad."))
+        for k, info in e["tensors"].items():
+            if "atol" not in info:
+                continue
+            assert info["rtol"] == 0.0 and info["atol"] > 0, (name, k)
+            scale = grad_scale if k.startswith("grad.") else float(np.abs(t[k]).max())
+            assert info["atol"] < 1e-4 * scale, (name, k, info["atol"], scale)
+
+
+# --------------------------------------------------------------------------------------------
+# damage is caught
+
+
+@pytest.mark.parametrize(("case", "tensor"), [
+    ("lstm_cell-basic-float64", "output.h_new"),
+    ("lstm_cell-basic-float32", "output.c_new"),
+    ("attention-scaled_dot_lengths-float64", "grad.d_keys"),
+    ("attention-scaled_dot_lengths-float32", "output.context"),
+    ("attention-scaled_dot_lengths-float32", "grad.d_query"),
+])
+def test_a_wrong_stored_value_fails(small, case, tensor):
+    info = _manifest(small)["cases"][case]["tensors"][tensor]
+    old, new = _rewrite(small, case, tensor, lambda v: v * (1 + 1e-3))
+    assert abs(new - old) > info["atol"] + info["rtol"] * abs(old)  # the tolerance rejects it
+    problems = _problems(small)
+    assert all(p.startswith(f"{case}: ") for p in problems), problems
+    assert any(tensor in p and "stored tolerance" in p for p in problems), problems
+    assert not any("sha256" in p for p in problems)
+
+
+@pytest.mark.parametrize("case", ["lstm_cell-basic-float64", "lstm_cell-basic-float32"])
+def test_a_perturbed_input_fails(small, case):
+    _rewrite(small, case, "input.x", lambda v: v * (1 + 1e-3))
+    problems = _problems(small)
+    assert all(p.startswith(f"{case}: ") for p in problems), problems
+    assert any("output.h_new" in p for p in problems) and any("grad." in p for p in problems)
+
+
+def test_changed_bytes_without_the_hash_fail(small):
+    case = "attention-scaled_dot_lengths-float64"
+    path = small / f"{case}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last tensor's last byte: the file still parses
+    path.write_bytes(bytes(data))
+    problems = _problems(small)
+    assert any(p.startswith(f"{case}: sha256") for p in problems), problems
+
+
+def test_a_missing_file_fails(small):
+    (small / "lstm_cell-basic-float32.safetensors").unlink()
+    problems = _problems(small)
+    assert problems == ["lstm_cell-basic-float32: file 'lstm_cell-basic-float32.safetensors' "
+                        "missing (expected lstm_cell-basic-float32.safetensors)"]
+
+
+def test_an_extra_file_fails(small):
+    shutil.copy(small / "lstm_cell-basic-float32.safetensors", small / "stray.safetensors")
+    assert _problems(small) == ["stray.safetensors: a file the manifest does not list"]
+
+
+def test_a_wrong_shape_in_the_manifest_fails(small):
+    m = _manifest(small)
+    m["cases"]["attention-scaled_dot_lengths-float32"]["tensors"]["output.weights"][
+        "shape"] = [2, 4, 3]
+    (small / "manifest.json").write_text(json.dumps(m))
+    problems = _problems(small)
+    assert any(p.startswith("attention-scaled_dot_lengths-float32: tensor output.weights: "
+                            "shape [2, 3, 4] in the file, [2, 4, 3]") for p in problems)
+
+
+def test_a_renamed_tensor_fails(small):
+    case = "lstm_cell-basic-float64"
+    path = small / f"{case}.safetensors"
+    t = load_file(str(path))
+    t["grad.d_weights_ih"] = t.pop("grad.d_weight_ih")
+    save_file(t, str(path))  # metadata dropped too
+    _rehash(small, case)
+    problems = _problems(small)
+    assert any("grad.d_weight_ih is in the manifest but not in the file" in p for p in problems)
+    assert any("metadata 'case'" in p for p in problems)
+
+
+# --------------------------------------------------------------------------------------------
+# the format's four cases
+
+
+def _header(path: Path) -> dict:
+    """The safetensors header, read with the standard library only."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])
+
+
+def _spec_tensors(B, I, H, Tq, Tk):
+    cell = {"input.x": [B, I], "input.h": [B, H], "input.c": [B, H],
+            "param.weight_ih": [4 * H, I], "param.weight_hh": [4 * H, H],
+            "param.bias_ih": [4 * H], "param.bias_hh": [4 * H],
+            "cotangent.d_h_new": [B, H], "cotangent.d_c_new": [B, H],
+            "output.h_new": [B, H], "output.c_new": [B, H],
+            "grad.d_x": [B, I], "grad.d_h": [B, H], "grad.d_c": [B, H],
+            "grad.d_weight_ih": [4 * H, I], "grad.d_weight_hh": [4 * H, H],
+            "grad.d_bias_ih": [4 * H], "grad.d_bias_hh": [4 * H], "cache.gates": [B, 4 * H]}
+    Ba = 2
+    att = {"input.query": [Ba, Tq, H], "input.keys": [Ba, Tk, H], "input.values": [Ba, Tk, H],
+           "input.lengths": [Ba], "cotangent.d_context": [Ba, Tq, H],
+           "cotangent.d_weights": [Ba, Tq, Tk], "output.context": [Ba, Tq, H],
+           "output.weights": [Ba, Tq, Tk], "grad.d_query": [Ba, Tq, H],
+           "grad.d_keys": [Ba, Tk, H], "grad.d_values": [Ba, Tk, H],
+           "cache.scores": [Ba, Tq, Tk]}
+    return {"lstm_cell-basic": cell, "attention-scaled_dot_lengths": att}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("stem", SPEC)
+def test_spec_cases_have_the_format_exactly(small, stem, dtype):
+    case = f"{stem}-{dtype}"
+    path = small / f"{case}.safetensors"
+    header = _header(path)
+    meta = header.pop("__metadata__")
+    want = _spec_tensors(B=3, I=4, H=5, Tq=3, Tk=4)[stem]
+    assert {k: v["shape"] for k, v in header.items()} == want
+    fcode = {"float64": "F64", "float32": "F32"}[dtype]
+    for k, v in header.items():
+        assert v["dtype"] == ("I64" if k == "input.lengths" else fcode), k
+    checked = [k for k in want if k.split(".")[0] in ("output", "grad", "cache")]
+    keys = {"case", "family", "config", "op", "dtype", "semantics"}
+    keys |= {f"{p}.{k}" for k in checked for p in ("atol", "rtol")}
+    assert keys <= set(meta)
+    assert meta["case"] == case and meta["dtype"] == dtype
+    for k in checked:
+        atol, rtol = float(meta[f"atol.{k}"]), float(meta[f"rtol.{k}"])
+        assert repr(atol) == meta[f"atol.{k}"]
+        if dtype == "float64":
+            assert atol == rtol == 1e-7
+        else:
+            assert rtol == 0.0 and 0 < atol < 1e-5
+    t = load_file(str(path))
+    if stem == "attention-scaled_dot_lengths":
+        assert meta["score"] == "scaled_dot" and meta["scale"] == repr(1 / math.sqrt(5))
+        lengths = t["input.lengths"]
+        assert lengths.min() >= 1 and lengths.max() <= 4 and lengths.min() < 4
+        for b, n in enumerate(lengths):
+            assert np.all(t["output.weights"][b, :, n:] == 0)
+        raw = np.einsum("bqh,bkh->bqk", t["input.query"].astype(np.float64),
+                        t["input.keys"].astype(np.float64)) / math.sqrt(5)
+        np.testing.assert_allclose(t["cache.scores"], raw, rtol=1e-6 if dtype == "float32"
+                                   else 1e-14, atol=1e-6 if dtype == "float32" else 1e-14)
+    else:
+        assert meta["proj_size"] == "0"
+    if dtype == "float32":  # the float64 answer on the float32 inputs, rounded
+        config = golden.CONFIGS[stem]
+        split = {r: {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(r + ".")}
+                 for r in golden.ROLES}
+        exact = config.run(*[golden._cast(split[r], np.float64)
+                             for r in ("input", "param", "cotangent")])
+        for role, arrays in zip(("output", "grad", "cache"), exact, strict=True):
+            for k, a in arrays.items():
+                np.testing.assert_array_equal(t[f"{role}.{k}"], a.astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# torch's semantics, independently of numpy_ref
+
+
+def _t(a: np.ndarray, grad: bool = False) -> torch.Tensor:
+    return torch.from_numpy(np.array(a)).requires_grad_(grad)
+
+
+def _same(name: str, ours, stored: np.ndarray) -> None:
+    got = ours.detach().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
+    np.testing.assert_allclose(got, stored, rtol=TIGHT, atol=TIGHT, err_msg=name)
+
+
+def _load(full: Path, case: str) -> tuple[dict, dict, dict, dict]:
+    t = load_file(str(full / f"{case}.safetensors"))
+    split = {r: {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(r + ".")}
+             for r in golden.ROLES}
+    return split["input"], split["param"], split["cotangent"], t
+
+
+def _check_grads(t: dict, outputs: dict, cotangents: dict, leaves: dict) -> None:
+    """Outputs against output.*, autograd of them under the cotangents against grad.d_*."""
+    for k, v in outputs.items():
+        _same(f"output.{k}", v, t[f"output.{k}"])
+    names = list(leaves)
+    grads = torch.autograd.grad([outputs[k] for k in cotangents],
+                                [leaves[n] for n in names],
+                                [_t(c) for c in cotangents.values()], allow_unused=True)
+    stored = {k[len("grad.d_"):] for k in t if k.startswith("grad.")}
+    assert stored == set(names), (stored ^ set(names))
+    for n, g in zip(names, grads, strict=True):
+        _same(f"grad.d_{n}", g, t[f"grad.d_{n}"])
+
+
+def test_torch_lstm_cell(full):
+    inp, par, cot, t = _load(full, "lstm_cell-basic-float64")
+    cell = torch.nn.LSTMCell(4, 5).double()
+    cell.load_state_dict({k: _t(v) for k, v in par.items()})
+    x, h, c = (_t(inp[k], True) for k in ("x", "h", "c"))
+    h_new, c_new = cell(x, (h, c))
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+    i, f, g, o = gates.chunk(4, 1)
+    _same("cache.gates", torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], 1),
+          t["cache.gates"])
+    _check_grads(t, {"h_new": h_new, "c_new": c_new},
+                 {"h_new": cot["d_h_new"], "c_new": cot["d_c_new"]},
+                 {"x": x, "h": h, "c": c, **dict(cell.named_parameters())})
+
+
+def test_torch_lstm_packed_bidirectional_2layer(full):
+    case = "lstm-bidirectional_2layer_lengths-float64"
+    inp, par, cot, t = _load(full, case)
+    options = _manifest(full)["cases"][case]["options"]
+    assert options["num_layers"] == 2 and options["bidirectional"]
+    T = inp["x"].shape[0]
+    lstm = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True).double()
+    lstm.load_state_dict({k: _t(v) for k, v in par.items()})
+    x = _t(inp["x"], True)
+    lengths = torch.from_numpy(inp["lengths"])
+    assert sorted(lengths.tolist()) != lengths.tolist() and T in lengths.tolist()
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, (h_n, c_n) = lstm(packed)
+    out, _ = pad_packed_sequence(out, total_length=T)
+    _check_grads(t, {"output": out, "h_n": h_n, "c_n": c_n},
+                 {"output": cot["d_output"], "h_n": cot["d_h_n"], "c_n": cot["d_c_n"]},
+                 {"x": x, **dict(lstm.named_parameters())})
+
+
+def test_torch_lstm_all_options(full):
+    inp, par, cot, t = _load(full, "lstm-all_options-float64")
+    lstm = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2,
+                         batch_first=True).double()
+    lstm.load_state_dict({k: _t(v) for k, v in par.items()})
+    x, h0, c0 = (_t(inp[k], True) for k in ("x", "h0", "c0"))
+    packed = pack_padded_sequence(x, torch.from_numpy(inp["lengths"]), batch_first=True,
+                                  enforce_sorted=False)
+    out, (h_n, c_n) = lstm(packed, (h0, c0))
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    _check_grads(t, {"output": out, "h_n": h_n, "c_n": c_n},
+                 {"output": cot["d_output"], "h_n": cot["d_h_n"], "c_n": cot["d_c_n"]},
+                 {"x": x, "h0": h0, "c0": c0, **dict(lstm.named_parameters())})
+
+
+def test_torch_attention_scaled_dot_lengths(full):
+    inp, _, cot, t = _load(full, "attention-scaled_dot_lengths-float64")
+    q, k, v = (_t(inp[n], True) for n in ("query", "keys", "values"))
+    seen = torch.arange(k.shape[1])[None, None, :] < torch.from_numpy(inp["lengths"])[:, None,
+                                                                                      None]
+    s = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+    _same("cache.scores", s, t["cache.scores"])
+    w = torch.softmax(s.masked_fill(~seen, -math.inf), dim=-1)
+    c = w @ v
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+    _same("SDPA context", sdpa, t["output.context"])
+    _check_grads(t, {"context": c, "weights": w},
+                 {"context": cot["d_context"], "weights": cot["d_weights"]},
+                 {"query": q, "keys": k, "values": v})
+
+
+def test_torch_attention_heads_gqa_causal_bias(full):
+    inp, _, cot, t = _load(full, "attention-heads_gqa_causal_bias_lengths-float64")
+    q, k, v, bias = (_t(inp[n], True) for n in ("query", "keys", "values", "bias"))
+    Tq, Tk = q.shape[2], k.shape[2]
+    seen = (torch.arange(Tk)[None, None, None, :]
+            < torch.from_numpy(inp["lengths"])[:, None, None, None])
+    seen = seen & torch.ones(Tq, Tk, dtype=torch.bool).tril()
+    group = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ kr.transpose(-1, -2)  # score "dot": scale 1
+    w = torch.softmax((s + bias).masked_fill(~seen, -math.inf), dim=-1)
+    c = w @ vr
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~seen, -math.inf),
+                                          scale=1.0, enable_gqa=True)
+    _same("SDPA context", sdpa, t["output.context"])
+    _check_grads(t, {"context": c, "weights": w},
+                 {"context": cot["d_context"], "weights": cot["d_weights"]},
+                 {"query": q, "keys": k, "values": v, "bias": bias})
+
+
+def test_torch_multihead_attention(full):
+    inp, par, cot, t = _load(full, "multihead_attention-key_padding_mask-float64")
+    mha = torch.nn.MultiheadAttention(6, 2, batch_first=True).double()
+    mha.load_state_dict({k: _t(v) for k, v in par.items()})
+    q, k, v = (_t(inp[n], True) for n in ("query", "key", "value"))
+    out, w = mha(q, k, v, key_padding_mask=torch.from_numpy(inp["key_padding_mask"]),
+                 need_weights=True, average_attn_weights=True)
+    _check_grads(t, {"output": out, "weights": w},
+                 {"output": cot["d_output"], "weights": cot["d_weights"]},
+                 {"query": q, "key": k, "value": v, **dict(mha.named_parameters())})
+
+
+def test_torch_cross_entropy_options(full):
+    inp, _, cot, t = _load(full, "cross_entropy-ignore_index_label_smoothing_weight-float64")
+    logits = _t(inp["logits"], True)
+    targets = torch.from_numpy(inp["targets"])
+    assert (targets == -100).any()
+    loss = F.cross_entropy(logits, targets, weight=_t(inp["weight"]), label_smoothing=0.1)
+    _check_grads(t, {"loss": loss}, {"loss": cot["d_loss"]}, {"logits": logits})
+
+
+@pytest.mark.parametrize("case", ["bilstm_attention-default-float64",
+                                  "bilstm_attention-seed_compatible-float64"])
+def test_torch_classifier(full, case):
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    model = BiLSTMAttention(o["vocab_size"], o["embedding_dim"], o["n_hidden"],
+                            o["num_classes"], seed_compatible=o["seed_compatible"]).double()
+    load_numpy_(model, par)
+    lengths = inp.get("lengths")
+    logits, attention = model(torch.from_numpy(inp["ids"]),
+                              None if lengths is None else torch.from_numpy(lengths))
+    _check_grads(t, {"logits": logits, "attention": attention},
+                 {"logits": cot["d_logits"], "attention": cot["d_attention"]},
+                 dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("config", ["luong_additive", "bahdanau"])
+def test_torch_seq2seq(full, config):
+    case = f"seq2seq-{config}-float64"
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    model = Seq2SeqAttention(o["src_vocab"], o["tgt_vocab"], o["embedding_dim"],
+                             o["hidden_size"], decoder=o["decoder"], score=o["score"]).double()
+    load_numpy_(model, par)
+    logits, attention = model(torch.from_numpy(inp["src"]), torch.from_numpy(inp["tgt"]),
+                              torch.from_numpy(inp["src_lengths"]))
+    _check_grads(t, {"logits": logits, "attention": attention},
+                 {"logits": cot["d_logits"], "attention": cot["d_attention"]},
+                 dict(model.named_parameters()))
