@@ -35,14 +35,15 @@ Every float tensor of a case has the case's dtype. In a float32 case the inputs,
 cotangents are float32 values, and the outputs and gradients stored are the float64
 computation on exactly those values, rounded to float32: the most accurate float32 answer.
 
-``__metadata__`` holds ``case``, ``family``, ``config``, ``op``, ``dtype``, ``semantics`` (what
-the case computes in torch's terms), the case's options (strings as they are, floats as
-Python's repr, anything else as JSON: ``score`` = ``scaled_dot``, ``scale`` =
-``0.4472135954999579``, ``bidirectional`` = ``true``), and ``atol.<tensor>`` / ``rtol.<tensor>``
-(repr of a float) for every output, grad and cache tensor, so a consumer needs only the one
-file. The manifest repeats all of it per case (``file``, ``sha256``, ``size``, ``seed``,
-``semantics``, ``options`` as JSON values, and per tensor its ``role``, ``dtype``, ``shape``
-and tolerances).
+``__metadata__`` holds ``case``, ``family``, ``config``, ``op`` (the family: ``lstm_cell``,
+``attention``, ...: what a consumer dispatches on), ``functions`` (the numpy_ref pair that
+computes it), ``dtype``, ``semantics`` (what the case computes, in torch's terms), the case's
+options (strings as they are, floats as Python's repr, anything else as JSON: ``score`` =
+``scaled_dot``, ``scale`` = ``0.4472135954999579``, ``bidirectional`` = ``true``), and
+``atol.<tensor>`` / ``rtol.<tensor>`` (repr of a float) for every output, grad and cache
+tensor, so a consumer needs only the one file. The manifest repeats all of it per case
+(``file``, ``sha256``, ``size``, ``seed``, ``semantics``, ``options`` as JSON values, and per
+tensor its ``role``, ``dtype``, ``shape`` and tolerances).
 
 Tolerances
 ----------
@@ -78,8 +79,10 @@ From Python, with the safetensors package (no NumPy code needed)::
 
 or with the standard library alone (``struct``, ``json``, ``array``): read the u64 N, parse
 the JSON header, and ``array.array("d")`` / ``"f"`` / ``"q"`` the bytes at ``8 + N +
-data_offsets``. From C: ``examples/c/`` holds a dependency-free C reader and checker of these
-files (it parses the header, maps the data and applies the tolerance rule above).
+data_offsets``. From C: ``examples/c/golden_check.c`` reads these files with libc alone (its
+own JSON reader for the header), runs a plain C LSTM cell and attention on the four cases
+``lstm_cell-basic-*`` and ``attention-scaled_dot_lengths-*`` and applies the tolerance rule
+below; replace its functions with calls into your code to check yours.
 
 Determinism
 -----------
@@ -106,11 +109,7 @@ from typing import Any
 import numpy as np
 
 import numpy_ref as ref
-
-try:  # the project's comparison helper, when it exists
-    from numpy_ref.testing import assert_allclose_named as _assert_allclose_named
-except ImportError:  # pragma: no cover - depends on the checkout
-    _assert_allclose_named = None
+from numpy_ref.testing import compare
 
 EPS32 = float(np.finfo(np.float32).eps)
 F64_TOL = 1e-7  # float64 rtol = atol (torch.testing's float64 defaults)
@@ -135,11 +134,16 @@ class Config:
 
     family: str  # e.g. "lstm"
     config: str  # e.g. "bidirectional_2layer_lengths"
-    op: str  # the numpy_ref functions computing it
+    functions: str  # the numpy_ref functions computing it
     semantics: str  # what it computes, in torch's terms
     options: dict[str, Any]  # structured options (JSON values)
     make: MakeFn  # float64 draws: (inputs, params, cotangents)
     run: RunFn  # the computation, in the arrays' dtype
+
+    @property
+    def op(self) -> str:
+        """The op's short name, the metadata's ``op``: the family (``lstm_cell``, ...)."""
+        return self.family
 
     @property
     def stem(self) -> str:
@@ -159,11 +163,11 @@ class Config:
 CONFIGS: dict[str, Config] = {}
 
 
-def _register(family: str, config: str, op: str, semantics: str, options: dict[str, Any],
-              make: MakeFn, run: RunFn) -> None:
-    c = Config(family, config, op, " ".join(semantics.split()), options, make, run)
+def _register(family: str, config: str, functions: str, semantics: str,
+              options: dict[str, Any], make: MakeFn, run: RunFn) -> None:
+    c = Config(family, config, functions, " ".join(semantics.split()), options, make, run)
     assert c.stem not in CONFIGS, c.stem
-    assert all(k not in ("case", "family", "config", "op", "dtype", "semantics")
+    assert all(k not in ("case", "family", "config", "op", "functions", "dtype", "semantics")
                and "." not in k for k in options), options
     CONFIGS[c.stem] = c
 
@@ -864,7 +868,7 @@ def build_case(config: Config, dtype: str) -> tuple[Arrays, dict[str, str], dict
                 a, dtype=fdt if np.issubdtype(a.dtype, np.floating) else a.dtype, order="C")
     name = config.case(dtype)
     meta = {"case": name, "family": config.family, "config": config.config, "op": config.op,
-            "dtype": dtype, "semantics": config.semantics,
+            "functions": config.functions, "dtype": dtype, "semantics": config.semantics,
             **{k: _option_str(v) for k, v in config.options.items()}}
     for t, (atol, rtol) in tol.items():
         meta[f"atol.{t}"] = repr(atol)
@@ -878,6 +882,7 @@ def build_case(config: Config, dtype: str) -> tuple[Arrays, dict[str, str], dict
         "config": config.config,
         "dtype": dtype,
         "op": config.op,
+        "functions": config.functions,
         "seed": config.seed,
         "semantics": config.semantics,
         "options": config.options,
@@ -945,25 +950,9 @@ def write(directory: str | Path, only: Sequence[str] | None = None) -> dict[str,
 def _compare(name: str, got: np.ndarray, want: np.ndarray, *, rtol: float, atol: float
              ) -> str | None:
     """None when ``|got - want| <= atol + rtol * |want|`` everywhere, else a message naming the
-    worst index, got, want and the allowed error."""
-    if _assert_allclose_named is not None:
-        try:
-            _assert_allclose_named(name, got, want, rtol=rtol, atol=atol)
-        except AssertionError as e:
-            return str(e)
-        return None
-    got64, want64 = got.astype(np.float64), want.astype(np.float64)
-    if got64.shape != want64.shape:
-        return f"{name}: shape {got64.shape} != {want64.shape}"
-    err = np.abs(got64 - want64)
-    allowed = atol + rtol * np.abs(want64)
-    bad = ~(err <= allowed)  # NaN counts as bad
-    if not bad.any():
-        return None
-    excess = np.where(bad, np.nan_to_num(err - allowed, nan=np.inf), -np.inf)
-    j = tuple(int(i) for i in np.unravel_index(np.argmax(excess), err.shape))
-    return (f"{name}: at index {j} got {got64[j]!r}, want {want64[j]!r}, error {err[j]:.3g} > "
-            f"allowed {allowed[j]:.3g} (atol={atol!r}, rtol={rtol!r})")
+    worst index, got, want and the allowed error (`numpy_ref.testing.compare`)."""
+    result = compare(name, got, want, rtol=rtol, atol=atol)
+    return None if result.ok else str(result)
 
 
 def _read(path: Path) -> tuple[Arrays, dict[str, str]]:
@@ -996,7 +985,8 @@ def verify_case(directory: Path, name: str, entry: Mapping[str, Any]) -> list[st
     if entry.get("size") != len(data):
         bad(f"size of {path.name} is {len(data)} bytes, the manifest says {entry.get('size')}")
     for key, want in (("dtype", dtype), ("family", config.family), ("config", config.config),
-                      ("op", config.op), ("semantics", config.semantics),
+                      ("op", config.op), ("functions", config.functions),
+                      ("semantics", config.semantics),
                       ("options", config.options), ("seed", config.seed)):
         if entry.get(key) != want:
             bad(f"manifest {key} is {entry.get(key)!r}, expected {want!r}")
@@ -1026,7 +1016,8 @@ def verify_case(directory: Path, name: str, entry: Mapping[str, Any]) -> list[st
         if t.split(".", 1)[0] not in ROLES or t.split(".", 1)[0] != info.get("role"):
             bad(f"tensor {t}: role {info.get('role')!r} does not match its name")
     want_meta = {"case": name, "family": config.family, "config": config.config,
-                 "op": config.op, "dtype": dtype, "semantics": config.semantics,
+                 "op": config.op, "functions": config.functions, "dtype": dtype,
+                 "semantics": config.semantics,
                  **{k: _option_str(v) for k, v in config.options.items()}}
     for t, info in listed.items():
         if "atol" in info:
@@ -1149,7 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.directory is None:
         for name, config, _ in all_cases():
             if _matches(name, args.only):
-                print(f"{name}: {config.op}")
+                print(f"{name}: {config.functions}")
         return 0
     try:
         cases = json.loads((Path(args.directory) / MANIFEST).read_text())["cases"]

@@ -290,6 +290,7 @@ def test_spec_cases_have_the_format_exactly(small, stem, dtype):
     keys |= {f"{p}.{k}" for k in checked for p in ("atol", "rtol")}
     assert keys <= set(meta)
     assert meta["case"] == case and meta["dtype"] == dtype
+    assert meta["op"] == stem.split("-")[0]  # what the C consumer dispatches on
     for k in checked:
         atol, rtol = float(meta[f"atol.{k}"]), float(meta[f"rtol.{k}"])
         assert repr(atol) == meta[f"atol.{k}"]
