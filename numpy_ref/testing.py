@@ -75,20 +75,19 @@ class Comparison(NamedTuple):
     ok: bool  # every entry within its allowed error
     max_error: float  # max |got - want| (inf when a NaN or infinity disagrees)
     index: tuple[int, ...]  # the entry that exceeds its allowance most (the worst error if none)
-    got: Any  # the value there
+    got: Any  # the value there (a Python scalar)
     want: Any  # the reference value there
     error: float  # |got - want| there
     allowed: float  # the error allowed there
     rule: str  # the rule applied, e.g. "rtol=1e-07, atol=1e-07"
 
     def __str__(self) -> str:
-        verdict = "ok" if self.ok else "FAIL"
-        if not self.index and self.error == 0.0 and self.max_error == 0.0:
-            return f"{self.name}: {verdict}, exact ({self.rule})"
+        if self.ok:
+            return f"{self.name}: ok, max error {self.max_error:.3g} ({self.rule})"
         return (
-            f"{self.name}: {verdict}, max error {self.max_error:.3g}; at index {self.index} got "
-            f"{self.got!r}, expected {self.want!r}, error {self.error:.3g} "
-            f"{'>' if not self.ok else '<='} allowed {self.allowed:.3g} ({self.rule})"
+            f"{self.name}: FAIL, max error {self.max_error:.3g}; at index {self.index} got "
+            f"{self.got!r}, expected {self.want!r}, error {self.error:.3g} > allowed "
+            f"{self.allowed:.3g} ({self.rule})"
         )
 
 
@@ -111,8 +110,8 @@ def compare(name: str, got: Any, want: Any, *, rtol: float = RTOL64,
     excess = err - allowed
     ok = bool(np.all(excess <= 0))
     j = _index(excess) if not ok else _index(err)
-    return Comparison(name, ok, float(err.max()), j, got[j], want[j], float(err[j]),
-                      float(allowed[j]), rule)
+    return Comparison(name, ok, float(err.max()), j, got[j].item(), want[j].item(),
+                      float(err[j]), float(allowed[j]), rule)
 
 
 def assert_allclose_named(name: str, ours: Any, ref: Any, *, rtol: float, atol: float) -> float:
@@ -201,8 +200,8 @@ def assert_close_policy(name: str, ours: Any, ref64: Any, *, torch32: Any = None
     if not err.max() <= allowed:
         j = _index(err)
         raise AssertionError(
-            f"{name}: max error {err.max():.3g} at index {j} (got {ours[j]!r}, reference "
-            f"{ref64[j]!r}) > allowed {allowed:.3g} = {factor} * torch float32 error "
+            f"{name}: max error {err.max():.3g} at index {j} (got {ours[j].item()!r}, reference "
+            f"{ref64[j].item()!r}) > allowed {allowed:.3g} = {factor} * torch float32 error "
             f"{err_torch:.3g} + 8 * eps32 * scale {8 * EPS32 * scale:.3g}"
         )
     return float(err.max())

@@ -93,3 +93,32 @@ def test_markdown_links_resolve_and_nothing_cites_a_file_outside_the_repository(
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if not re.match(r"[a-z]+://", target):
             assert (path.parent / target).exists(), f"{path.name}: broken link {target}"
+
+
+_NUMBER = re.compile(r"-?\d+\.?\d*(?:e[-+]?\d+)?")
+
+
+def _same_text(got: str, want: str) -> bool:
+    """Equal up to the last digits of the numbers in them (BLAS may sum in another order)."""
+    if _NUMBER.sub("#", got) != _NUMBER.sub("#", want):
+        return False
+    pairs = zip(_NUMBER.findall(got), _NUMBER.findall(want), strict=True)
+    return all(abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b))) for a, b in pairs)
+
+
+def _blocks(path: Path):
+    """The guide's python blocks, each with the output it says it prints (its ``#>`` lines)."""
+    for block in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S):
+        yield block, [line[3:] for line in block.splitlines() if line.startswith("#> ")]
+
+
+def test_the_checking_guide_runs_and_prints_what_it_says(capsys) -> None:
+    namespace: dict = {}
+    blocks = list(_blocks(ROOT / "docs" / "checking.md"))
+    assert len(blocks) >= 6
+    for block, expected in blocks:
+        exec(compile(block, "docs/checking.md", "exec"), namespace)
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == len(expected), (printed, expected)
+        for got, want in zip(printed, expected, strict=True):
+            assert _same_text(got, want), f"the guide says\n  {want}\nthe code prints\n  {got}"
