@@ -663,7 +663,8 @@ def _cross_entropy_config(config: str, *, shape: tuple[int, ...], C: int,
             f"logits {list(logits_shape)} and targets "
             + ("class probabilities (float, like the logits; no gradient is given for them)"
                if probabilities else f"class indices (I64 {list(shape)}"
-               + (f", {ignored} of them ignore_index" if ignored else "") + ")")
+               + (f"; those equal to ignore_index = {ignore_index} take no part, at least "
+                  f"{ignored}" if ignored else "") + ")")
             + f"; loss is {'per row' if reduction == 'none' else 'a scalar (shape [])'}; "
             "backward from cotangent d_loss gives grad.d_logits.")
     options = {"classes": C, "reduction": reduction, "ignore_index": ignore_index,

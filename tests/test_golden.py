@@ -10,8 +10,8 @@
   and metadata; a float32 case stores the float64 answer on its float32 inputs, rounded.
 - The files mean what their semantics say, checked with torch and not numpy_ref:
   torch.nn.LSTMCell, torch.nn.LSTM on a packed batch, masked softmax attention,
-  torch.nn.MultiheadAttention, F.cross_entropy and the torch_impl models reproduce the
-  stored outputs and gradients of the float64 files within 1e-10.
+  torch.nn.MultiheadAttention, F.cross_entropy, F.embedding, F.linear and the torch_impl
+  models reproduce the stored outputs and gradients of the float64 files within 1e-10.
 """
 
 from __future__ import annotations
@@ -453,13 +453,56 @@ def test_torch_multihead_attention(full):
                  {"query": q, "key": k, "value": v, **dict(mha.named_parameters())})
 
 
-def test_torch_cross_entropy_options(full):
-    inp, _, cot, t = _load(full, "cross_entropy-ignore_index_label_smoothing_weight-float64")
+@pytest.mark.parametrize("config", ["kdim_vdim_float_mask", "bool_attn_mask"])
+def test_torch_multihead_attention_options(full, config):
+    case = f"multihead_attention-{config}-float64"
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    mha = torch.nn.MultiheadAttention(o["embed_dim"], o["num_heads"], bias=o["bias"],
+                                      kdim=o["kdim"], vdim=o["vdim"],
+                                      batch_first=o["batch_first"]).double()
+    mha.load_state_dict({k: _t(v) for k, v in par.items()})
+    q, k, v = (_t(inp[n], True) for n in ("query", "key", "value"))
+    out, w = mha(q, k, v, attn_mask=torch.from_numpy(inp["attn_mask"]), need_weights=True,
+                 average_attn_weights=o["average_attn_weights"])
+    _check_grads(t, {"output": out, "weights": w},
+                 {"output": cot["d_output"], "weights": cot["d_weights"]},
+                 {"query": q, "key": k, "value": v, **dict(mha.named_parameters())})
+
+
+@pytest.mark.parametrize("config", ["mean", "ignore_index_label_smoothing_weight",
+                                    "sum_spatial", "none_probabilities"])
+def test_torch_cross_entropy(full, config):
+    case = f"cross_entropy-{config}-float64"
+    inp, _, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
     logits = _t(inp["logits"], True)
     targets = torch.from_numpy(inp["targets"])
-    assert (targets == -100).any()
-    loss = F.cross_entropy(logits, targets, weight=_t(inp["weight"]), label_smoothing=0.1)
+    if config in ("ignore_index_label_smoothing_weight", "sum_spatial"):
+        assert (targets == o["ignore_index"]).any()
+    loss = F.cross_entropy(logits, targets, ignore_index=o["ignore_index"],
+                           reduction=o["reduction"], label_smoothing=o["label_smoothing"],
+                           weight=_t(inp["weight"]) if "weight" in inp else None)
     _check_grads(t, {"loss": loss}, {"loss": cot["d_loss"]}, {"logits": logits})
+
+
+@pytest.mark.parametrize("config", ["basic", "padding_idx"])
+def test_torch_embedding(full, config):
+    case = f"embedding-{config}-float64"
+    inp, par, cot, t = _load(full, case)
+    weight = _t(par["weight"], True)
+    out = F.embedding(torch.from_numpy(inp["ids"]), weight,
+                      padding_idx=_manifest(full)["cases"][case]["options"]["padding_idx"])
+    _check_grads(t, {"out": out}, {"out": cot["d_out"]}, {"weight": weight})
+
+
+@pytest.mark.parametrize("config", ["basic", "no_bias"])
+def test_torch_linear(full, config):
+    inp, par, cot, t = _load(full, f"linear-{config}-float64")
+    x = _t(inp["x"], True)
+    p = {k: _t(v, True) for k, v in par.items()}
+    y = F.linear(x, p["weight"], p.get("bias"))
+    _check_grads(t, {"y": y}, {"y": cot["d_y"]}, {"x": x, **p})
 
 
 @pytest.mark.parametrize("case", ["bilstm_attention-default-float64",
