@@ -60,9 +60,10 @@ An implementation passes a tensor when ``|got - want| <= atol + rtol * |want|`` 
 
 ``verify`` recomputes each case from its stored inputs with numpy_ref and checks (a) the
 float64 recomputation against the stored values within a tight consistency bound (float64:
-1e-10 relative to the scale; float32: half a float32 ulp plus that), (b) the recomputation in
-the case's dtype against the stored values under the stored tolerances (for float32 that is
-numpy_ref run in float32, the check any float32 implementation faces), (c) every sha256, and
+1e-10 of the scale; float32: that plus eps32 * |want|, room for the rounding), (b) the
+recomputation in the case's dtype against the stored values under the stored tolerances (for
+float32 that is numpy_ref run in float32, the check any float32 implementation faces), (c)
+every sha256, and
 (d) that the manifest, the metadata and the files agree on names, shapes and dtypes. It exits
 1 naming the case, the tensor, the worst index, got, want and the allowed error.
 
@@ -445,8 +446,9 @@ def _attention_config(config: str, *, score: str, layout: str, B: int = 2, Tq: i
         text += (" In torch: F.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale)"
                  " with the weights softmax(q k^T * scale + mask).")
     text += (" Backward with cotangents d_context" + (" and d_weights" if d_weights else "")
-             + ". cache.scores: the raw scores scale * score(q, k) of every (query, key) pair,"
-             " before bias, masking and softmax.")
+             + ". cache.scores: the raw scores " + ("score(q, k)" if score == "additive"
+                                                      else "scale * score(q, k)")
+             + " of every (query, key) pair, before bias, masking and softmax.")
     options = {"score": score, "layout": layout, "causal": causal,
                "scale": eff_scale, "additive_bias": additive_bias if score == "additive"
                else None, "heads": heads if layout == "heads" else None,
