@@ -63,9 +63,9 @@ float64 recomputation against the stored values within a tight consistency bound
 1e-10 of the scale; float32: that plus eps32 * |want|, room for the rounding), (b) the
 recomputation in the case's dtype against the stored values under the stored tolerances (for
 float32 that is numpy_ref run in float32, the check any float32 implementation faces), (c)
-every sha256, and
-(d) that the manifest, the metadata and the files agree on names, shapes and dtypes. It exits
-1 naming the case, the tensor, the worst index, got, want and the allowed error.
+every sha256, and (d) that the manifest, the metadata and the files agree on names, shapes and
+dtypes. It exits 1 naming the case, the tensor, the worst index, got, want and the allowed
+error.
 
 Reading a file
 --------------
