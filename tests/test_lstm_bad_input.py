@@ -125,6 +125,12 @@ CASES: list[tuple[str, Callable[[object], object], type[Exception], str]] = [
      r"d_h_n: expected shape \[L\*D, B, Ho\] = \(1, 3, 6\), got \(2, 3, 6\)"),
     ("d_c_n integer", lambda m: backward(m, d_c_n=np.zeros((1, B, H), np.int64)), TypeError,
      r"d_c_n: expected dtype float32 or float64, got int64"),
+    ("cache of another op", lambda m: m.lstm_backward(
+        np.zeros((2, 3)), ref.attention_forward(np.ones((2, 3)), np.ones((2, 4, 3)),
+                                                np.ones((2, 4, 3)))[2]), TypeError,
+     r"cache: expected the LSTMCache returned by lstm_forward, got AttentionCache"),
+    ("cache a string", lambda m: m.lstm_backward(np.zeros((T, B, H)), "cache"), TypeError,
+     r"cache: expected the LSTMCache returned by lstm_forward, got str"),
 ]
 
 # numpy_ref only: the single-step cell and the initialiser have no kernels counterpart
@@ -136,6 +142,9 @@ REF_ONLY_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("cell params with layer suffix", lambda: ref.lstm_cell_forward(
         X[0], np.zeros((B, H)), np.zeros((B, H)), P1), ValueError,
      r"params: missing key 'weight_hh'"),
+    ("cell cache of the layer", lambda: ref.lstm_cell_backward(
+        np.zeros((B, H)), None, ref.lstm_forward(X, P1)[2]), TypeError,
+     r"cache: expected the LSTMCellCache returned by lstm_cell_forward, got LSTMCache"),
     ("init proj_size >= hidden", lambda: ref.init_lstm_params(3, 4, proj_size=4), ValueError,
      r"proj_size: expected 0 <= proj_size < hidden_size = 4, got 4"),
     ("init hidden zero", lambda: ref.init_lstm_params(3, 0), ValueError,

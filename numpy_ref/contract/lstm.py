@@ -121,6 +121,9 @@ def validate_lstm_cell_cotangents(
 
     Returns them, d_c_new as zeros [B, H] when None.
     """
+    from numpy_ref.lstm import LSTMCellCache  # at call time: numpy_ref.lstm imports this module
+
+    checks.cache_of(cache, LSTMCellCache, "lstm_cell_forward")
     x, h, c = cache.x, cache.h, cache.c
     d_h_new = checks.float_array("d_h_new", d_h_new, ("B", "Ho"))
     checks.same_dtype("d_h_new", d_h_new, x.dtype, "x")
@@ -219,6 +222,9 @@ def validate_lstm_cotangents(
     Returns ``(d_out, d_h_n, d_c_n)``: d_output as a time-major view [T, B, D*Ho] (no copy), and
     d_h_n [L*D, B, Ho], d_c_n [L*D, B, H] (zeros when not given).
     """
+    from numpy_ref.lstm import LSTMCache  # at call time: numpy_ref.lstm imports this module
+
+    checks.cache_of(cache, LSTMCache, "lstm_forward")
     L, D = cache.num_layers, 2 if cache.bidirectional else 1
     first = cache.directions[0]
     T, B, _ = first.x.shape
