@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -160,8 +161,11 @@ def test_compare_with_one_file_runs_first_and_the_threads_reach_numpys_blas(tmp_
     slower = run_cli(*args, "--json", str(tmp_path / "slower.json"), "--compare",
                      str(tmp_path / "fast.json"), "--fail-on-regression", timeout=120)
     assert slower.returncode == 3, slower.stdout + slower.stderr
-    assert "timing the 2 row(s) that got slower once more" in slower.stderr
-    assert "2 slower" in slower.stdout
+    # Both rows are 5x slower; on a loaded machine one of them may still land inside its noise
+    # band (the probe's drift widens it), so at least one must be called slower and retimed.
+    retimed = re.search(r"timing the ([12]) row\(s\) that got slower once more", slower.stderr)
+    assert retimed, slower.stderr
+    assert re.search(r"\b[12] slower", slower.stdout), slower.stdout
     missing = run_cli("--compare", str(tmp_path / "nope.json"), timeout=60)
     assert missing.returncode == 2 and "nope.json" in missing.stderr
 
@@ -473,9 +477,14 @@ def test_time_calls_loops_a_fast_call_and_not_a_slow_one():
     assert fast.loops > 100 and len(fast.times) == 3
     slow = time_calls(lambda: time.sleep(2 * SAMPLE_S), repeat=2, min_time=0.0, warmup=1)
     assert slow.loops == 1 and len(slow.times) == 2
-    # a call of about 0.6 ms is looped until a sample lasts SAMPLE_S (ceil, not int)
-    mid = time_calls(lambda: time.sleep(0.3 * SAMPLE_S), repeat=1, min_time=0.0, warmup=1)
-    assert mid.loops >= 2 and mid.loops * mid.times[0] >= 0.95 * SAMPLE_S
+    # a call of about 0.6 ms is looped until a sample lasts SAMPLE_S (ceil, not int); a loaded
+    # machine can stretch one calibration call past SAMPLE_S, so one of five tries must show it
+    for _ in range(5):
+        mid = time_calls(lambda: time.sleep(0.3 * SAMPLE_S), repeat=1, min_time=0.0, warmup=1)
+        if mid.loops >= 2 and mid.loops * mid.times[0] >= 0.95 * SAMPLE_S:
+            break
+    else:
+        raise AssertionError(f"a 0.6 ms call was never looped to a {SAMPLE_S} s sample: {mid}")
 
 
 def test_module_backend_is_unavailable_until_the_module_exports_attention():
