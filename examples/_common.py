@@ -61,18 +61,21 @@ def add_common_options(parser: argparse.ArgumentParser, *, demo: str, epochs: in
                         help=f"random seed of the initial weights (and data) (default {seed})")
     parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="threads of NumPy's BLAS and of the kernels' parallel loops; 0 "
-                             "leaves the libraries' defaults (default 1: at these small "
-                             "sizes more threads were slower)")
+                             "leaves the libraries' defaults (default 1: robust on a shared "
+                             "machine)")
 
 
 def limit_threads(n: int, backend: str) -> None:
     """Limit NumPy's BLAS (and Numba, for the kernels backend) to n threads for the rest of
     the process; n = 0 leaves them alone.
 
-    The demos' matrices have tens of rows, too small to split: on this 2-core machine, shared
-    with other work, a second thread cost more in hand-offs than it gained (a seq2seq
-    training step: 25 ms on one BLAS thread, 55-300 ms on two while another process was busy;
-    the classifier's epoch on the kernels: 1.5 ms on one Numba thread, 10 ms on two).
+    The demos' matrices have tens of rows. On this 2-core machine, idle, two threads were
+    only 8-20% faster than one (the alignment demo 34 s instead of 37 s); with another
+    process busy they were 2-12x slower (a seq2seq training step: 25 ms on one BLAS thread,
+    55-300 ms on two; the classifier's epoch on the kernels: 1.5 ms on one Numba thread,
+    10 ms on two), the threads waiting on each other for the cores. So the default is one.
+    Results are repeatable for a given thread count; another count may change the last bits
+    of the sums, and after thousands of steps the printed figures a little.
     """
     if n == 0:
         return

@@ -6,9 +6,9 @@ Run it from the repository root::
     python examples/seed_classifier.py --seed-compatible  # also train the seed's buggy model
     python examples/seed_classifier.py --backend kernels  # the same model on the Numba ops
 
-(``--backend kernels`` is no faster at the seed's tiny sizes: every op is one short call.
-``--threads`` (default 1) limits NumPy's BLAS and Numba to one thread, which at these sizes
-is the fastest; ``--epochs`` and ``--seed`` change the run, ``--out`` where it is written.)
+(``--backend kernels``: about 5 s instead of 10 on an idle machine. ``--threads`` (default
+1) is the number of BLAS and Numba threads, see ``_common.limit_threads``; ``--epochs`` and
+``--seed`` change the run, ``--out`` where it is written.)
 
 The data, sizes and optimizer are the seed's (the primer "Attention 扫盲" and its
 ``BiLSTM_Attention``): six 3-word sentences, three positive (label 1) and three negative (0),
@@ -42,7 +42,9 @@ backward states of sentences 0 and 1. At B = 1 it is exactly concat(h_n[0], h_n[
 B > 1 a sentence's score depends on which sentences share its batch. The flag trains that
 model (``seed_compatible=True``) beside the fixed one, from the same initial weights, and scores
 each training sentence alone (B = 1) and inside the full batch (B = 6): the fixed model's two
-probabilities agree to rounding, the seed's do not (``batch_dependence.png``).
+probabilities agree to rounding, the seed's do not (``batch_dependence.png``). The seed's
+script itself scores "sorry hate you" alone, B = 1, with weights trained on mixed queries at
+B = 6: its prediction is made by a model it never trained.
 
 Output: the printed lines, and in ``--out`` (default ``examples-out/seed_classifier``)
 ``attention.png``, ``batch_dependence.png`` (with ``--seed-compatible``) and
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     losses: dict[str, dict[int, float]] = {name: {} for name in models}
 
     print(f"vocabulary ({len(word_dict)} words): {word_dict}")
-    print(f"training {', '.join(models)} on {len(SENTENCES)} sentences, {args.epochs} epochs, "
+    which = "the fixed and the seed-compatible model" if args.seed_compatible else "the model"
+    print(f"training {which} on {len(SENTENCES)} sentences, {args.epochs} full-batch epochs, "
           f"backend {args.backend}")
     t0 = time.perf_counter()
     for epoch in tqdm(range(args.epochs), desc="epochs", unit="ep", mininterval=0.5):
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['abs_diff']:>10.1e}")
         print(f"largest |alone - batch|: fixed {diffs['fixed']:.1e} (rounding), "
               f"seed-compatible {diffs['seed_compatible']:.1e}")
+        print("(the seed scores its test sentence alone, B = 1, with weights trained on "
+              "B = 6 mixed queries)")
         results["batch_dependence"] = {"table": table, "max_abs_diff": diffs}
         figures.append(args.out / "batch_dependence.png")
         plot_batch_dependence(table, figures[-1])
