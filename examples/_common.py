@@ -24,26 +24,24 @@ import numpy_ref
 BACKENDS = ("numpy_ref", "kernels")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--epochs 0`` is an error, not an empty run)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (``--epochs 0`` is an error, not an empty run)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (a random seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+positive_int = int_at_least(1)  # epochs, sizes
+non_negative_int = int_at_least(0)  # a random seed, a thread count
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, demo: str, epochs: int,
