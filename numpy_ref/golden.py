@@ -114,6 +114,7 @@ from numpy_ref.testing import compare
 
 EPS32 = float(np.finfo(np.float32).eps)
 F64_TOL = 1e-7  # float64 rtol = atol (torch.testing's float64 defaults)
+TOL_SLACK = 2.0  # verify: a stored float32 atol may be at most this times the recomputed one
 SCALE_FLOOR = 1e-30  # the smallest scale of a float32 allowance
 CONSISTENCY = 1e-10  # verify's float64 recomputation bound, relative to the scale
 DTYPES = ("float64", "float32")
@@ -1043,6 +1044,18 @@ def verify_case(directory: Path, name: str, entry: Mapping[str, Any]) -> list[st
         return problems
     grad_scale = max((float(np.abs(g).max()) for g in exact["grad"].values() if g.size),
                      default=0.0)
+    # The stored tolerances must be the policy's, recomputed here: a float64 one or a
+    # float32 one at most TOL_SLACK times it (another BLAS rounds the float32 run a little
+    # differently), so an inflated tolerance cannot make a wrong value pass.
+    policy = _tolerances(dtype, exact, None if dtype == "float64" else own)
+    for t, (atol, rtol) in sorted(policy.items()):
+        info = listed.get(t, {})
+        if "atol" not in info:
+            continue
+        stored_atol, stored_rtol = float(info["atol"]), float(info["rtol"])
+        if stored_rtol != rtol or not stored_atol <= TOL_SLACK * atol:
+            bad(f"{t}: stored tolerance atol={stored_atol:.3g}, rtol={stored_rtol:.3g}; the "
+                f"policy gives atol={atol:.3g}, rtol={rtol:.3g}")
     for role in CHECKED_ROLES:
         for t in sorted(set(exact[role]) - set(split[role])):
             bad(f"{role}.{t} is computed but not stored")
@@ -1077,6 +1090,10 @@ def verify(directory: str | Path) -> list[str]:
         cases = manifest["cases"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{directory / MANIFEST}: cannot read the manifest ({e})"]
+    if not isinstance(cases, dict) or not all(isinstance(e, dict) for e in cases.values()):
+        return [f"{directory / MANIFEST}: 'cases' must map each case name to its entry"]
+    if not cases:
+        return [f"{directory / MANIFEST}: lists no case (nothing would be verified)"]
     problems = []
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         problems.append(f"manifest: format {manifest.get('format')!r} version "
@@ -1107,7 +1124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "and a manifest).")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="compute the cases and write DIR/*.safetensors and "
-                                     "DIR/manifest.json")
+                                     "DIR/manifest.json (files of an earlier manifest in DIR "
+                                     "that this one does not list are removed)")
     w.add_argument("directory")
     w.add_argument("--only", action="append", metavar="PATTERN",
                    help="only cases whose name contains PATTERN (or matches it as a glob "
@@ -1125,6 +1143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest = write(args.directory, args.only)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"error: cannot write to {args.directory}: {e}", file=sys.stderr)
             return 2
         total = sum(e["size"] for e in manifest["cases"].values())
         print(f"wrote {len(manifest['cases'])} files, {_size(total)} in total, to "

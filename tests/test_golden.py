@@ -534,3 +534,41 @@ def test_torch_seq2seq(full, config):
     _check_grads(t, {"logits": logits, "attention": attention},
                  {"logits": cot["d_logits"], "attention": cot["d_attention"]},
                  dict(model.named_parameters()))
+
+
+def test_an_inflated_tolerance_fails_even_when_file_and_manifest_agree(small):
+    """A wrong value hidden by a huge atol, written into both the file and the manifest (hash
+    updated): verify recomputes the policy's tolerance and refuses the stored one."""
+    case, tensor = "lstm_cell-basic-float32", "output.h_new"
+    path = small / f"{case}.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    meta[f"atol.{tensor}"] = repr(1.0)
+    tensors[tensor] = tensors[tensor] + np.float32(0.5)
+    save_file(tensors, str(path), metadata=meta)
+    m = _manifest(small)
+    m["cases"][case]["tensors"][tensor]["atol"] = 1.0
+    (small / "manifest.json").write_text(json.dumps(m))
+    _rehash(small, case)
+    problems = _problems(small)
+    assert any(p.startswith(f"{case}: {tensor}: stored tolerance atol=1") for p in problems), \
+        problems
+
+
+@pytest.mark.parametrize("cases", [{}, [], {"x": 5}])
+def test_a_manifest_without_usable_cases_fails(small, cases):
+    m = _manifest(small)
+    m["cases"] = cases
+    (small / "manifest.json").write_text(json.dumps(m))
+    problems = _problems(small)
+    assert len(problems) == 1 and "manifest.json" in problems[0], problems
+
+
+def test_write_to_an_unwritable_place_is_a_clean_error(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert golden.main(["write", str(blocker / "sub"), "--only", "lstm_cell-basic"]) == 2
+    assert "error: cannot write to" in capsys.readouterr().err
