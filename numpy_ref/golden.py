@@ -491,8 +491,10 @@ _attention_config("heads_gqa_causal_bias_lengths", score="dot", layout="heads", 
 def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
                 kdim: int | None = None, vdim: int | None = None, bias: bool = True,
                 batch_first: bool = True, key_padding_mask: bool = False,
-                attn_mask: str | None = None, average_attn_weights: bool = True) -> None:
-    """attn_mask: None, "bool" or "float" ([L, S])."""
+                attn_mask: str | None = None, average_attn_weights: bool = True,
+                need_weights: bool = True) -> None:
+    """attn_mask: None, "bool" or "float" ([L, S]). need_weights=False: no weights output and
+    no d_weights cotangent."""
     kdim = E if kdim is None else kdim
     vdim = E if vdim is None else vdim
     packed = kdim == E and vdim == E
@@ -528,17 +530,20 @@ def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
             inputs["attn_mask"] = m
         elif attn_mask == "float":
             inputs["attn_mask"] = _normal(rng, L, S)
-        cots = {"d_output": _normal(rng, *lay(L, E)), "d_weights": _normal(rng, *w_shape)}
+        cots = {"d_output": _normal(rng, *lay(L, E))}
+        if need_weights:
+            cots["d_weights"] = _normal(rng, *w_shape)
         return inputs, params, cots
 
     def run(inp, par, cot):
         out, w, cache = ref.multihead_attention_forward(
             inp["query"], inp["key"], inp["value"], par, num_heads=num_heads,
             key_padding_mask=inp.get("key_padding_mask"), attn_mask=inp.get("attn_mask"),
-            average_attn_weights=average_attn_weights, batch_first=batch_first)
+            average_attn_weights=average_attn_weights, batch_first=batch_first,
+            need_weights=need_weights)
         d_q, d_k, d_v, d_p = ref.multihead_attention_backward(cot["d_output"], cache,
-                                                              d_weights=cot["d_weights"])
-        return ({"output": out, "weights": w},
+                                                              d_weights=cot.get("d_weights"))
+        return ({"output": out, **({"weights": w} if need_weights else {})},
                 {"d_query": d_q, "d_key": d_k, "d_value": d_v, **_param_grads(d_p)}, {})
 
     args = [str(E), str(num_heads)]
@@ -555,13 +560,15 @@ def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
                      + (", True = not allowed)" if attn_mask == "bool" else ", added)"))
     text = (f"torch.nn.MultiheadAttention({', '.join(args)}) with its state_dict as params: "
             f"output, weights = mha(query, key, value{''.join(', ' + m for m in masks)}, "
-            f"need_weights=True, average_attn_weights={average_attn_weights}); query "
-            f"{'[N, L, E]' if batch_first else '[L, N, E]'}, N={N}, L={L}, S={S}; weights "
-            f"{'[N, L, S] averaged over heads' if average_attn_weights else '[N, h, L, S]'}. "
-            "Backward with cotangents d_output and d_weights; query, key and value are "
-            "separate tensors, each with its own gradient.")
+            f"need_weights={need_weights}, average_attn_weights={average_attn_weights}); "
+            f"query {'[N, L, E]' if batch_first else '[L, N, E]'}, N={N}, L={L}, S={S}; "
+            + ("weights " + ("[N, L, S] averaged over heads" if average_attn_weights
+                             else "[N, h, L, S]")
+               + ". Backward with cotangents d_output and d_weights"
+               if need_weights else "no weights. Backward with the cotangent d_output")
+            + "; query, key and value are separate tensors, each with its own gradient.")
     options = {"embed_dim": E, "num_heads": num_heads, "kdim": kdim, "vdim": vdim,
-               "bias": bias, "batch_first": batch_first, "need_weights": True,
+               "bias": bias, "batch_first": batch_first, "need_weights": need_weights,
                "average_attn_weights": average_attn_weights,
                "key_padding_mask": key_padding_mask, "attn_mask": attn_mask}
     _register("multihead_attention", config,
@@ -573,6 +580,8 @@ _mha_config("key_padding_mask", E=6, num_heads=2, N=2, L=3, S=4, key_padding_mas
 _mha_config("kdim_vdim_float_mask", E=4, num_heads=2, N=2, L=3, S=4, kdim=3, vdim=5,
             bias=False, batch_first=False, attn_mask="float", average_attn_weights=False)
 _mha_config("bool_attn_mask", E=6, num_heads=3, N=2, L=4, S=3, attn_mask="bool")
+_mha_config("no_weights_key_padding_mask", E=6, num_heads=2, N=2, L=3, S=4,
+            key_padding_mask=True, need_weights=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,9 +742,10 @@ _bilstm_attention_config("seed_compatible", V=8, E=3, H=4, C=2, B=3, T=4, length
 
 def _seq2seq_config(config: str, *, decoder: str, score: str | None, Vs: int = 7, Vt: int = 6,
                     E: int = 3, H: int = 3, B: int = 2, Ts: int = 5, Tt: int = 3,
-                    src_lengths: Sequence[int] | None = (5, 3)) -> None:
+                    src_lengths: Sequence[int] | None = (5, 3), num_layers: int = 1) -> None:
     def make(rng):
-        params = ref.init_seq2seq_params(Vs, Vt, E, H, decoder=decoder, score=score, rng=rng)
+        params = ref.init_seq2seq_params(Vs, Vt, E, H, decoder=decoder, score=score,
+                                         num_layers=num_layers, rng=rng)
         inputs = {"src": _ids(rng, Vs, B, Ts), "tgt": _ids(rng, Vt, B, Tt)}
         if src_lengths is not None:
             inputs["src_lengths"] = _i64(src_lengths)
@@ -758,14 +768,16 @@ def _seq2seq_config(config: str, *, decoder: str, score: str | None, Vs: int = 7
         body = ("Bahdanau decoder, step by step: additive attention (with bias) queried by the "
                 "previous state, nn.LSTMCell on [y_t; c_t], generator on [s_t; c_t; y_t]")
     text = (f"torch_impl.Seq2SeqAttention({Vs}, {Vt}, {E}, {H}, decoder={decoder!r}, "
-            f"score={score!r}) teacher-forced on src [B, Ts] (ids past src_lengths are not "
-            "data) and tgt [B, Tt]: a bidirectional nn.LSTM encoder packed by src_lengths, the "
-            f"decoder state (2H = {2 * H}) started from concat(h_n[-2], h_n[-1]) and "
+            f"score={score!r}, num_layers={num_layers}) teacher-forced on src [B, Ts] (ids "
+            "past src_lengths are not data) and tgt [B, Tt]: a bidirectional nn.LSTM encoder "
+            f"({num_layers} layer(s)) packed by src_lengths, the last layer's final states "
+            "starting "
+            f"the decoder state (2H = {2 * H}): concat(h_n[-2], h_n[-1]) and "
             f"concat(c_n[-2], c_n[-1]); {body}. Outputs logits [B, Tt, Vt] and attention "
             "[B, Tt, Ts]; backward from d_logits and d_attention; grads of every parameter.")
     _register("seq2seq", config, "numpy_ref.seq2seq_forward / seq2seq_backward", text,
               {"src_vocab": Vs, "tgt_vocab": Vt, "embedding_dim": E, "hidden_size": H,
-               "decoder": decoder, "score": used, "num_layers": 1,
+               "decoder": decoder, "score": used, "num_layers": num_layers,
                "src_lengths": list(src_lengths) if src_lengths else None}, make, run)
 
 
@@ -773,6 +785,8 @@ _seq2seq_config("luong_general", decoder="luong", score="general")
 _seq2seq_config("luong_dot", decoder="luong", score="dot")
 _seq2seq_config("luong_additive", decoder="luong", score="additive")
 _seq2seq_config("bahdanau", decoder="bahdanau", score=None)
+_seq2seq_config("luong_scaled_dot_2_layers", decoder="luong", score="scaled_dot", num_layers=2)
+_seq2seq_config("bahdanau_2_layers", decoder="bahdanau", score=None, num_layers=2)
 
 
 # --------------------------------------------------------------------------------------------

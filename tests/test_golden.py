@@ -453,6 +453,20 @@ def test_torch_multihead_attention(full):
                  {"query": q, "key": k, "value": v, **dict(mha.named_parameters())})
 
 
+def test_torch_multihead_attention_without_weights(full):
+    """need_weights=False: torch's other path (a query may see no key there without NaN)."""
+    inp, par, cot, t = _load(full, "multihead_attention-no_weights_key_padding_mask-float64")
+    assert "output.weights" not in t and "cotangent.d_weights" not in t
+    mha = torch.nn.MultiheadAttention(6, 2, batch_first=True).double()
+    mha.load_state_dict({k: _t(v) for k, v in par.items()})
+    q, k, v = (_t(inp[n], True) for n in ("query", "key", "value"))
+    out, w = mha(q, k, v, key_padding_mask=torch.from_numpy(inp["key_padding_mask"]),
+                 need_weights=False)
+    assert w is None
+    _check_grads(t, {"output": out}, {"output": cot["d_output"]},
+                 {"query": q, "key": k, "value": v, **dict(mha.named_parameters())})
+
+
 @pytest.mark.parametrize("config", ["kdim_vdim_float_mask", "bool_attn_mask"])
 def test_torch_multihead_attention_options(full, config):
     case = f"multihead_attention-{config}-float64"
@@ -521,13 +535,15 @@ def test_torch_classifier(full, case):
                  dict(model.named_parameters()))
 
 
-@pytest.mark.parametrize("config", ["luong_additive", "bahdanau"])
+@pytest.mark.parametrize("config", ["luong_additive", "bahdanau", "luong_scaled_dot_2_layers",
+                                    "bahdanau_2_layers"])
 def test_torch_seq2seq(full, config):
     case = f"seq2seq-{config}-float64"
     inp, par, cot, t = _load(full, case)
     o = _manifest(full)["cases"][case]["options"]
     model = Seq2SeqAttention(o["src_vocab"], o["tgt_vocab"], o["embedding_dim"],
-                             o["hidden_size"], decoder=o["decoder"], score=o["score"]).double()
+                             o["hidden_size"], decoder=o["decoder"], score=o["score"],
+                             num_layers=o["num_layers"]).double()
     load_numpy_(model, par)
     logits, attention = model(torch.from_numpy(inp["src"]), torch.from_numpy(inp["tgt"]),
                               torch.from_numpy(inp["src_lengths"]))
