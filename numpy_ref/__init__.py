@@ -39,6 +39,7 @@ from numpy_ref.layers import (
 from numpy_ref.lstm import (
     LSTMCache,
     LSTMCellCache,
+    LSTMDirectionCache,
     init_lstm_params,
     lstm_backward,
     lstm_cell_backward,
@@ -77,6 +78,7 @@ __all__ = [
     "EmbeddingCache",
     "LSTMCache",
     "LSTMCellCache",
+    "LSTMDirectionCache",
     "LinearCache",
     "MaskedSoftmaxCache",
     "MultiheadAttentionCache",

@@ -131,15 +131,19 @@ def assert_all_close(got: Mapping[str, Any], want: Mapping[str, Any], *, rtol: f
     """Compare two dicts of arrays (e.g. a params-gradient dict) key by key.
 
     got, want : mappings name -> array; the same keys, each pair of one shape. Raises one
-    AssertionError listing every missing or extra key and every failing tensor (one
-    `Comparison` line each); returns {name: max abs error} when all pass.
+    AssertionError listing every missing or extra key, every shape mismatch and every failing
+    tensor (one line each); returns {name: max abs error} when all pass.
     """
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     problems = [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in extra]
     errors = {}
     for k in want:
         if k in got:
-            result = compare(k, got[k], want[k], rtol=rtol, atol=atol)
+            try:
+                result = compare(k, got[k], want[k], rtol=rtol, atol=atol)
+            except ValueError as e:  # a shape mismatch: report it with the rest
+                problems.append(str(e))
+                continue
             errors[k] = result.max_error
             if not result.ok:
                 problems.append(str(result))
@@ -177,19 +181,22 @@ def assert_close_policy(name: str, ours: Any, ref64: Any, *, torch32: Any = None
         trusted float32 error on a tensor of one or two such entries can be a lucky near-zero.
 
     Returns our max abs error against `ref64`; raises AssertionError naming the tensor, the
-    worst index, both values and the allowance with its parts.
+    worst index, both values and the allowance with its parts (TypeError or ValueError for
+    arguments that cannot be compared: a wrong dtype, a missing torch32, unequal shapes).
     """
     ours, ref64 = _np(ours), _np(ref64)
-    assert ref64.dtype == np.float64, f"{name}: the reference must be float64, got {ref64.dtype}"
+    if ref64.dtype != np.float64:
+        raise TypeError(f"{name}: the reference must be float64, got {ref64.dtype}")
     if ours.dtype == np.float64:
         return assert_allclose_named(name, ours, ref64, rtol=RTOL64, atol=ATOL64)
-    assert ours.dtype == np.float32, f"{name}: expected float32 or float64, got {ours.dtype}"
-    assert torch32 is not None, f"{name}: a float32 check needs a trusted float32 result"
+    if ours.dtype != np.float32:
+        raise TypeError(f"{name}: expected float32 or float64, got {ours.dtype}")
+    if torch32 is None:
+        raise TypeError(f"{name}: a float32 check needs a trusted float32 result (torch32=)")
     torch32 = _np(torch32)
-    assert ours.shape == ref64.shape == torch32.shape, (
-        f"{name}: shapes ours {ours.shape}, trusted float32 {torch32.shape}, "
-        f"reference {ref64.shape}"
-    )
+    if not ours.shape == ref64.shape == torch32.shape:
+        raise ValueError(f"{name}: shapes ours {ours.shape}, trusted float32 {torch32.shape}, "
+                         f"reference {ref64.shape}")
     if not ours.size:
         return 0.0
     err = _errors(ours, ref64)

@@ -99,11 +99,12 @@ def test_compare_reports_the_worst_excess_not_the_largest_error() -> None:
 
 def test_assert_all_close_names_every_problem() -> None:
     want = {"a": np.zeros(2), "b": np.ones((2, 2)), "c": np.ones(1)}
-    got = {"a": np.zeros(2), "b": np.ones((2, 2)) + np.eye(2) * 1e-3, "d": np.ones(1)}
-    with pytest.raises(AssertionError, match="3 of 4 tensors differ") as info:
+    got = {"a": np.zeros(3), "b": np.ones((2, 2)) + np.eye(2) * 1e-3, "d": np.ones(1)}
+    with pytest.raises(AssertionError, match="4 of 4 tensors differ") as info:
         assert_all_close(got, want)
     message = str(info.value)
     assert "missing: c" in message and "unexpected: d" in message
+    assert r"a: shape (3,) != reference (2,)" in message
     assert r"b: FAIL, max error 0.001; at index (0, 0)" in message
     assert assert_all_close(want, want) == {"a": 0.0, "b": 0.0, "c": 0.0}
 
@@ -130,3 +131,13 @@ def test_gradcheck_fails_a_nan_gradient() -> None:
 
     with pytest.raises(AssertionError, match=r"gradcheck x: at index \(1,\)"):
         ref.gradcheck(loss, {"x": x}, {"x": np.array([1.0, np.nan])})
+
+
+def test_policy_refuses_arguments_it_cannot_compare_even_under_python_O() -> None:
+    r = np.ones((2, 3))
+    with pytest.raises(ValueError, match=r"shapes ours \(3,\)"):
+        assert_close_policy("v", np.ones(3, np.float32), r, torch32=np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="torch32="):
+        assert_close_policy("v", r.astype(np.float32), r)
+    with pytest.raises(TypeError, match="reference must be float64"):
+        assert_close_policy("v", r, r.astype(np.float32))
