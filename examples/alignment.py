@@ -41,7 +41,8 @@ What is measured, per decoder, on the held-out set:
   attention argmax is source position len - 1 - t; and the mean weight on that position.
 
 The sizes were chosen by experiment on this 2-core machine, where the default run must stay
-under 3 minutes (it takes 37 s idle, 41 s with other processes keeping 1.2 CPUs busy):
+under 3 minutes (31-37 s idle over three runs, 41 s with other processes keeping 1.2 CPUs
+busy):
 E = 16, H = 32 (the decoder's state is 64 wide), batch 32, 8 epochs of 64 steps, Adam with
 lr 0.01 falling linearly to 0.0005. Held-out figures after 8 epochs, seed 0 unless said
 (token accuracy / sequence accuracy / agreement):
@@ -57,7 +58,7 @@ lr 0.01 falling linearly to 0.0005. Held-out figures after 8 epochs, seed 0 unle
 The task is easy for both: the decay is what makes the last errors go (with a constant rate
 Luong's held-out loss wanders); the extra epochs over 4 are margin. A Luong step costs about
 25 ms, a Bahdanau step, a Python loop over the target steps, about 40 ms. ``--backend
-kernels`` runs the same models on the Numba ops: 22 s instead of 37 s on an idle machine.
+kernels`` runs the same models on the Numba ops: 22 s instead of 31-37 s on an idle machine.
 ``--threads`` (default 1) is the number of BLAS and Numba threads (see
 ``_common.limit_threads``: one is robust on a shared machine). ``--quick`` shrinks everything
 (data, model, lengths) to a smoke run for the tests: its numbers mean nothing.
