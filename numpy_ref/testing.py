@@ -203,6 +203,8 @@ def assert_close_policy(name: str, ours: Any, ref64: Any, *, torch32: Any = None
     err_torch = float(_errors(torch32, ref64).max())
     factor = 3 if grad else 2
     scale = float(np.abs(ref64[np.isfinite(ref64)]).max(initial=0.0)) if scale is None else scale
+    if not np.isfinite(scale):
+        raise ValueError(f"{name}: the float32 floor's scale is {scale} (a max over NaN?)")
     allowed = float32_allowance(err_torch, scale, grad=grad)
     if not err.max() <= allowed:
         j = _index(err)

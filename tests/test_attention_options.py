@@ -385,8 +385,7 @@ def compare(s: Spec, a: dict, ours: dict, reference: dict, torch32: dict | None)
     scales: dict[str, float | None] = {}
     if torch32 is not None:  # the float32 floors (see test_attention.check_case)
         a64 = cast(a, np.float64)
-        grads = {n: float(np.abs(x).max()) for n, x in reference.items()
-                 if n.startswith("d_") and x.size}
+        grads = {n: finite_max(x) for n, x in reference.items() if n.startswith("d_") and x.size}
         grad_scale = max(grads.values())
         ratio, size = vjp_cancellation(s, a64, reference["weights"])
         through_ds = max(grad_scale, ratio * max(v for n, v in grads.items()
@@ -396,9 +395,9 @@ def compare(s: Spec, a: dict, ours: dict, reference: dict, torch32: dict | None)
         if "d_params['bias']" in reference:
             # a sum over the axes the bias was broadcast along of ds entries, each rounded
             # relative to its own terms: the floor scales with the summed terms' size
-            summed = float(reduce_to(size, a["bias"].shape).max())
+            summed = finite_max(reduce_to(size, a["bias"].shape))
             scales["d_params['bias']"] = max(through_ds, summed)
-        scales["context"] = float(np.abs(a64["values"]).max())
+        scales["context"] = finite_max(a64["values"])
         scales["weights"] = None
     for name, want in reference.items():
         got = ours[name]
@@ -413,6 +412,12 @@ def compare(s: Spec, a: dict, ours: dict, reference: dict, torch32: dict | None)
     return errors
 
 
+def finite_max(x: np.ndarray) -> float:
+    """max|x| over the entries that are not NaN (torch's NaN entries are skipped, see compare):
+    a NaN there would make the float32 floor NaN, which fails every comparison."""
+    return float(np.abs(x[~np.isnan(x)]).max(initial=0.0))
+
+
 def vjp_cancellation(s: Spec, a64: dict, weights: np.ndarray) -> tuple[float, np.ndarray]:
     """The softmax VJP ds = w (dw - delta), delta = sum_j w_j dw_j, of the case in float64:
     (max|w dw| / max|ds|, how far ds cancels below its terms (1 when it does not); the terms'
@@ -424,8 +429,8 @@ def vjp_cancellation(s: Spec, a64: dict, weights: np.ndarray) -> tuple[float, np
     if a64["d_weights"] is not None:
         dw = dw + to_heads(a64["d_weights"], s.layout)
     delta = np.sum(w * dw, axis=-1, keepdims=True)
-    terms = float(np.abs(w * dw).max())
-    ds = float(np.abs(w * (dw - delta)).max())
+    terms = finite_max(w * dw)
+    ds = finite_max(w * (dw - delta))
     size = from_heads(np.abs(w * dw) + np.abs(w * delta), s.layout)
     return (max(1.0, terms / ds) if ds > 0 else 1.0), size
 
