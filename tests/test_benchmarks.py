@@ -528,15 +528,16 @@ def test_a_passing_slowdown_is_cleared_by_the_second_look():
     (row,) = runner.run_cases([case], dtype=np.float32, repeat=3, min_time=0.05, memory=False)
     old = {"schema": runner.SCHEMA, "header": {"noise": {"probe_drift": None}},
            "rows": [row.record([row])]}
-    # the same row as if a passing cloud had made it 5x slower in this run
-    cloudy = dataclasses.replace(row, median_s=5 * row.median_s, min_s=5 * row.min_s,
-                                 iqr_s=5 * row.iqr_s, times_s=[5 * t for t in row.times_s])
+    # the same row as if a passing cloud had made it 20x slower in this run (far beyond what a
+    # loaded machine does to a second look: a 0.6 ms row was seen at 2.1x under CI load)
+    cloudy = dataclasses.replace(row, median_s=20 * row.median_s, min_s=20 * row.min_s,
+                                 iqr_s=20 * row.iqr_s, times_s=[20 * t for t in row.times_s])
     args = argparse.Namespace(min_band=0.1, dtype="float32", repeat=3, min_time=0.05,
                               no_memory=True)
     (kept,) = _retime_slower([cloudy], [case], old, args)
-    assert kept is not cloudy and kept.median_s < 2 * row.median_s
+    assert kept is not cloudy and kept.median_s < 5 * row.median_s
     new = {"schema": runner.SCHEMA, "header": {"noise": {"probe_drift": None}},
            "rows": [kept.record([kept])]}
-    assert compare.compare(old, new, min_band=1.0).regressions == []
+    assert compare.compare(old, new, min_band=5.0).regressions == []
     # a row that is not slower is left as it is, not timed again
     assert _retime_slower([row], [case], old, args) == [row]
