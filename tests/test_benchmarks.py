@@ -239,8 +239,13 @@ def _big_case(pass_="forward"):
 
 
 def test_a_row_above_its_ceiling_is_flagged_after_the_ceiling_is_timed_again():
-    case, looks = _with_ceiling(_big_case(), lambda again: 10.0)  # 10 s: nothing is that slow
-    (row,) = runner.run_cases([case], dtype=np.float32, repeat=3, min_time=0.0)
+    # A noisy row says so before anything else; on a loaded machine three samples can spread
+    # by more than half their median, so up to three tries may be needed for a quiet one.
+    for _ in range(3):
+        case, looks = _with_ceiling(_big_case(), lambda again: 10.0)  # 10 s: nothing is slower
+        (row,) = runner.run_cases([case], dtype=np.float32, repeat=3, min_time=0.0)
+        if row.rel_iqr <= runner.MAX_REL_IQR:
+            break
     # the first look, the second look the row asked for, and the final read of every ceiling
     assert looks == [False, True, False]
     assert row.status == "above ceiling" and row.pct_of_ceiling > 100
