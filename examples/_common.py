@@ -1,5 +1,5 @@
 """What the two demos share: their command-line options, the backend switch, the thread
-limit, a softmax, how busy the machine was while they ran, and the JSON they write.
+limit, how busy the machine was while they ran, and the JSON they write.
 
 The demos themselves (``seed_classifier.py``, ``alignment.py``) hold the models, the training
 loops and the figures; nothing here is needed to follow the math.
@@ -93,12 +93,6 @@ def backend_module(name: str) -> ModuleType:
 
         return kernels
     return numpy_ref
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, max-subtracted: [..., C] -> [..., C]."""
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
 
 
 def _busy_cpu_seconds() -> float | None:

@@ -110,9 +110,8 @@ from typing import Any
 import numpy as np
 
 import numpy_ref as ref
-from numpy_ref.testing import compare
+from numpy_ref.testing import EPS32, compare, float32_allowance
 
-EPS32 = float(np.finfo(np.float32).eps)
 F64_TOL = 1e-7  # float64 rtol = atol (torch.testing's float64 defaults)
 TOL_SLACK = 2.0  # verify: a stored float32 atol may be at most this times the recomputed one
 SCALE_FLOOR = 1e-30  # the smallest scale of a float32 allowance
@@ -827,11 +826,10 @@ def _tolerances(dtype: str, want: dict[str, Arrays], low: dict[str, Arrays] | No
     grad_scale = max((float(np.abs(g).max()) for g in want["grad"].values() if g.size),
                      default=0.0)
     for role in CHECKED_ROLES:
-        factor = 3 if role == "grad" else 2
         for name, w in want[role].items():
             err = float(np.abs(low[role][name].astype(np.float64) - w).max()) if w.size else 0.0
             scale = grad_scale if role == "grad" else (float(np.abs(w).max()) if w.size else 0)
-            atol = factor * err + 8 * EPS32 * max(scale, SCALE_FLOOR)
+            atol = float32_allowance(err, max(scale, SCALE_FLOOR), grad=role == "grad")
             tol[f"{role}.{name}"] = (float(np.float64(atol)), 0.0)
     return tol
 
