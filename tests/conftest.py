@@ -1,5 +1,9 @@
 """Shared test configuration: hypothesis profiles, the device parametrization, CUDA policy.
 
+CUDA: every test marked ``cuda`` (and the ``cuda`` case of the ``device`` fixture, which carries
+the mark) compares ours with torch on a GPU; without one they are collected and skipped, so
+``pytest -m cuda`` lists every CUDA comparison on any machine. TF32 is off for all of them.
+
 Hypothesis profile, chosen by ``HYPOTHESIS_PROFILE`` (default: ``ci`` when ``CI`` is set, else
 ``dev``):
 - ``ci``: hypothesis' own ``ci`` profile (derandomized, no database) with our settings on top.
@@ -39,7 +43,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session", params=["cpu", "cuda"] if HAS_CUDA else ["cpu"])
+@pytest.fixture(scope="session", params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request: pytest.FixtureRequest) -> str:
-    """Every torch device this machine has: ``cpu``, and ``cuda`` when available."""
+    """The torch device of the trusted float32 result: ``cpu``, and ``cuda``.
+
+    The ``cuda`` case carries the ``cuda`` mark, so ``pytest -m cuda`` selects it with the
+    tests marked ``cuda``, and it is skipped cleanly (by the hook above) where torch sees no
+    GPU.
+    """
     return request.param

@@ -48,7 +48,7 @@ from test_attention_reliability import run
 
 import kernels
 import numpy_ref
-from numpy_ref.testing import assert_close_policy
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 BACKENDS = {"numpy_ref": numpy_ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
@@ -250,8 +250,9 @@ def at_least_2d(m):
     return m[None] if m.ndim == 1 else m
 
 
-def torch_run(s: Spec, a: dict, use_sdpa: bool) -> dict[str, np.ndarray]:
-    """torch forward and autograd backward, in the dtype of `a`'s arrays, named like ours.
+def torch_run(s: Spec, a: dict, use_sdpa: bool, device: str = "cpu") -> dict[str, np.ndarray]:
+    """torch forward and autograd backward on `device`, in the dtype of `a`'s arrays, named
+    like ours (NumPy arrays, back on the CPU).
 
     use_sdpa: the context from `F.scaled_dot_product_attention` (dot, scaled_dot, general);
     otherwise from the scores spelled out in torch ops. The weights always come from the
@@ -260,7 +261,10 @@ def torch_run(s: Spec, a: dict, use_sdpa: bool) -> dict[str, np.ndarray]:
     assert not (use_sdpa and s.d_weights)
 
     def leaf(x: np.ndarray) -> torch.Tensor:
-        return torch.tensor(x, requires_grad=True)
+        return torch.tensor(x, device=device, requires_grad=True)
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.tensor(x, device=device)
 
     leaves = {"d_query": leaf(a["query"]), "d_keys": leaf(a["keys"]),
               "d_values": leaf(a["values"])}
@@ -278,7 +282,7 @@ def torch_run(s: Spec, a: dict, use_sdpa: bool) -> dict[str, np.ndarray]:
     wshape = weights_shape(s)
     bias4 = None if bias is None else to_heads(bias.expand(wshape), s.layout)
     bool_vis = bool_visibility(s, a)
-    visible = torch.tensor(full_visibility(s, a))
+    visible = t(full_visibility(s, a))
     sees = visible.any(dim=-1, keepdim=True)
 
     # the weights (and the context when not use_sdpa), from the formulas
@@ -304,27 +308,27 @@ def torch_run(s: Spec, a: dict, use_sdpa: bool) -> dict[str, np.ndarray]:
         elif bias is None:
             if (s.layout == "heads" and a["mask"] is not None and s.lengths is None
                     and not s.causal):
-                kw["attn_mask"] = torch.tensor(at_least_2d(a["mask"]))  # its own shape
+                kw["attn_mask"] = t(at_least_2d(a["mask"]))  # its own shape
             elif bool_vis is not None:
-                kw["attn_mask"] = torch.tensor(bool_vis)
+                kw["attn_mask"] = t(bool_vis)
         else:
             float_mask = at_least_2d(bias) if s.layout == "heads" else bias4
             if bool_vis is not None:
-                float_mask = bias4 + torch.where(torch.tensor(bool_vis), 0.0, float("-inf")
+                float_mask = bias4 + torch.where(t(bool_vis), 0.0, float("-inf")
                                                  ).to(bias.dtype)
             kw["attn_mask"] = float_mask
         context = F.scaled_dot_product_attention(core_q, k, v, **kw)
 
     outputs = [from_heads(context, s.layout)]
-    cotangents = [torch.tensor(a["d_context"])]
+    cotangents = [t(a["d_context"])]
     if s.d_weights:
         outputs.append(from_heads(weights, s.layout))
-        cotangents.append(torch.tensor(a["d_weights"]))
+        cotangents.append(t(a["d_weights"]))
     grads = torch.autograd.grad(outputs, list(leaves.values()), cotangents, allow_unused=True)
     res = {"context": outputs[0], "weights": from_heads(weights, s.layout)}
     for (name, x), g in zip(leaves.items(), grads, strict=True):
         res[name] = torch.zeros_like(x) if g is None else g
-    return {n: t.detach().numpy() for n, t in res.items()}
+    return {n: x.detach().cpu().numpy() for n, x in res.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +554,84 @@ def test_a_query_that_sees_no_key_matches_sdpa(backend: str, sdpa_backend: str) 
             assert np.all(torch_row == 0) or np.all(np.isnan(torch_row)), (name, torch_row)
     errors = compare(s, a, ours, reference, None)
     record(backend, s, errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch on CUDA
+
+
+def _cuda_spec(layout: str, score: str, options: str, d_weights: bool) -> Spec:
+    """A small fixed spec per layout. options: "plain" (none), "causal" (is_causal alone, SDPA's
+    own flag) or "all" (lengths, a bool mask with holes, a bias with -inf, causal where there
+    are query steps, a scale). The heads layout has grouped-query heads (h 4, h_kv 2) but for
+    "plain"."""
+    every = options == "all"
+    Hk = 5 if score in ("dot", "scaled_dot") else 4
+    base = dict(layout=layout, score=score, B=3, h=1, h_kv=1, Tq=1, Tk=9, Hq=5, Hk=Hk, Hv=6,
+                A=4 if score == "additive" else 0, lengths=None, mask_shape=None,
+                bias_shape=None, bias_ninf=every, causal=options != "plain" and layout != "single",
+                scale=0.7 if every and score != "additive" else None, d_weights=d_weights,
+                seed=41)
+    if layout == "single" and every:
+        base.update(lengths=(9, 2, 6), mask_shape=(3, 9), bias_shape=(1, 9))
+    if layout == "steps":
+        base.update(Tq=6)
+        if every:
+            base.update(lengths=(9, 2, 6), mask_shape=(6, 9), bias_shape=(3, 6, 9))
+    if layout == "heads":
+        base.update(B=2, h=4, h_kv=4 if options == "plain" else 2, Tq=5, Tk=7)
+        if every:
+            base.update(lengths=(7, 3), mask_shape=(2, 1, 1, 7), bias_shape=(1, 4, 5, 7))
+    return Spec(**base)
+
+
+def _cuda_cases():
+    for layout in LAYOUTS:
+        for options in ("plain", "causal", "all"):
+            if layout == "single" and options == "causal":
+                continue
+            for score in SCORES:
+                routes = ["sdpa", "torch-ops"] if score in SDPA_SCORES else ["torch-ops"]
+                for route in routes:
+                    yield pytest.param(layout, score, options, route,
+                                       id=f"{layout}-{score}-{options}-{route}")
+
+
+def check_against_torch_on(device: str, backend: str, s: Spec, dtype,
+                           use_sdpa: bool) -> dict[str, float]:
+    """Ours (on the CPU) against torch on `device` in the same dtype: float64 to the float64
+    rule, float32 to rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off); entries torch gives
+    as NaN are skipped as in `compare`, and ours must be exact zeros at queries that see no
+    key. Returns the errors."""
+    a = cast(make_arrays(s), dtype)
+    ours = run_ours(backend, s, a)
+    theirs = torch_run(s, a, use_sdpa, device)
+    if dtype == np.float64:
+        return compare(s, a, ours, theirs, None)
+    assert_dead_rows_are_zero(s, a, ours)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    errors = {}
+    for name, want in theirs.items():
+        got = ours[name]
+        assert got.dtype == want.dtype == np.float32, (name, got.dtype, want.dtype)
+        assert got.shape == want.shape, f"{name}: shape {got.shape} != torch's {want.shape}"
+        keep = ~np.isnan(want)
+        errors[name] = assert_allclose_named(name, got[keep], want[keep], rtol=1e-3, atol=1e-3)
+    return errors
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("layout", "score", "options", "route"), list(_cuda_cases()))
+def test_options_match_torch_cuda(layout: str, score: str, options: str, route: str,
+                                  dtype) -> None:
+    """numpy_ref against torch on CUDA, every layout and score, without options, with causal
+    alone and with every option together (grouped-query heads included): through SDPA (its
+    CUDA kernels) for the dot-product scores, and through the scores in torch ops with a
+    cotangent on the weights for all four."""
+    use_sdpa = route == "sdpa"
+    s = _cuda_spec(layout, score, options, d_weights=not use_sdpa)
+    check_against_torch_on("cuda", "numpy_ref", s, dtype, use_sdpa)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Greedy decoding and beam search: against the torch module's methods, against each other,
 and against an exhaustive search scored by the teacher-forced forward (which also checks that
 decoding one token at a time computes what `seq2seq_forward` computes over a whole target).
+The comparison with the torch module also runs with the module on CUDA (marked ``cuda``).
 """
 
 from __future__ import annotations
@@ -110,27 +111,42 @@ def test_beam_size_one_is_greedy_decoding(backend, decoder, score) -> None:
         assert abs(scores[b] - _log_prob(case, params, src, lengths, b, hyp)) < 1e-12
 
 
+def check_decoding_against_torch_on(device: str, backend: str, decoder: str, score,
+                                    beam_size: int) -> None:
+    """Greedy and beam search of a backend (float64, on the CPU) against the torch module's
+    methods on `device`: the same tokens, and beam scores to 1e-12 relative."""
+    case = _case(decoder, score, V=9, seed=3)
+    params, (src, lengths) = _params(case), _source(case)
+    m = torch_module(case, params, device)
+    t_src, t_lengths = torch.tensor(src, device=device), torch.tensor(lengths, device=device)
+    kw = dict(max_len=6, bos=BOS, eos=EOS)
+    got = ref.greedy_decode(src, params, src_lengths=lengths, decoder=decoder, score=score,
+                            backend=BACKENDS[backend], **kw)
+    want = m.greedy_decode(t_src, src_lengths=t_lengths, **kw)
+    np.testing.assert_array_equal(got, want.cpu().numpy())
+    tokens, scores = ref.beam_search(src, params, beam_size=beam_size, src_lengths=lengths,
+                                     decoder=decoder, score=score, length_penalty=0.7,
+                                     backend=BACKENDS[backend], **kw)
+    t_tokens, t_scores = m.beam_search(t_src, beam_size=beam_size, src_lengths=t_lengths,
+                                       length_penalty=0.7, **kw)
+    np.testing.assert_array_equal(tokens, t_tokens.cpu().numpy())
+    np.testing.assert_allclose(scores, t_scores.cpu().numpy(), rtol=1e-12, atol=0)
+
+
 @over_backends
 @configs
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
 def test_decoding_matches_the_torch_modules_methods(backend, decoder, score,
                                                     beam_size) -> None:
-    case = _case(decoder, score, V=9, seed=3)
-    params, (src, lengths) = _params(case), _source(case)
-    m = torch_module(case, params)
-    kw = dict(max_len=6, bos=BOS, eos=EOS)
-    got = ref.greedy_decode(src, params, src_lengths=lengths, decoder=decoder, score=score,
-                            backend=BACKENDS[backend], **kw)
-    want = m.greedy_decode(torch.tensor(src), src_lengths=torch.tensor(lengths), **kw)
-    np.testing.assert_array_equal(got, want.numpy())
-    tokens, scores = ref.beam_search(src, params, beam_size=beam_size, src_lengths=lengths,
-                                     decoder=decoder, score=score, length_penalty=0.7,
-                                     backend=BACKENDS[backend], **kw)
-    t_tokens, t_scores = m.beam_search(torch.tensor(src), beam_size=beam_size,
-                                       src_lengths=torch.tensor(lengths), length_penalty=0.7,
-                                       **kw)
-    np.testing.assert_array_equal(tokens, t_tokens.numpy())
-    np.testing.assert_allclose(scores, t_scores.numpy(), rtol=1e-12, atol=0)
+    check_decoding_against_torch_on("cpu", backend, decoder, score, beam_size)
+
+
+@pytest.mark.cuda
+@configs
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_decoding_matches_the_torch_modules_methods_cuda(decoder, score, beam_size) -> None:
+    """numpy_ref against the torch module on CUDA (float64)."""
+    check_decoding_against_torch_on("cuda", "numpy_ref", decoder, score, beam_size)
 
 
 @configs

@@ -17,11 +17,14 @@ from hypothesis import strategies as st
 
 import kernels
 import numpy_ref as ref
-from numpy_ref.testing import assert_close_policy
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 BACKENDS = {"numpy_ref": ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+
+
+TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
 
 
 def _check(name: str, ours, ref64, t32, dtype, grad: bool = False, scale=None) -> float:
@@ -29,8 +32,30 @@ def _check(name: str, ours, ref64, t32, dtype, grad: bool = False, scale=None) -
                                grad=grad, scale=scale)
 
 
+def _check_cuda(name: str, ours, theirs, dtype, grad: bool = False) -> float:
+    """Ours against torch on CUDA in the same dtype: float64 to the float64 rule, float32 to
+    rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off)."""
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.dtype == theirs.dtype == dtype, (name, ours.dtype, theirs.dtype)
+    if dtype == np.float64:
+        return assert_close_policy(name, ours, theirs, grad=grad)
+    return assert_allclose_named(name, ours, theirs, rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # embedding
+
+
+def torch_embedding(ids: np.ndarray, weight: np.ndarray, d_out: np.ndarray, padding_idx,
+                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """F.embedding on `device` in weight's dtype and its autograd weight gradient.
+
+    ids int [...], weight [V, E], d_out [..., E] -> (out [..., E], d_weight [V, E]).
+    """
+    w = torch.tensor(weight, device=device, requires_grad=True)
+    t_out = F.embedding(torch.tensor(ids, device=device), w, padding_idx=padding_idx)
+    (t_grad,) = torch.autograd.grad(t_out, w, torch.tensor(d_out, device=device))
+    return t_out.detach().cpu().numpy(), t_grad.cpu().numpy()
 
 
 @over_backends
@@ -50,12 +75,10 @@ def test_embedding_matches_torch(backend, dtype, shape, V, E, padding, seed) -> 
     out, cache = mod.embedding_forward(ids, {"weight": weight}, padding_idx=padding_idx)
     d_weight = mod.embedding_backward(d_out, cache)["weight"]
     assert out.dtype == d_weight.dtype == dtype
-    w = torch.tensor(weight, requires_grad=True)
-    t_out = F.embedding(torch.tensor(ids), w, padding_idx=padding_idx)
-    (t_grad,) = torch.autograd.grad(t_out, w, torch.tensor(d_out))
-    np.testing.assert_array_equal(out, t_out.detach().numpy())  # a gather: exact
+    t_out, t_grad = torch_embedding(ids, weight, d_out, padding_idx)
+    np.testing.assert_array_equal(out, t_out)  # a gather: exact
     # a scatter-add: the same sums, perhaps in another order
-    np.testing.assert_allclose(d_weight, t_grad.numpy(), rtol=1e-6 if dtype == np.float32
+    np.testing.assert_allclose(d_weight, t_grad, rtol=1e-6 if dtype == np.float32
                                else 1e-14, atol=1e-6 if dtype == np.float32 else 1e-14)
     if padding_idx is not None:
         assert np.all(d_weight[padding_idx] == 0)
@@ -63,6 +86,22 @@ def test_embedding_matches_torch(backend, dtype, shape, V, E, padding, seed) -> 
 
 # ---------------------------------------------------------------------------------------------
 # linear
+
+
+def torch_linear(x: np.ndarray, params: dict, d_y: np.ndarray, tdtype: torch.dtype,
+                 device: str = "cpu") -> list[np.ndarray]:
+    """F.linear on `device` in tdtype and its autograd gradients.
+
+    x [..., I], params {"weight": [O, I], optionally "bias": [O]}, d_y [..., O] ->
+    [y [..., O], d_x [..., I], d_weight [O, I], (d_bias [O])].
+    """
+    tx = torch.tensor(x, dtype=tdtype, device=device, requires_grad=True)
+    tp = {k: torch.tensor(v, dtype=tdtype, device=device, requires_grad=True)
+          for k, v in params.items()}
+    ty = F.linear(tx, tp["weight"], tp.get("bias"))
+    grads = torch.autograd.grad(ty, [tx, *tp.values()],
+                                torch.tensor(d_y, dtype=tdtype, device=device))
+    return [t.detach().cpu().numpy() for t in (ty, *grads)]
 
 
 @over_backends
@@ -82,11 +121,7 @@ def test_linear_matches_torch(backend, dtype, lead, I, O, bias, seed) -> None:
     assert list(d_params) == list(params)
 
     def torch_run(tdtype):
-        tx = torch.tensor(x, dtype=tdtype, requires_grad=True)
-        tp = {k: torch.tensor(v, dtype=tdtype, requires_grad=True) for k, v in params.items()}
-        ty = F.linear(tx, tp["weight"], tp.get("bias"))
-        grads = torch.autograd.grad(ty, [tx, *tp.values()], torch.tensor(d_y, dtype=tdtype))
-        return [t.detach().numpy() for t in (ty, *grads)]
+        return torch_linear(x, params, d_y, tdtype)
 
     # the float64 reference is computed from our (possibly float32-rounded) inputs
     want = torch_run(torch.float64) if dtype == np.float64 else None
@@ -133,6 +168,27 @@ def _ce_inputs(rng, shape, probabilities, ignore, weighted):
     return logits, targets, weight
 
 
+def torch_cross_entropy(logits: np.ndarray, targets: np.ndarray, weight: np.ndarray | None,
+                        d_loss, tdtype: torch.dtype, device: str = "cpu", **kw
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """F.cross_entropy on `device` (float arrays in tdtype, class indices as int64) and its
+    autograd gradient under the cotangent d_loss (the loss' shape).
+
+    logits [N, C, d...] or [C], targets [N, d...] indices or logits-shaped probabilities,
+    weight [C] or None; kw: reduction, label_smoothing -> (loss, d_logits like logits).
+    """
+    def t(a):
+        if a is None:
+            return None
+        a = np.asarray(a)
+        return torch.tensor(a, dtype=tdtype if a.dtype.kind == "f" else None, device=device)
+
+    z = t(logits).requires_grad_()
+    tl = F.cross_entropy(z, t(targets), weight=t(weight), **kw)
+    (tg,) = torch.autograd.grad(tl, z, t(d_loss))
+    return tl.detach().cpu().numpy(), tg.cpu().numpy()
+
+
 def _target_mass(logits, targets, weight, ls, reduction, d_loss) -> float:
     """max over rows of |d_row| sum_c q_c: the size of the terms d_logits is a difference of."""
     C = logits.shape[0] if logits.ndim == 1 else logits.shape[1]
@@ -177,16 +233,9 @@ def test_cross_entropy_matches_torch(backend, dtype, shape, reduction, probabili
     assert np.asarray(loss).dtype == d_logits.dtype == dtype
     assert d_logits.shape == logits.shape
 
-    def torch_run(tdtype):
-        def t(a):
-            return None if a is None else torch.tensor(
-                np.asarray(a).astype(dtype).astype(np.float64) if a.dtype.kind == "f" else a,
-                dtype=tdtype if a.dtype.kind == "f" else None)
-
-        z = t(logits).requires_grad_()
-        tl = F.cross_entropy(z, t(targets), weight=t(weight), **kw)
-        (tg,) = torch.autograd.grad(tl, z, torch.tensor(d_loss.astype(dtype), dtype=tdtype))
-        return tl.detach().numpy(), tg.numpy()
+    def torch_run(tdtype):  # on our (possibly float32-rounded) inputs
+        return torch_cross_entropy(cast(logits), cast(targets), cast(weight),
+                                   cast(np.asarray(d_loss)), tdtype, **kw)
 
     want_loss, want_grad = torch_run(torch.float64)
     t_loss, t_grad = torch_run(torch.float32) if dtype == np.float32 else (None, None)
@@ -225,6 +274,90 @@ def test_cross_entropy_is_finite_for_logits_of_1e4_and_nan_propagates(backend) -
     logits[1, 0] = np.nan
     loss, _ = mod.cross_entropy_forward(logits, np.array([1, 0]), reduction="none")
     assert np.isfinite(loss[0]) and np.isnan(loss[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch on CUDA: ours (on the CPU) against torch on the GPU in the same dtype
+
+
+CUDA_DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32],
+                                      ids=["float64", "float32"])
+
+
+def check_embedding_against_torch_on(device: str, dtype, padding_idx) -> None:
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 7, (3, 4))
+    ids[0, :2] = ids[1, 0]  # a repeated id: its gradient rows are summed
+    weight = rng.standard_normal((7, 5)).astype(dtype)
+    d_out = rng.standard_normal((3, 4, 5)).astype(dtype)
+    out, cache = ref.embedding_forward(ids, {"weight": weight}, padding_idx=padding_idx)
+    d_weight = ref.embedding_backward(d_out, cache)["weight"]
+    t_out, t_grad = torch_embedding(ids, weight, d_out, padding_idx, device)
+    np.testing.assert_array_equal(out, t_out)  # a gather: exact on any device
+    if dtype == np.float64:  # the CPU test's float64 tolerance
+        np.testing.assert_allclose(d_weight, t_grad, rtol=1e-14, atol=1e-14)
+    else:
+        _check_cuda("d_weight", d_weight, t_grad, dtype, grad=True)
+
+
+@pytest.mark.cuda
+@CUDA_DTYPES
+@pytest.mark.parametrize("padding_idx", [None, 0, -1])
+def test_embedding_matches_torch_cuda(dtype, padding_idx) -> None:
+    check_embedding_against_torch_on("cuda", dtype, padding_idx)
+
+
+def check_linear_against_torch_on(device: str, dtype, lead: tuple[int, ...], bias: bool) -> None:
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((*lead, 6)).astype(dtype)
+    params = {"weight": rng.standard_normal((5, 6)).astype(dtype)}
+    if bias:
+        params["bias"] = rng.standard_normal(5).astype(dtype)
+    d_y = rng.standard_normal((*lead, 5)).astype(dtype)
+    y, cache = ref.linear_forward(x, params)
+    d_x, d_params = ref.linear_backward(d_y, cache)
+    theirs = torch_linear(x, params, d_y, TORCH_DTYPES[np.dtype(dtype)], device)
+    names = ["y", "d_x", *(f"d_{k}" for k in params)]
+    for name, ours, t in zip(names, [y, d_x, *d_params.values()], theirs, strict=True):
+        _check_cuda(name, ours, t, dtype, grad=name != "y")
+
+
+@pytest.mark.cuda
+@CUDA_DTYPES
+@pytest.mark.parametrize(("lead", "bias"), [((), True), ((4,), False), ((2, 3), True)],
+                         ids=["[I]-bias", "[4, I]", "[2, 3, I]-bias"])
+def test_linear_matches_torch_cuda(dtype, lead, bias) -> None:
+    check_linear_against_torch_on("cuda", dtype, lead, bias)
+
+
+def check_cross_entropy_against_torch_on(device: str, dtype, shape: tuple[int, ...],
+                                         reduction: str, probabilities: bool) -> None:
+    """Class weights, label smoothing and (for class indices) an ignored row, all at once."""
+    rng = np.random.default_rng(9)
+    logits, targets, weight = _ce_inputs(rng, shape, probabilities, "one", True)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+
+    def cast(a):
+        return a if a is None or a.dtype.kind != "f" else a.astype(dtype)
+
+    logits, targets, weight = cast(logits), cast(targets), cast(weight)
+    loss, cache = ref.cross_entropy_forward(logits, targets, weight=weight, **kw)
+    d_loss = cast(np.asarray(rng.standard_normal(np.shape(loss))))
+    d_logits = ref.cross_entropy_backward(d_loss if reduction == "none" else dtype(d_loss),
+                                          cache)
+    t_loss, t_grad = torch_cross_entropy(logits, targets, weight, d_loss,
+                                         TORCH_DTYPES[np.dtype(dtype)], device, **kw)
+    _check_cuda("loss", loss, t_loss, dtype)
+    _check_cuda("d_logits", d_logits, t_grad, dtype, grad=True)
+
+
+@pytest.mark.cuda
+@CUDA_DTYPES
+@pytest.mark.parametrize("shape", SHAPES, ids=["[N, C]", "[N, C, d1, d2]", "[C]"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+def test_cross_entropy_matches_torch_cuda(dtype, shape, reduction, probabilities) -> None:
+    check_cross_entropy_against_torch_on("cuda", dtype, shape, reduction, probabilities)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ d_x are exactly 0 at padded steps. NaN in a real step is data: it propagates as 
 own row (and the weight gradients) without raising, and leaves the other rows bit for bit
 alone.
 
-Every test is parametrized by backend; the kernels cases carry "kernels" in their ids, so CI's
+On CUDA, each case is also run against torch.nn.LSTM on a packed batch (cuDNN), with zeros and
+with NaN in the padded steps of x and d_output on both sides.
+
+Every CPU test is parametrized by backend; the kernels cases carry "kernels" in their ids, so CI's
 ``NUMBA_DISABLE_JIT=1 pytest -k kernels`` runs them with the kernels' Python source.
 """
 
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_lstm import BACKENDS, Case, cast, make_arrays, run_ours
+from test_lstm import BACKENDS, Case, cast, make_arrays, run_ours, run_torch
+
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 
@@ -110,3 +115,32 @@ def test_lstm_nan_in_a_real_step_propagates_to_its_row_only(backend: str, name: 
                               _steps_rows(case, clean[key])[:, others]), key
     for key in ("h_n", "c_n", "d_h0", "d_c0"):
         assert np.array_equal(got[key][:, others], clean[key][:, others]), key
+
+
+def check_padded_against_torch_on(device: str, name: str, fill: str, dtype) -> None:
+    """numpy_ref against torch on `device` (packed by the lengths) in the same dtype, the padded
+    steps of x and d_output filled with `fill` on both sides: float64 to the float64 rule,
+    float32 to rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off)."""
+    case = CASES[name]
+    a = cast(make_arrays(case), dtype)
+    value = 0.0 if fill == "zero" else FILLS[fill]
+    a = dict(a, x=_fill_padding(case, a["x"], value),
+             d_output=_fill_padding(case, a["d_output"], value))
+    ours, theirs = run_ours(case, a), run_torch(case, a, device)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for key, got in ours.items():
+        assert got.dtype == theirs[key].dtype == dtype, (key, got.dtype, theirs[key].dtype)
+        if dtype == np.float64:
+            assert_close_policy(key, got, theirs[key], grad=key.startswith("d_"))
+        else:
+            assert_allclose_named(key, got, theirs[key], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("fill", ["zero", "nan"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_lstm_padded_batch_matches_torch_cuda(name: str, fill: str, dtype) -> None:
+    """Every case (one and two directions, 1 to 3 layers, proj_size, batch_first, zero initial
+    states) against torch on CUDA over packed lengths."""
+    check_padded_against_torch_on("cuda", name, fill, dtype)

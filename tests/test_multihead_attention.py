@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import kernels
 import numpy_ref
-from numpy_ref.testing import assert_close_policy
+from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 BACKENDS = {"numpy_ref": numpy_ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
@@ -360,6 +360,62 @@ def test_report_largest_float64_error(capsys) -> None:
 def test_multihead_attention_float32_within_policy(backend: str, masks: str, device: str,
                                                    data: st.DataObject) -> None:
     check_case(data.draw(cases(masks), label="case"), np.float32, backend, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch on CUDA
+
+
+def _cuda_case(i: int, masks: str) -> Case:
+    """The i-th fixed case: the layouts, the sharings, kdim/vdim, bias=False, need_weights,
+    per-head weights and a weights cotangent each turn up across the mask kinds."""
+    layout, sharing = LAYOUTS[i % 3], SHARING[(i // 3) % 3]
+    separate = sharing != "self-attention" and i % 2 == 1
+    kdim = 4 if separate else None
+    vdim = (kdim if sharing == "key-is-value" else 7) if separate else None
+    need_weights = i % 4 != 3
+    return Case(masks, layout, N=1 if layout == "unbatched" else 3, L=5,
+                S=5 if sharing == "self-attention" else 6, num_heads=2, head_dim=3, kdim=kdim,
+                vdim=vdim, bias=i % 5 != 4, sharing=sharing, need_weights=need_weights,
+                average=i % 2 == 0, d_weights=need_weights and i % 3 != 2, scale=1.0,
+                mask_scale=2.0, seed=100 + i)
+
+
+CUDA_CASES = [_cuda_case(i, masks) for i, masks in enumerate(MASKS)]
+
+
+def check_against_torch_on(device: str, case: Case, dtype, backend: str = "numpy_ref"
+                           ) -> dict[str, float]:
+    """Ours (on the CPU) against nn.MultiheadAttention on `device` in the same dtype (with one
+    torch leaf for shared inputs too): float64 to the float64 rule, float32 to rtol = atol =
+    1e-3 (the CPU-vs-CUDA rule, TF32 off). Returns the errors by name."""
+    a = cast(make_arrays(case), dtype)
+    ours = run_ours(case, a, backend)
+    runs = [("", run_torch(case, a, device))]
+    if case.sharing != "distinct":
+        runs.append((" (one torch leaf)", run_torch(case, a, device, shared=True)))
+    errors: dict[str, float] = {}
+    for label, theirs in runs:
+        for name, want in theirs.items():
+            assert ours[name].dtype == want.dtype == dtype, (name, ours[name].dtype, want.dtype)
+            if dtype == np.float64:
+                err = assert_close_policy(name + label, ours[name], want,
+                                          grad=name.startswith("d_"))
+            else:
+                err = assert_allclose_named(name + label, ours[name], want, rtol=1e-3,
+                                            atol=1e-3)
+            errors[name] = max(errors.get(name, 0.0), err)
+    assert set(errors) == set(ours), sorted(set(errors) ^ set(ours))
+    return errors
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", CUDA_CASES,
+                         ids=[f"{c.masks}-{c.layout}-{c.sharing}" for c in CUDA_CASES])
+def test_multihead_attention_matches_torch_cuda(case: Case, dtype) -> None:
+    """numpy_ref against nn.MultiheadAttention on CUDA, every mask kind once."""
+    check_against_torch_on("cuda", case, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
