@@ -3,8 +3,13 @@
 `BiLSTMAttention`, `Seq2SeqAttention` and `Attention` are `nn.Module`s whose state_dicts are
 the parameter dicts of `numpy_ref.models`; `to_numpy(module)` gives such a dict and
 `load_numpy_(module, params)` loads one. The LSTM's counterpart is `torch.nn.LSTM` itself.
+
+`torch_impl.functions` holds the autograd bridges (`attention`, `multihead_attention`, `lstm`,
+`lstm_cell`): our hand-written forward/backward pairs as differentiable torch ops. Every module
+takes ``backend="torch" | "numpy_ref" | "kernels"`` to run its attention and LSTMs on them.
 """
 
+from torch_impl import functions
 from torch_impl.convert import load_numpy_, to_numpy
 from torch_impl.modules import (
     Attention,
@@ -15,4 +20,4 @@ from torch_impl.modules import (
 )
 
 __all__ = ["Attention", "BahdanauDecoder", "BiLSTMAttention", "LuongDecoder",
-           "Seq2SeqAttention", "load_numpy_", "to_numpy"]
+           "Seq2SeqAttention", "functions", "load_numpy_", "to_numpy"]

@@ -14,6 +14,14 @@ weights between the two as they are.
 Padding is not data here either: ids past the given lengths are replaced by 0 before the
 embedding, the LSTMs run packed (``pack_padded_sequence(enforce_sorted=False)``), and the
 attention puts a real -inf on padded keys.
+
+Backends: every module takes ``backend=`` (and has a ``backend`` attribute that may be set later,
+for the module and all its submodules): ``"torch"`` (the default) runs the torch ops above;
+``"numpy_ref"`` and ``"kernels"`` run the attention, the LSTMs and the LSTM cell on our own
+hand-written forward/backward pairs through the autograd bridges of `torch_impl.functions`
+(the same parameters, the same equations; the embeddings and the linear layers stay torch's).
+So the same model trains with torch's autograd over either implementation, and the two give
+the same losses to rounding.
 """
 
 from __future__ import annotations
@@ -25,8 +33,47 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from torch_impl import functions
+
 SCORES = ("dot", "scaled_dot", "general", "additive")
 DECODERS = ("luong", "bahdanau")
+BACKENDS = ("torch", *functions.BACKENDS)  # what a module's ``backend`` may be
+
+
+class _Backend:
+    """The ``backend`` attribute: ``"torch"``, ``"numpy_ref"`` or ``"kernels"``. Setting it on
+    a module sets it on every submodule that has one."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {value!r}")
+        for m in self.modules():
+            if isinstance(m, _Backend):
+                m.__dict__["_backend"] = value
+
+
+def _run_lstm(lstm: nn.LSTM, x: torch.Tensor, backend: str, lengths=None, state=None):
+    """``lstm`` (its own batch_first, layers and directions) on x [B, T, E] or [T, B, E], packed
+    by lengths, from state (h0, c0) or zeros, on the module's backend -> (output padded to T,
+    (h_n, c_n))."""
+    if backend != "torch":
+        h0, c0 = (None, None) if state is None else state
+        return functions.lstm(x, dict(lstm.named_parameters()), num_layers=lstm.num_layers,
+                              bidirectional=lstm.bidirectional, batch_first=lstm.batch_first,
+                              h0=h0, c0=c0, lengths=lengths, backend=backend)
+    if lengths is None:
+        return lstm(x, state)
+    T = x.shape[1] if lstm.batch_first else x.shape[0]
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=lstm.batch_first,
+                                  enforce_sorted=False)
+    output, final = lstm(packed, state)
+    output, _ = pad_packed_sequence(output, batch_first=lstm.batch_first, total_length=T)
+    return output, final
 
 
 def _padding(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -45,19 +92,22 @@ def _lengths(lengths, B: int, T: int, device) -> torch.Tensor | None:
     return lengths
 
 
-class Attention(nn.Module):
+class Attention(_Backend, nn.Module):
     """Attention over keys [B, Tk, Hk] and values [B, Tk, Hv] for a query [B, Hq] or
     [B, Tq, Hq], with the score's parameters: ``W`` [Hq, Hk] (general); ``W_query`` [A, Hq],
     ``W_key`` [A, Hk], ``v`` [A] and ``b`` [A] (additive, b when ``bias``).
 
     ``forward(query, keys, values=None, lengths=None, *, projected_keys=None)`` ->
     ``(context [B, (Tq,) Hv], weights [B, (Tq,) Tk])``; values default to keys, and a decoder
-    that attends step by step may pass ``projected_keys = project_keys(keys)`` computed once.
+    that attends step by step may pass ``projected_keys = project_keys(keys)`` computed once
+    (the torch backend uses it; ours compute the projection inside the op).
     """
 
     def __init__(self, query_size: int, key_size: int, score: str = "dot", *,
-                 attention_size: int | None = None, bias: bool = True) -> None:
+                 attention_size: int | None = None, bias: bool = True,
+                 backend: str = "torch") -> None:
         super().__init__()
+        self.backend = backend
         if score not in SCORES:
             raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
         if score in ("dot", "scaled_dot") and query_size != key_size:
@@ -104,10 +154,15 @@ class Attention(nn.Module):
                 projected_keys: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         values = keys if values is None else values
+        lengths = _lengths(lengths, keys.shape[0], keys.shape[1], keys.device)
+        if self.backend != "torch":
+            params = dict(self.named_parameters(recurse=False))
+            return functions.attention(query, keys, values, score=self.score,
+                                       params=params or None, lengths=lengths,
+                                       backend=self.backend)
         single = query.dim() == 2
         q = query.unsqueeze(1) if single else query  # [B, Tq, Hq]
         s = self.scores(q, keys, projected_keys)  # [B, Tq, Tk]
-        lengths = _lengths(lengths, keys.shape[0], keys.shape[1], keys.device)
         if lengths is not None:  # a real -inf: padded keys get weight exactly 0
             s = s.masked_fill(_padding(lengths, keys.shape[1]).unsqueeze(1), float("-inf"))
         w = torch.softmax(s, dim=-1)
@@ -115,7 +170,7 @@ class Attention(nn.Module):
         return (context.squeeze(1), w.squeeze(1)) if single else (context, w)
 
 
-class BiLSTMAttention(nn.Module):
+class BiLSTMAttention(_Backend, nn.Module):
     """The seed's BiLSTM_Attention classifier with its submodule names.
 
     ``forward(X [B, T] token ids, lengths=None) -> (logits [B, C], attention [B, T])``. The
@@ -127,13 +182,14 @@ class BiLSTMAttention(nn.Module):
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int, n_hidden: int, num_classes: int,
-                 *, seed_compatible: bool = False) -> None:
+                 *, seed_compatible: bool = False, backend: str = "torch") -> None:
         super().__init__()
         self.n_hidden, self.seed_compatible = n_hidden, bool(seed_compatible)
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.lstm = nn.LSTM(embedding_dim, n_hidden, bidirectional=True)
         self.out = nn.Linear(n_hidden * 2, num_classes)
         self.attention = Attention(2 * n_hidden, 2 * n_hidden, "dot")  # no parameters
+        self.backend = backend
 
     def forward(self, X: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = X.shape
@@ -141,12 +197,7 @@ class BiLSTMAttention(nn.Module):
         if lengths is not None:
             X = X.masked_fill(_padding(lengths, T), 0)  # padding is not data
         x = self.embedding(X).permute(1, 0, 2)  # [T, B, E], as the seed
-        if lengths is None:
-            output, (h_n, _) = self.lstm(x)
-        else:
-            packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-            output, (h_n, _) = self.lstm(packed)
-            output, _ = pad_packed_sequence(output, total_length=T)
+        output, (h_n, _) = _run_lstm(self.lstm, x, self.backend, lengths)
         output = output.permute(1, 0, 2)  # [B, T, 2H]
         if self.seed_compatible:  # the seed's final_state.view(-1, n_hidden * 2, 1)
             query = h_n.reshape(-1, self.n_hidden * 2)
@@ -156,49 +207,59 @@ class BiLSTMAttention(nn.Module):
         return self.out(context), attention
 
 
-class LuongDecoder(nn.Module):
+class LuongDecoder(_Backend, nn.Module):
     """Global attention without input feeding: ``lstm`` (nn.LSTM(E, 2H)) over the target,
     ``attention`` with every step's state as a query, ``h~ = tanh(concat([c; s]))``."""
 
-    def __init__(self, embedding_dim: int, state_size: int, score: str) -> None:
+    def __init__(self, embedding_dim: int, state_size: int, score: str, *,
+                 backend: str = "torch") -> None:
         super().__init__()
         self.lstm = nn.LSTM(embedding_dim, state_size, batch_first=True)
         self.attention = Attention(state_size, state_size, score, attention_size=state_size)
         self.concat = nn.Linear(2 * state_size, state_size, bias=False)
+        self.backend = backend
 
     def forward(self, y, memory, state, lengths):
         """y [B, Tt, E], state (s, m) [B, 2H] each -> (features [B, Tt, 2H], attention
         [B, Tt, Ts], the last state)."""
-        s, (h, c) = self.lstm(y, (state[0][None], state[1][None]))
+        s, (h, c) = _run_lstm(self.lstm, y, self.backend,
+                              state=(state[0][None], state[1][None]))
         context, attention = self.attention(s, memory, memory, lengths)
         features = torch.tanh(self.concat(torch.cat([context, s], dim=-1)))
         return features, attention, (h[0], c[0])
 
 
-class BahdanauDecoder(nn.Module):
+class BahdanauDecoder(_Backend, nn.Module):
     """Step by step: additive ``attention`` (with b) queried by the previous state, ``cell``
     (nn.LSTMCell(E + 2H, 2H)) on ``[y_t; c_t]``; the generator reads ``[s_t; c_t; y_t]``."""
 
-    def __init__(self, embedding_dim: int, state_size: int) -> None:
+    def __init__(self, embedding_dim: int, state_size: int, *, backend: str = "torch") -> None:
         super().__init__()
         self.attention = Attention(state_size, state_size, "additive", attention_size=state_size)
         self.cell = nn.LSTMCell(embedding_dim + state_size, state_size)
+        self.backend = backend
 
     def forward(self, y, memory, state, lengths, projected_keys=None):
         """y [B, Tt, E] -> (features [s; c; y] [B, Tt, 4H + E], attention [B, Tt, Ts],
         the last state)."""
-        K = self.attention.project_keys(memory) if projected_keys is None else projected_keys
+        if self.backend == "torch" and projected_keys is None:
+            projected_keys = self.attention.project_keys(memory)
         s, m = state
         features, weights = [], []
         for t in range(y.shape[1]):
-            c, w = self.attention(s, memory, memory, lengths, projected_keys=K)
-            s, m = self.cell(torch.cat([y[:, t], c], dim=1), (s, m))
+            c, w = self.attention(s, memory, memory, lengths, projected_keys=projected_keys)
+            x = torch.cat([y[:, t], c], dim=1)
+            if self.backend == "torch":
+                s, m = self.cell(x, (s, m))
+            else:
+                s, m = functions.lstm_cell(x, s, m, dict(self.cell.named_parameters()),
+                                           backend=self.backend)
             features.append(torch.cat([s, c, y[:, t]], dim=1))
             weights.append(w)
         return torch.stack(features, 1), torch.stack(weights, 1), (s, m)
 
 
-class Seq2SeqAttention(nn.Module):
+class Seq2SeqAttention(_Backend, nn.Module):
     """Encoder-decoder with attention: a bidirectional LSTM encoder (hidden H, L layers,
     packed by source lengths) and a Luong or Bahdanau decoder whose state, 2H wide, starts
     from the last layer's final states of both directions.
@@ -208,8 +269,8 @@ class Seq2SeqAttention(nn.Module):
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, embedding_dim: int, hidden_size: int,
-                 *, decoder: str = "luong", score: str | None = None, num_layers: int = 1
-                 ) -> None:
+                 *, decoder: str = "luong", score: str | None = None, num_layers: int = 1,
+                 backend: str = "torch") -> None:
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
@@ -231,6 +292,7 @@ class Seq2SeqAttention(nn.Module):
         else:
             self.decoder = BahdanauDecoder(embedding_dim, H2)
             self.generator = nn.Linear(2 * H2 + embedding_dim, tgt_vocab)
+        self.backend = backend
 
     def encode(self, src: torch.Tensor, src_lengths=None):
         """-> (memory [B, Ts, 2H], (s_0, m_0) [B, 2H] each, lengths or None)."""
@@ -238,14 +300,7 @@ class Seq2SeqAttention(nn.Module):
         lengths = _lengths(src_lengths, B, Ts, src.device)
         if lengths is not None:
             src = src.masked_fill(_padding(lengths, Ts), 0)  # padding is not data
-        x = self.src_embed(src)
-        if lengths is None:
-            memory, (h_n, c_n) = self.encoder(x)
-        else:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True,
-                                          enforce_sorted=False)
-            memory, (h_n, c_n) = self.encoder(packed)
-            memory, _ = pad_packed_sequence(memory, batch_first=True, total_length=Ts)
+        memory, (h_n, c_n) = _run_lstm(self.encoder, self.src_embed(src), self.backend, lengths)
         state = (torch.cat([h_n[-2], h_n[-1]], 1), torch.cat([c_n[-2], c_n[-1]], 1))
         return memory, state, lengths
 
@@ -261,7 +316,7 @@ class Seq2SeqAttention(nn.Module):
         state = tuple(x.repeat_interleave(repeat, 0) for x in state)
         lengths = None if lengths is None else lengths.repeat_interleave(repeat, 0)
         K = None
-        if self.decoder_kind == "bahdanau":
+        if self.decoder_kind == "bahdanau" and self.backend == "torch":
             K = self.decoder.attention.project_keys(memory)
         return memory, state, lengths, K
 
