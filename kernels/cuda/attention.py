@@ -55,8 +55,11 @@ and an unsplit run agree to rounding, not bit for bit.
 Host side: NumPy inputs are copied to the device and results copied back (NumPy in, NumPy
 out); device inputs (numba device arrays or any `__cuda_array_interface__` object: torch,
 CuPy) are used in place and the results are numba device arrays. Everything runs on numba's
-default stream (the legacy stream, torch's default too), with no host synchronisation except
-when `lengths` is a device array (its [B] values are copied to the host to be checked).
+default stream (the legacy stream, torch's default too), with no host synchronisation on the
+device path except when `lengths` is a device array (its [B] values are copied to the host to
+be checked); host lengths are uploaded with an asynchronous copy. Allocations go through
+numba's memory manager (cudaMalloc, and a deferred cudaFree that synchronises when it runs):
+a pooling EMM plugin (NUMBA_CUDA_MEMORY_MANAGER) avoids both in a training loop.
 Kernels are built once per (dtype, warps, columns per thread) and cached; numba's dispatcher
 compiles each once per argument types.
 
@@ -490,7 +493,8 @@ def _lengths(lengths: Any, B: int, T: int) -> Any:
     if isinstance(lengths, np.ndarray) or not (
             cuda.devicearray.is_cuda_ndarray(lengths)
             or getattr(lengths, "__cuda_array_interface__", None) is not None):
-        return cuda.to_device(checks.lengths_array(lengths, B, T))
+        # an asynchronous upload: the host does not wait for the work queued before it
+        return cuda.to_device(checks.lengths_array(lengths, B, T), stream=cuda.default_stream())
     dev, _ = _device_or_host("lengths", lengths)
     # The one host synchronisation: the [B] lengths are copied to the host to be checked
     # (a bad length would index out of bounds, and the kernels' clamp would hide it).
