@@ -457,7 +457,7 @@ def test_decoding_with_our_ops_matches_torch(backend: str) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("score", ["dot", "scaled_dot"])
-def test_attention_bridge_on_cuda_runs_kernels_cuda(dtype, score: str) -> None:
+def test_attention_bridge_on_cuda_tensors(dtype, score: str) -> None:
     if functions.cuda_backend() is None:
         pytest.skip("kernels.cuda is not usable (numba-cuda missing or sees no GPU)")
     q = leaf(5, 8, seed=1, dtype=dtype).cuda().detach().requires_grad_(True)

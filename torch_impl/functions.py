@@ -27,8 +27,9 @@ Conventions kept from torch:
   TypeError, which names the argument.
 - device: CPU tensors in, CPU tensors out (sharing memory with the NumPy results). A CUDA
   tensor goes to `kernels.cuda` when ``backend="kernels"`` and numba-cuda sees a GPU (the
-  single-query attention core; its arrays stay on the device). Every other case of a tensor
-  that is not on the CPU is a ValueError saying what to do instead.
+  single-query attention core; its arrays stay on the device, and it runs on the default
+  stream, so torch work queued on another stream must be synchronised first). Every other
+  case of a tensor that is not on the CPU is a ValueError saying what to do instead.
 - Saved tensors: the inputs and outputs are saved with ``ctx.save_for_backward``, so an
   in-place change to one of them between forward and backward is torch's usual
   "modified by an inplace operation" error, not a silently wrong gradient.
@@ -121,6 +122,12 @@ def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
     return torch.from_numpy(a)
 
 
+def _device_array(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A CUDA tensor as `kernels.cuda` takes it: detached (``__cuda_array_interface__`` refuses
+    a tensor that requires grad) and C-contiguous (a copy on the device only if it is not)."""
+    return None if t is None else t.detach().contiguous()
+
+
 def _on_device(x: Any) -> torch.Tensor | None:
     """A `kernels.cuda` result (anything with ``__cuda_array_interface__``) as a CUDA tensor,
     without a copy."""
@@ -179,10 +186,8 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, o: _AttentionOptions, query, keys, values, bias, *params):
-        # Two flavours of array: NumPy views of CPU tensors, or the CUDA tensors themselves
-        # (detached: __cuda_array_interface__ refuses a tensor that requires grad).
-        arr = (lambda t: None if t is None else t.detach()) if o.cuda else _array
-        out = _on_device if o.cuda else _tensor
+        # Two flavours of array: NumPy views of CPU tensors, or the CUDA tensors themselves.
+        arr, out = (_device_array, _on_device) if o.cuda else (_array, _tensor)
         context, weights, cache = o.backend.attention_forward(
             arr(query), arr(keys), arr(values), score=o.score,
             params=dict(zip(o.names, map(arr, params), strict=True)) or None,
@@ -198,8 +203,7 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, d_context, d_weights):
         _saved(ctx)
         o = ctx.options
-        arr = (lambda t: None if t is None else t.detach().contiguous()) if o.cuda else _array
-        out = _on_device if o.cuda else _tensor
+        arr, out = (_device_array, _on_device) if o.cuda else (_array, _tensor)
         if d_context is None:  # only the weights reach the loss
             d_context = torch.zeros_like(ctx.saved_tensors[3])
         d_query, d_keys, d_values, d_params = o.backend.attention_backward(
