@@ -25,16 +25,22 @@ Backends: `module_backend` (``numpy_ref`` and, once it exports the op, ``kernels
 function names and signatures), torch's bmm -> softmax -> bmm, and torch's
 ``scaled_dot_product_attention`` (on the CPU, 4-D [B, 1, Tq, H] inputs select its flash kernel;
 3-D ones fall back to the unfused math path, about 5x slower on the single-query problem), on
-the CPU and on CUDA when present.
+the CPU and on CUDA when present; and ``kernels_cuda`` (`KERNELS_CUDA`), the Numba CUDA kernels
+of ``kernels.cuda`` on the single-query problems, on inputs prepared on the device once, the
+backward with ``sum_kv=True`` into preallocated buffers. The CUDA calls do not synchronize: the
+runner times every "cuda" row with CUDA events (`benchmarks.core.EventClock`).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from types import ModuleType
+from typing import Any
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -221,16 +227,12 @@ def _prepare_torch(inputs: AttentionInputs, pass_: str, *, device: str, path: st
             context = F.scaled_dot_product_attention(q4, kv4, kv4, attn_mask=mask, scale=1.0)
             return context[:, 0, 0] if single else context[:, 0]  # [B, H] or [B, Tq, H]
 
-    def synchronize() -> None:
-        if device == "cuda":  # CUDA calls return before the GPU is done; stop the clock after
-            torch.cuda.synchronize()
-
+    # On CUDA the calls return before the GPU is done: the runner's event clock waits for them.
     if pass_ == "forward":
 
         def run() -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
                 context = attend(query, kv)
-            synchronize()
             return (context,)
 
         names = FORWARD_NAMES
@@ -242,7 +244,6 @@ def _prepare_torch(inputs: AttentionInputs, pass_: str, *, device: str, path: st
         def run() -> tuple[torch.Tensor, ...]:
             context = attend(query, kv)
             d_query, d_kv = torch.autograd.grad(context, (query, kv), d_context)
-            synchronize()
             return context.detach(), d_query, d_kv
 
         names = BACKWARD_NAMES
@@ -264,6 +265,88 @@ TORCH_BMM_CPU = _torch_backend("torch_bmm", "cpu", "bmm")
 TORCH_SDPA_CPU = _torch_backend("torch_sdpa", "cpu", "sdpa")
 TORCH_BMM_CUDA = _torch_backend("torch_bmm", "cuda", "bmm")
 TORCH_SDPA_CUDA = _torch_backend("torch_sdpa", "cuda", "sdpa")
+
+
+# --------------------------------------------------------------------------------------------
+# kernels.cuda: the single-query core on the GPU
+
+
+def _kernels_cuda() -> ModuleType | None:
+    """``kernels.cuda``, or None when it does not import (not written, no numba-cuda)."""
+    try:
+        return importlib.import_module("kernels.cuda")
+    except Exception:  # an import error of any kind: the backend is unavailable, not broken
+        return None
+
+
+def kernels_cuda_available() -> bool:
+    """Whether `KERNELS_CUDA` can run here: torch sees a GPU (its events time the rows, its
+    copy sets the ceiling), ``kernels.cuda`` imports and says it is available, and numba is not
+    the CUDA simulator (``NUMBA_ENABLE_CUDASIM``: Python on the CPU, not a GPU; a test may
+    still call the backend's ``prepare`` there)."""
+    if numba.config.ENABLE_CUDASIM or not torch.cuda.is_available():
+        return False
+    module = _kernels_cuda()
+    try:
+        return module is not None and bool(module.is_available())
+    except Exception:
+        return False
+
+
+def _to_host(array: Any) -> np.ndarray:
+    """A device array (numba's, or the simulator's) or a host array as a NumPy array."""
+    return array.copy_to_host() if hasattr(array, "copy_to_host") else np.asarray(array)
+
+
+def _prepare_kernels_cuda(inputs: AttentionInputs, pass_: str) -> Prepared:
+    """``kernels.cuda.attention_forward`` (forward) and then ``attention_backward`` with
+    ``sum_kv=True`` into preallocated ``out=`` buffers (forward+backward), on numba device
+    arrays made once here: the timed call copies nothing between host and device. The result
+    stays on the device; `collect` copies it to the host for validation."""
+    if inputs.query.ndim != 2:
+        raise ValueError("kernels_cuda: the single-query layout only (query [B, H]), got "
+                         f"query {inputs.query.shape}")
+    module = importlib.import_module("kernels.cuda")  # its import error, if any, is the FAIL
+    from numba import cuda
+
+    query, kv = cuda.to_device(inputs.query), cuda.to_device(inputs.kv)
+    lengths = None if inputs.lengths is None else cuda.to_device(inputs.lengths)
+
+    def forward() -> tuple:
+        return module.attention_forward(query, kv, kv, score="dot", lengths=lengths)
+
+    if pass_ == "forward":
+
+        def run() -> tuple:
+            context, _, _ = forward()
+            return (context,)
+
+        names = FORWARD_NAMES
+    else:
+        d_context = cuda.to_device(inputs.d_context)
+        out = (cuda.device_array(inputs.query.shape, inputs.query.dtype),
+               cuda.device_array(inputs.kv.shape, inputs.kv.dtype), None)
+
+        def run() -> tuple:
+            context, _, cache = forward()
+            d_query, d_kv, d_values, _ = module.attention_backward(d_context, cache,
+                                                                   sum_kv=True, out=out)
+            if d_values is not None:
+                raise ValueError("kernels.cuda.attention_backward(sum_kv=True) returned "
+                                 "d_values; expected None (the sum is in d_keys)")
+            return context, d_query, d_kv
+
+        names = BACKWARD_NAMES
+
+    def collect(result: tuple) -> Mapping[str, np.ndarray]:
+        return {k: _to_host(x) for k, x in zip(names, result, strict=True)}
+
+    return Prepared(run=run, collect=collect)
+
+
+KERNELS_CUDA = Backend(name="kernels_cuda", op="attention", device="cuda", passes=OP_PASSES,
+                       prepare=_prepare_kernels_cuda, available=kernels_cuda_available,
+                       memory="numba", handles=lambda problem: "Tq" not in problem.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,15 +439,10 @@ def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str) -> Pre
     def attend() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=inputs.causal, enable_gqa=gqa)
 
-    def synchronize() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    if pass_ == "forward":
+    if pass_ == "forward":  # on CUDA no synchronize: the runner's event clock waits
         def run() -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
                 context = attend()
-            synchronize()
             return (context,)
     else:
         for t in (q, k, v):
@@ -374,7 +452,6 @@ def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str) -> Pre
         def run() -> tuple[torch.Tensor, ...]:
             context = attend()
             grads = torch.autograd.grad(context, (q, k, v), d_context)
-            synchronize()
             return (context.detach(), *grads)
 
     def collect(result: tuple[torch.Tensor, ...]) -> Mapping[str, np.ndarray]:

@@ -2,8 +2,10 @@
 
 Adding a size is one `PROBLEMS` entry, a backend one `BACKENDS` entry, an op a module like
 `benchmarks.lstm` plus its entries here. Cases are every (problem, backend, pass) with the same
-op, a pass the backend supports, and a backend available on this machine, in registry order:
-by problem, then pass, then backend.
+op, a pass the backend supports, a problem it handles (``kernels_cuda``: one query per row
+only) and a backend available on this machine (the CUDA ones need a GPU), in registry order:
+by problem, then pass, then backend. `TARGETS` are the goals the GPU kernels must reach, checked
+under the table of a run on a GPU.
 
 Three suites (``--sizes``): ``default``, realistic sizes of every op and model (the README's
 main job); ``quick``, every op, backend and model at tiny odd sizes (a smoke test: the numbers
@@ -14,11 +16,12 @@ varied at a time, for the plots of how cost grows with the work.
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import kernels
 import numpy_ref
 from benchmarks import attention, lstm, training
-from benchmarks.core import PASSES, Backend, Case, Problem
+from benchmarks.core import OP_PASSES, PASSES, Backend, Case, Problem
 
 SUITES = ("default", "quick", "sweep")
 
@@ -75,6 +78,7 @@ BACKENDS: list[Backend] = [
     attention.module_backend("numpy_ref", numpy_ref),
     attention.module_backend("kernels", kernels),
     attention.module_backend("kernels_sum_kv", kernels, sum_kv=True),
+    attention.KERNELS_CUDA,
     attention.TORCH_HEADS_CPU,
     attention.TORCH_HEADS_CUDA,
     attention.heads_module_backend("numpy_ref", numpy_ref),
@@ -88,6 +92,33 @@ BACKENDS: list[Backend] = [
 # op -> (backend name, device) that the "vs base" column divides by: the usual counterpart.
 BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu"),
              "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu")}
+
+
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal a row must reach on hardware, printed under the table when the run has the row's
+    problem on CUDA (`benchmarks.runner.target_lines`): the backend's rate as a percentage of
+    the device-to-device copy bandwidth measured in the run, and its speed over another
+    backend's on the same device, in each of `passes`."""
+
+    op: str
+    size: str  # the problem's `Problem.size`
+    dtype: str
+    backend: str
+    device: str
+    min_pct_of_copy_bandwidth: float
+    versus: str  # the backend it must beat on the same device, `min_speedup` times
+    min_speedup: float
+    passes: tuple[str, ...] = OP_PASSES
+
+
+# The GPU kernels' goal: the seed's single-query core at B256, T512, H256 in float32 at 70% of
+# the device's copy bandwidth or more, and at least twice as fast as torch's bmm path on CUDA.
+TARGETS = [Target(op="attention", size="B256,T512,H256", dtype="float32", backend="kernels_cuda",
+                  device="cuda", min_pct_of_copy_bandwidth=70.0, versus="torch_bmm",
+                  min_speedup=2.0)]
 
 
 OPS = tuple(dict.fromkeys(p.op for p in PROBLEMS))
@@ -110,7 +141,7 @@ def select_cases(suite: str, substring: str = "", *, ops: Collection[str] | None
         if suite in problem.suites and (ops is None or problem.op in ops)
         for pass_ in PASSES
         for backend in BACKENDS
-        if backend.op == problem.op and pass_ in backend.passes and backend.available()
-        and (backends is None or backend.name in backends)
+        if backend.op == problem.op and pass_ in backend.passes and backend.handles(problem)
+        and backend.available() and (backends is None or backend.name in backends)
     ]
     return [case for case in cases if substring in case.id]

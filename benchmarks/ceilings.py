@@ -26,6 +26,15 @@ shape: a streaming read (per-row sums, so that the read cannot be skipped) and a
 freshly allocated array (allocation and page faults included: every backend allocates its
 gradient), each the faster of a parallel Numba kernel and torch (``sum``, ``copy_``).
 
+On CUDA the same rows are measured against the device's own streaming rates, timed with CUDA
+events in the same run on two buffers of V's bytes: the device-to-device copy bandwidth (torch
+``copy_`` from one to the other; its rate counts the bytes read and the bytes written, as CUDA's
+bandwidth test does) and a read (torch ``sum`` of V's valid keys). The ceiling of a pass is the
+bytes the row must move (`memory_work`) at the faster of the two rates; each row also reports
+its rate as a percentage of the copy bandwidth alone (``pct_of_copy_bandwidth``), the measure
+the GPU kernels' target is set in. (A fresh allocation, which the CPU ceiling includes, means
+nothing under torch's caching allocator; the CUDA kernels write into preallocated buffers.)
+
 The CPU's nominal peak (`nominal_peak`: cores x SIMD lanes x 2 flops per FMA x FMA units x
 clock) is printed in the header, with the fastest BLAS ceiling of the run as a fraction of it,
 and each GEMM-bound CPU row's JSON record has its ``pct_of_peak``. A BLAS faster than the peak
@@ -49,7 +58,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from benchmarks.core import Ceiling, time_calls
+from benchmarks.core import Ceiling, cuda_event_clock, time_calls
 
 # Timing of one library on one product or one memory pass: a few samples of at least 2 ms
 # each (`time_calls` loops a fast call), few enough that a default run measures every ceiling
@@ -102,6 +111,7 @@ def _time_product(p: Product, device: str, dtype: np.dtype, *, again: bool = Fal
                             ).astype(dtype)
     b = rng.standard_normal((*lead, p.K, p.N)).astype(dtype)
     candidates: dict[str, Callable[[], object]] = {}
+    clock = None  # perf_counter
     if device == "cpu":
         out = np.empty((*a.shape[:-1], p.N), dtype)
         candidates["numpy"] = lambda: np.matmul(a, b, out=out)
@@ -111,15 +121,13 @@ def _time_product(p: Product, device: str, dtype: np.dtype, *, again: bool = Fal
         torch.backends.cuda.matmul.allow_tf32 = False  # the rows run with TF32 off too
         ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
         tout = torch.empty((*a.shape[:-1], p.N), dtype=ta.dtype, device="cuda")
-
-        def cuda_run() -> None:
-            torch.matmul(ta, tb, out=tout)
-            torch.cuda.synchronize()
-
-        candidates["torch"] = cuda_run
+        candidates["torch"] = lambda: torch.matmul(ta, tb, out=tout)
+        clock = cuda_event_clock()  # as the CUDA rows: events, no synchronize per call
     else:
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-    best = min((min(time_calls(run, repeat=_REPEAT, min_time=_MIN_TIME, warmup=_WARMUP).times),
+    timing = {} if clock is None else {"clock": clock}
+    best = min((min(time_calls(run, repeat=_REPEAT, min_time=_MIN_TIME, warmup=_WARMUP,
+                               **timing).times),
                 name) for name, run in candidates.items())
     if again and key in _PRODUCT_TIMES:  # a second look may only lower the ceiling's time
         best = min(best, _PRODUCT_TIMES[key])
@@ -185,26 +193,43 @@ def _copy_rows(values, lengths, out):
             dst[i] = 0
 
 
-def memory_ceilings(shape: tuple[int, int, int], lengths: np.ndarray | None = None
+def memory_ceilings(shape: tuple[int, int, int], lengths: np.ndarray | None = None, *,
+                    cuda_rates: Callable[[np.ndarray, int], tuple[float, float]] | None = None
                     ) -> dict[str, Ceiling]:
     """The ceilings of a single-query attention over values of `shape` [B, T, H], per pass.
 
-    forward: the streaming read of V's valid keys, ``n_valid`` elements (all of V without
-    `lengths`). forward+backward: that read, then the fresh copy (read the valid keys, write all
-    of V). A row's work, in GB, counts the same bytes (`memory_work`).
+    On the CPU: forward, the streaming read of V's valid keys, ``n_valid`` elements (all of V
+    without `lengths`); forward+backward, that read, then the fresh copy (read the valid keys,
+    write all of V). A row's work, in GB, counts the same bytes (`memory_work`).
+
+    On CUDA: the row's bytes at the faster of the device's read and device-to-device copy
+    rates (`cuda_memory_ceiling`), measured by `cuda_rates` (values [B, T, H], n_valid) ->
+    (read GB/s, copy GB/s), by default `torch_cuda_rates`; each look keeps the best rates seen.
+    The ceilings' `bandwidth` gives the copy rate on CUDA (None on the CPU).
     """
     B, T, H = shape
     lengths = np.full(B, T, np.int64) if lengths is None else np.asarray(lengths, np.int64)
     n_valid, n_full = int(lengths.sum()) * H, B * T * H
     measured: dict[tuple[str, str], tuple[tuple[float, str], tuple[float, str]]] = {}
+    rates: dict[str, tuple[float, float]] = {}  # dtype -> the best (read, copy) GB/s on CUDA
+    measure_cuda = torch_cuda_rates if cuda_rates is None else cuda_rates
+
+    def cuda_read_copy(dtype: np.dtype, again: bool) -> tuple[float, float]:
+        key = np.dtype(dtype).name
+        if key not in rates or again:
+            values = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+            read, copy = measure_cuda(values, n_valid)
+            if key in rates:  # a second look may only raise the rates
+                read, copy = max(read, rates[key][0]), max(copy, rates[key][1])
+            rates[key] = (read, copy)
+        return rates[key]
 
     def read_and_copy(device: str, dtype: np.dtype, again: bool) -> tuple:
         key = (device, np.dtype(dtype).name)
         if key not in measured or again:
             values = np.random.default_rng(0).standard_normal(shape).astype(dtype)
             candidates = _torch_read_copy(values, n_valid, device)
-            if device == "cpu":
-                candidates.update(_numba_read_copy(values, lengths))
+            candidates.update(_numba_read_copy(values, lengths))
             best = []
             for op in ("read", "copy"):
                 best.append(min(
@@ -216,26 +241,75 @@ def memory_ceilings(shape: tuple[int, int, int], lengths: np.ndarray | None = No
             measured[key] = tuple(best)
         return measured[key]
 
+    def on_cuda(pass_: str, dtype: np.dtype, again: bool) -> tuple[float, str]:
+        read, copy = cuda_read_copy(dtype, again)
+        return cuda_memory_ceiling(memory_work(n_valid, n_full, pass_, dtype), read, copy)
+
     def forward(device: str, dtype: np.dtype, again: bool = False) -> tuple[float, str]:
+        if device == "cuda":
+            return on_cuda("forward", dtype, again)
         read, _ = read_and_copy(device, dtype, again)
         return read
 
     def forward_backward(device: str, dtype: np.dtype, again: bool = False
                          ) -> tuple[float, str]:
+        if device == "cuda":
+            return on_cuda("forward+backward", dtype, again)
         (read, read_by), (copy, copy_by) = read_and_copy(device, dtype, again)
         return read + copy, read_by if read_by == copy_by else f"read {read_by}, copy {copy_by}"
+
+    def bandwidth(device: str, dtype: np.dtype) -> float | None:
+        return cuda_read_copy(dtype, False)[1] if device == "cuda" else None
 
     def size(dtype: np.dtype) -> str:
         full = _binary_size(n_full * dtype.itemsize)
         return full if n_valid == n_full else f"{_binary_size(n_valid * dtype.itemsize)} of {full}"
 
-    what = f"V [{B}, {T}, {H}]" + ("" if n_valid == n_full else "'s valid keys")
+    whole = f"V [{B}, {T}, {H}]"
+    what = whole + ("" if n_valid == n_full else "'s valid keys")
+    on_cuda_names = {  # the same bytes as the CPU's ceilings, at the device's best rate
+        "forward": f"read of {what} at the GPU's best rate",
+        "forward+backward": f"2 reads of {what} + a write of {whole} at the GPU's best rate"
+        if n_valid != n_full else f"2 reads + a write of {whole} at the GPU's best rate",
+    }
     return {
         "forward": Ceiling(name=f"stream read of {what}", unit="GB/s", seconds=forward,
-                           size=size),
+                           size=size, bandwidth=bandwidth,
+                           names={"cuda": on_cuda_names["forward"]}),
         "forward+backward": Ceiling(name=f"read + fresh copy of {what}", unit="GB/s",
-                                    seconds=forward_backward, size=size),
+                                    seconds=forward_backward, size=size, bandwidth=bandwidth,
+                                    names={"cuda": on_cuda_names["forward+backward"]}),
     }
+
+
+def cuda_memory_ceiling(work_gb: float, read_gbps: float, copy_gbps: float
+                        ) -> tuple[float, str]:
+    """The seconds `work_gb` GB take at the faster of a device's measured read and copy rates
+    (GB/s), and what set them: the CUDA memory ceiling of `memory_ceilings`."""
+    if not (read_gbps > 0 and copy_gbps > 0):
+        raise ValueError(f"rates must be > 0 GB/s, got read {read_gbps}, copy {copy_gbps}")
+    best, by = max((copy_gbps, "copy_"), (read_gbps, "sum"))
+    return work_gb / best, (f"torch {by}; device-to-device copy_ {copy_gbps:.0f} GB/s, sum "
+                            f"{read_gbps:.0f} GB/s")
+
+
+def torch_cuda_rates(values: np.ndarray, n_valid: int) -> tuple[float, float]:
+    """The device's (read, copy) rates in GB/s on `values` moved to the GPU, timed with CUDA
+    events: read, ``torch.sum`` of the first `n_valid` elements (the valid keys' bytes in one
+    piece); copy, ``dst.copy_(src)`` between two buffers of all of V's bytes, counting the bytes
+    read and written (2 |V| per copy). Each is the best sample's rate."""
+    src = torch.from_numpy(values).cuda().reshape(-1)
+    dst = torch.empty_like(src)
+    clock = cuda_event_clock()
+    nbytes = src.element_size()
+
+    def best_seconds(run: Callable[[], object]) -> float:
+        return min(time_calls(run, repeat=_REPEAT, min_time=_MIN_TIME, warmup=_WARMUP,
+                              clock=clock).times)
+
+    read = best_seconds(lambda: torch.sum(src[:n_valid]))
+    copy = best_seconds(lambda: dst.copy_(src))
+    return n_valid * nbytes / read / 1e9, 2 * src.numel() * nbytes / copy / 1e9
 
 
 def memory_work(n_valid: int, n_full: int, pass_: str, dtype: np.dtype) -> float:
@@ -261,23 +335,20 @@ def _numba_read_copy(values: np.ndarray, lengths: np.ndarray) -> dict[str, dict]
 
 
 def _torch_read_copy(values: np.ndarray, n_valid: int, device: str) -> dict[str, dict]:
-    """The read and fresh-copy calls with torch on `device`. The valid keys are the first
-    `n_valid` elements of the flat array: the same bytes as the ragged rows, in one piece."""
-    flat = torch.from_numpy(values).to(device).reshape(-1)
-
-    def synchronize() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
+    """The read and fresh-copy calls with torch on the CPU (`device`; CUDA's rates are
+    `torch_cuda_rates`). The valid keys are the first `n_valid` elements of the flat array: the
+    same bytes as the ragged rows, in one piece."""
+    if device != "cpu":
+        raise ValueError(f"device: the CPU's read and copy only, got {device!r}")
+    flat = torch.from_numpy(values).reshape(-1)
 
     def read() -> None:
         torch.sum(flat[:n_valid])
-        synchronize()
 
     def copy() -> None:
         out = torch.empty_like(flat)
         out[:n_valid].copy_(flat[:n_valid])
         out[n_valid:].zero_()
-        synchronize()
 
     return {"torch": {"read": read, "copy": copy}}
 

@@ -14,14 +14,21 @@ For each case, in order:
    cache, first touches of fresh memory).
 4. More untimed calls, then timed samples (`benchmarks.core.time_calls`: a call faster than
    2 ms is looped) until there are `repeat` of them and `min_time` seconds; the row reports
-   their median, min and interquartile range.
+   their median, min and interquartile range. A CPU row is timed with ``perf_counter``; a
+   "cuda" row with CUDA events after synchronizing (`benchmarks.core.EventClock`), its first
+   call too, so that its calls run asynchronously as they would in a program.
 5. One more call measures the peak memory the call allocates beyond what existed before it:
    `tracemalloc` for the NumPy backends (every NumPy array is traced; the few scratch arrays a
    compiled Numba kernel allocates inside itself are not), torch's profiler with
    ``profile_memory`` for torch on the CPU (the running sum of its allocation and free
-   events), ``torch.cuda.max_memory_allocated`` on CUDA.
+   events), ``torch.cuda.max_memory_allocated`` for torch on CUDA, and for numba's CUDA
+   kernels the bytes numba allocates on the device during the call.
 6. The ceiling of the problem's pass (`benchmarks.ceilings`) is measured once per device and
-   dtype; the row's "% of ceiling" is the ceiling's time over the row's median.
+   dtype; the row's "% of ceiling" is the ceiling's time over the row's median. A CUDA
+   single-query row also keeps the device-to-device copy bandwidth measured in the run
+   (`Row.copy_gbps`); the goals in `benchmarks.cases.TARGETS` (a percentage of that bandwidth,
+   a speedup over another backend on the same device) are checked under the table
+   (`target_lines`) and in the JSON header's ``targets`` (`target_results`).
 
 A row's status: ``FAIL`` (validation); ``too small`` when its ceiling is under `MIN_CEILING_S`
 (the work is less than one library call's overhead, so a percentage of it measures overheads);
@@ -60,9 +67,9 @@ import scipy
 import threadpoolctl
 import torch
 
-from benchmarks.cases import BASELINES
+from benchmarks.cases import BASELINES, TARGETS, Target
 from benchmarks.ceilings import nominal_peak
-from benchmarks.core import Case, time_calls
+from benchmarks.core import Case, clock_for, time_calls
 
 SEED = 0  # every backend of a problem sees the same inputs, run after run
 SCHEMA = "lstm-attention-reference/benchmarks/1"
@@ -101,6 +108,15 @@ class Row:
     peak_bytes_by: str
     compile_s: float
     sweep: tuple[str, str, float] | None  # (family, swept size's name, its value)
+    copy_gbps: float | None = None  # the device-to-device copy bandwidth its ceiling measured
+    #                                 (CUDA memory-bound rows), GB/s of bytes read + written
+
+    @property
+    def pct_of_copy_bandwidth(self) -> float | None:
+        """rate / the copy bandwidth, in percent (CUDA memory-bound rows; else None)."""
+        if self.copy_gbps is None or self.work_unit != "GB":
+            return None
+        return 100 * self.rate / self.copy_gbps
 
     @property
     def id(self) -> str:
@@ -213,9 +229,15 @@ def peak_memory(run: Callable[[], Any], device: str, *, counter: str) -> tuple[i
     gc.collect()  # garbage freed during the call would count against it
     if device == "cuda":
         torch.cuda.synchronize()
+        if counter == "numba":
+            with numba_cuda_allocations() as allocated:
+                run()
+            torch.cuda.synchronize()
+            return allocated[0], "numba's device allocations during the call"
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         run()
+        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
     if counter == "torch":
         from torch.profiler import ProfilerActivity, profile
@@ -238,6 +260,29 @@ def peak_memory(run: Callable[[], Any], device: str, *, counter: str) -> tuple[i
     finally:
         tracemalloc.stop()
     return peak, "tracemalloc"
+
+
+@contextlib.contextmanager
+def numba_cuda_allocations(context_class: type | None = None) -> Iterator[list[int]]:
+    """Count the bytes numba allocates on the device inside the block: yields a one-element
+    list whose entry grows by each ``memalloc`` of numba's CUDA context (`context_class`,
+    default ``numba.cuda.cudadrv.driver.Context``: every device array numba makes goes through
+    it). numba defers its frees, so the count is what the block had live at its peak, or more
+    where numba flushed its pending frees inside it."""
+    if context_class is None:
+        from numba.cuda.cudadrv.driver import Context as context_class
+    allocated = [0]
+    original = context_class.memalloc
+
+    def memalloc(self: Any, bytesize: int) -> Any:
+        allocated[0] += int(bytesize)
+        return original(self, bytesize)
+
+    context_class.memalloc = memalloc
+    try:
+        yield allocated
+    finally:
+        context_class.memalloc = original
 
 
 @contextlib.contextmanager
@@ -291,8 +336,10 @@ def run_cases(
                               memory=memory, peak=peak))
     final = []
     for case, row in zip(cases, rows, strict=True):
-        ceiling_s, ceiling_by = case.problem.ceilings[case.pass_].seconds(row.device, dtype)
-        final.append(dataclasses.replace(row, ceiling_s=ceiling_s, ceiling_by=ceiling_by))
+        ceiling = case.problem.ceilings[case.pass_]
+        ceiling_s, ceiling_by = ceiling.seconds(row.device, dtype)
+        final.append(dataclasses.replace(row, ceiling_s=ceiling_s, ceiling_by=ceiling_by,
+                                         copy_gbps=ceiling.copy_bandwidth(row.device, dtype)))
     return final
 
 
@@ -301,12 +348,14 @@ def _run_case(case: Case, inputs: Any, reference: Mapping[str, np.ndarray], *, d
               peak: Mapping[str, float | None]) -> Row:
     """Steps 2-6 of the module docstring for one case."""
     problem, backend = case.problem, case.backend
+    clock = clock_for(backend.device)  # perf_counter, or CUDA events on "cuda"
     start = time.perf_counter()
     try:
         prepared = backend.prepare(inputs, case.pass_)
         start = time.perf_counter()
+        started = clock.start()
         result = prepared.run()
-        first_s = time.perf_counter() - start
+        first_s = clock.stop(started)
         errors = relative_errors(prepared.collect(result), reference)
     except Exception as error:  # a broken backend is a FAIL row, not the end of the run
         first_s = time.perf_counter() - start
@@ -317,7 +366,8 @@ def _run_case(case: Case, inputs: Any, reference: Mapping[str, np.ndarray], *, d
     # the worst array: a NaN error is the worst of all (max() would never pick it)
     worst = max(errors, key=lambda name: math.inf if math.isnan(errors[name]) else errors[name])
     if prepared is not None:
-        timing = time_calls(prepared.run, repeat=repeat, min_time=min_time, warmup=warmup)
+        timing = time_calls(prepared.run, repeat=repeat, min_time=min_time, warmup=warmup,
+                            clock=clock)
         times, loops = np.asarray(timing.times), timing.loops
         peak_bytes, peak_by = (peak_memory(prepared.run, backend.device, counter=backend.memory)
                                if memory else (None, "not measured"))
@@ -340,20 +390,110 @@ def _run_case(case: Case, inputs: Any, reference: Mapping[str, np.ndarray], *, d
         min_s=float(times.min()), iqr_s=float(q3 - q1), times_s=times.tolist(), loops=loops,
         max_err=errors[worst], worst=worst, tolerance=tolerance(dtype),
         work=problem.work(case.pass_, dtype), work_unit=ceiling.unit.split("/")[0],
-        ceiling_s=ceiling_s, ceiling_name=ceiling.describe(dtype), ceiling_detail=ceiling.detail,
-        ceiling_by=ceiling_by, peak_gflops=peak[dtype.name] if gemm else None,
+        ceiling_s=ceiling_s, ceiling_name=ceiling.describe(dtype, backend.device),
+        ceiling_detail=ceiling.detail, ceiling_by=ceiling_by,
+        peak_gflops=peak[dtype.name] if gemm else None,
         peak_bytes=peak_bytes, peak_bytes_by=peak_by, compile_s=max(0.0, first_s - median),
-        sweep=x,
+        sweep=x, copy_gbps=ceiling.copy_bandwidth(backend.device, dtype),
     )
 
 
 def baseline(row: Row, rows: Sequence[Row]) -> Row | None:
     """The op's baseline row (`benchmarks.cases.BASELINES`) at the same size, pass and dtype."""
+    return _find(rows, row, *BASELINES[row.op]) if row.op in BASELINES else None
+
+
+def _find(rows: Sequence[Row], like: Row, backend: str, device: str) -> Row | None:
+    """The row of `backend` on `device` with `like`'s op, size, pass and dtype, or None."""
     for b in rows:
-        if ((b.backend, b.device) == BASELINES.get(row.op) and (b.op, b.size, b.pass_, b.dtype)
-                == (row.op, row.size, row.pass_, row.dtype)):
+        if ((b.backend, b.device, b.op, b.size, b.pass_, b.dtype)
+                == (backend, device, like.op, like.size, like.pass_, like.dtype)):
             return b
     return None
+
+
+def target_results(rows: Sequence[Row], targets: Sequence[Target] = TARGETS
+                   ) -> list[dict[str, Any]]:
+    """Each goal of `targets` whose problem ran on its device in this run, per pass: the
+    backend's % of the device-to-device copy bandwidth and its speed over `versus` on the same
+    device, against their minimums (the header's ``targets``, `benchmarks/schema.json`).
+
+    ``met`` is True when both minimums are reached by a row that validated, False when one is
+    missed, None when it cannot be said (``why``: no such row, the row FAILed, no copy
+    bandwidth or no row of `versus` to compare with).
+    """
+    results = []
+    for t in targets:
+        ran = [r for r in rows if (r.op, r.size, r.dtype, r.device) == (t.op, t.size, t.dtype,
+                                                                       t.device)]
+        if not ran:
+            continue
+        for pass_ in t.passes:
+            row = next((r for r in ran if (r.backend, r.pass_) == (t.backend, pass_)), None)
+            other = None if row is None else _find(rows, row, t.versus, t.device)
+            result = {"op": t.op, "size": t.size, "dtype": t.dtype, "backend": t.backend,
+                      "device": t.device, "pass": pass_,
+                      "min_pct_of_copy_bandwidth": t.min_pct_of_copy_bandwidth,
+                      "versus": t.versus, "min_speedup": t.min_speedup,
+                      "pct_of_copy_bandwidth": None, "copy_gbps": None, "speedup": None,
+                      "median_s": None, "versus_median_s": None, "status": None,
+                      "met": None, "why": ""}
+            results.append(result)
+            if row is None:
+                result["why"] = f"no {t.backend} row (unavailable here or not selected)"
+                continue
+            result.update(median_s=row.median_s, status=row.status,
+                          copy_gbps=row.copy_gbps, pct_of_copy_bandwidth=row.pct_of_copy_bandwidth)
+            if other is not None:
+                result.update(speedup=other.median_s / row.median_s,
+                              versus_median_s=other.median_s)
+            if not row.ok:
+                result["why"] = f"FAIL ({row.worst}): not a result"
+                continue
+            checks = []
+            if result["pct_of_copy_bandwidth"] is None:
+                result["why"] = "no copy bandwidth measured"
+            else:
+                checks.append(result["pct_of_copy_bandwidth"] >= t.min_pct_of_copy_bandwidth)
+            if other is None:
+                result["why"] = (result["why"] + "; " if result["why"] else "") + (
+                    f"no {t.versus} {t.device} row to compare with")
+            else:
+                checks.append(result["speedup"] >= t.min_speedup)
+            result["met"] = False if not all(checks) else None if result["why"] else True
+    return results
+
+
+def target_lines(rows: Sequence[Row], targets: Sequence[Target] = TARGETS) -> list[str]:
+    """`target_results` as text: a heading per goal, then per pass the % of the copy bandwidth
+    and the speedup, each "met" or "MISSED", or why it cannot be said."""
+    lines, heading = [], None
+    for r in target_results(rows, targets):
+        goal = (f"target: {r['op']} {r['size']} {r['dtype']}, {r['backend']} on {r['device']}: "
+                f">= {r['min_pct_of_copy_bandwidth']:.0f}% of the device-to-device copy "
+                f"bandwidth and >= {r['min_speedup']:g}x {r['versus']} on {r['device']}")
+        if goal != heading:
+            lines.append(goal)
+            heading = goal
+        if r["status"] is None or r["status"] == "FAIL":
+            lines.append(f"  {r['pass']}: {r['why']}")
+            continue
+        parts = []
+        pct = r["pct_of_copy_bandwidth"]
+        if pct is not None:
+            parts.append(f"{pct:.1f}% of the copy bandwidth ({r['copy_gbps']:.0f} GB/s), "
+                         + ("met" if pct >= r["min_pct_of_copy_bandwidth"] else "MISSED"))
+        speedup = r["speedup"]
+        if speedup is not None:
+            parts.append(f"{speedup:.2f}x {r['versus']} ({_ms(r['versus_median_s'])} ms / "
+                         f"{_ms(r['median_s'])} ms), "
+                         + ("met" if speedup >= r["min_speedup"] else "MISSED"))
+        if r["why"]:
+            parts.append(r["why"])
+        if r["status"] != "ok":
+            parts.append(f"status {r['status']}")
+        lines.append(f"  {r['pass']}: " + "; ".join(parts))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,7 +645,7 @@ def header(*, argv: Sequence[str], options: Mapping[str, Any], started: datetime
         "noise": {"other_processes_cpu_s": other_cpu_s, "probe_drift": drift,
                   "median_row_rel_iqr": float(np.median(rel_iqrs)) if rel_iqrs else None},
         "wall_s": wall_s,
-    }
+    } | ({"targets": targets} if (targets := target_results(rows)) else {})
 
 
 def header_lines(head: Mapping[str, Any]) -> list[str]:
@@ -622,6 +762,9 @@ def format_table(rows: Sequence[Row]) -> str:
             out += ["", line]
         else:
             out.append(fmt(line))
+    targets = target_lines(rows)
+    if targets:  # only where a target's problem ran on its device (a GPU)
+        out += ["", *targets]
     return "\n".join(out)
 
 
