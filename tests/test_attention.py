@@ -315,6 +315,43 @@ def test_attention_forward_backward_matches_torch_float64(
     LARGEST_FLOAT64_ERROR[score] = max(LARGEST_FLOAT64_ERROR[score], *errors.values())
 
 
+def run_torch_sdpa(case: Case, a: dict, device: str = "cpu") -> dict[str, np.ndarray]:
+    """F.scaled_dot_product_attention on `device` in the arrays' dtype and its autograd
+    gradients under d_context: {"context", "d_query", "d_keys", "d_values"} shaped like ours
+    (NumPy arrays, back on the CPU). A scaled_dot case with distinct keys and values; the mask
+    is a boolean attn_mask [B, 1, Tk] with True = takes part, broadcast over the query steps.
+    """
+    q, k, v = (torch.tensor(a[n], device=device, requires_grad=True)
+               for n in ("query", "keys", "values"))
+    mask = None
+    if case.lengths is not None:
+        valid = (torch.arange(case.Tk, device=device)[None, :]
+                 < torch.tensor(case.lengths, device=device)[:, None])  # [B, Tk]
+        mask = valid.unsqueeze(1)  # [B, 1, Tk], broadcast over the query steps
+    context = F.scaled_dot_product_attention(q.unsqueeze(1) if case.single else q, k, v,
+                                             attn_mask=mask)  # [B, Tq, Hv]
+    context = context.squeeze(1) if case.single else context
+    grads = torch.autograd.grad(context, [q, k, v], torch.tensor(a["d_context"], device=device))
+    return {name: t.detach().cpu().numpy() for name, t in
+            zip(["context", "d_query", "d_keys", "d_values"], [context, *grads], strict=True)}
+
+
+def check_sdpa_against_torch_on(device: str, case: Case, dtype) -> list[float]:
+    """numpy_ref (on the CPU) against SDPA on `device` in dtype: float64 to the float64
+    policy, float32 to rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off); the errors."""
+    a = cast(make_arrays(case), dtype)
+    ours, theirs = run_ours(case, a), run_torch_sdpa(case, a, device)
+    errors = []
+    for name, want in theirs.items():
+        assert ours[name].dtype == want.dtype == dtype, (name, ours[name].dtype, want.dtype)
+        label = f"{name} (vs scaled_dot_product_attention)"
+        if dtype == np.float64:
+            errors.append(assert_close_policy(label, ours[name], want, grad=name != "context"))
+        else:
+            errors.append(assert_allclose_named(label, ours[name], want, rtol=1e-3, atol=1e-3))
+    return errors
+
+
 @pytest.mark.parametrize("with_lengths", BOOLS, ids=["full", "lengths"])
 @pytest.mark.parametrize("single", BOOLS, ids=["many-queries", "one-query"])
 @given(data=st.data())
@@ -324,22 +361,21 @@ def test_scaled_dot_matches_torch_scaled_dot_product_attention_float64(
     """torch's own fused op, mask as a boolean attn_mask with True = takes part."""
     case = data.draw(attention_cases("scaled_dot", single, False, with_lengths, False),
                      label="case")
-    a = make_arrays(case)
-    ours = run_ours(case, a)
-    q, k, v = (torch.tensor(a[n], requires_grad=True) for n in ("query", "keys", "values"))
-    mask = None
-    if case.lengths is not None:
-        valid = torch.arange(case.Tk)[None, :] < torch.tensor(case.lengths)[:, None]  # [B, Tk]
-        mask = valid.unsqueeze(1)  # [B, 1, Tk], broadcast over the query steps
-    context = F.scaled_dot_product_attention(q.unsqueeze(1) if single else q, k, v,
-                                             attn_mask=mask)  # [B, Tq, Hv]
-    context = context.squeeze(1) if single else context
-    grads = torch.autograd.grad(context, [q, k, v], torch.tensor(a["d_context"]))
-    errors = [assert_close_policy(f"{name} (vs scaled_dot_product_attention)", ours[name],
-                                  t.detach().numpy(), grad=name != "context")
-              for name, t in zip(["context", "d_query", "d_keys", "d_values"],
-                                 [context, *grads], strict=True)]
+    errors = check_sdpa_against_torch_on("cpu", case, np.float64)
     LARGEST_FLOAT64_ERROR["scaled_dot"] = max(LARGEST_FLOAT64_ERROR["scaled_dot"], *errors)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("with_lengths", BOOLS, ids=["full", "lengths"])
+@pytest.mark.parametrize("single", BOOLS, ids=["many-queries", "one-query"])
+def test_scaled_dot_matches_torch_scaled_dot_product_attention_cuda(
+    single: bool, with_lengths: bool, dtype
+) -> None:
+    """numpy_ref against SDPA's CUDA kernels (whichever torch picks for the dtype)."""
+    case = Case("scaled_dot", single, False, False, B=5, Tq=1 if single else 7, Tk=23, Hq=16,
+                Hk=16, Hv=9, A=0, lengths=(23, 3, 17, 23, 1) if with_lengths else None, seed=21)
+    check_sdpa_against_torch_on("cuda", case, dtype)
 
 
 def test_report_largest_float64_error(capsys) -> None:
@@ -739,6 +775,52 @@ def test_attention_noncontiguous_and_fortran_inputs_give_the_same_answer(
 
 
 PAIR_BACKENDS = {"numpy_ref": ref, "kernels": kernels}
+TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
+
+
+def pair_arrays(single: bool, B: int, Tq: int, Tk: int, A: int, Hv: int, seed: int) -> dict:
+    """float64 inputs of the two pairs: qa [B, (Tq,) A], ka [B, Tk, A], v [A] and ds [B, (Tq,)
+    Tk] for the additive scores; w [B, (Tq,) Tk] (rows on the simplex), values [B, Tk, Hv] and
+    dc [B, (Tq,) Hv] for the weighted sum."""
+    rng = np.random.default_rng(seed)
+    rows = (B,) if single else (B, Tq)
+    return {"qa": rng.standard_normal((*rows, A)), "ka": rng.standard_normal((B, Tk, A)),
+            "v": rng.standard_normal(A), "ds": rng.standard_normal((*rows, Tk)),
+            "w": rng.dirichlet(np.ones(Tk), size=rows), "values": rng.standard_normal((B, Tk, Hv)),
+            "dc": rng.standard_normal((*rows, Hv))}
+
+
+def run_ours_pairs(backend: str, a: dict) -> dict[str, np.ndarray]:
+    """A backend's additive_scores and weighted_sum forward and backward on `pair_arrays`:
+    {"scores", "d_qa", "d_ka", "d_v", "context", "d_w", "d_values"}."""
+    mod = PAIR_BACKENDS[backend]
+    s, cache = mod.additive_scores_forward(a["qa"], a["ka"], a["v"])
+    ours = {"scores": s}
+    ours.update(zip(["d_qa", "d_ka", "d_v"], mod.additive_scores_backward(a["ds"], cache),
+                    strict=True))
+    c, cache = mod.weighted_sum_forward(a["w"], a["values"])
+    ours["context"] = c
+    ours.update(zip(["d_w", "d_values"], mod.weighted_sum_backward(a["dc"], cache), strict=True))
+    return ours
+
+
+def run_torch_pairs(a: dict, single: bool, tdtype: torch.dtype, device: str = "cpu"
+                    ) -> dict[str, np.ndarray]:
+    """The two pairs in torch ops on `device` in tdtype, gradients by autograd; named like
+    `run_ours_pairs` (NumPy arrays, back on the CPU)."""
+    t = {k: torch.tensor(x, dtype=tdtype, device=device, requires_grad=True)
+         for k, x in a.items()}
+    q = t["qa"].unsqueeze(-2)  # [B, (Tq,) 1, A]
+    k = t["ka"] if single else t["ka"].unsqueeze(1)  # [B, (1,) Tk, A]
+    scores = torch.tanh(q + k) @ t["v"]  # [B, (Tq,) Tk]
+    grads = torch.autograd.grad(scores, [t["qa"], t["ka"], t["v"]], t["ds"])
+    w = t["w"].unsqueeze(1) if single else t["w"]
+    context = torch.bmm(w, t["values"])
+    context = context.squeeze(1) if single else context
+    d_w, d_values = torch.autograd.grad(context, [t["w"], t["values"]], t["dc"])
+    out = dict(zip(["scores", "d_qa", "d_ka", "d_v", "context", "d_w", "d_values"],
+                   [scores, *grads, context, d_w, d_values], strict=True))
+    return {n: x.detach().cpu().numpy() for n, x in out.items()}
 
 
 @pytest.mark.parametrize("backend", list(PAIR_BACKENDS))
@@ -748,36 +830,12 @@ PAIR_BACKENDS = {"numpy_ref": ref, "kernels": kernels}
        seed=st.integers(0, 2**32 - 1))
 def test_additive_scores_and_weighted_sum_match_torch(backend, dtype, single, B, Tq, Tk, A, Hv,
                                                       seed) -> None:
-    mod = PAIR_BACKENDS[backend]
-    rng = np.random.default_rng(seed)
-    rows = (B,) if single else (B, Tq)
-    a64 = {"qa": rng.standard_normal((*rows, A)), "ka": rng.standard_normal((B, Tk, A)),
-           "v": rng.standard_normal(A), "ds": rng.standard_normal((*rows, Tk)),
-           "w": rng.dirichlet(np.ones(Tk), size=rows), "values": rng.standard_normal((B, Tk, Hv)),
-           "dc": rng.standard_normal((*rows, Hv))}
+    a64 = pair_arrays(single, B, Tq, Tk, A, Hv, seed)
     a = {k: x.astype(dtype) for k, x in a64.items()}
-    s, cache = mod.additive_scores_forward(a["qa"], a["ka"], a["v"])
-    ours = {"scores": s}
-    ours.update(zip(["d_qa", "d_ka", "d_v"], mod.additive_scores_backward(a["ds"], cache),
-                    strict=True))
-    c, cache = mod.weighted_sum_forward(a["w"], a["values"])
-    ours["context"] = c
-    ours.update(zip(["d_w", "d_values"], mod.weighted_sum_backward(a["dc"], cache), strict=True))
+    ours = run_ours_pairs(backend, a)
 
-    def torch_run(tdtype):
-        t = {k: torch.tensor(x.astype(dtype), dtype=tdtype, requires_grad=True)
-             for k, x in a64.items()}
-        q = t["qa"].unsqueeze(-2)  # [B, (Tq,) 1, A]
-        k = t["ka"] if single else t["ka"].unsqueeze(1)  # [B, (1,) Tk, A]
-        scores = torch.tanh(q + k) @ t["v"]  # [B, (Tq,) Tk]
-        grads = torch.autograd.grad(scores, [t["qa"], t["ka"], t["v"]], t["ds"])
-        w = t["w"].unsqueeze(1) if single else t["w"]
-        context = torch.bmm(w, t["values"])
-        context = context.squeeze(1) if single else context
-        d_w, d_values = torch.autograd.grad(context, [t["w"], t["values"]], t["dc"])
-        out = dict(zip(["scores", "d_qa", "d_ka", "d_v", "context", "d_w", "d_values"],
-                       [scores, *grads, context, d_w, d_values], strict=True))
-        return {n: x.detach().numpy() for n, x in out.items()}
+    def torch_run(tdtype):  # on our (possibly float32-rounded) inputs
+        return run_torch_pairs(a, single, tdtype)
 
     want = torch_run(torch.float64)
     t32 = torch_run(torch.float32) if dtype == np.float32 else {}
@@ -794,6 +852,30 @@ def test_additive_scores_and_weighted_sum_match_torch(backend, dtype, single, B,
         assert value.dtype == dtype, name
         assert_close_policy(name, value, want[name], torch32=t32.get(name),
                             grad=name.startswith("d_"), scale=terms.get(name))
+
+
+def check_pairs_against_torch_on(device: str, backend: str, dtype, single: bool) -> None:
+    """The two pairs of a backend (on the CPU) against torch ops on `device` in the same
+    dtype, on fixed sizes: float64 to the float64 policy, float32 to rtol = atol = 1e-3 (the
+    CPU-vs-CUDA rule, TF32 off)."""
+    a = {k: x.astype(dtype) for k, x in pair_arrays(single, 4, 5, 11, 7, 6, seed=22).items()}
+    ours = run_ours_pairs(backend, a)
+    theirs = run_torch_pairs(a, single, TORCH_DTYPES[np.dtype(dtype)], device)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for name, want in theirs.items():
+        assert ours[name].dtype == want.dtype == dtype, (name, ours[name].dtype, want.dtype)
+        if dtype == np.float64:
+            assert_close_policy(name, ours[name], want, grad=name.startswith("d_"))
+        else:
+            assert_allclose_named(name, ours[name], want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", list(PAIR_BACKENDS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("single", BOOLS, ids=["many-queries", "one-query"])
+def test_additive_scores_and_weighted_sum_match_torch_cuda(backend, dtype, single) -> None:
+    check_pairs_against_torch_on("cuda", backend, dtype, single)
 
 
 def test_kernels_offer_numpy_refs_whole_op_surface() -> None:

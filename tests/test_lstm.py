@@ -187,20 +187,35 @@ def test_lstm_forward_backward_float32_within_policy(backend: str, case: Case, d
     check_case(case, np.float32, device, backend=backend)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        Case(T=59, B=7, I=97, H=59, P=0, L=2, bidirectional=True, batch_first=False,
-             use_h0=True, lengths=(59, 1, 30, 58, 59, 7, 12), seed=1),
-        Case(T=33, B=1, I=1, H=111, P=17, L=1, bidirectional=True, batch_first=True,
-             use_h0=False, lengths=None, seed=2),
-    ],
-    ids=["T59-H59-bi-2layers-lengths", "T33-H111-proj17-batchfirst"],
-)
+AWKWARD = [
+    Case(T=59, B=7, I=97, H=59, P=0, L=2, bidirectional=True, batch_first=False,
+         use_h0=True, lengths=(59, 1, 30, 58, 59, 7, 12), seed=1),
+    Case(T=33, B=1, I=1, H=111, P=17, L=1, bidirectional=True, batch_first=True,
+         use_h0=False, lengths=None, seed=2),
+]
+over_awkward = pytest.mark.parametrize(
+    "case", AWKWARD, ids=["T59-H59-bi-2layers-lengths", "T33-H111-proj17-batchfirst"])
+
+
+@over_awkward
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @over_backends
 def test_lstm_awkward_sizes_match_torch(backend: str, case: Case, dtype, device: str) -> None:
     check_case(case, dtype, device, backend=backend)
+
+
+def check_against_torch_on(device: str, case: Case, dtype, backend: str) -> None:
+    """A backend (on the CPU) against torch.nn.LSTM on `device` in the same dtype: float64 to
+    the float64 policy, float32 to rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off)."""
+    a = cast(make_arrays(case), dtype)
+    ours, theirs = run_ours(case, a, backend), run_torch(case, a, device)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for name, value in ours.items():
+        assert value.dtype == theirs[name].dtype == dtype, (name, value.dtype)
+        if dtype == np.float64:
+            assert_close_policy(name, value, theirs[name], grad=name.startswith("d_"))
+        else:
+            assert_allclose_named(name, value, theirs[name], rtol=1e-3, atol=1e-3)
 
 
 @over_backends
@@ -210,13 +225,17 @@ def test_lstm_matches_torch_cuda(backend: str, dtype) -> None:
     """A backend against cuDNN: float64 to the float64 policy, float32 to CPU-vs-CUDA 1e-3."""
     case = Case(T=17, B=5, I=7, H=59, P=0, L=2, bidirectional=True, batch_first=False,
                 use_h0=True, lengths=(17, 3, 9, 17, 1), seed=3)
-    a = cast(make_arrays(case), dtype)
-    ours, cuda = run_ours(case, a, backend), run_torch(case, a, "cuda")
-    for name, value in ours.items():
-        if dtype == np.float64:
-            assert_close_policy(name, value, cuda[name], grad=name.startswith("d_"))
-        else:
-            assert_allclose_named(name, value, cuda[name], rtol=1e-3, atol=1e-3)
+    check_against_torch_on("cuda", case, dtype, backend)
+
+
+@over_backends
+@pytest.mark.cuda
+@over_awkward
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_lstm_awkward_sizes_match_torch_cuda(backend: str, case: Case, dtype) -> None:
+    """The awkward sizes (projection, batch_first, no h0 among them) against torch on CUDA
+    in float64 too: the device-parametrized test compares float64 with the CPU only."""
+    check_against_torch_on("cuda", case, dtype, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,25 +274,74 @@ def test_lstm_backward_matches_finite_differences(case: Case) -> None:
 # the single-step cell
 
 
-@given(B=st.integers(1, 5), I=SIZES, H=SIZES, seed=st.integers(0, 2**32 - 1))
-def test_lstm_cell_matches_torch_lstmcell_float64(B: int, I: int, H: int, seed: int) -> None:
+def cell_arrays(B: int, I: int, H: int, seed: int) -> dict:
+    """float64 params (uniform in [-1, 1], torch.nn.LSTMCell's names), x [B, I], h, c [B, H]
+    and the cotangents dh, dc [B, H] of one cell step."""
     rng = np.random.default_rng(seed)
-    cell = torch.nn.LSTMCell(I, H, dtype=torch.float64)
-    params = {k: rng.uniform(-1, 1, v.shape) for k, v in cell.state_dict().items()}
-    load_numpy_(cell, params)
-    x, h, c = rng.standard_normal((B, I)), rng.standard_normal((B, H)), rng.standard_normal((B, H))
-    dh, dc = rng.standard_normal((B, H)), rng.standard_normal((B, H))
-    h_new, c_new, cache = ref.lstm_cell_forward(x, h, c, params)
-    d_x, d_h, d_c, d_params = ref.lstm_cell_backward(dh, dc, cache)
+    shapes = {"weight_ih": (4 * H, I), "weight_hh": (4 * H, H), "bias_ih": (4 * H,),
+              "bias_hh": (4 * H,)}  # LSTMCell's state_dict order
+    a = {"params": {k: rng.uniform(-1, 1, s) for k, s in shapes.items()}}
+    a.update(x=rng.standard_normal((B, I)), h=rng.standard_normal((B, H)),
+             c=rng.standard_normal((B, H)))
+    a.update(dh=rng.standard_normal((B, H)), dc=rng.standard_normal((B, H)))
+    return a
 
-    tx, th, tc = (torch.tensor(v, requires_grad=True) for v in (x, h, c))
+
+CELL_NAMES = ["h_new", "c_new", "d_x", "d_h", "d_c", "d_weight_ih", "d_weight_hh", "d_bias_ih",
+              "d_bias_hh"]
+
+
+def run_ours_cell(a: dict) -> dict[str, np.ndarray]:
+    """numpy_ref's cell forward and backward on `cell_arrays`, named as CELL_NAMES."""
+    h_new, c_new, cache = ref.lstm_cell_forward(a["x"], a["h"], a["c"], a["params"])
+    d_x, d_h, d_c, d_params = ref.lstm_cell_backward(a["dh"], a["dc"], cache)
+    res = {"h_new": h_new, "c_new": c_new, "d_x": d_x, "d_h": d_h, "d_c": d_c}
+    res.update({f"d_{k}": v for k, v in d_params.items()})
+    return res
+
+
+def run_torch_cell(a: dict, device: str = "cpu") -> dict[str, np.ndarray]:
+    """torch.nn.LSTMCell on `device` in the arrays' dtype and its autograd gradients, named as
+    CELL_NAMES (NumPy arrays, back on the CPU)."""
+    I, H = a["x"].shape[1], a["h"].shape[1]
+    cell = load_numpy_(torch.nn.LSTMCell(I, H, dtype=torch.tensor(a["x"]).dtype,
+                                         device=device), a["params"])
+    tx, th, tc = (torch.tensor(a[k], device=device, requires_grad=True) for k in "xhc")
     t_h, t_c = cell(tx, (th, tc))
     grads = torch.autograd.grad([t_h, t_c], [tx, th, tc, *cell.parameters()],
-                                [torch.tensor(dh), torch.tensor(dc)])
-    ours = [h_new, c_new, d_x, d_h, d_c, *(d_params[n] for n, _ in cell.named_parameters())]
+                                [torch.tensor(a["dh"], device=device),
+                                 torch.tensor(a["dc"], device=device)])
     names = ["h_new", "c_new", "d_x", "d_h", "d_c"] + [f"d_{n}" for n, _ in cell.named_parameters()]
-    for name, o, r in zip(names, ours, [t_h, t_c, *grads], strict=True):
-        assert_close_policy(name, o, r.detach().numpy())
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, [t_h, t_c, *grads], strict=True)}
+
+
+def check_cell_against_torch_on(device: str, a: dict) -> None:
+    """numpy_ref's cell (on the CPU) against torch.nn.LSTMCell on `device`, in the arrays'
+    dtype: float64 to the float64 policy, float32 (only off the CPU: the CPU test is float64)
+    to rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off)."""
+    ours, theirs = run_ours_cell(a), run_torch_cell(a, device)
+    assert list(ours) == list(theirs) == CELL_NAMES, (list(ours), list(theirs))
+    for name in CELL_NAMES:
+        o, t = ours[name], theirs[name]
+        assert o.dtype == t.dtype == a["x"].dtype, (name, o.dtype, t.dtype)
+        if o.dtype == np.float64:
+            assert_close_policy(name, o, t, grad=name.startswith("d_"))
+        else:
+            assert_allclose_named(name, o, t, rtol=1e-3, atol=1e-3)
+
+
+@given(B=st.integers(1, 5), I=SIZES, H=SIZES, seed=st.integers(0, 2**32 - 1))
+def test_lstm_cell_matches_torch_lstmcell_float64(B: int, I: int, H: int, seed: int) -> None:
+    check_cell_against_torch_on("cpu", cell_arrays(B, I, H, seed))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("B", "I", "H"), [(1, 1, 1), (3, 5, 7), (5, 17, 33)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_lstm_cell_matches_torch_lstmcell_cuda(B: int, I: int, H: int, dtype) -> None:
+    a = cell_arrays(B, I, H, seed=9)
+    a = {k: cast(v, dtype) if k == "params" else v.astype(dtype) for k, v in a.items()}
+    check_cell_against_torch_on("cuda", a)
 
 
 def test_lstm_cell_with_projection_equals_one_lstm_step() -> None:
@@ -405,15 +473,31 @@ def test_init_lstm_params_matches_torch_names_shapes_and_bounds() -> None:
     assert all(np.array_equal(params[k], same_seed[k]) for k in params)
 
 
-@over_backends
-def test_seed_bilstm_state_dict_loads_as_is(backend: str) -> None:
-    """``{k: v.numpy() for k, v in torch.nn.LSTM(...).state_dict().items()}`` is our params."""
+def check_seed_bilstm_on(device: str, backend: str) -> None:
+    """The seed's float32 BiLSTM (torch's own init, seed 0) as a state dict: our forward (on
+    the CPU) against the module's on `device`; to rtol 1e-5, atol 1e-6 on the CPU and to
+    rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off) elsewhere."""
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(4, 6, bidirectional=True)
     params = {k: v.numpy() for k, v in lstm.state_dict().items()}
     x = np.random.default_rng(8).standard_normal((5, 2, 4)).astype(np.float32)
     out, (h_n, _), _ = BACKENDS[backend].lstm_forward(x, params, bidirectional=True)
+    lstm = lstm.to(device)
     with torch.no_grad():
-        t_out, (t_h, _) = lstm(torch.from_numpy(x))
-    np.testing.assert_allclose(out, t_out.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(h_n, t_h.numpy(), rtol=1e-5, atol=1e-6)
+        t_out, (t_h, _) = lstm(torch.from_numpy(x).to(device))
+    rtol, atol = (1e-5, 1e-6) if device == "cpu" else (1e-3, 1e-3)
+    assert out.dtype == h_n.dtype == np.float32
+    np.testing.assert_allclose(out, t_out.cpu().numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(h_n, t_h.cpu().numpy(), rtol=rtol, atol=atol)
+
+
+@over_backends
+def test_seed_bilstm_state_dict_loads_as_is(backend: str) -> None:
+    """``{k: v.numpy() for k, v in torch.nn.LSTM(...).state_dict().items()}`` is our params."""
+    check_seed_bilstm_on("cpu", backend)
+
+
+@over_backends
+@pytest.mark.cuda
+def test_seed_bilstm_state_dict_loads_as_is_cuda(backend: str) -> None:
+    check_seed_bilstm_on("cuda", backend)

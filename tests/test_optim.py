@@ -1,5 +1,6 @@
-"""The optimizers and gradient clipping against torch.optim / torch.nn.utils, step for step;
-kernels' fused Adam bit for bit against numpy_ref's; bad input."""
+"""The optimizers and gradient clipping against torch.optim / torch.nn.utils, step for step
+(torch on the CPU, and on CUDA in the tests marked ``cuda``); kernels' fused Adam bit for bit
+against numpy_ref's; bad input."""
 
 from __future__ import annotations
 
@@ -30,20 +31,26 @@ over_optimizers = pytest.mark.parametrize(("name", "kw"), OPTIMIZERS,
                                           ids=[f"{n}{kw}" for n, kw in OPTIMIZERS])
 
 
-def _run(name: str, kw: dict, module, dtype, steps: int, seed: int):
-    """(ours, torch's) params after `steps` steps of the same random gradients."""
+def _run(name: str, kw: dict, module, dtype, steps: int, seed: int, device: str = "cpu",
+         t_kw: dict | None = None):
+    """(ours, torch's) params after `steps` steps of the same random gradients.
+
+    Ours runs on the CPU; torch.optim's optimizer `name` on parameters on `device`, built with
+    `kw` plus `t_kw` (torch-only options such as ``foreach``). Params {k: SHAPES[k]} in dtype.
+    """
     rng = np.random.default_rng(seed)
     params = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
     ours = {k: v.copy() for k, v in params.items()}
-    theirs = [torch.tensor(v.copy(), requires_grad=True) for v in params.values()]
-    opt, t_opt = getattr(module, name)(ours, **kw), getattr(torch.optim, name)(theirs, **kw)
+    theirs = [torch.tensor(v.copy(), device=device, requires_grad=True) for v in params.values()]
+    opt = getattr(module, name)(ours, **kw)
+    t_opt = getattr(torch.optim, name)(theirs, **kw, **(t_kw or {}))
     for _ in range(steps):
         grads = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
         opt.step(grads)
         for t, g in zip(theirs, grads.values(), strict=True):
-            t.grad = torch.tensor(g)
+            t.grad = torch.tensor(g, device=device)
         t_opt.step()
-    return ours, {k: t.detach().numpy() for k, t in zip(SHAPES, theirs, strict=True)}
+    return ours, {k: t.detach().cpu().numpy() for k, t in zip(SHAPES, theirs, strict=True)}
 
 
 @pytest.mark.parametrize("module", [ref, kernels], ids=["numpy_ref", "kernels"])
@@ -67,28 +74,78 @@ def test_kernels_fused_adam_is_bit_for_bit_numpy_refs(name: str, dtype) -> None:
             np.testing.assert_array_equal(ours[k], reference[k], err_msg=k)
 
 
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
-@pytest.mark.parametrize("max_norm", [0.5, 1e3])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_clip_grad_norm_matches_torch(norm_type, max_norm, dtype) -> None:
+def check_clip_grad_norm_against_torch_on(device: str, norm_type: float, max_norm: float,
+                                          dtype) -> None:
+    """ref.clip_grad_norm (on the CPU) against torch.nn.utils.clip_grad_norm_ on `device`:
+    the total norm and the clipped gradients (SHAPES, in dtype); float64 to 1e-15, float32 to
+    1e-6 on the CPU and to rtol = atol = 1e-3 (the CPU-vs-CUDA rule, TF32 off) elsewhere."""
     rng = np.random.default_rng(4)
     grads = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
     before = {k: g.copy() for k, g in grads.items()}
-    tensors = [torch.tensor(g.copy(), requires_grad=True) for g in grads.values()]
+    tensors = [torch.tensor(g.copy(), device=device, requires_grad=True)
+               for g in grads.values()]
     for t, g in zip(tensors, grads.values(), strict=True):
-        t.grad = torch.tensor(g.copy())
+        t.grad = torch.tensor(g.copy(), device=device)
     total = ref.clip_grad_norm(grads, max_norm, norm_type)
     t_total = torch.nn.utils.clip_grad_norm_(tensors, max_norm, norm_type)
-    tol = 1e-15 if dtype == np.float64 else 1e-6
+    if dtype == np.float64:
+        rtol = atol = 1e-15
+    else:
+        rtol = atol = 1e-6 if device == "cpu" else 1e-3
     assert np.asarray(total).dtype == dtype
-    np.testing.assert_allclose(total, t_total.item(), rtol=tol)
-    for g, t in zip(grads.values(), tensors, strict=True):
-        np.testing.assert_allclose(g, t.grad.numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(total, t_total.item(), rtol=rtol)
+    for k, g, t in zip(grads, grads.values(), tensors, strict=True):
+        np.testing.assert_allclose(g, t.grad.cpu().numpy(), rtol=rtol, atol=atol, err_msg=k)
     if max_norm > 1e2:  # not clipped: multiplied by 1, exactly
         for k, g in grads.items():
             np.testing.assert_array_equal(g, before[k], err_msg=k)
     else:
         assert all(np.abs(grads[k]).max() < np.abs(before[k]).max() for k in grads)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_clip_grad_norm_matches_torch(norm_type, max_norm, dtype) -> None:
+    check_clip_grad_norm_against_torch_on("cpu", norm_type, max_norm, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch on CUDA: ours (on the CPU) against torch.optim / clip_grad_norm_ on the GPU
+
+
+def check_optimizer_against_torch_on(device: str, module, name: str, kw: dict, dtype,
+                                     foreach: bool | None, steps: int = 25, seed: int = 5
+                                     ) -> None:
+    """`steps` steps of ours against torch.optim on `device` (foreach=None: torch's default),
+    float64 to the CPU test's 1e-13, float32 to rtol = atol = 1e-3 (the CPU-vs-CUDA rule)."""
+    ours, theirs = _run(name, kw, module, dtype, steps, seed, device, dict(foreach=foreach))
+    tol = 1e-13 if dtype == np.float64 else 1e-3
+    for k in SHAPES:
+        assert ours[k].dtype == theirs[k].dtype == dtype, (k, ours[k].dtype, theirs[k].dtype)
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=tol, atol=tol, err_msg=k)
+
+
+# torch.optim's default (foreach=None) on CUDA parameters is the foreach implementation (the
+# for-loop one on the CPU): the same formulas through torch._foreach_* kernels, which may fuse
+# a multiply-add (addcdiv, add with alpha, lerp) into one rounding where the CPU rounds twice;
+# that is an ulp per step, far inside 1e-13 over 25 steps. Both implementations are checked.
+@pytest.mark.cuda
+@pytest.mark.parametrize("foreach", [None, False], ids=["default-foreach", "for-loop"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@over_optimizers
+def test_optimizer_matches_torch_cuda(name: str, kw: dict, dtype, foreach) -> None:
+    check_optimizer_against_torch_on("cuda", ref, name, kw, dtype, foreach)
+
+
+# clip_grad_norm_ on CUDA also defaults to foreach (torch._foreach_norm per tensor, then the
+# norm of the norms): a reduction in another order, within the CPU test's float64 1e-15.
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_clip_grad_norm_matches_torch_cuda(norm_type, max_norm, dtype) -> None:
+    check_clip_grad_norm_against_torch_on("cuda", norm_type, max_norm, dtype)
 
 
 P = {"w": np.zeros((2, 2))}
