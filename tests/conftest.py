@@ -7,6 +7,7 @@ the mark) compares ours with torch on a GPU; without one they are collected and 
 Hypothesis profile, chosen by ``HYPOTHESIS_PROFILE`` (default: ``ci`` when ``CI`` is set, else
 ``dev``):
 - ``ci``: hypothesis' own ``ci`` profile (derandomized, no database) with our settings on top.
+- ``ci-jit-off``: the same with 25 examples, for CI's run of the kernels with Numba's JIT off.
 - ``dev``: fewer examples, for a quick local loop.
 - ``thorough``: 500 examples per property, for a long run before a release.
 No profile has a deadline: a Numba kernel's first call compiles for about a second.
@@ -22,6 +23,11 @@ from hypothesis import HealthCheck, settings
 
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=100, **_common)
+# CI's second pass, the kernels' Python source with Numba's JIT off: it is there for coverage of
+# their logic (indexing, masks, remainders), which a quarter of the examples reach at a
+# quarter of the cost of interpreted kernels.
+settings.register_profile("ci-jit-off", parent=settings.get_profile("ci"), max_examples=25,
+                          **_common)
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
