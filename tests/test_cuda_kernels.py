@@ -248,8 +248,11 @@ def small():
     ({"query": np.zeros((3, 2))}, ValueError, "batch 3 does not match"),
     ({"values": np.zeros((2, 4, 2))}, ValueError, "values: expected shape"),
     ({"query": np.zeros((0, 2)), "keys": np.zeros((0, 3, 2)), "values": np.zeros((0, 3, 2))},
+     ValueError, "keys: expected at least one key and one row"),  # the contract's message
+    ({"keys": np.zeros((2, 0, 2)), "values": np.zeros((2, 0, 2))}, ValueError,
+     "keys: expected at least one key and one row"),
+    ({"query": np.zeros((2, 0)), "keys": np.zeros((2, 3, 0)), "values": np.zeros((2, 3, 0))},
      ValueError, "every axis must be non-empty"),
-    ({"keys": np.zeros((2, 0, 2)), "values": np.zeros((2, 0, 2))}, ValueError, "non-empty"),
     ({"score": "general", "params": {"W": np.eye(2)}}, ValueError,
      "'general' score is not implemented in kernels.cuda"),
     ({"score": "additive"}, ValueError, "'additive' score is not implemented"),

@@ -139,10 +139,11 @@ def bool_mask(name: str, mask: Any, shape: tuple[int, ...], labels: str) -> np.n
     return mask
 
 
-def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: Any,
-                       lengths: Any = None, mask: Any = None, causal: Any = False,
-                       scale: Any = None, bias: Any = None) -> AttentionInputs:
-    """Check every `attention_forward` argument; return them in the heads layout."""
+def check_arrays(query: Any, keys: Any, values: Any, score: Any, params: Any, scale: Any
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, dict, float | None]:
+    """The checks of `attention_forward`'s query, keys, values, score params and scale, which
+    read only shapes and dtypes (so a backend whose arrays live elsewhere can pass zero-copy
+    stand-ins) -> (query, keys, values, layout, params, scale)."""
     query = checks.float_array_ranks("query", query,
                                      (("B", "Hq"), ("B", "Tq", "Hq"), ("B", "h", "Tq", "D")))
     layout = _LAYOUTS[query.ndim]
@@ -174,6 +175,17 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
     p = score_params(score, params, query.shape[-1], keys.shape[-1], dtype,
                      shapes=f"query {query.shape} and keys {keys.shape}")
     scale = score_scale(score, scale, keys.shape[-1])
+    return query, keys, values, layout, p, scale
+
+
+def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: Any,
+                       lengths: Any = None, mask: Any = None, causal: Any = False,
+                       scale: Any = None, bias: Any = None) -> AttentionInputs:
+    """Check every `attention_forward` argument; return them in the heads layout."""
+    query, keys, values, layout, p, scale = check_arrays(query, keys, values, score, params,
+                                                         scale)
+    heads = layout == "heads"
+    dtype = query.dtype
     if lengths is not None:
         lengths = checks.lengths_array(lengths, keys.shape[0], keys.shape[-2])
     # strided input gives the bits of a contiguous copy: BLAS sums a product in an order that
