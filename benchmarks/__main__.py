@@ -20,9 +20,10 @@ machine takes for the row's work, measured in the same run (benchmarks/ceilings.
 - memory-bound rows (the single-query attention, the seed's case): a streaming read of V (and
   for forward+backward a fresh copy of it), the least traffic the op needs.
 A row above 100% of its ceiling is flagged ABOVE CEILING (a measurement problem); a row whose
-ceiling is under 20 us says "too small", one whose samples spread by more than half their median
-"noisy", instead of a percentage. The header gives the CPU's nominal peak and how it was
-derived.
+ceiling is under 20 us says "too small", and one whose samples spread wide (an IQR over half
+their median, or a median over twice the fastest sample) "noisy", instead of a percentage; the
+plot against torch hatches the bars of such rows. The header gives the CPU's nominal peak and
+how it was derived.
 
 Files: the run is written as JSON (benchmarks/schema.json: a header with the machine, versions,
 threads, BLAS, git commit, date and the run's noise; one record per row) and as PNG plots

@@ -15,8 +15,9 @@ Rows are matched by the key (``id``, ``dtype``). For a row present in both runs,
 A row whose status is ``"FAIL"`` in either run is untrusted (its result is wrong, or it
 raised): its verdict is always ``"same"``, its ``trusted`` is False, and the comparison's notes
 name it. Rows that are ``"too small"`` (their ceiling is a call's overhead, but their own time
-is looped and real), ``"noisy"`` (their wide IQR widens their band) or ``"above ceiling"`` (the
-time is real, only suspiciously good) are judged like ``"ok"`` ones and named in the notes.
+is looped and real), ``"noisy"`` (their samples spread wide; a wide IQR widens their band) or
+``"above ceiling"`` (the time is real, only suspiciously good) are judged like ``"ok"`` ones
+and named in the notes.
 
 Why not pyperf's test (``compare_to`` calls a change significant from a Student's t-test on the
 two runs' samples): our rows have few samples (``--repeat`` defaults to 5) and the noise that

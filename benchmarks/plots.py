@@ -19,7 +19,9 @@ Two kinds of figure, both PNG, drawn with matplotlib's object-oriented API (a ba
   op's baseline (`BASELINES`; ``vs_baseline`` = baseline median / row median), on a log axis
   centred on the baseline's 1x: a bar to the right (green) is that many times faster than the
   baseline, a bar to the left (red) slower. Bars are grouped by op, size and pass, read top to
-  bottom; the baselines themselves, rows without a baseline and failed rows get no bar.
+  bottom; the baselines themselves, rows without a baseline and failed rows get no bar. A bar
+  whose row or baseline row is "too small" or "noisy" is faded and hatched (`UNSURE`), with a
+  legend entry: its ratio compares call overheads or a busy machine's samples, not the ops.
 
 `sweep_figure` and `ratio_figure` return the figures unsaved, for a look or a test.
 """
@@ -34,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-__all__ = ["BASELINES", "plot_ratios", "plot_sweeps", "ratio_figure", "ratio_rows",
-           "sweep_families", "sweep_figure"]
+__all__ = ["BASELINES", "UNSURE", "plot_ratios", "plot_sweeps", "ratio_figure", "ratio_rows",
+           "sweep_families", "sweep_figure", "unsure"]
 
 # op -> (backend, device) that ``vs_baseline`` divides by (a copy of benchmarks.cases.BASELINES,
 # so that plotting imports none of the backends).
@@ -47,6 +50,7 @@ BASELINES: dict[str, tuple[str, str]] = {
 
 PASS_ORDER = ("forward", "forward+backward", "training step")
 HOLLOW = ("too small", "noisy", "above ceiling")  # statuses drawn hollow: not trusted
+UNSURE = ("too small", "noisy")  # a bar of such a row, or against such a baseline, is hatched
 PCT_TOP = 150.0  # the percent axis ends here: an untrusted 3000% must not flatten the rest
 PASS_SHORT = {"forward": "fwd", "forward+backward": "fwd+bwd", "training step": "step"}
 
@@ -277,6 +281,17 @@ def ratio_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(chosen, key=key)  # stable: a group keeps the rows' order
 
 
+def unsure(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether `row`'s ``vs_baseline`` is not to be trusted: its status, or that of its op's
+    baseline row of the same size, pass and dtype in `rows`, is one of `UNSURE`."""
+    if row["status"] in UNSURE:
+        return True
+    like = (row["op"], row["size"], row["pass"], row["dtype"])
+    return any((r["backend"], r["device"]) == BASELINES.get(row["op"])
+               and (r["op"], r["size"], r["pass"], r["dtype"]) == like
+               and r["status"] in UNSURE for r in rows)
+
+
 def _ratio_text(ratio: float) -> str:
     """8.2x, 12x, 0.25x, 0.004x: two significant digits at most, none lost below 1."""
     return f"{ratio:.0f}x" if ratio >= 9.95 else f"{ratio:.1f}x" if ratio >= 0.995 \
@@ -309,8 +324,12 @@ def ratio_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figur
     ys = list(range(n))
     lefts = [min(q, 1.0) for q in ratios]
     widths = [abs(q - 1.0) or 1e-9 for q in ratios]
-    ax.barh(ys, widths, left=lefts, height=0.62,
-            color=[_FASTER if q >= 1 else _SLOWER for q in ratios], zorder=2)
+    colours = [_FASTER if q >= 1 else _SLOWER for q in ratios]
+    hatched = [unsure(r, rows) for r in bars]
+    drawn = ax.barh(ys, widths, left=lefts, height=0.62, color=colours, zorder=2)
+    for patch, colour, mark in zip(drawn, colours, hatched, strict=True):
+        if mark:
+            _hatch(patch, colour)
     lo, hi = min(*ratios, 1.0), max(*ratios, 1.0)
     for y, q in zip(ys, ratios, strict=True):
         ax.annotate(_ratio_text(q), xy=(q, y), xytext=(4 if q >= 1 else -4, 0),
@@ -346,12 +365,26 @@ def ratio_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figur
     # above the bars, right-aligned: the layout keeps the title above it
     kinds = [Patch(color=_FASTER, label="faster than baseline")] * any(q >= 1 for q in ratios) \
         + [Patch(color=_SLOWER, label="slower than baseline")] * any(q < 1 for q in ratios)
+    if any(hatched):
+        kinds.append(_hatch(Patch(label="too small or noisy (the row or\nits baseline): not "
+                                        "a reliable ratio"), "0.45"))
     ax.legend(handles=kinds,
-              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8.5,
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(kinds), fontsize=8.5,
               frameon=False, borderaxespad=0.2)
     heading = title or "Speed against each op's baseline"
     fig.suptitle(f"{heading} ({', '.join(dtypes)})", fontsize=11)
     return fig
+
+
+def _hatch(patch: Patch, colour: str) -> Patch:
+    """`patch` faded and hatched in `colour`: a bar whose ratio is not trusted."""
+    from matplotlib.colors import to_rgba
+
+    patch.set_facecolor(to_rgba(colour, 0.3))
+    patch.set_edgecolor(colour)
+    patch.set_hatch("////")
+    patch.set_linewidth(0.8)
+    return patch
 
 
 def plot_ratios(rows: Sequence[Mapping[str, Any]], path: str | Path, *,

@@ -221,6 +221,29 @@ def test_ratio_figure_bars() -> None:
     assert fig.get_suptitle() == "synthetic (float32)"
 
 
+def test_ratio_bars_of_too_small_or_noisy_rows_or_baselines_are_hatched() -> None:
+    rows = ratio_input()
+    rows[2]["status"] = "noisy"  # lstm numpy_ref
+    rows[3]["status"] = "above ceiling"  # lstm torch (cuda): its time, so its ratio, is real
+    rows[4]["status"] = "too small"  # attention's baseline: both attention bars lean on it
+    fig = plots.ratio_figure(rows)
+    (ax,) = fig.axes
+    marked = [bool(b.get_hatch()) for b in ax.patches]
+    assert marked == [False, True, False, True, True]
+    assert [plots.unsure(r, rows) for r in plots.ratio_rows(rows)] == marked
+    alphas = [b.get_facecolor()[3] for b in ax.patches]
+    assert all(a < 0.5 if m else a == 1 for a, m in zip(alphas, marked, strict=True))
+    # still green and red underneath: faded, not recoloured
+    plain = plots.ratio_figure(ratio_input()).axes[0].patches
+    assert [b.get_facecolor()[:3] for b in ax.patches] == [b.get_facecolor()[:3] for b in plain]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:2] == ["faster than baseline", "slower than baseline"]
+    assert len(legend) == 3 and legend[2].startswith("too small or noisy")
+    assert ax.get_legend().legend_handles[2].get_hatch() == "////"
+    # nothing hatched, no such legend entry
+    assert len(plots.ratio_figure(ratio_input()).axes[0].get_legend().get_texts()) == 2
+
+
 def test_ratio_figure_height_grows_with_bars() -> None:
     rows = [make_row("attention", f"B{b},T64,H8", "kernels", "cpu", "forward", 1e-3,
                      vs_baseline=1.5 + b) for b in range(40)]
