@@ -62,6 +62,20 @@ then gives the query and key gradients (g = scale * ds):
                       dk = d_ka W_key,    dW_key = sum d_ka^T k
 
 With grouped heads, a kv head's gradients are the sums over the query heads that read it.
+
+Without the weights (need_weights=False)
+----------------------------------------
+The same function, computed block by block as FlashAttention does, so that nothing of size
+Tq x Tk exists. Forward, for each block of query rows and then each block of keys:
+
+    m' = max(m, max_j s_j),   p_j = exp(s_j - m'),   alpha = exp(m - m')
+    l  = alpha l + sum_j p_j,   acc = alpha acc + sum_j p_j v_j,   m = m'
+
+and c = acc / l after the last block (the online softmax). The cache keeps m and l per query;
+the backward recomputes each block's weights w_j = exp(s_j - m) / l and uses
+delta = <dc, c> above, so it needs no row of weights at once. Every forward, with weights or
+without, reports each query's log-sum-exp m + log l as ``cache.lse``: the statistic a flash
+kernel saves, to check yours against.
 """
 
 from __future__ import annotations
@@ -239,6 +253,9 @@ class MaskedSoftmaxCache(NamedTuple):
     """What `masked_softmax_backward` needs."""
 
     weights: np.ndarray  # like the scores: the softmax output; read
+    lse: np.ndarray  # the scores' shape without the last axis: each row's log-sum-exp
+    #                  m + log sum_j exp(s_j - m) over the keys it sees (-inf for a row that
+    #                  sees none, NaN for a NaN row); not read
 
 
 def masked_softmax_forward(
@@ -273,7 +290,7 @@ def masked_softmax_forward(
     w = e / np.where(total == 0, 1, total)
     if mask is not None:
         w = np.where(mask, w, 0)  # already 0, except in a row made NaN by a visible NaN
-    return w, MaskedSoftmaxCache(w)
+    return w, MaskedSoftmaxCache(w, contract.log_sum_exp(m, total, w.dtype)[..., 0])
 
 
 def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) -> np.ndarray:
@@ -342,18 +359,38 @@ def weighted_sum_backward(
 
 
 @documented
+class BlockwiseCache(NamedTuple):
+    """What the blockwise backward (``need_weights=False``) reads: the inputs and each query
+    row's softmax statistics, from which it recomputes the weights one block at a time."""
+
+    query: np.ndarray  # [B, h, Tq, Hq]  padding rows zeroed; read
+    keys: np.ndarray  # [B, h, Tk, Hk]  kv heads repeated per query head, padding zeroed; read
+    values: np.ndarray  # [B, h, Tk, Hv]  likewise; read
+    context: np.ndarray  # [B, h, Tq, Hv]  the output c; read for delta = <c, dc>
+    row_max: np.ndarray  # [B, h, Tq]  m, each row's largest visible score; read
+    row_sum: np.ndarray  # [B, h, Tq]  l = sum_j exp(s_j - m) over the visible keys; read
+
+
+@documented
 class AttentionCache(NamedTuple):
     """Everything `attention_backward` needs from one `attention_forward` call. Arrays are in
-    the heads layout [B, h, Tq, ...] whatever the caller's (see `inputs.layout`)."""
+    the heads layout [B, h, Tq, ...] whatever the caller's (see `inputs.layout`), except lse."""
 
     inputs: contract.AttentionInputs  # the checked arguments (views; padding not removed)
     padding: contract.Padding  # which key and query rows are not data
-    scores: AttentionScoresCache  # q and k (kv heads repeated per query head); read
-    softmax: MaskedSoftmaxCache  # the weights [B, h, Tq, Tk]; read
-    context: WeightedSumCache  # the weights and values; read
-    logits: np.ndarray  # [B, h, Tq, Tk] the scores after scale and bias, before the mask and
-    #                     the softmax (at padding keys, the score of the zeros that replaced
-    #                     them); not read by backward: compare it with your pre-softmax scores
+    scores: AttentionScoresCache | None  # q and k (kv heads repeated per query head); read.
+    #                                      None without the weights, as the next three
+    softmax: MaskedSoftmaxCache | None  # the weights [B, h, Tq, Tk]; read
+    context: WeightedSumCache | None  # the weights and values; read
+    logits: np.ndarray | None  # [B, h, Tq, Tk] the scores after scale and bias, before the
+    #                            mask and the softmax (at padding keys, the score of the zeros
+    #                            that replaced them); not read by backward: compare it with
+    #                            your pre-softmax scores
+    lse: np.ndarray  # [B], [B, Tq] or [B, h, Tq] (the weights' shape without Tk), the data's
+    #                  dtype: each query's log-sum-exp of its visible scaled scores,
+    #                  m + log sum_j exp(s_j - m) (-inf for a query that sees no key, NaN for a
+    #                  NaN row); not read: compare a flash kernel's saved statistic with it
+    blocks: BlockwiseCache | None  # need_weights=False: what its backward reads; else None
 
 
 def _per_query_head(x: np.ndarray, group: int) -> np.ndarray:
@@ -379,12 +416,15 @@ def attention_forward(
     causal: bool = False,
     scale: float | None = None,
     bias: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, AttentionCache]:
+    need_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, AttentionCache]:
     """Attention: scores -> masked softmax over keys -> weighted sum of values.
 
     ``s = scale * score(q, k) + bias``; ``w = softmax(s)`` over the keys each query sees;
     ``c = w v``. Composed of `attention_scores_forward`, `masked_softmax_forward` and
-    `weighted_sum_forward`; the `numpy_ref.attention` module docstring has the math.
+    `weighted_sum_forward`; the `numpy_ref.attention` module docstring has the math. With
+    ``need_weights=False`` the same is computed block by block (FlashAttention's online
+    softmax, module docstring) and no array of size Tq x Tk is formed.
 
     Parameters
     ----------
@@ -401,15 +441,24 @@ def attention_forward(
         scaled_dot, 1 otherwise); not with additive.
     bias : float, broadcastable to the weights' shape, added to the scaled scores (SDPA's float
         attn_mask; -inf hides a key); its gradient is d_params["bias"].
+    need_weights : return the weights; with False, weights is None and nothing of size
+        Tq x Tk exists, not in the result, the cache or a temporary of the whole problem.
 
     Returns
     -------
     context : [B, Hv], [B, Tq, Hv] or [B, h, Tq, Dv].  weights : [B, Tk], [B, Tq, Tk] or
-    [B, h, Tq, Tk] (0 at hidden keys; a query that sees no key has weights and context 0).
-    cache.
+    [B, h, Tq, Tk] (0 at hidden keys; a query that sees no key has weights and context 0), or
+    None.  cache : its ``lse`` holds each query's log-sum-exp, whatever need_weights is.
     """
     a = contract.validate_attention(query, keys, values, score, params, lengths, mask, causal,
-                                    scale, bias)
+                                    scale, bias, need_weights)
+    if not a.need_weights:
+        pad = contract.padding_by_blocks(a)
+        c, blocks = _forward_by_blocks(a, pad)
+        lse = contract.log_sum_exp(blocks.row_max, blocks.row_sum, blocks.query.dtype)
+        cache = AttentionCache(a, pad, None, None, None, None, contract.row_statistic(a, lse),
+                               blocks)
+        return a.to_user(c), None, cache
     visible = contract.visibility(a)
     pad = contract.padding(a, visible)
     q = contract.without_padding(a.query, pad.queries)  # [B, h, Tq, Hq]
@@ -421,7 +470,8 @@ def attention_forward(
     w, softmax = masked_softmax_forward(s, mask=visible)
     c, weighted = weighted_sum_forward(w, v)  # [B, h, Tq, Hv]
     c = contract.without_padding(c, pad.queries)  # 0 * (a value another query sees) may be NaN
-    cache = AttentionCache(a, pad, scores, softmax, weighted, s)
+    cache = AttentionCache(a, pad, scores, softmax, weighted, s,
+                           contract.row_statistic(a, softmax.lse), None)
     return a.to_user(c), a.to_user(w), cache
 
 
@@ -438,12 +488,14 @@ def attention_backward(
     ``dv = w^T dc``; ``dw = dc v^T + d_weights``; ``ds = w (dw - delta)`` with
     ``delta_i = sum_j w_ij dw_ij``; then the score's chain rule for dq, dk (and ``d_bias = ds``
     summed over bias's broadcast axes). Derivation: the `numpy_ref.attention` module docstring.
+    After a forward with ``need_weights=False`` the same gradients are computed block by block,
+    the weights recomputed from each row's saved max and sum, with ``delta_i = <c_i, dc_i>``.
 
     Parameters
     ----------
     d_context : like the context.
     d_weights : optional cotangent on the returned weights (like them), for a loss on the
-        alignment itself; it adds to the gradient.
+        alignment itself; it adds to the gradient. Not after need_weights=False.
     sum_kv : return d_keys + d_values as d_keys and None as d_values (keys and values of one
         shape, e.g. the seed's keys-is-values): one array instead of two.
     out : optional (d_query, d_keys, d_values) buffers, each a C-contiguous array shaped like
@@ -456,21 +508,134 @@ def attention_backward(
     d_params : the score params' keys ({} for dot and scaled_dot), and "bias" (bias's shape)
     when a bias was given.
     """
-    a, pad, scores, softmax, weighted, _ = checks.cache_of(cache, AttentionCache,
-                                                        "attention_forward")
+    a, pad, scores, softmax, weighted, _, _, blocks = checks.cache_of(
+        cache, AttentionCache, "attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
     dc, dW = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])
-    dw, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
-    if dW is not None:
-        dw = dw + dW
-    ds = masked_softmax_backward(dw, softmax)  # 0 at hidden keys
-    d_query, d_keys, d_params = attention_scores_backward(ds, scores)
-    if a.bias is not None:  # s = scores + bias
-        d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
+    if blocks is not None:
+        d_query, d_keys, d_values, d_params = _backward_by_blocks(a, blocks, dc)
+    else:
+        dw, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
+        if dW is not None:
+            dw = dw + dW
+        ds = masked_softmax_backward(dw, softmax)  # 0 at hidden keys
+        d_query, d_keys, d_params = attention_scores_backward(ds, scores)
+        if a.bias is not None:  # s = scores + bias
+            d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
     d_query = contract.without_padding(d_query, pad.queries)
     d_keys, d_values = _per_kv_head(d_keys, a.group), _per_kv_head(d_values, a.group)
     # padding rows got 0 * (a NaN of a query row, or of dc): they are 0 by definition
     d_keys = contract.without_padding(d_keys, pad.keys)
     d_values = contract.without_padding(d_values, pad.keys)
     d_query, d_keys, d_values = contract.deliver(a, d_query, d_keys, d_values, sum_kv, out)
+    return d_query, d_keys, d_values, d_params
+
+
+# --------------------------------------------------------------------------------------------
+# attention without the weights: block by block
+#
+# The same function of the inputs, computed as FlashAttention does, so that nothing of size
+# Tq x Tk is ever formed: for each block of query rows, a pass over blocks of keys keeps each
+# row's running max m, running sum l and unnormalised context acc, rescaled whenever a block
+# raises the max (the online softmax of Milakov and Gimelshein); the backward recomputes each
+# block's weights from the saved m and l, and takes delta from the context (module docstring).
+# Each block's scores come from the public score pair, so every score works and its chain
+# rule is the one above. The block sizes change only the order in which sums are rounded.
+
+BLOCK_QUERIES = 128  # query rows per block
+BLOCK_KEYS = 256  # keys per block
+
+
+def _block_scores(a: contract.AttentionInputs, q: np.ndarray, k: np.ndarray, rows: slice,
+                  cols: slice, visible: np.ndarray | None
+                  ) -> tuple[np.ndarray, AttentionScoresCache]:
+    """The scaled, biased scores of one block [B, h, rows, cols], -inf at the keys a query
+    does not see; `visible` is `contract.visibility(a, rows=rows)` (None: all seen)."""
+    s, scores = attention_scores_forward(q[:, :, rows], k[:, :, cols], score=a.score,
+                                         params=a.params, scale=a.scale)
+    if a.bias is not None:
+        s = s + a.bias[:, :, rows, cols]
+    if visible is not None:
+        s = np.where(visible if visible.shape[3] == 1 else visible[..., cols], s, -np.inf)
+    return s, scores
+
+
+def _forward_by_blocks(a: contract.AttentionInputs, pad: contract.Padding
+                       ) -> tuple[np.ndarray, BlockwiseCache]:
+    """The context [B, h, Tq, Hv] and the blockwise cache. Per block of keys, for each row::
+
+        s     = the block's scores (-inf where hidden)
+        m'    = max(m, max_j s_j);   alpha = exp(m - m');   p_j = exp(s_j - m')
+        l     = alpha l + sum_j p_j;   acc = alpha acc + sum_j p_j v_j;   m = m'
+
+    and at the end c = acc / l (0 for a row that sees no key, l = 0)."""
+    q = contract.without_padding(a.query, pad.queries)
+    k = _per_query_head(contract.without_padding(a.keys, pad.keys), a.group)
+    v = _per_query_head(contract.without_padding(a.values, pad.keys), a.group)
+    B, h, Tq, _ = q.shape
+    Tk, Hv = k.shape[2], v.shape[3]
+    dtype = q.dtype
+    context = np.empty((B, h, Tq, Hv), dtype)
+    row_max, row_sum = np.empty((B, h, Tq), dtype), np.empty((B, h, Tq), dtype)
+    for i0 in range(0, Tq, BLOCK_QUERIES):
+        rows = slice(i0, min(i0 + BLOCK_QUERIES, Tq))
+        visible = contract.visibility(a, rows=rows)
+        n = rows.stop - i0
+        m = np.full((B, h, n, 1), -np.inf, dtype)
+        l = np.zeros((B, h, n, 1), dtype)
+        acc = np.zeros((B, h, n, Hv), dtype)
+        for j0 in range(0, Tk, BLOCK_KEYS):
+            cols = slice(j0, min(j0 + BLOCK_KEYS, Tk))
+            s, _ = _block_scores(a, q, k, rows, cols, visible)
+            m_new = np.maximum(m, s.max(axis=-1, keepdims=True))  # NaN stays NaN
+            shift = np.where(m_new == -np.inf, 0, m_new)  # a row that has seen no key yet
+            alpha = np.exp(m - shift)
+            p = np.exp(s - shift)  # exactly 0 at hidden keys
+            l = alpha * l + p.sum(axis=-1, keepdims=True)
+            acc = alpha * acc + p @ v[:, :, cols]
+            m = m_new
+        context[:, :, rows] = acc / np.where(l == 0, 1, l)
+        row_max[:, :, rows], row_sum[:, :, rows] = m[..., 0], l[..., 0]
+    context = contract.without_padding(context, pad.queries)
+    return context, BlockwiseCache(q, k, v, context, row_max, row_sum)
+
+
+def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """d_query [B, h, Tq, Hq], d_keys, d_values [B, h, Tk, ...] (per query head) and d_params,
+    block by block: the block's weights p_j = exp(s_j - m) / l, then the weighted sum's and
+    the score's own backward, with the softmax's delta_i = <c_i, dc_i> (FlashAttention-2)."""
+    q, k, v, c, m, l = blocks
+    Tq, Tk = q.shape[2], k.shape[2]
+    delta = np.sum(c * dc, axis=-1, keepdims=True)  # [B, h, Tq, 1]
+    seen = l != 0  # rows that see a key; the others have p = 0 everywhere
+    m = np.where(seen, m, 0)[..., None]
+    l = np.where(seen, l, 1)[..., None]
+    d_query, d_keys, d_values = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    d_params: dict[str, np.ndarray] = {}
+    bias_grad = None if a.bias is None else np.zeros(contract.compact(a.bias).shape, q.dtype)
+    for i0 in range(0, Tq, BLOCK_QUERIES):
+        rows = slice(i0, min(i0 + BLOCK_QUERIES, Tq))
+        visible = contract.visibility(a, rows=rows)
+        for j0 in range(0, Tk, BLOCK_KEYS):
+            cols = slice(j0, min(j0 + BLOCK_KEYS, Tk))
+            s, scores = _block_scores(a, q, k, rows, cols, visible)
+            # the forward's weights; exactly 0 at hidden keys, also in a row made NaN
+            p = np.where(s == -np.inf, 0, np.exp(s - m[:, :, rows]) / l[:, :, rows])
+            dp, dv = weighted_sum_backward(dc[:, :, rows], WeightedSumCache(p, v[:, :, cols],
+                                                                             False))
+            d_values[:, :, cols] += dv
+            ds = np.where(p == 0, 0, p * (dp - delta[:, :, rows]))  # the softmax's VJP
+            dq, dk, dpar = attention_scores_backward(ds, scores)
+            d_query[:, :, rows] += dq
+            d_keys[:, :, cols] += dk
+            for key, g in dpar.items():
+                d_params[key] = d_params[key] + g if key in d_params else g
+            if bias_grad is not None:  # s = scores + bias: ds summed where bias broadcast
+                axes = tuple(i for i, n in enumerate(bias_grad.shape) if n == 1)
+                target = (slice(None), slice(None), rows if bias_grad.shape[2] > 1 else
+                          slice(None), cols if bias_grad.shape[3] > 1 else slice(None))
+                bias_grad[target] += ds.sum(axis=axes, keepdims=True)
+    if bias_grad is not None:
+        d_params["bias"] = contract.reduce_to(a.to_user(bias_grad), a.bias_shape)
     return d_query, d_keys, d_values, d_params

@@ -22,6 +22,11 @@ Padding. A key/value row that no query of any head in its group may see is paddi
 query row that sees no key: whatever they hold (NaN and inf included) must not reach a result.
 `padding` finds them and `without_padding` replaces them by zeros, so a backend computes
 exactly what it computes for zero padding.
+
+Without the weights (``need_weights=False``) nothing of size Tq x Tk may be formed, not even a
+boolean one: `visibility` takes a block of query rows, `padding_by_blocks` finds the padding
+one such block at a time, and `row_statistic` puts a per-query-row array (the log-sum-exp) in
+the caller's layout.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class AttentionInputs(NamedTuple):
     score: str  # one of SCORES
     layout: str  # "single", "steps" or "heads": the query's rank
     group: int  # h // h_kv: query head hh reads kv head hh // group
+    need_weights: bool  # whether the forward returns the weights (else nothing Tq x Tk exists)
 
     def to_user(self, x: np.ndarray) -> np.ndarray:
         """[B, h, Tq, X] (common layout) -> the caller's layout: [B, X], [B, Tq, X] or as is."""
@@ -180,7 +186,8 @@ def check_arrays(query: Any, keys: Any, values: Any, score: Any, params: Any, sc
 
 def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: Any,
                        lengths: Any = None, mask: Any = None, causal: Any = False,
-                       scale: Any = None, bias: Any = None) -> AttentionInputs:
+                       scale: Any = None, bias: Any = None,
+                       need_weights: Any = True) -> AttentionInputs:
     """Check every `attention_forward` argument; return them in the heads layout."""
     query, keys, values, layout, p, scale = check_arrays(query, keys, values, score, params,
                                                          scale)
@@ -202,8 +209,10 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
     labels = {"single": "[B, Tk]", "steps": "[B, Tq, Tk]", "heads": "[B, h, Tq, Tk]"}[layout]
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if not isinstance(need_weights, (bool, np.bool_)):
+        raise TypeError(f"need_weights: expected a bool, got {type(need_weights).__name__}")
     inputs = AttentionInputs(query, keys, values, p, lengths, None, bool(causal), scale, None,
-                             None, score, layout, h // h_kv)
+                             None, score, layout, h // h_kv, bool(need_weights))
     if mask is not None:
         mask = inputs.from_user(np.broadcast_to(bool_mask("mask", mask, weights, labels),
                                                 weights))
@@ -221,33 +230,37 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
     return inputs._replace(mask=mask, bias=bias, bias_shape=bias_shape)
 
 
-def _causal(Tq: int, Tk: int) -> np.ndarray:
-    """[1, 1, Tq, Tk]: query i sees keys j <= i (top-left aligned, SDPA's is_causal)."""
-    return (np.arange(Tk)[None, :] <= np.arange(Tq)[:, None])[None, None]
+def _causal(start: int, stop: int, Tk: int) -> np.ndarray:
+    """[1, 1, stop - start, Tk]: query i (start <= i < stop) sees keys j <= i (top-left
+    aligned, SDPA's is_causal)."""
+    return (np.arange(Tk)[None, :] <= np.arange(start, stop)[:, None])[None, None]
 
 
-def _compact(a: np.ndarray) -> np.ndarray:
-    """A broadcast view reduced to its own extent: axes of stride 0 become size 1."""
+def compact(a: np.ndarray) -> np.ndarray:
+    """A broadcast view reduced to its own extent: axes of stride 0 become size 1 (a bias
+    [Tk] seen as [B, h, Tq, Tk] is [1, 1, 1, Tk] again)."""
     index = tuple(slice(0, 1) if s == 0 else slice(None) for s in a.strides)
     return a[index]
 
 
 def visibility(a: AttentionInputs, *, with_lengths: bool = True,
-               with_causal: bool = True) -> np.ndarray | None:
+               with_causal: bool = True, rows: slice = slice(None)) -> np.ndarray | None:
     """Which (query, key) pairs are visible: a bool array broadcastable to [B, h, Tq, Tk], the
     AND of lengths, mask, causal and bias != -inf (lengths and causal only when asked: a kernel
-    that handles a prefix per row itself leaves them out); None when all are."""
-    _B, _h, Tq, _ = a.query.shape
+    that handles a prefix per row itself leaves them out); None when all are. `rows`, a slice
+    of the query steps, restricts it to those queries ([B, h, rows, Tk])."""
+    Tq = a.query.shape[2]
     Tk = a.keys.shape[2]
+    start, stop, _ = rows.indices(Tq)
     parts = []
     if with_lengths and a.lengths is not None and a.lengths.min() < Tk:
         parts.append((np.arange(Tk) < a.lengths[:, None])[:, None, None, :])
     if a.mask is not None:
-        parts.append(_compact(a.mask))
-    if with_causal and a.causal and Tk > 1:
-        parts.append(_causal(Tq, Tk))
+        parts.append(compact(a.mask[:, :, rows]))
+    if with_causal and a.causal and start < Tk - 1:  # (rows from Tk - 1 on see every key)
+        parts.append(_causal(start, stop, Tk))
     if a.bias is not None:
-        finite = _compact(a.bias) != -np.inf  # NaN stays visible: it is data and propagates
+        finite = compact(a.bias[:, :, rows]) != -np.inf  # NaN stays visible: it is data
         if not finite.all():
             parts.append(finite)
     if not parts:
@@ -270,13 +283,53 @@ def padding(a: AttentionInputs, visible: np.ndarray | None) -> Padding:
     """The key/value rows no query of their group sees, and the query rows that see no key."""
     if visible is None:
         return Padding(None, None)
-    h_kv = a.keys.shape[1]
     seen = visible.any(axis=2)  # [B?, h?, Tk?]: some query of that head sees key j
+    return _padding(a, seen, visible.any(axis=3, keepdims=True))
+
+
+def padding_by_blocks(a: AttentionInputs) -> Padding:
+    """`padding(a, visibility(a))` without the [B, h, Tq, Tk] visibility: computed a block of
+    query rows at a time (blocks of at most 2^22 (query, key) pairs), for the path that forms
+    nothing of size Tq x Tk. The result has full-size axes where `padding`'s may be 1."""
+    B, h, Tq, _ = a.query.shape
+    Tk = a.keys.shape[2]
+    step = max(1, (1 << 22) // (B * h * Tk))
+    seen = np.zeros((B, h, Tk), bool)
+    sees = np.ones((B, h, Tq, 1), bool)
+    hidden = False
+    for start in range(0, Tq, step):
+        rows = slice(start, min(start + step, Tq))
+        visible = visibility(a, rows=rows)
+        if visible is None:  # this block's queries see every key
+            seen[...] = True
+            continue
+        hidden = True
+        seen |= visible.any(axis=2)
+        sees[:, :, rows] = visible.any(axis=3, keepdims=True)
+    return _padding(a, seen, sees) if hidden else Padding(None, None)
+
+
+def _padding(a: AttentionInputs, seen: np.ndarray, sees: np.ndarray) -> Padding:
+    """Padding from seen [B?, h?, Tk?] (a query of that head sees key j) and sees
+    [B?, h?, Tq?, 1] (query i sees a key)."""
+    h_kv = a.keys.shape[1]
     if seen.shape[1] > 1:  # one entry per query head: a kv row is real if one head sees it
         seen = seen.reshape(seen.shape[0], h_kv, a.group, seen.shape[2]).any(axis=2)
     keys = None if seen.all() else seen[..., None]
-    sees = visible.any(axis=3, keepdims=True)  # [B?, h?, Tq?, 1]
     return Padding(keys, None if sees.all() else sees)
+
+
+def log_sum_exp(m: np.ndarray, total: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A row's log-sum-exp m + log(total) from its max m and total = sum_j exp(s_j - m), in
+    `dtype`: -inf where total is 0 (a row that sees no key), NaN where either is NaN."""
+    with np.errstate(divide="ignore"):  # log(0) = -inf is the answer there
+        return np.where(total == 0, -np.inf, m + np.log(total)).astype(dtype)
+
+
+def row_statistic(a: AttentionInputs, x: np.ndarray) -> np.ndarray:
+    """A per-query-row array [B, h, Tq] (the log-sum-exp) in the caller's layout: [B],
+    [B, Tq] or [B, h, Tq], the weights' shape without the Tk axis."""
+    return a.to_user(x[..., None])[..., 0]
 
 
 def without_padding(x: np.ndarray, real: np.ndarray | None) -> np.ndarray:
@@ -303,6 +356,10 @@ def attention_cotangents(a: AttentionInputs, d_context: Any, d_weights: Any,
     axes = {"single": ("B",), "steps": ("B", "Tq"), "heads": ("B", "h", "Tq")}[a.layout]
     sizes = {"B": B, "h": h, "Tq": Tq, "Tk": Tk, "Hv": Hv}
     d_context = _like_axes("d_context", d_context, (*axes, "Hv"), sizes, dtype)
+    if d_weights is not None and not a.need_weights:
+        raise ValueError("d_weights: the forward ran with need_weights=False, so there are no "
+                         "weights to take a cotangent of; pass d_weights=None (or run the "
+                         "forward with need_weights=True)")
     if d_weights is not None:
         d_weights = a.from_user(_like_axes("d_weights", d_weights, (*axes, "Tk"), sizes, dtype))
     return a.from_user(d_context), d_weights
