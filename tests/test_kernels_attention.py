@@ -19,7 +19,8 @@ from test_attention import Case, check_case
 
 import kernels
 import numpy_ref
-from kernels import attention as ka
+from kernels import attention_single as ka
+from kernels import softmax as ksm
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 JIT_OFF = bool(numba.config.DISABLE_JIT)
@@ -38,11 +39,11 @@ def run_core(q, k, v, lengths, dc, dW=None, scale=1.0):
     visible = np.broadcast_to(np.True_, (B, T))  # what the wrapper passes without a mask
     bias = np.broadcast_to(dtype.type(0), (B, T))
     ka._single_forward(q, k, v, lengths, False, visible, bias, scale, context64, context, weights,
-                       stats)
+                       stats, True)
     d_q, d_k, d_v = (np.full_like(a, np.nan) for a in (q, k, v))
     dW = np.zeros((0, 0), dtype) if dW is None else dW
     ka._single_backward(q, k, v, lengths, False, visible, bias, scale, stats, context64,
-                        dc.astype(np.float64), dW, weights, False, d_q, d_k, d_v,
+                        dc.astype(np.float64), dW, weights, True, False, d_q, d_k, d_v,
                         np.empty((0, 0), dtype))
     return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
             "d_values": d_v}
@@ -187,8 +188,7 @@ def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     s = np.ones((3, 1, 2, 8))
     stats = np.empty((3, 1, 2, 2))
-    ka._softmax_rows(s, bad_lengths, False, False, np.broadcast_to(np.True_, s.shape), False,
-                     np.broadcast_to(0.0, s.shape), 1.0, stats)
+    ksm._softmax_rows(s, bad_lengths, False, np.broadcast_to(np.True_, s.shape), stats)
     np.testing.assert_allclose(s.sum(axis=-1), 1.0)
 
 
