@@ -34,6 +34,7 @@ runner times every "cuda" row with CUDA events (`benchmarks.core.EventClock`).
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -155,11 +156,12 @@ def _reference(inputs: AttentionInputs, pass_: str) -> dict[str, np.ndarray]:
 
 
 def _call_module(forward, backward, inputs: AttentionInputs, pass_: str,
-                 sum_kv: bool = False) -> tuple:
-    """The timed call of a module backend: forward, and backward from the context's cotangent
-    (with ``sum_kv``, asking for d_keys + d_values as one array)."""
+                 sum_kv: bool = False, need_weights: bool = True) -> tuple:
+    """The timed call of a module backend: forward (returning the weights, or not), and
+    backward from the context's cotangent (with ``sum_kv``, asking for d_keys + d_values as
+    one array)."""
     context, _, cache = forward(inputs.query, inputs.kv, inputs.kv, score="dot",
-                                lengths=inputs.lengths)
+                                lengths=inputs.lengths, need_weights=need_weights)
     if pass_ == "forward":
         return (context,)
     d_query, d_keys, d_values, _ = backward(inputs.d_context, cache, sum_kv=sum_kv)
@@ -174,15 +176,17 @@ def _collect_module(pass_: str, result: tuple) -> dict[str, np.ndarray]:
     return dict(zip(BACKWARD_NAMES, (context, d_query, d_kv), strict=True))
 
 
-def module_backend(name: str, module: ModuleType, *, sum_kv: bool = False) -> Backend:
+def module_backend(name: str, module: ModuleType, *, sum_kv: bool = False,
+                   need_weights: bool = True) -> Backend:
     """A CPU backend calling ``module.attention_forward`` / ``module.attention_backward``, with
     `numpy_ref`'s signatures; unavailable (its cases skipped) while `module` lacks them. With
     ``sum_kv`` the backward returns d_keys + d_values as one array (keys is values here): one
-    write of V's size instead of two, the ceiling's traffic."""
+    write of V's size instead of two, the ceiling's traffic. With ``need_weights=False`` the
+    forward returns no weights (and forms none: the flash path)."""
 
     def prepare(inputs: AttentionInputs, pass_: str) -> Prepared:
         run = partial(_call_module, module.attention_forward, module.attention_backward,
-                      inputs, pass_, sum_kv)
+                      inputs, pass_, sum_kv, need_weights)
         return Prepared(run=run, collect=partial(_collect_module, pass_))
 
     return Backend(name=name, op="attention", device="cpu", passes=OP_PASSES, prepare=prepare,
@@ -353,6 +357,8 @@ KERNELS_CUDA = Backend(name="kernels_cuda", op="attention", device="cuda", passe
 # heads: SDPA's layout [B, h, T, D], scaled_dot, causal or not, grouped-query when h_kv < h
 
 HEADS_NAMES = ("context", "d_query", "d_keys", "d_values")
+WEIGHTS_BYTES_LIMIT = 2**28  # backends that return the weights skip problems where they would
+#                              take more than 256 MiB (the scale rows show the others)
 
 
 @dataclass(frozen=True)
@@ -372,14 +378,16 @@ class HeadsInputs:
 
 
 def heads_problem(B: int, h: int, T: int, D: int, *, h_kv: int | None = None,
-                  causal: bool = False, suites: tuple[str, ...] = ("default",)) -> Problem:
+                  causal: bool = False, suites: tuple[str, ...] = ("default",),
+                  sweep: tuple[str, str] | None = None) -> Problem:
     """Self-attention in SDPA's layout: query [B, h, T, D], keys/values [B, h_kv, T, D]
     (h_kv = h unless given: grouped-query attention), score scaled_dot, optionally causal.
 
     GEMM-bound: the work is the products' flops (`attention_products` with batch B*h), 3x the
     forward's for forward+backward. Causal, a query sees (T+1)/2 keys on average, so the work
     and the ceiling's time are (T+1)/(2T) of the dense ones: a kernel that computes the hidden
-    half too reads about half the rate of one that skips it.
+    half too reads about half the rate of one that skips it. The reference is numpy_ref in
+    float64 without the weights (its blockwise path: nothing of size T x T, at any T).
     """
     h_kv = h if h_kv is None else h_kv
     size = f"B{B},h{h},T{T},D{D}" + (f",h_kv{h_kv}" if h_kv != h else "") + (
@@ -399,58 +407,88 @@ def heads_problem(B: int, h: int, T: int, D: int, *, h_kv: int | None = None,
 
     return Problem(op="sdpa", size=size, suites=suites, make=make,
                    reference=lambda inputs, pass_: _heads_module(
-                       attention_forward, attention_backward, inputs.astype(np.float64), pass_),
+                       attention_forward, attention_backward, inputs.astype(np.float64), pass_,
+                       need_weights=False),
                    work=work,
                    ceilings={pass_: gemm_ceiling(products[pass_], scale=visible)
                              for pass_ in OP_PASSES},
-                   shape=dict(B=B, h=h, h_kv=h_kv, T=T, D=D, causal=causal))
+                   shape=dict(B=B, h=h, h_kv=h_kv, T=T, D=D, causal=causal), sweep=sweep)
 
 
-def _heads_module(forward, backward, inputs: HeadsInputs, pass_: str) -> dict[str, np.ndarray]:
+def _weights_fit(problem: Problem) -> bool:
+    """Whether the float32 weights [B, h, T, T] of a heads problem fit `WEIGHTS_BYTES_LIMIT`."""
+    shape = problem.shape
+    return 4 * shape["B"] * shape["h"] * shape["T"] ** 2 <= WEIGHTS_BYTES_LIMIT
+
+
+def _heads_module(forward, backward, inputs: HeadsInputs, pass_: str, *,
+                  need_weights: bool) -> dict[str, np.ndarray]:
     context, _, cache = forward(inputs.query, inputs.keys, inputs.values, score="scaled_dot",
-                                causal=inputs.causal)
+                                causal=inputs.causal, need_weights=need_weights)
     if pass_ == "forward":
         return {"context": context}
     d_query, d_keys, d_values, _ = backward(inputs.d_context, cache)
     return dict(zip(HEADS_NAMES, (context, d_query, d_keys, d_values), strict=True))
 
 
-def heads_module_backend(name: str, module: ModuleType) -> Backend:
-    """``module.attention_forward/backward`` on the heads problems (CPU)."""
+def heads_module_backend(name: str, module: ModuleType, *, need_weights: bool,
+                         max_T: int | None = None) -> Backend:
+    """``module.attention_forward/backward`` on the heads problems (CPU), returning the
+    weights or not (``need_weights``; those that do skip problems whose weights would not fit
+    `WEIGHTS_BYTES_LIMIT`), on problems of at most `max_T` steps (None: all)."""
+
+    def handles(problem: Problem) -> bool:
+        return ((not need_weights or _weights_fit(problem))
+                and (max_T is None or problem.shape["T"] <= max_T))
 
     def prepare(inputs: HeadsInputs, pass_: str) -> Prepared:
         run = partial(_heads_module, module.attention_forward, module.attention_backward,
-                      inputs, pass_)
+                      inputs, pass_, need_weights=need_weights)
         return Prepared(run=run, collect=lambda result: result)
 
     return Backend(name=name, op="sdpa", device="cpu", passes=OP_PASSES, prepare=prepare,
-                   available=lambda: hasattr(module, "attention_forward"))
+                   available=lambda: hasattr(module, "attention_forward"), handles=handles)
 
 
-def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str) -> Prepared:
-    """``F.scaled_dot_product_attention`` (is_causal, enable_gqa when h_kv < h) on `device`."""
+def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str,
+                         path: str) -> Prepared:
+    """torch on `device`: ``path`` "sdpa" (``F.scaled_dot_product_attention``, is_causal,
+    enable_gqa when h_kv < h; no weights) or "softmax" (the explicit path that returns the
+    weights: q k^T / sqrt(D), -inf above the diagonal when causal, softmax, @ v, the kv heads
+    expanded to the query heads)."""
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     q, k, v = (torch.from_numpy(a).to(device) for a in (inputs.query, inputs.keys,
                                                        inputs.values))
     gqa = k.shape[1] != q.shape[1]
+    T = q.shape[2]
+    hidden = torch.ones(T, T, dtype=torch.bool, device=device).triu(1) if inputs.causal \
+        else None
 
-    def attend() -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=inputs.causal, enable_gqa=gqa)
+    def attend() -> tuple[torch.Tensor, ...]:
+        if path == "sdpa":
+            return (F.scaled_dot_product_attention(q, k, v, is_causal=inputs.causal,
+                                                   enable_gqa=gqa),)
+        group = q.shape[1] // k.shape[1]
+        kk, vv = (x.repeat_interleave(group, dim=1) if gqa else x for x in (k, v))
+        s = q @ kk.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if hidden is not None:
+            s = s.masked_fill(hidden, float("-inf"))
+        w = torch.softmax(s, dim=-1)
+        return w @ vv, w
 
     if pass_ == "forward":  # on CUDA no synchronize: the runner's event clock waits
         def run() -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
-                context = attend()
-            return (context,)
+                return attend()[:1]
     else:
         for t in (q, k, v):
             t.requires_grad_(True)
         d_context = torch.from_numpy(inputs.d_context).to(device)
 
         def run() -> tuple[torch.Tensor, ...]:
-            context = attend()
+            context = attend()[0]
             grads = torch.autograd.grad(context, (q, k, v), d_context)
             return (context.detach(), *grads)
 
@@ -460,12 +498,15 @@ def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str) -> Pre
     return Prepared(run=run, collect=collect)
 
 
-def _torch_heads_backend(device: str) -> Backend:
+def _torch_heads_backend(device: str, path: str = "sdpa") -> Backend:
     available = torch.cuda.is_available if device == "cuda" else (lambda: True)
-    return Backend(name="torch_sdpa", op="sdpa", device=device, passes=OP_PASSES,
-                   prepare=partial(_prepare_torch_heads, device=device), available=available,
-                   memory="torch")
+    return Backend(name="torch_sdpa" if path == "sdpa" else "torch_softmax", op="sdpa",
+                   device=device, passes=OP_PASSES,
+                   prepare=partial(_prepare_torch_heads, device=device, path=path),
+                   available=available, memory="torch",
+                   handles=_weights_fit if path == "softmax" else lambda problem: True)
 
 
 TORCH_HEADS_CPU = _torch_heads_backend("cpu")
 TORCH_HEADS_CUDA = _torch_heads_backend("cuda")
+TORCH_SOFTMAX_HEADS_CPU = _torch_heads_backend("cpu", "softmax")

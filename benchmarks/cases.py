@@ -43,6 +43,10 @@ PROBLEMS: list[Problem] = [
     attention.heads_problem(8, 8, 512, 64),
     attention.heads_problem(8, 8, 512, 64, causal=True),
     attention.heads_problem(8, 8, 512, 64, h_kv=2),
+    # Scale: long sequences, where only the paths that form no [T, T] weights run (the peak
+    # memory column grows with T, not T^2).
+    attention.heads_problem(1, 4, 2048, 64),
+    attention.heads_problem(1, 4, 8192, 64),
     attention.heads_problem(2, 4, 7, 5, h_kv=2, causal=True, suites=("quick",)),
     # A training step of each model (forward, loss, backward, Adam) at a realistic size.
     training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000),
@@ -63,6 +67,9 @@ PROBLEMS: list[Problem] = [
       for T in (8, 16, 32, 64, 128, 256, 512)),
     *(lstm.lstm_problem(32, 32, H, H, suites=("sweep",), sweep=("lstm T32,B32,I=H,bi", "H"))
       for H in (16, 32, 64, 128, 256, 512)),
+    # The heads layout over T (SDPA's flash kernel against ours).
+    *(attention.heads_problem(1, 8, T, 64, suites=("sweep",), sweep=("sdpa B1,h8,D64", "T"))
+      for T in (128, 256, 512, 1024, 2048, 4096)),
 ]
 
 # Each op's baseline (see BASELINES) leads its group.
@@ -78,11 +85,16 @@ BACKENDS: list[Backend] = [
     attention.module_backend("numpy_ref", numpy_ref),
     attention.module_backend("kernels", kernels),
     attention.module_backend("kernels_sum_kv", kernels, sum_kv=True),
+    attention.module_backend("kernels_no_weights", kernels, need_weights=False),
     attention.KERNELS_CUDA,
     attention.TORCH_HEADS_CPU,
     attention.TORCH_HEADS_CUDA,
-    attention.heads_module_backend("numpy_ref", numpy_ref),
-    attention.heads_module_backend("kernels", kernels),
+    attention.TORCH_SOFTMAX_HEADS_CPU,
+    attention.heads_module_backend("numpy_ref", numpy_ref, need_weights=True),
+    attention.heads_module_backend("numpy_ref_no_weights", numpy_ref, need_weights=False,
+                                   max_T=2048),
+    attention.heads_module_backend("kernels", kernels, need_weights=True),
+    attention.heads_module_backend("kernels_no_weights", kernels, need_weights=False),
     training.TORCH_CPU,
     training.TORCH_CUDA,
     training.NUMPY_REF,

@@ -39,7 +39,11 @@ from kernels.attention_additive import (
 )
 from kernels.attention_flash import _C, _flash_backward, _flash_forward, block_rows, key_splits
 from kernels.attention_single import _single_backward, _single_forward
-from kernels.softmax import KernelMaskedSoftmaxCache, masked_softmax_backward, masked_softmax_forward
+from kernels.softmax import (
+    KernelMaskedSoftmaxCache,
+    masked_softmax_backward,
+    masked_softmax_forward,
+)
 from numpy_ref.contract import attention as contract
 from numpy_ref.contract import checks
 from numpy_ref.contract.fields import documented
@@ -245,8 +249,9 @@ def attention_backward(
                             p["v"] if additive else np.empty(0, dtype), R, _C, splits,
                             w is not None, none if w is None else _stacked(w, h_kv),
                             none if dW is None else _stacked(np.ascontiguousarray(dW), h_kv),
-                            _stacked(stats, h_kv), delta, _stacked(dc, h_kv), _stacked(d_core_q, h_kv), d_q_parts, d_k,
-                            d_values, d_u_parts, d_bias)
+                            _stacked(stats, h_kv), delta, _stacked(dc, h_kv),
+                            _stacked(d_core_q, h_kv), d_q_parts, d_k, d_values, d_u_parts,
+                            d_bias)
         if splits > 1:  # summed in split order: the same bits whatever the thread count
             _stacked(d_core_q, h_kv)[...] = d_q_parts.sum(axis=0)
         if additive:

@@ -7,8 +7,9 @@ kernels are compiled with ``cache=True``, so the machine code lands next to the 
 (``__pycache__``) and later processes load it in milliseconds. `warmup` makes that first cost
 explicit, with a progress bar: it calls every public op of this package, forward and backward,
 in both dtypes, on tiny inputs that reach each compiled path (the fused single-query core with
-and without masks and bias, the batched path with heads and grouped queries, the additive
-score, the LSTM with lengths and projections, the layers and the optimizers). Masks and
+and without masks and bias, the flash path with heads and grouped queries, every score, each
+with and without the weights, the LSTM with lengths and projections, the layers and the
+optimizers). Masks and
 biases are warmed up both broadcast and full-shape; read-only input arrays (``flags.writeable``
 False) are a type of their own and still compile on their first call.
 """
@@ -42,6 +43,9 @@ def _attention_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
             k.attention_backward(np.ones_like(context), cache, d_weights=np.ones_like(weights))
             if keys.shape == values.shape:
                 k.attention_backward(np.ones_like(context), cache, sum_kv=True)
+            context, _, cache = k.attention_forward(query, keys, values, need_weights=False,
+                                                    **kw)
+            k.attention_backward(np.ones_like(context), cache)
         return run
 
     q1, q3, kv = arr(B, H), arr(B, Tq, H), arr(B, Tk, H)

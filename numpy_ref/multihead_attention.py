@@ -139,7 +139,8 @@ def multihead_attention_forward(
         allowed to attend) or float (added), or None.
     is_causal : torch's hint that attn_mask is the causal mask (attn_mask required); see the
         module docstring for where it takes effect.
-    need_weights : return the weights (else None).
+    need_weights : return the weights (else None; the core then forms nothing of size L x S:
+        its flash path, as torch's SDPA).
     average_attn_weights : weights averaged over heads [N, L, S], else per head [N, h, L, S].
     batch_first : whether batched arrays are [N, L, E] rather than [L, N, E] (ignored for
         unbatched inputs).
@@ -164,7 +165,7 @@ def multihead_attention_forward(
         proj_caches.append(c)
     context, weights, att_cache = backend.attention_forward(
         *projected, score="scaled_dot", scale=contract.scale(a.head_dim), mask=a.mask,
-        bias=a.bias, causal=a.causal)  # [N, h, L, d], [N, h, L, S]
+        bias=a.bias, causal=a.causal, need_weights=a.need_weights)  # [N, h, L, d], [N, h, L, S]
     output, out_cache = backend.linear_forward(_merge_heads(context, a), a.out_proj)
     cache = MultiheadAttentionCache(backend, a, tuple(proj_caches), att_cache, out_cache)
     if not a.batched:

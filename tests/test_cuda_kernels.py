@@ -88,6 +88,23 @@ def test_forward_backward_match_numpy_ref(case, dtype) -> None:
                                 grad=name.startswith("d_"))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_need_weights_false_and_lse(dtype) -> None:
+    """need_weights=False: None for the weights, the same context and gradients bit for bit
+    (the kernels are the same), and cache.lse (host, the data's dtype) is numpy_ref's."""
+    q, k, v, dc = make_inputs(3, 8, 5, 3, dtype, seed=3)
+    options = {"score": "scaled_dot", "lengths": np.array([8, 3, 1])}
+    with_weights = run(kcuda, q, k, v, dc, **options)
+    got = run(kcuda, q, k, v, dc, need_weights=False, **options)
+    assert got.pop("weights") is None
+    assert_same_bits(got, {n: x for n, x in with_weights.items() if n != "weights"})
+    _, _, cache = kcuda.attention_forward(q, k, v, need_weights=False, **options)
+    _, _, want = numpy_ref.attention_forward(q, k, v, **options)
+    assert cache.lse.dtype == dtype and cache.lse.shape == (3,)
+    assert_allclose_named("lse", cache.lse, want.lse, rtol=1e-12 if dtype == np.float64
+                          else 1e-6, atol=0)
+
+
 def test_more_columns_than_threads() -> None:
     """H = 40 and Hv = 33 with one warp: two columns per thread, lanes loop past 32."""
     q, k, v, dc = make_inputs(2, 5, 40, 33, np.float64, seed=2)

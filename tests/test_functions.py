@@ -2,10 +2,11 @@
 
 - `torch.autograd.gradcheck` in float64 (numerical Jacobian against our hand-written backward,
   through torch's autograd) for attention (every score, every layout, lengths, mask, causal,
-  scale, bias, grouped-query, a query that sees no key), multi-head attention (packed and
-  separate projections, bool and float masks, need_weights False, per-head weights, [L, N, E]),
-  the LSTM (layers, directions, lengths, h0/c0, proj_size, batch_first) and the LSTM cell, on
-  both backends; every output is checked, so the weights' and the final states' cotangents are.
+  scale, bias, grouped-query, a query that sees no key; with and without the weights),
+  multi-head attention (packed and separate projections, bool and float masks, need_weights
+  False, per-head weights, [L, N, E]), the LSTM (layers, directions, lengths, h0/c0,
+  proj_size, batch_first) and the LSTM cell, on both backends; every output is checked, so the
+  weights' and the final states' cotangents are.
 - The bridges against torch's own ops (SDPA, nn.LSTM packed, nn.MultiheadAttention): values
   and gradients in float64; float32 stays float32.
 - Conventions: double backward is a clear error, an in-place change after forward is torch's
@@ -100,6 +101,40 @@ def test_attention_gradcheck(backend: str, name: str) -> None:
         names = names[:-1]
         options = {**options, "bias": bias.detach()}
     assert gradcheck(attention_call(names, options, backend), tuple(tensors))
+
+
+@over_backends
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_attention_gradcheck_without_the_weights(backend: str, name: str) -> None:
+    """need_weights=False: the weights are None, the context's gradient flows through the
+    backend's blockwise backward (gradcheck), and it is the one the weights path gives."""
+    tensors, names, options = attention_args(name)
+    if name == "heads-mask-bias-inf":  # gradcheck perturbs -inf into NaN: keep bias fixed
+        *tensors, bias = tensors
+        names = names[:-1]
+        options = {**options, "bias": bias.detach()}
+    call = attention_call(names, {**options, "need_weights": False}, backend)
+    context, weights = call(*tensors)
+    assert weights is None
+    assert gradcheck(lambda *t: call(*t)[0], tuple(tensors))
+    with_weights = attention_call(names, options, backend)(*tensors)[0]
+    assert_same([context], [with_weights])
+    assert_same(grads_of([context], tensors), grads_of([with_weights], tensors))
+
+
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+def test_attention_module_without_the_weights(backend: str) -> None:
+    """`Attention(..., backend=)` passes need_weights through: None weights, the same context
+    (and gradient) as with them."""
+    torch.manual_seed(4)
+    module = Attention(3, 3, "general").double()
+    module.backend = backend
+    q, k = leaf(2, 4, 3, seed=1), leaf(2, 5, 3, seed=2)
+    context, weights = module(q, k, lengths=torch.tensor([5, 2]), need_weights=False)
+    with_weights = module(q, k, lengths=torch.tensor([5, 2]))[0]
+    assert weights is None
+    assert_same([context], [with_weights])
+    assert_same(grads_of([context], (q, k)), grads_of([with_weights], (q, k)))
 
 
 @over_backends

@@ -178,11 +178,12 @@ class _AttentionOptions:
     causal: bool
     scale: float | None
     has_bias: bool
+    need_weights: bool
 
 
 class AttentionFunction(torch.autograd.Function):
-    """``apply(options, query, keys, values, bias, *params) -> (context, weights)``; use
-    `attention`, which builds the options."""
+    """``apply(options, query, keys, values, bias, *params) -> (context, weights)``, or the
+    context alone without weights; use `attention`, which builds the options."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, o: _AttentionOptions, query, keys, values, bias, *params):
@@ -191,16 +192,21 @@ class AttentionFunction(torch.autograd.Function):
         context, weights, cache = o.backend.attention_forward(
             arr(query), arr(keys), arr(values), score=o.score,
             params=dict(zip(o.names, map(arr, params), strict=True)) or None,
-            lengths=o.lengths, mask=o.mask, causal=o.causal, scale=o.scale, bias=arr(bias))
-        context, weights = out(context), out(weights)
+            lengths=o.lengths, mask=o.mask, causal=o.causal, scale=o.scale, bias=arr(bias),
+            need_weights=o.need_weights)
+        context = out(context)
         ctx.options, ctx.cache = o, cache
         ctx.set_materialize_grads(False)
+        if not o.need_weights:
+            ctx.save_for_backward(query, keys, values, context)
+            return context
+        weights = out(weights)
         ctx.save_for_backward(query, keys, values, context, weights)
         return context, weights
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, d_context, d_weights):
+    def backward(ctx: FunctionCtx, d_context, d_weights=None):
         _saved(ctx)
         o = ctx.options
         arr, out = (_device_array, _on_device) if o.cuda else (_array, _tensor)
@@ -225,8 +231,9 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
+    need_weights: bool = True,
     backend: str | ModuleType = "numpy_ref",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attention_forward` as a differentiable torch op; backward by `attention_backward`.
 
     ``s = scale * score(q, k) + bias``, ``w = softmax(s)`` over the keys each query sees,
@@ -241,6 +248,8 @@ def attention(
     params : {"W": [Hq, Hk]} for general; {"W_query", "W_key", "v"(, "b")} for additive; each
         a tensor that receives its gradient.
     bias : float tensor broadcastable to the weights (SDPA's float attn_mask); differentiable.
+    need_weights : return the weights; with False, None, and the backend forms nothing of size
+        Tq x Tk (its flash path).
     backend : "numpy_ref", "kernels" (or the module). CUDA tensors need "kernels" and a GPU
         that numba-cuda sees, and `kernels.cuda`'s subset: one query per row, dot or
         scaled_dot.
@@ -248,7 +257,8 @@ def attention(
     Returns
     -------
     context : [B, Hv], [B, Tq, Hv] or [B, h, Tq, Dv].  weights : [B, Tk], [B, Tq, Tk] or
-    [B, h, Tq, Tk]. Both are differentiable (a loss on the weights flows back as d_weights).
+    [B, h, Tq, Tk], or None. Both are differentiable (a loss on the weights flows back as
+    d_weights).
     """
     module = resolve_backend(backend)
     values = keys if values is None else values
@@ -261,8 +271,10 @@ def attention(
     else:
         _host_only("attention", device, module, "")
     options = _AttentionOptions(module, cuda, score, names, _host_option(lengths),
-                                _host_option(mask), bool(causal), scale, bias is not None)
-    return AttentionFunction.apply(options, query, keys, values, bias, *tensors)
+                                _host_option(mask), bool(causal), scale, bias is not None,
+                                need_weights)  # the backend checks that it is a bool
+    result = AttentionFunction.apply(options, query, keys, values, bias, *tensors)
+    return result if need_weights else (result, None)
 
 
 def _cuda_attention_backend(module: ModuleType) -> ModuleType:

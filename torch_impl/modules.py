@@ -151,15 +151,18 @@ class Attention(_Backend, nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor | None = None, lengths=None, *,
-                projected_keys: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                projected_keys: torch.Tensor | None = None, need_weights: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, weights) for query [B, Hq] or [B, Tq, Hq], keys [B, Tk, Hk], values
+        [B, Tk, Hv] (keys when None) and lengths [B]; weights None with need_weights=False
+        (then our backends form no [Tq, Tk] array; torch's path here still does)."""
         values = keys if values is None else values
         lengths = _lengths(lengths, keys.shape[0], keys.shape[1], keys.device)
         if self.backend != "torch":
             params = dict(self.named_parameters(recurse=False))
             return functions.attention(query, keys, values, score=self.score,
                                        params=params or None, lengths=lengths,
-                                       backend=self.backend)
+                                       need_weights=need_weights, backend=self.backend)
         single = query.dim() == 2
         q = query.unsqueeze(1) if single else query  # [B, Tq, Hq]
         s = self.scores(q, keys, projected_keys)  # [B, Tq, Tk]
@@ -167,7 +170,8 @@ class Attention(_Backend, nn.Module):
             s = s.masked_fill(_padding(lengths, keys.shape[1]).unsqueeze(1), float("-inf"))
         w = torch.softmax(s, dim=-1)
         context = torch.bmm(w, values)  # [B, Tq, Hv]
-        return (context.squeeze(1), w.squeeze(1)) if single else (context, w)
+        context, w = (context.squeeze(1), w.squeeze(1)) if single else (context, w)
+        return context, w if need_weights else None
 
 
 class BiLSTMAttention(_Backend, nn.Module):

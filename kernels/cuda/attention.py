@@ -72,7 +72,10 @@ Kernels are built once per (dtype, warps, columns per thread) and cached; numba'
 compiles each once per argument types.
 
 Supported: query [B, H] (rank 2), keys [B, Tk, H], values [B, Tk, Hv], float32 or float64 (one
-dtype), score "dot" or "scaled_dot", `scale`, `lengths`, `sum_kv`, `out`. Not implemented
+dtype), score "dot" or "scaled_dot", `scale`, `lengths`, `sum_kv`, `out`, `need_weights`
+(False returns None for the weights and copies none to the host, but the forward still keeps
+each key's raw score in a [B, Tk] device buffer between its two phases: with one query per row
+that buffer is the size of one key row per batch row, 1/H of the values). Not implemented
 (a ValueError naming the option and pointing at `kernels` or torch): rank-3/4 queries, the
 "general" and "additive" scores, `mask`, `bias`, ``causal=True``, `d_weights`.
 """
@@ -544,6 +547,13 @@ class CudaAttentionCache(NamedTuple):
     context64: Any  # [B, Hv] float64 device array: the context, read for delta = <c, dc>
     host: bool  # whether the forward's inputs were NumPy arrays (then so are the gradients)
 
+    @property
+    def lse(self) -> np.ndarray:
+        """[B] NumPy array in the query's dtype: each row's log-sum-exp m + log l (-inf for a
+        row that sees no key), computed from the statistics copied to the host."""
+        stats = self.stats.copy_to_host()
+        return contract.log_sum_exp(stats[:, 0], stats[:, 1], np.dtype(self.query.dtype))
+
 
 def attention_forward(
     query: Any,
@@ -557,6 +567,7 @@ def attention_forward(
     causal: bool = False,
     scale: float | None = None,
     bias: Any = None,
+    need_weights: bool = True,
     _splits: int | None = None,
     _warps: int | None = None,
 ) -> tuple[Any, Any, CudaAttentionCache]:
@@ -564,8 +575,9 @@ def attention_forward(
 
     query [B, H], keys [B, Tk, H], values [B, Tk, Hv] (float32 or float64, one dtype; NumPy
     arrays, or device arrays used in place); score "dot" or "scaled_dot"; `scale`; lengths [B]
-    (each in 1..Tk; host or device). Returns context [B, Hv], weights [B, Tk] (NumPy for NumPy
-    inputs, numba device arrays for device inputs) and the cache. `_splits` / `_warps` force
+    (each in 1..Tk; host or device). Returns context [B, Hv], weights [B, Tk] (None with
+    ``need_weights=False``; NumPy for NumPy inputs, numba device arrays for device inputs) and
+    the cache (``cache.lse``: each row's log-sum-exp, on the host). `_splits` / `_warps` force
     the number of key splits per row and of warps per block (tests; None: chosen from the
     shape and the device).
     """
@@ -591,6 +603,8 @@ def attention_forward(
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if causal:
         raise _unsupported("causal", "causal=True (one query sees only key 0)")
+    if not isinstance(need_weights, (bool, np.bool_)):
+        raise TypeError(f"need_weights: expected a bool, got {type(need_weights).__name__}")
     B, T, H = fk.shape
     Hv = fv.shape[2]
     lens = _lengths(lengths, B, T)
@@ -619,9 +633,11 @@ def attention_forward(
         kern.merge[B, 32 * W](lens, part_m, part_l, part_acc, weights, context, context64,
                               stats)
     cache = CudaAttentionCache(q, k, v, lens, float(scale), stats, context64, not on_device)
+    if not need_weights:
+        weights = None
     if on_device:
         return context, weights, cache
-    return context.copy_to_host(), weights.copy_to_host(), cache
+    return context.copy_to_host(), None if weights is None else weights.copy_to_host(), cache
 
 
 def _out_buffers(out: Any, sum_kv: bool, shapes: tuple, dtype: np.dtype, on_device: bool,
