@@ -16,7 +16,11 @@ divisor, a branch that keeps LLVM from vectorizing a loop). NaN and inf in the d
 as NaN; they never become an exception.
 
 cache: compiled machine code is written next to the source (``__pycache__``), so a fresh
-process pays the compile once per machine, not once per run.
+process pays the compile once per machine, not once per run. Numba keys a kernel's cache on its
+own file's timestamp only: a jitted helper of another module that the kernel calls (and
+compiles into itself) is not tracked, so after editing such a helper (`_util.py`,
+`attention_additive.py`'s block kernels) delete ``kernels/__pycache__/*.nbi`` and ``*.nbc``, or
+the kernels that call it keep the old machine code. A fresh install starts with no cache.
 """
 
 from __future__ import annotations

@@ -79,8 +79,15 @@ class KernelAttentionCache(NamedTuple):
     visible: np.ndarray  # bool [B, h, Tq, Tk] view (broadcast): the mask and bias > -inf, and
     #                      causal on the single path (the flash one takes causal as a prefix)
     bias: np.ndarray  # [B, h, Tq, Tk] view (broadcast zeros when no bias was given)
-    lse: np.ndarray  # [B], [B, Tq] or [B, h, Tq], the data's dtype: each query's log-sum-exp
-    #                  of its visible scaled scores (-inf when it sees no key); not read
+
+    @property
+    def lse(self) -> np.ndarray:
+        """[B], [B, Tq] or [B, h, Tq], the data's dtype: each query's log-sum-exp of its
+        visible scaled scores, m + log l from `stats` (-inf when it sees no key), computed on
+        first read (the forward does not pay for it)."""
+        m, total = self.stats[..., 0], self.stats[..., 1]
+        return contract.row_statistic(self.inputs,
+                                      contract.log_sum_exp(m, total, self.query.dtype))
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -177,9 +184,8 @@ def attention_forward(
                            a.need_weights, _stacked(context, h_kv), _stacked(context64, h_kv),
                            none if weights is None else _stacked(weights, h_kv),
                            _stacked(stats, h_kv))
-    lse = contract.row_statistic(a, contract.log_sum_exp(stats[..., 0], stats[..., 1], dtype))
     cache = KernelAttentionCache(a, pad, path, q, core_q, k, v, weights, stats, context64,
-                                 lengths, masked, visible, bias4, lse)
+                                 lengths, masked, visible, bias4)
     return a.to_user(context), None if weights is None else a.to_user(weights), cache
 
 
@@ -194,8 +200,8 @@ def attention_backward(
     """Numba `numpy_ref.attention_backward`: returns d_query, d_keys, d_values (None with
     sum_kv), d_params; `out` buffers are written by the kernels themselves on the single-query
     path."""
-    (a, pad, path, q, core_q, k, v, w, stats, context64, lengths, masked, visible, bias4,
-     _) = checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
+    (a, pad, path, q, core_q, k, v, w, stats, context64, lengths, masked, visible,
+     bias4) = checks.cache_of(cache, KernelAttentionCache, "kernels.attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
     B, h, Tq, _ = q.shape
     h_kv, Tk, Hv = k.shape[1], k.shape[2], v.shape[3]

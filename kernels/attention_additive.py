@@ -11,8 +11,9 @@ backward by `additive_block_backward` instead of stored (Tq x Tk x A floats):
     d_u += ds_ij e
 
 The inner loops run over A with `kernels._util.tanh`, which vectorizes (np.tanh is a scalar
-libm call here). A pair with ds_ij = 0 (a hidden key) is skipped: it adds exactly nothing, and
-a NaN query row reaches no key it does not see.
+libm call here), taken in float64 and rounded (`_tanh_rounded`: half an ulp in float32). A
+pair with ds_ij = 0 (a hidden key) is skipped: it adds exactly nothing, and a NaN query row
+reaches no key it does not see.
 
 The public pairs: a Bahdanau decoder calls them once per step with one query per row, between
 BLAS products, so their kernels are serial (a parallel region's spinning workers would take the
@@ -45,8 +46,16 @@ def additive_block(qa, ka, u, s):
             kj = ka[j]
             acc = zero
             for a in range(A):
-                acc += u[a] * tanh(qr[a] + kj[a])
+                acc += u[a] * _tanh_rounded(qr[a] + kj[a])
             s[r, j] = acc
+
+
+@njit(**JIT)
+def _tanh_rounded(x):
+    """tanh(x) taken in float64 and rounded to x's dtype: within half an ulp in float32, where
+    `kernels._util.tanh`'s own 2.5 ulp, amplified by 1 - e^2 near |e| = 1 in the backward,
+    put d_W_query outside the float32 policy."""
+    return as_type_of(tanh(np.float64(x)), x)
 
 
 @njit(**JIT)
@@ -65,7 +74,7 @@ def additive_block_backward(qa, ka, u, ds, d_qa, d_ka, d_u):
                 continue
             kj, dkj = ka[j], d_ka[j]
             for a in range(A):
-                e = tanh(qr[a] + kj[a])
+                e = _tanh_rounded(qr[a] + kj[a])
                 dz = g * u[a] * (one - e * e)
                 dqr[a] += dz
                 dkj[a] += dz

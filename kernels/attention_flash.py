@@ -49,8 +49,9 @@ Backward, for one (row block, key block)::
     P    = exp(S - m) / l  (recomputed from S = Q K^T)   or the weights rows (with weights)
     dV  += P^T dO_blk                      np.dot
     dP   = dO_blk V_j^T (+ dW)             np.dot
-    dS   = P (dP - delta), 0 where P = 0   delta = <c, dc> (float64, from the forward's float64
-                                           context), or sum_j P dP over the row with weights
+    dS   = P (dP - delta), 0 where P = 0   delta = sum_j P dP over the row when its keys are
+                                           one block (always with weights), else <c, dc>
+                                           (float64, from the forward's float64 context)
     dQ  += dS K_j,   dK += dS^T Q_blk       np.dot (Q scaled: dK is scale dS^T q)
 
 Precision: the products and the vector loops run in the data's dtype (float32 on float32
@@ -252,11 +253,13 @@ def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bia
     Dv] and, when has_bias, d_bias [B, h, Tq, Tk] (ds; the caller zeroes it first).
 
     stats [B, h_kv, M, 2] float64 (m, l) and delta [B, h_kv, M] float64 (<c, dc>) come from
-    the forward; with weights, the weights [B, h_kv, M, Tk] replace the recomputation, delta is
-    taken from them (sum_j w_j dP_j) and d_weights [B, h_kv, M, Tk] (or an empty array) adds
-    to dP. With splits > 1 each split writes d_q_parts[split] [.., M, D] instead of d_q. With
-    `additive` (q, k the projections, as in the forward) d_q and d_k are d_qa and d_ka, and
-    each item adds its d_u into d_u_parts[item] [A] (float64; the caller sums them).
+    the forward; with weights, the weights [B, h_kv, M, Tk] replace the recomputation and
+    d_weights [B, h_kv, M, Tk] (or an empty array) adds to dP. When a block of rows sees its
+    keys in one block (always with weights), delta is sum_j P_j dP_j over it instead, so that
+    it cancels the rounding of the dP it is subtracted from (one dominant key: ds ~ 0). With
+    splits > 1 each split writes d_q_parts[split] [.., M, D] instead of d_q. With `additive`
+    (q, k the projections, as in the forward) d_q and d_k are d_qa and d_ka, and each item
+    adds its d_u into d_u_parts[item] [A] (float64; the caller sums them).
     """
     B, h_kv, M, D = q.shape
     Tk, Dv = k.shape[2], v.shape[3]
@@ -290,6 +293,8 @@ def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bia
             if causal:  # rows of one head at a time: a block ends at its head's last row
                 rr = min(rr, (i0 // Tq + 1) * Tq - i0)
             kend = min(k_hi, _row_limit(length, causal, (i0 + rr - 1) % Tq))
+            # the rows' keys in one block: delta is summed from the rounded dP it is taken from
+            one_block = splits == 1 and kend <= width
             qb, dob = q[b, g, i0:i0 + rr], dc[b, g, i0:i0 + rr]
             for j0 in range(k_lo, kend, width):
                 cc = min(width, kend - j0)
@@ -321,7 +326,7 @@ def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bia
                         dwr = d_weights[b, g, i0 + r, j0:j0 + cc]
                         for j in range(cc):
                             dpr[j] += dwr[j]
-                    if with_weights:  # delta from the row at hand (torch's explicit path)
+                    if one_block:  # delta from the row at hand (torch's explicit path)
                         d = 0.0
                         for j in range(cc):
                             d += 0.0 if pr[j] == zero else np.float64(pr[j]) * dpr[j]
@@ -356,15 +361,25 @@ def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bia
 @njit(**JIT)
 def _recompute_weights(row, j0, lim, masked, visible_row, has_bias, bias_row, m, l):
     """In place over a block row of scores [cc]: the forward's weights p_j = exp(s_j - m) / l,
-    exactly 0 at hidden keys and in a row that sees no key (l = 0)."""
+    exactly 0 at hidden keys and in a row that sees no key (l = 0). A NaN row (l NaN: a NaN
+    score, or +inf next to another visible score) is NaN at every key it sees, a score of
+    -inf from the data included, as the weights are."""
     zero = as_type_of(0.0, row[0])
     if l == 0.0:
         row[:] = zero
         return
+    if l != l:
+        cc = row.shape[0]
+        n = _clamp(lim - j0, 0, cc)
+        for j in range(cc):
+            seen = j < n and (not masked or visible_row[j0 + j])
+            row[j] = np.nan if seen else zero
+        return
     _mask_row(row, j0, lim, masked, visible_row, has_bias, bias_row)
     mn = as_type_of(m, zero)
     inv = as_type_of(1.0 / l, zero)
-    for j in range(row.shape[0]):
+    for j in range(row.shape[0]):  # exp, then / l in a second pass: the forward's roundings
         x = row[j]
-        e = exp_nonpositive(x - mn) * inv
-        row[j] = zero if x == -np.inf else e
+        row[j] = zero if x == -np.inf else exp_nonpositive(x - mn)  # (finite l: exp(-inf) = 0)
+    for j in range(row.shape[0]):
+        row[j] *= inv

@@ -73,7 +73,9 @@ Tq x Tk exists. Forward, for each block of query rows and then each block of key
 
 and c = acc / l after the last block (the online softmax). The cache keeps m and l per query;
 the backward recomputes each block's weights w_j = exp(s_j - m) / l and uses
-delta = <dc, c> above, so it needs no row of weights at once. Every forward, with weights or
+delta = <dc, c> above, so it needs no row of weights at once (with every key in one block it
+sums delta from the block instead, as the softmax's own backward does: in float32 that delta
+cancels the rounding of the dw it is subtracted from). Every forward, with weights or
 without, reports each query's log-sum-exp m + log l as ``cache.lse``: the statistic a flash
 kernel saves, to check yours against.
 """
@@ -604,9 +606,11 @@ def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc:
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """d_query [B, h, Tq, Hq], d_keys, d_values [B, h, Tk, ...] (per query head) and d_params,
     block by block: the block's weights p_j = exp(s_j - m) / l, then the weighted sum's and
-    the score's own backward, with the softmax's delta_i = <c_i, dc_i> (FlashAttention-2)."""
+    the score's own backward, with the softmax's delta_i = <c_i, dc_i> (FlashAttention-2), or
+    sum_j p_j dp_j when every key is in one block."""
     q, k, v, c, m, l = blocks
     Tq, Tk = q.shape[2], k.shape[2]
+    one_block = Tk <= BLOCK_KEYS
     delta = np.sum(c * dc, axis=-1, keepdims=True)  # [B, h, Tq, 1]
     seen = l != 0  # rows that see a key; the others have p = 0 everywhere
     m = np.where(seen, m, 0)[..., None]
@@ -620,12 +624,18 @@ def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc:
         for j0 in range(0, Tk, BLOCK_KEYS):
             cols = slice(j0, min(j0 + BLOCK_KEYS, Tk))
             s, scores = _block_scores(a, q, k, rows, cols, visible)
-            # the forward's weights; exactly 0 at hidden keys, also in a row made NaN
-            p = np.where(s == -np.inf, 0, np.exp(s - m[:, :, rows]) / l[:, :, rows])
+            p = np.exp(s - m[:, :, rows]) / l[:, :, rows]  # the forward's weights
+            if visible is not None:  # exactly 0 at hidden keys, also in a row made NaN
+                p = np.where(visible if visible.shape[3] == 1 else visible[..., cols], p, 0)
             dp, dv = weighted_sum_backward(dc[:, :, rows], WeightedSumCache(p, v[:, :, cols],
                                                                              False))
             d_values[:, :, cols] += dv
-            ds = np.where(p == 0, 0, p * (dp - delta[:, :, rows]))  # the softmax's VJP
+            # the softmax's VJP; with one block of keys, delta is summed from the dp it is
+            # taken from (masked_softmax_backward's way), which cancels dp's rounding when one
+            # key dominates (ds ~ 0): <c, dc> would leave float32's rounding of c in ds
+            d = np.sum(np.where(p == 0, 0, p * dp), axis=-1, keepdims=True) if one_block \
+                else delta[:, :, rows]
+            ds = np.where(p == 0, 0, p * (dp - d))
             dq, dk, dpar = attention_scores_backward(ds, scores)
             d_query[:, :, rows] += dq
             d_keys[:, :, cols] += dk

@@ -11,6 +11,11 @@ once with two distinct leaves holding equal data, compared with d_keys and d_val
 The discrete axes (score, one query or many, lengths, keys is values, d_weights) are
 parametrized so that every combination runs; hypothesis draws the sizes and a seed, and the
 arrays come from ``numpy.random.default_rng(seed)``.
+
+Every test of `attention_forward` / `attention_backward` runs on each backend and again on
+each without the weights (``numpy_ref-no-weights``, ``kernels-no-weights``: need_weights=False,
+the backward without d_weights, and a torch reference without a cotangent on the weights);
+what a test asserts about the weights applies to the variants that have them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from test_attention_reliability import has_weights, with_no_weights
 
 import kernels.attention
 import numpy_ref as ref
@@ -36,9 +42,10 @@ from numpy_ref.attention import (
 )
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
-# Every implementation of the attention API; tests parametrized by `backend` hold each to the
-# same comparisons (kernels must match numpy_ref's signatures, checks and results).
-BACKENDS = {"numpy_ref": numpy_ref.attention, "kernels": kernels.attention}
+# Every implementation of the attention API, and each without the weights (need_weights=False
+# as its forward's default); tests parametrized by `backend` hold each to the same comparisons
+# (kernels must match numpy_ref's signatures, checks and results).
+BACKENDS = with_no_weights({"numpy_ref": numpy_ref.attention, "kernels": kernels.attention})
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 
 
@@ -132,17 +139,28 @@ def _lengths(case: Case) -> np.ndarray | None:
     return None if case.lengths is None else np.array(case.lengths)
 
 
+def without_d_weights(case: Case, backend: str) -> Case:
+    """The case as a backend variant runs it: no cotangent on the weights without them."""
+    return case if has_weights(backend) else case._replace(with_d_weights=False)
+
+
 def run_ours(case: Case, a: dict, backend: str = "numpy_ref") -> dict[str, np.ndarray]:
-    """Our forward and backward; named like `run_torch` (plus d_keys+d_values when shared)."""
-    mod = BACKENDS[backend]
+    """Our forward and backward; named like `run_torch` (plus d_keys+d_values when shared).
+    A no-weights variant runs need_weights=False and the backward without d_weights (a
+    cotangent in `a` is not used); its result has no "weights"."""
+    mod, need_weights = BACKENDS[backend], has_weights(backend)
     context, weights, cache = mod.attention_forward(a["query"], a["keys"], a["values"],
                                                     score=case.score,
                                                     params=a["params"] or None,
-                                                    lengths=_lengths(case))
-    d_query, d_keys, d_values, d_params = mod.attention_backward(a["d_context"], cache,
-                                                                 d_weights=a["d_weights"])
+                                                    lengths=_lengths(case),
+                                                    need_weights=need_weights)
+    assert (weights is None) != need_weights, f"weights {type(weights).__name__}"
+    d_query, d_keys, d_values, d_params = mod.attention_backward(
+        a["d_context"], cache, d_weights=a["d_weights"] if need_weights else None)
     res = {"context": context, "weights": weights, "d_query": d_query, "d_keys": d_keys,
            "d_values": d_values}
+    if not need_weights:
+        del res["weights"]
     res.update({f"d_params[{k!r}]": v for k, v in d_params.items()})
     if a["values"] is a["keys"]:
         res["d_keys+d_values"] = d_keys + d_values
@@ -245,7 +263,10 @@ def check_case(case: Case, dtype=np.float64, device: str = "cpu",
     """Compare numpy_ref with torch on `case` under the numerical policy; return the errors.
 
     The float64 reference is torch float64 on exactly our (possibly float32-rounded) inputs.
+    A no-weights variant runs the case without a cotangent on the weights, torch too, and is
+    compared on every result but the weights.
     """
+    case = without_d_weights(case, backend)
     a = cast(make_arrays(case), dtype)
     ours = run_ours(case, a, backend)
     for name, value in ours.items():
@@ -281,6 +302,8 @@ def check_case(case: Case, dtype=np.float64, device: str = "cpu",
         # values, whatever the sum cancels to.
         scales = {"context": float(np.abs(a64["values"]).max())}
         for name, want in reference.items():
+            if name not in ours:  # the weights, of a run without them
+                continue
             grad = name.startswith("d_")
             scale = (scales.get(name) if not grad
                      else grad_scale if name == "d_values" else through_ds)
@@ -298,8 +321,9 @@ def check_case(case: Case, dtype=np.float64, device: str = "cpu",
 LARGEST_FLOAT64_ERROR = dict.fromkeys(SCORES, 0.0)
 
 
-@over_backends
-@pytest.mark.parametrize("with_d_weights", BOOLS, ids=["dc", "dc+dw"])
+@pytest.mark.parametrize(("backend", "with_d_weights"), [  # no cotangent without weights
+    pytest.param(b, dw, id=f"{'dc+dw' if dw else 'dc'}-{b}") for b in BACKENDS for dw in BOOLS
+    if has_weights(b) or not dw])
 @pytest.mark.parametrize("keys_is_values", BOOLS, ids=["values", "keys-is-values"])
 @pytest.mark.parametrize("with_lengths", BOOLS, ids=["full", "lengths"])
 @pytest.mark.parametrize("single", BOOLS, ids=["many-queries", "one-query"])
@@ -407,9 +431,13 @@ _CUDA_CASE = dict(single=False, keys_is_values=False, with_d_weights=True, B=5, 
 def test_attention_matches_torch_cuda(backend: str, score: str, dtype) -> None:
     """numpy_ref against torch on CUDA: float64 to the float64 policy, float32 to 1e-3."""
     case = Case(score=score, A=11 if score == "additive" else 0, **_CUDA_CASE)
+    case = without_d_weights(case, backend)
     a = cast(make_arrays(case), dtype)
     ours, cuda = run_ours(case, a, backend), run_torch(case, a, "cuda")
+    assert set(ours) | {"weights"} == set(cuda), sorted(set(ours) ^ set(cuda))
     for name, value in cuda.items():
+        if name not in ours:  # the weights, of a run without them
+            continue
         if dtype == np.float64:
             assert_close_policy(name, ours[name], value, grad=name.startswith("d_"))
         else:
@@ -523,11 +551,14 @@ def _valid(case: Case) -> np.ndarray:
 def test_attention_weights_sum_to_one_and_are_exactly_zero_beyond_lengths(
     backend: str, score: str, data: st.DataObject
 ) -> None:
+    """The weights (where there are) sum to 1 and are exact zeros past lengths; the keys and
+    values there get exact-zero gradients (every variant)."""
     case = data.draw(attention_cases(score, with_lengths=True), label="case")
     got = run_ours(case, make_arrays(case), backend)
     valid = _valid(case)
-    np.testing.assert_allclose(got["weights"].sum(axis=-1), 1.0, rtol=0, atol=1e-13)
-    assert np.all(got["weights"][~valid] == 0)
+    if has_weights(backend):
+        np.testing.assert_allclose(got["weights"].sum(axis=-1), 1.0, rtol=0, atol=1e-13)
+        assert np.all(got["weights"][~valid] == 0)
     key_masked = ~valid if case.single else ~valid[:, 0, :]  # [B, Tk]
     assert np.all(got["d_keys"][key_masked] == 0) and np.all(got["d_values"][key_masked] == 0)
 
@@ -571,8 +602,8 @@ def test_attention_dot_ignores_a_constant_added_to_each_score_row(backend: str, 
                                                                   data: st.DataObject) -> None:
     """s' = [q, c] . [k, 1] = s + c: one more query feature c[b, i], one more key feature 1.
 
-    Weights, context, d_values and the original columns of d_query are unchanged; the gradient
-    of c is sum_j ds = 0 (the softmax VJP sums to zero).
+    Weights (where there are), context, d_values and the original columns of d_query are
+    unchanged; the gradient of c is sum_j ds = 0 (the softmax VJP sums to zero).
     """
     case = data.draw(attention_cases("dot", single, False, True, True), label="case")
     a = make_arrays(case)
@@ -582,7 +613,8 @@ def test_attention_dot_ignores_a_constant_added_to_each_score_row(backend: str, 
     shifted = dict(a, query=np.concatenate([a["query"], c], axis=-1),
                    keys=np.concatenate([a["keys"], np.ones((case.B, case.Tk, 1))], axis=-1))
     got = run_ours(case, shifted, backend)
-    for name in ("weights", "context", "d_values"):
+    for name in ("weights", "context", "d_values") if has_weights(backend) else ("context",
+                                                                                "d_values"):
         assert_allclose_named(f"{name} (shifted scores)", got[name], base[name], rtol=1e-10,
                               atol=1e-11)
     assert_allclose_named("d_query (shifted scores)", got["d_query"][..., :-1], base["d_query"],
@@ -601,7 +633,7 @@ def test_attention_permuting_keys_with_values_permutes_weights_only(backend: str
     """Permute each row's valid keys (and values, d_weights) by the same permutation.
 
     Weights, d_keys, d_values and d_weights follow the permutation; context, d_query and
-    d_params do not change.
+    d_params do not change. (Without the weights, d_weights is not used.)
     """
     case = data.draw(attention_cases(score, keys_is_values=False, with_d_weights=True),
                      label="case")
@@ -658,7 +690,8 @@ def test_attention_is_finite_for_scores_up_to_1e4(backend: str, score: str, dtyp
     got = run_ours(case, cast(a, dtype), backend)
     for name, value in got.items():
         assert np.all(np.isfinite(value)), name
-    np.testing.assert_allclose(got["weights"].sum(axis=-1), 1.0, rtol=0, atol=1e-6)
+    if has_weights(backend):
+        np.testing.assert_allclose(got["weights"].sum(axis=-1), 1.0, rtol=0, atol=1e-6)
 
 
 def _tiny_case(score: str, single: bool, keys_is_values: bool) -> Case:
@@ -667,21 +700,28 @@ def _tiny_case(score: str, single: bool, keys_is_values: bool) -> Case:
                 lengths=(4, 1, 3), seed=14)
 
 
+@pytest.mark.parametrize("backend", ["numpy_ref", "numpy_ref-no-weights"])
 @pytest.mark.parametrize("keys_is_values", BOOLS, ids=["values", "keys-is-values"])
 @pytest.mark.parametrize("single", BOOLS, ids=["many-queries", "one-query"])
 @pytest.mark.parametrize("score", SCORES)
 def test_attention_backward_matches_finite_differences(score: str, single: bool,
-                                                       keys_is_values: bool) -> None:
-    case = _tiny_case(score, single, keys_is_values)
+                                                       keys_is_values: bool,
+                                                       backend: str) -> None:
+    """numpy_ref's gradients against central differences of the loss <c, dc> (+ <w, dW> with
+    the weights), the forward run as the variant runs it (blockwise without the weights)."""
+    case = without_d_weights(_tiny_case(score, single, keys_is_values), backend)
     a = make_arrays(case)
     lengths = _lengths(case)
+    need_weights = has_weights(backend)
 
     def loss() -> float:
         context, weights, _ = attention_forward(a["query"], a["keys"], a["values"], score=score,
-                                                params=a["params"] or None, lengths=lengths)
-        return float(np.sum(context * a["d_context"]) + np.sum(weights * a["d_weights"]))
+                                                params=a["params"] or None, lengths=lengths,
+                                                need_weights=need_weights)
+        on_weights = np.sum(weights * a["d_weights"]) if need_weights else 0.0
+        return float(np.sum(context * a["d_context"]) + on_weights)
 
-    ours = run_ours(case, a)
+    ours = run_ours(case, a, backend)
     inputs = {"d_query": a["query"], "d_keys": a["keys"]}
     if keys_is_values:  # perturbing keys perturbs values: the two gradients add
         inputs = {"d_query": a["query"], "d_keys+d_values": a["keys"]}
@@ -712,9 +752,9 @@ def test_masked_softmax_backward_matches_finite_differences(shape) -> None:
 def test_attention_backward_twice_on_one_cache_gives_the_same_gradients(
     backend: str, score: str
 ) -> None:
-    case = _tiny_case(score, False, False)
+    case = without_d_weights(_tiny_case(score, False, False), backend)
     a = make_arrays(case)
-    mod = BACKENDS[backend]
+    mod = BACKENDS[backend]  # a no-weights variant: need_weights=False
     _, _, cache = mod.attention_forward(a["query"], a["keys"], a["values"], score=score,
                                         params=a["params"] or None, lengths=_lengths(case))
     first = mod.attention_backward(a["d_context"], cache, d_weights=a["d_weights"])

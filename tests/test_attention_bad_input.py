@@ -1,6 +1,10 @@
 """Every bad input to attention and the masked softmax gets a clear ValueError/TypeError.
 
-Each message must name the argument, what was expected and what was received.
+Each message must name the argument, what was expected and what was received. Every case of
+`attention_forward` / `attention_backward` also runs without the weights (the variants
+``numpy_ref-no-weights`` and ``kernels-no-weights``: need_weights=False), where the same
+message must come; the cases of the masked softmax, of d_weights and of need_weights itself
+run once per module.
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from test_attention_reliability import has_weights, with_no_weights
 
 import kernels.attention
 import numpy_ref.attention
 
-# The two implementations of the attention API: kernels must reject exactly what numpy_ref does.
-BACKENDS = {"numpy_ref": numpy_ref.attention, "kernels": kernels.attention}
+# The two implementations of the attention API: kernels must reject exactly what numpy_ref does;
+# and each without the weights (need_weights=False as its forward's default).
+BACKENDS = with_no_weights({"numpy_ref": numpy_ref.attention, "kernels": kernels.attention})
 
 B, Tq, Tk, H, Hv, A = 3, 2, 5, 4, 6, 7
 rng = np.random.default_rng(0)
@@ -263,18 +269,45 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      TypeError, r"d_weights: dtype float32 " + MIXED),
     ("d_weights integer", lambda m: backward(m, d_weights=np.zeros((B, Tq, Tk), np.int64)),
      TypeError, r"d_weights: expected dtype float32 or float64, got int64"),
+    # need_weights
+    ("d_weights after need_weights=False", lambda m: m.attention_backward(
+        np.zeros((B, Tq, Hv)), m.attention_forward(Q, K, V, need_weights=False)[2],
+        d_weights=np.zeros((B, Tq, Tk))), ValueError,
+     r"d_weights: the forward ran with need_weights=False, so there are no weights to take a "
+     r"cotangent of; pass d_weights=None"),
+    ("d_weights after need_weights=False, one query", lambda m: m.attention_backward(
+        np.zeros((B, Hv)), m.attention_forward(Q[:, 0], K, V, need_weights=False)[2],
+        d_weights=np.zeros((B, Tk))), ValueError,
+     r"d_weights: the forward ran with need_weights=False"),
+    ("need_weights int", lambda m: forward(m, need_weights=1), TypeError,
+     r"need_weights: expected a bool, got int"),
+    ("need_weights None", lambda m: forward(m, need_weights=None), TypeError,
+     r"need_weights: expected a bool, got NoneType"),
+    ("need_weights string", lambda m: forward(m, need_weights="False"), TypeError,
+     r"need_weights: expected a bool, got str"),
+    ("need_weights array", lambda m: forward(m, need_weights=np.array([False])), TypeError,
+     r"need_weights: expected a bool, got ndarray"),
 ]
 
+# The cases about the weights themselves (the masked softmax, d_weights, need_weights): once per
+# module; every other case on every backend variant.
+ABOUT_THE_WEIGHTS = ("scores ", "softmax ", "d_weights ", "need_weights ")
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize(("call", "exc", "message"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+
+def _params():
+    for name, call, exc, message in CASES:
+        for backend in BACKENDS:
+            if has_weights(backend) or not name.startswith(ABOUT_THE_WEIGHTS):
+                yield pytest.param(call, exc, message, backend, id=f"{name}-{backend}")
+
+
+@pytest.mark.parametrize(("call", "exc", "message", "backend"), list(_params()))
 def test_attention_bad_input_raises_a_clear_error(call, exc, message, backend: str) -> None:
     with pytest.raises(exc, match=message):
         call(BACKENDS[backend])
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if has_weights(b)])
 def test_masked_softmax_with_no_keys_raises_a_clear_error(backend: str) -> None:
     """A [B, 0] score array has no softmax; the error must name `scores`, not numpy's max."""
     with pytest.raises(ValueError, match=r"scores: .*\(3, 0\)"):

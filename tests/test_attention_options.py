@@ -28,8 +28,11 @@ on the same float32-rounded inputs, torch float32 as the comparison, with the fl
 test_attention.py (a context is a sum as large as the values; a gradient through the softmax
 VJP scales with the terms that VJP cancels).
 
-Every test is parametrized by backend (``numpy_ref``, ``kernels``); CI also runs the kernels
-ones with NUMBA_DISABLE_JIT=1, so sizes stay small except for one awkward axis now and then.
+Every test is parametrized by backend (``numpy_ref``, ``kernels``) and, where it runs
+`attention_forward`, also by each without the weights (``numpy_ref-no-weights``,
+``kernels-no-weights``: need_weights=False, no cotangent on the weights, and every result
+compared but the weights; see test_attention_reliability.py). CI also runs the kernels ones
+with NUMBA_DISABLE_JIT=1, so sizes stay small except for one awkward axis now and then.
 """
 
 from __future__ import annotations
@@ -44,13 +47,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attention_reliability import run
+from test_attention_reliability import has_weights, run, with_no_weights
 
 import kernels
 import numpy_ref
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
-BACKENDS = {"numpy_ref": numpy_ref, "kernels": kernels}
+MODULES = {"numpy_ref": numpy_ref, "kernels": kernels}
+over_modules = pytest.mark.parametrize("backend", list(MODULES))
+BACKENDS = with_no_weights(MODULES)
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 LAYOUTS = ("single", "steps", "heads")
 SCORES = ("dot", "scaled_dot", "general", "additive")
@@ -372,19 +377,20 @@ def record(backend: str, s: Spec, errors: dict[str, float]) -> None:
 
 
 def assert_dead_rows_are_zero(s: Spec, a: dict, ours: dict) -> None:
-    """A query that sees no key: context, weights and d_query exactly 0."""
+    """A query that sees no key: context, weights (when ours has them) and d_query exactly 0."""
     dead = from_heads(~full_visibility(s, a).any(axis=-1), s.layout)  # the query's lead axes
     if not dead.any():
         return
-    for name in ("context", "weights", "d_query"):
+    for name in [n for n in ("context", "weights", "d_query") if n in ours]:
         assert np.all(ours[name][dead] == 0), f"{name}: a query that sees no key is not 0"
 
 
 def compare(s: Spec, a: dict, ours: dict, reference: dict, torch32: dict | None) -> dict:
-    """Every output under the policy; entries torch gives as NaN are skipped (see the module
-    docstring), ours must be finite wherever torch is. Returns the errors."""
+    """Every output of ours under the policy; entries torch gives as NaN are skipped (see the
+    module docstring), ours must be finite wherever torch is. Ours has every result torch has
+    but the weights when it ran without them. Returns the errors."""
     assert_dead_rows_are_zero(s, a, ours)
-    assert set(ours) == set(reference), sorted(set(ours) ^ set(reference))
+    assert set(ours) | {"weights"} == set(reference), sorted(set(ours) ^ set(reference))
     errors = {}
     scales: dict[str, float | None] = {}
     if torch32 is not None:  # the float32 floors (see test_attention.check_case)
@@ -404,6 +410,8 @@ def compare(s: Spec, a: dict, ours: dict, reference: dict, torch32: dict | None)
         scales["context"] = finite_max(a64["values"])
         scales["weights"] = None
     for name, want in reference.items():
+        if name not in ours:  # the weights, of a run without them
+            continue
         got = ours[name]
         assert got.shape == want.shape, f"{name}: shape {got.shape} != torch's {want.shape}"
         keep = ~np.isnan(want)
@@ -490,8 +498,9 @@ def test_options_match_sdpa_float32(backend: str, layout: str, data: st.DataObje
 def test_every_score_with_the_options_matches_torch(backend: str, layout: str, score: str,
                                                     dtype, data: st.DataObject) -> None:
     """All four scores (general and additive against torch ops, with autograd), every option,
-    and a cotangent on the weights drawn too."""
-    s = data.draw(specs(layout, (score,), d_weights=None), label="spec")
+    and a cotangent on the weights drawn too (where there are weights)."""
+    s = data.draw(specs(layout, (score,), d_weights=None if has_weights(backend) else False),
+                  label="spec")
     errors = check(backend, s, dtype, use_sdpa=False)
     if dtype == np.float64:
         record(backend, s, errors)
@@ -609,9 +618,11 @@ def check_against_torch_on(device: str, backend: str, s: Spec, dtype,
     if dtype == np.float64:
         return compare(s, a, ours, theirs, None)
     assert_dead_rows_are_zero(s, a, ours)
-    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    assert set(ours) | {"weights"} == set(theirs), sorted(set(ours) ^ set(theirs))
     errors = {}
     for name, want in theirs.items():
+        if name not in ours:  # the weights, of a run without them
+            continue
         got = ours[name]
         assert got.dtype == want.dtype == np.float32, (name, got.dtype, want.dtype)
         assert got.shape == want.shape, f"{name}: shape {got.shape} != torch's {want.shape}"
@@ -638,7 +649,7 @@ def test_options_match_torch_cuda(layout: str, score: str, options: str, route: 
 # the scores pair on its own
 
 
-@over_backends
+@over_modules
 @pytest.mark.parametrize("heads", [False, True], ids=["[B, Tq, H]", "[B, h, Tq, H]"])
 @pytest.mark.parametrize("score", SCORES)
 @examples(0.3)

@@ -6,6 +6,13 @@ Every test runs on both backends (``numpy_ref``, ``kernels``) in every layout (q
 [B, Tq, H], [B, h, Tq, D] with grouped kv heads) and, where a score matters, every score. The
 sizes are small so that CI's ``NUMBA_DISABLE_JIT=1 pytest -k kernels`` run stays quick.
 
+Every test of `attention_forward` / `attention_backward` also runs without the weights: the
+variants ``numpy_ref-no-weights`` and ``kernels-no-weights`` call the forward with
+need_weights=False (numpy_ref's blockwise path, the kernels' flash kernel forming no weights)
+and the backward without d_weights; their results have no "weights", and what a test asserts
+about the weights applies to the variants that have them. Tests of the composing pairs (the
+masked softmax, the weighted sum, the scores) run once per module.
+
 Conventions. "Bit for bit" is `np.array_equal` (a -0.0 equals 0.0). A query is named by its
 index in the caller's layout: (b,) for [B, H], (b, i) for [B, Tq, H], (b, hh, i) for heads; a
 key/value row by (b,) or (b, kv) plus the key index.
@@ -13,8 +20,10 @@ key/value row by (b,) or (b, kv) plus the key index.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +31,38 @@ import pytest
 import kernels
 import numpy_ref
 
-BACKENDS = {"numpy_ref": numpy_ref, "kernels": kernels}
+MODULES = {"numpy_ref": numpy_ref, "kernels": kernels}
+over_modules = pytest.mark.parametrize("backend", list(MODULES))
+NO_WEIGHTS = "-no-weights"
+
+
+def has_weights(backend: str) -> bool:
+    """Whether a backend variant's forward runs with need_weights=True."""
+    return not backend.endswith(NO_WEIGHTS)
+
+
+def module_name(backend: str) -> str:
+    """The module a backend variant runs: "kernels-no-weights" -> "kernels"."""
+    return backend.removesuffix(NO_WEIGHTS)
+
+
+def without_weights(mod):
+    """`mod`'s attention pair, attention_forward defaulting to need_weights=False: what a test
+    calls as ``BACKENDS["<name>-no-weights"]``. It has nothing else, so a test of another
+    function run on it fails (AttributeError), and a d_weights passed to its backward is a
+    ValueError: neither passes silently."""
+    return SimpleNamespace(
+        attention_forward=functools.partial(mod.attention_forward, need_weights=False),
+        attention_backward=mod.attention_backward)
+
+
+def with_no_weights(modules: dict) -> dict:
+    """Each module by name, and its `without_weights` pair as "<name>-no-weights"."""
+    return {**modules, **{name + NO_WEIGHTS: without_weights(mod)
+                          for name, mod in modules.items()}}
+
+
+BACKENDS = with_no_weights(MODULES)
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 LAYOUTS = ("single", "steps", "heads")
 SCORES = ("dot", "scaled_dot", "general", "additive")
@@ -66,15 +106,20 @@ def inputs(layout: str, score: str, seed: int = 0, *, d_weights: bool = True) ->
 
 
 def run(backend: str, score: str, a: dict, **options) -> dict[str, np.ndarray]:
-    """Forward and backward; every result by name (d_params as d_params[...])."""
-    mod = BACKENDS[backend]
+    """Forward and backward; every result by name (d_params as d_params[...]). A no-weights
+    variant runs the forward with need_weights=False and the backward without d_weights (a
+    cotangent in `a` is not used), and its result has no "weights"."""
+    mod, need_weights = BACKENDS[backend], has_weights(backend)
     context, weights, cache = mod.attention_forward(a["query"], a["keys"], a["values"],
                                                     score=score, params=a["params"] or None,
-                                                    **options)
-    d_query, d_keys, d_values, d_params = mod.attention_backward(a["d_context"], cache,
-                                                                 d_weights=a["d_weights"])
+                                                    need_weights=need_weights, **options)
+    assert (weights is None) != need_weights, f"weights {type(weights).__name__}"
+    d_query, d_keys, d_values, d_params = mod.attention_backward(
+        a["d_context"], cache, d_weights=a["d_weights"] if need_weights else None)
     res = {"context": context, "weights": weights, "d_query": d_query, "d_keys": d_keys,
            "d_values": d_values}
+    if not need_weights:
+        del res["weights"]
     res.update({f"d_params[{k!r}]": v for k, v in d_params.items()})
     return res
 
@@ -149,13 +194,16 @@ def test_nan_or_inf_in_one_query_stays_in_that_querys_rows(backend: str, layout:
     the keys it sees (exact 0 at the others), and in the d_keys/d_values rows of those keys.
     (With +inf, ``general`` mixes +inf and -inf in q W, and ``additive``'s tanh saturates to a
     finite value: only the untouched rows are asserted.) The d_keys rows of the keys it does not
-    see: the next test."""
+    see: the next test. Without the weights, the same for every other result: the backward
+    that recomputes the weights must give NaN, not 0, at a key the query sees whose score is
+    -inf by the data (the +inf feature times a key feature of the other sign)."""
     a, poisoned, options, kv, sees = nan_query_case(layout, score, kind)
     clean = run(backend, score, a, **options)
     with _ignore_invalid(kind):
         got = run(backend, score, poisoned, **options)
     p = POISONED[layout]
-    for name in ("context", "weights", "d_query"):
+    weights = has_weights(backend)
+    for name in ("context", "weights", "d_query") if weights else ("context", "d_query"):
         touched = np.zeros(got[name].shape[:-1], bool)
         touched[p] = True
         np.testing.assert_array_equal(got[name][~touched], clean[name][~touched], err_msg=name)
@@ -166,14 +214,16 @@ def test_nan_or_inf_in_one_query_stays_in_that_querys_rows(backend: str, layout:
         if name == "d_values":  # the keys it does not see: w = 0 there
             np.testing.assert_array_equal(got[name][kv][~sees], clean[name][kv][~sees],
                                           err_msg=name)
-    np.testing.assert_array_equal(got["weights"][p][~sees], 0, err_msg="weights (hidden keys)")
+    if weights:
+        np.testing.assert_array_equal(got["weights"][p][~sees], 0,
+                                      err_msg="weights (hidden keys)")
     if kind == "inf" and score in ("general", "additive"):
         return
     assert np.isnan(got["context"][p]).all(), "context of the poisoned query"
     assert np.isnan(got["d_query"][p]).all(), "d_query of the poisoned query"
     for name in ("d_keys", "d_values"):
         assert np.isnan(got[name][kv][sees]).all(), f"{name} of the keys the query sees"
-    if kind == "nan":
+    if kind == "nan" and weights:
         assert np.isnan(got["weights"][p][sees]).all(), "weights of the keys the query sees"
 
 
@@ -212,11 +262,12 @@ def test_an_infinite_query_under_the_additive_score_saturates_the_tanh(backend: 
     p = POISONED[layout]
     np.testing.assert_allclose(got["context"][p], a["values"][kv][sees].mean(axis=0),
                                rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(got["weights"][p][sees], 1 / sees.sum(), rtol=1e-12)
+    if has_weights(backend):
+        np.testing.assert_allclose(got["weights"][p][sees], 1 / sees.sum(), rtol=1e-12)
     np.testing.assert_array_equal(got["d_query"][p], 0)
 
 
-@over_backends
+@over_modules
 @pytest.mark.parametrize("rank", [2, 3, 4])
 def test_masked_softmax_backward_is_zero_where_the_weight_is_zero_in_a_nan_row(
     backend: str, rank: int
@@ -248,7 +299,7 @@ def test_masked_softmax_backward_is_zero_where_the_weight_is_zero_in_a_nan_row(
     np.testing.assert_array_equal(d_scores[others], clean[others])
 
 
-@over_backends
+@over_modules
 def test_weighted_sum_forward_does_not_read_its_uninitialised_output(backend: str) -> None:
     """One query per row: the context is sum_j w_j v_j whatever the freed memory np.empty hands
     back held (numpy recycles small blocks: freed NaN arrays of the context's size come
@@ -263,7 +314,7 @@ def test_weighted_sum_forward_does_not_read_its_uninitialised_output(backend: st
         np.testing.assert_allclose(context, 1.0, rtol=1e-15)
 
 
-@over_backends
+@over_modules
 def test_weighted_sum_backward_nan_in_one_row_stays_in_that_row(backend: str) -> None:
     mod = BACKENDS[backend]
     rng = np.random.default_rng(4)
@@ -345,7 +396,7 @@ def test_a_key_hidden_from_only_some_queries_is_data(backend: str, layout: str,
                                                      score: str) -> None:
     """Key 2 of row 0 is masked for query 0 (query head 0 in the heads layout) but seen by
     query 1 (query head 1 of the same kv group): a NaN there is data, and reaches the context
-    and d_query of the queries that see it."""
+    and d_query (and weights) of the queries that see it."""
     a = inputs(layout, score, seed=7)
     mask = np.ones(weights_shape(layout), bool)
     if layout == "steps":
@@ -360,7 +411,8 @@ def test_a_key_hidden_from_only_some_queries_is_data(backend: str, layout: str,
     got = run(backend, score, noisy, mask=mask)
     assert np.isnan(got["context"][sees]).all()
     assert np.isnan(got["d_query"][sees]).all()
-    assert np.isnan(got["weights"][sees]).all()
+    if has_weights(backend):
+        assert np.isnan(got["weights"][sees]).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +441,7 @@ def _assert_near_exact(got: np.ndarray, want: np.ndarray, visible: np.ndarray,
     assert not np.allclose(sentinel, want, rtol=1e-3, atol=1e-3)
 
 
-@over_backends
+@over_modules
 @pytest.mark.parametrize("rank", [2, 3, 4])
 @pytest.mark.parametrize("hidden_by", ["lengths", "mask", "both"])
 def test_masked_softmax_of_scores_near_minus_1e12_is_exact(backend: str, rank: int,
@@ -421,7 +473,7 @@ def test_attention_with_scores_near_minus_1e12_is_exact(backend: str, layout: st
                                                         through: str) -> None:
     """The same through attention_forward: s = bias (query 0, so every dot score is exactly 0)
     or s = q . k with q = 1, k_j = -1e12 + offset (one feature), lengths and a mask hiding
-    keys; context = w v to rtol 1e-12."""
+    keys; context = w v to rtol 1e-12 (and, with the weights, the weights as above)."""
     mod = BACKENDS[backend]
     rng = np.random.default_rng(8)
     wshape = weights_shape(layout)
@@ -447,9 +499,11 @@ def test_attention_with_scores_near_minus_1e12_is_exact(backend: str, layout: st
         full = {"single": full[:, 0, 0], "steps": full[:, 0], "heads": full}[layout]
         scores, offsets = full, full + 1e12
     context, weights, _ = mod.attention_forward(query, keys, values, lengths=lengths,
-                                                mask=mask, bias=bias)
+                                                mask=mask, bias=bias,
+                                                need_weights=has_weights(backend))
     want = _softmax(offsets, visible)
-    _assert_near_exact(weights, want, visible, scores)
+    if has_weights(backend):
+        _assert_near_exact(weights, want, visible, scores)
     v4 = np.repeat(kv_to_heads(values, layout), GROUP if layout == "heads" else 1, axis=1)
     want_context = to_heads(want, layout) @ v4
     want_context = {"single": want_context[:, 0, 0], "steps": want_context[:, 0],
@@ -467,9 +521,9 @@ def test_attention_with_scores_near_minus_1e12_is_exact(backend: str, layout: st
 @pytest.mark.parametrize("how", ["mask", "bias"])
 def test_a_query_that_sees_no_key_gets_zeros(backend: str, layout: str, score: str,
                                              how: str) -> None:
-    """Query P's mask row all False, or its bias row all -inf: its context, weights, d_query
-    (and d_bias row) are exact zeros, and every other gradient is bit for bit the one where P's
-    cotangents are 0."""
+    """Query P's mask row all False, or its bias row all -inf: its context, weights (where
+    there are), d_query (and d_bias row) are exact zeros, and every other gradient is bit for
+    bit the one where P's cotangents are 0."""
     a = inputs(layout, score, seed=9)
     rng = np.random.default_rng(10)
     p = POISONED[layout]
@@ -483,7 +537,8 @@ def test_a_query_that_sees_no_key_gets_zeros(backend: str, layout: str, score: s
         options["bias"] = rng.standard_normal(shape)
         options["bias"][p] = -np.inf
     got = run(backend, score, a, **options)
-    for name in ("context", "weights", "d_query"):
+    for name in ("context", "weights", "d_query") if has_weights(backend) else ("context",
+                                                                                "d_query"):
         np.testing.assert_array_equal(got[name][p], 0, err_msg=name)
     if how == "bias":
         np.testing.assert_array_equal(got["d_params['bias']"][p], 0, err_msg="d_bias")
@@ -493,7 +548,7 @@ def test_a_query_that_sees_no_key_gets_zeros(backend: str, layout: str, score: s
     assert_same(got, run(backend, score, quiet, **options), "P's cotangents zeroed")
 
 
-@over_backends
+@over_modules
 @pytest.mark.parametrize("rank", [2, 3, 4])
 def test_masked_softmax_of_a_row_that_sees_nothing_is_zero(backend: str, rank: int) -> None:
     """A row whose mask is all False, and a row whose visible scores are all -inf: weights 0
@@ -522,7 +577,7 @@ def test_masked_softmax_of_a_row_that_sees_nothing_is_zero(backend: str, rank: i
 
 
 def _cache_names(backend: str) -> dict[str, str]:
-    if backend == "kernels":
+    if module_name(backend) == "kernels":
         return {"attention": "KernelAttentionCache returned by kernels.attention_forward",
                 "softmax": "KernelMaskedSoftmaxCache returned by kernels.masked_softmax_forward"}
     return {"attention": "AttentionCache returned by attention_forward",
@@ -530,17 +585,23 @@ def _cache_names(backend: str) -> dict[str, str]:
 
 
 def _caches(backend: str) -> dict[str, object]:
-    mod = BACKENDS[backend]
-    other = BACKENDS["kernels" if backend == "numpy_ref" else "numpy_ref"]
+    """The caches a test hands to the wrong backward; the attention ones from the variant's
+    forward (need_weights=False for a no-weights variant), and the other module's alike."""
+    name = module_name(backend)
+    mod = MODULES[name]
+    other = MODULES["kernels" if name == "numpy_ref" else "numpy_ref"]
+    need_weights = has_weights(backend)
     a = inputs("steps", "dot")
     s = np.random.default_rng(0).standard_normal((B, TQ, TK))
     return {
         "a string": "cache",
         "None": None,
         "a tuple": (),
-        "own attention": mod.attention_forward(a["query"], a["keys"], a["values"])[2],
+        "own attention": mod.attention_forward(a["query"], a["keys"], a["values"],
+                                               need_weights=need_weights)[2],
         "other backend's attention": other.attention_forward(a["query"], a["keys"],
-                                                             a["values"])[2],
+                                                             a["values"],
+                                                             need_weights=need_weights)[2],
         "own masked softmax": mod.masked_softmax_forward(s)[1],
         "other backend's masked softmax": other.masked_softmax_forward(s)[1],
         "scores": mod.attention_scores_forward(a["query"], a["keys"])[1],
@@ -562,7 +623,7 @@ WRONG = [  # (op, cache given)
 def test_a_cache_of_the_wrong_kind_is_a_type_error_naming_the_cache_expected(
     backend: str, op: str, given: str
 ) -> None:
-    mod = BACKENDS[backend]
+    mod = MODULES[module_name(backend)]
     cache = _caches(backend)[given]
     got_type = type(cache).__name__
     if op == "attention":
@@ -583,10 +644,10 @@ def test_a_cache_of_the_wrong_kind_is_a_type_error_naming_the_cache_expected(
 # sum_kv and out=
 
 
-def _grad_case(layout: str, score: str, same: bool):
+def _grad_case(layout: str, score: str, same: bool, d_weights: bool = True):
     """(inputs, options) with lengths and a mask; values is keys when `same`, else an equal-
-    shaped distinct array (so sum_kv applies)."""
-    a = inputs(layout, score, seed=11)
+    shaped distinct array (so sum_kv applies); a cotangent on the weights when `d_weights`."""
+    a = inputs(layout, score, seed=11, d_weights=d_weights)
     if same:
         a["values"] = a["keys"]
     else:
@@ -599,7 +660,7 @@ def _grad_case(layout: str, score: str, same: bool):
 
 def _fused(backend: str, layout: str, score: str) -> bool:
     """The kernels' single-query fused path, which forms d_keys + d_values per element."""
-    return backend == "kernels" and layout == "single" and score != "additive"
+    return module_name(backend) == "kernels" and layout == "single" and score != "additive"
 
 
 @over_backends
@@ -612,7 +673,7 @@ def test_sum_kv_is_d_keys_plus_d_values(backend: str, layout: str, score: str,
     within 3 ulps of the larger term on the kernels' fused path, which forms the sum per
     element), None as d_values, d_query and d_params unchanged."""
     mod = BACKENDS[backend]
-    a, options = _grad_case(layout, score, same)
+    a, options = _grad_case(layout, score, same, d_weights=has_weights(backend))
     _, _, cache = mod.attention_forward(a["query"], a["keys"], a["values"], score=score,
                                         params=a["params"] or None, **options)
     dq, dk, dv, dp = mod.attention_backward(a["d_context"], cache, d_weights=a["d_weights"])
@@ -648,7 +709,8 @@ def test_out_buffers_are_written_and_returned(backend: str, layout: str, score: 
     returned gradients are those very objects and hold the default call's result bit for bit
     (padding rows included: every entry is written)."""
     mod = BACKENDS[backend]
-    a, options = _grad_case(layout, score, same=which == "sum_kv")
+    a, options = _grad_case(layout, score, same=which == "sum_kv",
+                            d_weights=has_weights(backend))
     _, _, cache = mod.attention_forward(a["query"], a["keys"], a["values"], score=score,
                                         params=a["params"] or None, **options)
     sum_kv = which == "sum_kv"
@@ -823,9 +885,14 @@ BAD_OPTIONS: list[tuple[str, Callable, type, str]] = [
      r"scale: the 'additive' score takes no scale"),
 ]
 
-@over_backends
-@pytest.mark.parametrize(("call", "exc", "message"), [
-    pytest.param(*c[1:], id=c[0]) for c in BAD_OPTIONS])
+# the cases that call a composing pair, not attention_forward: once per module
+PAIR_OPTIONS = {"softmax mask float", "softmax mask not broadcastable",
+                "scores pair scale with additive"}
+
+
+@pytest.mark.parametrize(("backend", "call", "exc", "message"), [
+    pytest.param(b, *c[1:], id=f"{c[0]}-{b}") for c in BAD_OPTIONS for b in BACKENDS
+    if has_weights(b) or c[0] not in PAIR_OPTIONS])
 def test_a_bad_option_raises_a_clear_error(backend: str, call, exc, message: str) -> None:
     with pytest.raises(exc, match=message):
         call(BACKENDS[backend])
@@ -888,7 +955,9 @@ def test_threaded_cores_are_bitwise_repeatable_on_a_wide_batch(backend: str, lay
         context, weights, cache = mod.attention_forward(q, k, k, score=score, params=params,
                                                         lengths=lengths, mask=mask)
         d_q, d_kv, _, d_p = mod.attention_backward(dc, cache, sum_kv=True)
-        return [context, weights, d_q, d_kv, *d_p.values()]
+        assert (weights is None) != has_weights(backend)
+        return [context, *([weights] if has_weights(backend) else []), d_q, d_kv,
+                *d_p.values()]
 
     first = once()
     for i in range(4):
@@ -919,7 +988,9 @@ def test_a_query_that_sees_no_key_is_not_data(backend: str, score: str, single: 
         context, weights, cache = mod.attention_forward(qq, k, k, score=score,
                                                         params=params[score], mask=mask)
         d_q, d_k, d_v, d_p = mod.attention_backward(np.ones_like(context), cache)
-        results.append([context, weights, d_q, d_k, d_v, *d_p.values()])
+        assert (weights is None) != has_weights(backend)
+        results.append([context, *([weights] if has_weights(backend) else []), d_q, d_k, d_v,
+                        *d_p.values()])
     for got, want in zip(*results, strict=True):
         np.testing.assert_array_equal(got, want)
 
@@ -930,7 +1001,8 @@ def test_a_query_that_sees_no_key_is_not_data(backend: str, score: str, single: 
 def test_huge_finite_scores_give_finite_weights(backend: str, dtype, layout: str) -> None:
     """Scores near 1e10 (float32) or 1e19 (float64), scaled: the weights are a finite one-hot,
     as numpy_ref's (exp of the scaled score minus a max formed from other roundings would
-    be exp(+-ulp(max)) = exp(+-1024) there)."""
+    be exp(+-ulp(max)) = exp(+-1024) there), and the context is finite and numpy_ref's (the
+    one the no-weights variants are held to)."""
     rng = np.random.default_rng(12)
     magnitude = 1e10 if dtype == np.float32 else 1e19
     lead = {"single": (2,), "steps": (2, 3), "heads": (2, 3, 4)}[layout]
@@ -939,23 +1011,31 @@ def test_huge_finite_scores_give_finite_weights(backend: str, dtype, layout: str
     k = (rng.standard_normal((*kv_lead, 5, 8)) * magnitude).astype(dtype)
     v = rng.standard_normal((*kv_lead, 5, 8)).astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
-        _, want, _ = numpy_ref.attention_forward(q, k, v, score="scaled_dot")
-        _, got, _ = BACKENDS[backend].attention_forward(q, k, v, score="scaled_dot")
-    assert np.isfinite(got).all()
-    np.testing.assert_array_equal(got, want)
+        want_c, want, _ = numpy_ref.attention_forward(q, k, v, score="scaled_dot")
+        got_c, got, _ = BACKENDS[backend].attention_forward(q, k, v, score="scaled_dot")
+    if has_weights(backend):
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got_c).all(), "context"
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got_c, want_c, rtol=tol, atol=tol, err_msg="context")
 
 
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no-weights"])
 @pytest.mark.parametrize("shift", [1e12, 1e14])
-def test_kernels_gradients_under_a_large_bias_are_numpy_refs(shift: float) -> None:
+def test_kernels_gradients_under_a_large_bias_are_numpy_refs(shift: float,
+                                                             need_weights: bool) -> None:
     """A large bias per row (the fused single-query backward must use the forward's weights:
     recomputed under fast-math, exp((q.k s + bias) - m) drifted from them by 2e-5 at 1e12 and
-    0.4 at 1e16) gives numpy_ref's gradients."""
+    0.4 at 1e16) gives numpy_ref's gradients; without the weights too, where the backward
+    has only the forward's statistics to recompute them from."""
     rng = np.random.default_rng(13)
     q, k = rng.standard_normal((3, 4)), rng.standard_normal((3, 6, 4))
     bias = shift + rng.standard_normal((3, 6))
     dc = rng.standard_normal((3, 4))
     want = numpy_ref.attention_backward(dc, numpy_ref.attention_forward(q, k, k, bias=bias)[2])
-    got = kernels.attention_backward(dc, kernels.attention_forward(q, k, k, bias=bias)[2])
+    got = kernels.attention_backward(dc, kernels.attention_forward(
+        q, k, k, bias=bias, need_weights=need_weights)[2])
     for name, g, w in zip(("d_query", "d_keys", "d_values"), got, want, strict=False):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * np.abs(w).max(), err_msg=name)
     np.testing.assert_allclose(got[3]["bias"], want[3]["bias"], rtol=1e-9, atol=1e-12)

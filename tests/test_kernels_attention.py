@@ -3,7 +3,8 @@
 The public `kernels.attention_*` functions run through every parity, property and bad-input
 test of test_attention.py and test_attention_bad_input.py (parametrized by backend). Here:
 the single-query cores on their own (called directly, on awkward sizes), bitwise determinism,
-and cores that stay in bounds whatever lengths they are handed. Everything here also runs
+and cores (the single-query and the flash ones) that stay in bounds whatever lengths they are
+handed. Everything here also runs
 with NUMBA_DISABLE_JIT=1, which executes the kernels' Python source line by line (CI does
 that run).
 """
@@ -19,6 +20,7 @@ from test_attention import Case, check_case
 
 import kernels
 import numpy_ref
+from kernels import attention_flash as kaf
 from kernels import attention_single as ka
 from kernels import softmax as ksm
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
@@ -114,10 +116,12 @@ AWKWARD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["kernels", "kernels-no-weights"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("case", AWKWARD_CASES, ids=[c.score for c in AWKWARD_CASES])
-def test_kernels_awkward_sizes_match_torch(case: Case, dtype) -> None:
-    check_case(case, dtype, backend="kernels")
+def test_kernels_awkward_sizes_match_torch(case: Case, dtype, backend: str) -> None:
+    """With the weights and without (need_weights=False: no cotangent on the weights)."""
+    check_case(case, dtype, backend=backend)
 
 
 @given(B=st.integers(1, 5), Tq=st.integers(1, 4), Tk=st.integers(1, 9),
@@ -190,6 +194,72 @@ def test_kernels_cores_clamp_lengths_instead_of_leaving_bounds(bad: int) -> None
     stats = np.empty((3, 1, 2, 2))
     ksm._softmax_rows(s, bad_lengths, False, np.broadcast_to(np.True_, s.shape), stats)
     np.testing.assert_allclose(s.sum(axis=-1), 1.0)
+
+
+def run_flash(q, k, v, lengths, dc, *, causal: bool, with_weights: bool, R: int = 4,
+              C: int = 4, splits: int = 1) -> dict[str, np.ndarray]:
+    """The flash cores, forward then backward, called directly as the wrapper calls them for
+    one head ([B, 1, Tq, D]), the dot score, scale 1, no mask or bias; blocks of R rows and C
+    keys, the backward's keys in `splits` ranges (1 with weights). Every output starts as NaN:
+    every entry must be written."""
+    B, _, Tq, D = q.shape
+    Tk, Dv = k.shape[2], v.shape[3]
+    dtype = q.dtype
+    shape = (B, 1, Tq, Tk)
+    visible = np.broadcast_to(np.True_, shape)
+    bias = np.broadcast_to(dtype.type(0), shape)
+    u = np.empty(0, dtype)
+    context = np.full((B, 1, Tq, Dv), np.nan, dtype)
+    context64, stats = np.full((B, 1, Tq, Dv), np.nan), np.full((B, 1, Tq, 2), np.nan)
+    weights = np.full(shape, np.nan, dtype) if with_weights else np.empty((0, 0, 0, 0), dtype)
+    kaf._flash_forward(q, k, v, Tq, lengths, causal, False, visible, False, bias, False, u, R,
+                       C, with_weights, context, context64, weights, stats)
+    d_q, d_k, d_v = (np.full_like(x, np.nan) for x in (q, k, v))
+    d_q_parts = (np.full((splits, B, 1, Tq, D), np.nan, dtype) if splits > 1
+                 else np.empty((0, 0, 0, 0, 0), dtype))
+    delta = (np.empty((0, 0, 0)) if with_weights else
+             np.einsum("bhix,bhix->bhi", context64, dc.astype(np.float64)))
+    kaf._flash_backward(q, k, v, Tq, lengths, causal, False, visible, False, bias, False, u, R,
+                        C, splits, with_weights, weights, np.empty((0, 0, 0, 0), dtype), stats,
+                        delta, dc, d_q, d_q_parts, d_k, d_v, np.empty((0, 0)),
+                        np.zeros((0, 0, 0, 0), dtype))
+    if splits > 1:
+        d_q = d_q_parts.sum(axis=0)
+    out = {"context": context, "stats": stats, "d_query": d_q, "d_keys": d_k, "d_values": d_v}
+    if with_weights:
+        out["weights"] = weights
+    return out
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["no-weights", "weights"])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("bad", [0, -5, 10**6], ids=["zero", "negative", "huge"])
+def test_kernels_flash_cores_clamp_lengths_instead_of_leaving_bounds(bad: int, causal: bool,
+                                                                     with_weights: bool) -> None:
+    """Called directly (past the validating wrapper), the flash cores clamp lengths into 1..Tk:
+    the results of the clamped lengths, every entry written, with blocks of 4 rows and 4 keys
+    (9 keys make 3 blocks) and, without weights, the backward's keys in 3 splits; and those
+    are numpy_ref's (so the direct call is the wrapper's)."""
+    rng = np.random.default_rng(3)
+    B, Tq, Tk, D, Dv = 3, 5, 9, 4, 3
+    q, k = rng.standard_normal((B, 1, Tq, D)), rng.standard_normal((B, 1, Tk, D))
+    v, dc = rng.standard_normal((B, 1, Tk, Dv)), rng.standard_normal((B, 1, Tq, Dv))
+    bad_lengths = np.array([bad, 6, bad])
+    options = {"causal": causal, "with_weights": with_weights,
+               "splits": 1 if with_weights else 3}
+    got = run_flash(q, k, v, bad_lengths, dc, **options)
+    want = run_flash(q, k, v, np.clip(bad_lengths, 1, Tk), dc, **options)
+    for name in want:
+        assert not np.isnan(want[name]).any(), f"{name}: an entry left unwritten"
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    context, weights, cache = numpy_ref.attention_forward(
+        q[:, 0], k[:, 0], v[:, 0], lengths=np.clip(bad_lengths, 1, Tk), causal=causal)
+    reference = dict(zip(["d_query", "d_keys", "d_values"],
+                         numpy_ref.attention_backward(dc[:, 0], cache)[:3], strict=True),
+                     context=context, weights=weights)
+    for name in [n for n in want if n != "stats"]:
+        assert_close_policy(f"{name} (vs numpy_ref)", want[name][:, 0], reference[name],
+                            grad=name.startswith("d_"))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
