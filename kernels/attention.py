@@ -73,7 +73,8 @@ class KernelAttentionCache(NamedTuple):
     #                             and for a bias or dW on the single path); None without
     stats: np.ndarray  # [B, h, Tq, 2] float64: each row's max score m and
     #                    l = sum_j exp(s_j - m) (m + log l is the log-sum-exp); read
-    context64: np.ndarray  # [B, h, Tq, Hv] float64 context, read for delta = <c, dc>
+    context64: np.ndarray  # [B, h, Tq, Hv] float64 context, read for delta = <c, dc> (empty
+    #                        on the flash path when every key fits one block: not read)
     lengths: np.ndarray  # [B] int64, Tk where none were given
     masked: bool  # whether `visible` hides any key (else it is all True and not read)
     visible: np.ndarray  # bool [B, h, Tq, Tk] view (broadcast): the mask and bias > -inf, and
@@ -154,7 +155,10 @@ def attention_forward(
     else:
         v = np.ascontiguousarray(contract.without_padding(a.values, pad.keys))
     stats = np.empty((B, h, Tq, 2), np.float64)
-    context64 = np.empty((B, h, Tq, Hv))
+    # the float64 context: read for the backward's delta when a row's keys span several
+    # blocks (the single-query path always: its delta is <c, dc>)
+    context64 = (np.empty((B, h, Tq, Hv)) if path == "single" or Tk > _C
+                 else np.empty((0, 0, 0, 0)))
     context = np.empty((B, h, Tq, Hv), dtype)
     weights = np.empty(shape, dtype) if a.need_weights else None
     if score == "general":
@@ -181,7 +185,8 @@ def attention_forward(
         with single_threaded_blas():
             _flash_forward(_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked,
                            visible, a.bias is not None, bias4, score == "additive", u, R, _C,
-                           a.need_weights, _stacked(context, h_kv), _stacked(context64, h_kv),
+                           a.need_weights, _stacked(context, h_kv),
+                           _stacked(context64, h_kv) if context64.size else context64,
                            none if weights is None else _stacked(weights, h_kv),
                            _stacked(stats, h_kv))
     cache = KernelAttentionCache(a, pad, path, q, core_q, k, v, weights, stats, context64,
@@ -245,9 +250,10 @@ def attention_backward(
         d_values = np.empty((B, h_kv, Tk, Hv), dtype)
         d_u_parts = np.empty((B * h_kv * splits, D) if additive else (0, 0))
         d_bias = np.zeros((B, h, Tq, Tk) if a.bias is not None else (0, 0, 0, 0), dtype)
-        delta = (np.empty((0, 0, 0)) if w is not None else  # <c, dc> per row, float64
-                 np.einsum("bhix,bhix->bhi", context64, dc.astype(np.float64)).reshape(
-                     B, h_kv, rows))
+        # <c, dc> per row, float64, for rows whose keys span several blocks (else the
+        # kernel sums delta from the block)
+        delta = (np.einsum("bhix,bhix->bhi", context64, dc.astype(np.float64)).reshape(
+            B, h_kv, rows) if context64.size and w is None else np.empty((0, 0, 0)))
         none = np.empty((0, 0, 0, 0), dtype)
         with single_threaded_blas():
             _flash_backward(_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked,

@@ -41,8 +41,10 @@ Forward, for one item (FlashAttention's online softmax, per row)::
 
     context = acc / l; stats = (m, l) per row (lse = m + log l)
 
-With weights (``need_weights=True``) the key block is the whole row (C = Tk): p is normalised
-in place, written to the weights and multiplied by V; no rescale is needed.
+When a block of rows sees all its keys in one block (Tk <= C, or the weights asked for: then
+the block is the whole row), the product with V writes the context directly, divided by l
+after (or p is normalised first when it is written to the weights): no rescale, no float64
+sum, no context64 (the backward takes delta from that block then).
 
 Backward, for one (row block, key block)::
 
@@ -142,9 +144,11 @@ def _mask_row(row, j0, lim, masked, visible_row, has_bias, bias_row):
 def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, additive, u,
                    R, C, with_weights, context, context64, weights, stats):
     """q [B, h_kv, M, D] (scaled, stacked rows: M = G Tq), k [B, h_kv, Tk, D],
-    v [B, h_kv, Tk, Dv] -> context [B, h_kv, M, Dv] (data dtype), context64 (float64),
-    stats [B, h_kv, M, 2] (float64 m and l; (-inf, 0) for a row that sees no key) and, when
-    with_weights, weights [B, h_kv, M, Tk] (C is then ignored: one block per row).
+    v [B, h_kv, Tk, Dv] -> context [B, h_kv, M, Dv] (data dtype), stats [B, h_kv, M, 2]
+    (float64 m and l; (-inf, 0) for a row that sees no key), context64 (float64, when Tk > C:
+    the backward reads it for delta; with Tk <= C an empty array, not written) and, when
+    with_weights, weights [B, h_kv, M, Tk] (C is then ignored: one
+    block per row).
 
     lengths [B]; visible (bool) and bias: [B, h, Tq, Tk] views, read when masked / has_bias.
     With `additive`, q and k are the projections qa [.., M, A] and ka [.., Tk, A] and the
@@ -165,10 +169,13 @@ def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias
         rr = min(R, (i0 // seg + 1) * seg - i0)
         length = _clamp(lengths[b], 1, Tk)
         kend = _row_limit(length, causal, (i0 + rr - 1) % Tq)
-        width = kend if with_weights else min(C, kend)
+        # one block of keys (all of them with weights): p is normalised before the product,
+        # which then writes the context itself; else the rescaled float64 sum acc
+        one_block = with_weights or kend <= C
+        width = kend if one_block else C
         s_buf = np.empty(rr * width, q.dtype)
-        acc = np.zeros((rr, Dv))
-        part = np.empty((rr, Dv), q.dtype)
+        acc = np.zeros((0 if one_block else rr, Dv))
+        part = np.empty((0 if one_block else rr, Dv), q.dtype)
         m = np.full(rr, -np.inf)
         l = np.zeros(rr)
         alpha = np.empty(rr)
@@ -200,28 +207,38 @@ def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias
                 alpha[r] = np.exp(m[r] - m_new)  # 0 on the first block that sees a key
                 l[r] = l[r] * alpha[r] + total
                 m[r] = m_new
-                if with_weights:  # one block: normalise now, so that context = w v
+                if with_weights:  # normalise now: these are the weights, and context = w v
                     inv = as_type_of(1.0 / l[r], zero)
                     for j in range(cc):
                         row[j] *= inv
+            if one_block:
+                np.dot(s, v[b, g, j0:j0 + cc], context[b, g, i0:i0 + rr])
+                if with_weights:
+                    _write_weights(s, weights[b, g, i0:i0 + rr], i0, Tq, G, g, b, length,
+                                   causal, masked, visible, l)
+                continue
             np.dot(s, v[b, g, j0:j0 + cc], part)
             for r in range(rr):
                 ar = alpha[r]
                 for x in range(Dv):
                     acc[r, x] = acc[r, x] * ar + part[r, x]
-            if with_weights:
-                _write_weights(s, weights[b, g, i0:i0 + rr], i0, Tq, G, g, b, length, causal,
-                               masked, visible, l)
+        keep64 = context64.shape[0] > 0  # Tk > C: the backward may read any row of it
         for r in range(rr):
-            c64, c = context64[b, g, i0 + r], context[b, g, i0 + r]
-            if l[r] == 0.0:  # sees no key: 0, also where 0 * a NaN value reached acc
-                c64[:] = 0.0
+            c = context[b, g, i0 + r]
+            if l[r] == 0.0:  # sees no key: 0, also where 0 * a NaN value reached the sum
                 c[:] = zero
-            else:  # with weights, p was normalised before the product
-                inv = 1.0 if with_weights else 1.0 / l[r]
+            elif not one_block:
+                inv = 1.0 / l[r]
                 for x in range(Dv):
-                    c64[x] = acc[r, x] * inv
-                    c[x] = as_type_of(c64[x], zero)
+                    c[x] = as_type_of(acc[r, x] * inv, zero)
+            elif not with_weights:  # (p v) / l: Dv divisions instead of a pass over p
+                inv_low = as_type_of(1.0 / l[r], zero)
+                for x in range(Dv):
+                    c[x] *= inv_low
+            if keep64:
+                c64 = context64[b, g, i0 + r]
+                for x in range(Dv):
+                    c64[x] = acc[r, x] / l[r] if not one_block and l[r] != 0.0 else c[x]
             stats[b, g, i0 + r, 0] = m[r]
             stats[b, g, i0 + r, 1] = l[r]
 
