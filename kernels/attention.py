@@ -95,6 +95,18 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
+_TRUE = np.ones(1, np.bool_)
+_ZERO = {np.dtype(t): np.zeros(1, t) for t in (np.float32, np.float64)}
+
+
+def _constant(one: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The one-element array `one` seen as a read-only array of `shape` (stride 0): what
+    np.broadcast_to gives, 0.3 us instead of 4.6 (a call of 20 us pays for two of them)."""
+    view = np.ndarray(shape, one.dtype, one, 0, (0,) * len(shape))
+    view.flags.writeable = False
+    return view
+
+
 def _stacked(x: np.ndarray, h_kv: int) -> np.ndarray:
     """[B, h, Tq, X] -> [B, h_kv, G Tq, X], the query rows of each kv head's group stacked (a
     view of a C-contiguous array)."""
@@ -139,8 +151,8 @@ def attention_forward(
     # the flash path takes causal as each row's prefix; the single one has one query per row
     visible = contract.visibility(a, with_lengths=False, with_causal=path == "single")
     masked = visible is not None  # False: the kernels need not read `visible`
-    visible = np.broadcast_to(np.True_ if visible is None else visible, shape)
-    bias4 = np.broadcast_to(dtype.type(0) if a.bias is None else a.bias, shape)
+    visible = _constant(_TRUE, shape) if visible is None else np.broadcast_to(visible, shape)
+    bias4 = _constant(_ZERO[dtype], shape) if a.bias is None else a.bias
     scale = dtype.type(1.0 if a.scale is None else a.scale)
     # a query row that sees no key is zeroed (general's d_W = q^T d_q' would read it)
     q = np.ascontiguousarray(contract.without_padding(a.query, pad.queries))
