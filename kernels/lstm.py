@@ -1,4 +1,4 @@
-r"""Numba LSTM: the matrix products in BLAS, everything between them in one jitted pass per step.
+r"""Numba LSTM: each direction's recurrence in one compiled call, the matrix products in BLAS.
 
 Same public functions, argument names, validation, results and cache as `numpy_ref.lstm` (read
 its docstring for the math, the shapes and the masking rules). The cache is numpy_ref's own
@@ -7,58 +7,108 @@ the one difference in what it holds.
 
 What runs where, per layer and direction
 ----------------------------------------
-Forward::
+Forward (`_forward_direction`)::
 
-    gates = x [T*B, In] @ W_ih^T                   one GEMM over all steps, written where
-                                                   the cache's gates go           [T, B, 4H]
-    for each step t, in this direction's order:
-        hw = h_{t-1} @ W_hh^T                      BLAS, into a reused buffer     [B, 4H]
+    gates = x [T*B, In] @ W_ih^T           np.matmul, one product over all steps, written
+                                           where the cache's gates go          [T, B, 4H]
+    _forward_steps: one compiled call, no Python between steps; for each step t, in this
+    direction's order:
+        hw = h_{t-1} @ W_hh^T              `_gemm` (NumPy's BLAS, below)       [B, 4H]
         _cell_forward_v2: a = gates_t + hw + b_ih + b_hh -> gates_t = i, f, g, o (in place);
             c_t = f c_{t-1} + i g; tanh(c_t); r_t = o tanh(c_t); the length mask; writes
-            c_t and h_t where the next step reads them, and the output            one pass
-        (proj_size) h_t = r_t @ W_hr^T in BLAS, then _emit_hidden applies the mask
+            c_t and h_t where the next step reads them, and the output          one pass
+        (proj_size) h_t = r_t @ W_hr^T (`_gemm`), then _emit_hidden applies the mask
 
-Backward, walking the steps in reverse::
+Backward (`_backward_direction`)::
 
-        _cell_backward: dL/dr = d_out_t + dL/dh_t (masked) -> dL/dc, da_t = dL/da [B, 4H],
-            dL/dc_{t-1}; (proj_size: _hidden_backward masks first, dL/dr = dL/dh @ W_hr)
-        dL/dh_{t-1} = da_t @ W_hh                  BLAS
-    then over all T*B rows at once, with both directions side by side in da [T*B, D*4H]:
-        d_W_ih = da^T x,  d_b = sum(da),  d_x = da @ [W_ih; W_ih_reverse]     one product each
-        d_W_hh = da_d^T h_prev,  d_W_hr = dh_d^T r                          one per direction
+    _backward_steps: one compiled call, walking the steps in reverse:
+        _cell_backward: dL/dr = d_out_t + dL/dh_t (masked) -> dL/dc, da_t = dL/da [B, 4H]
+            into this direction's da [T, B, 4H], dL/dc_{t-1}; (proj_size: _hidden_backward
+            masks first, dL/dr = dL/dh @ W_hr)
+        dL/dh_{t-1} = da_t @ W_hh          `_gemm`
+    then over all T*B rows, one np.matmul each:
+        d_W_ih = da^T x,  d_W_hh = da^T h_prev,  d_W_hr = dh^T r,  d_b = sum(da)
+    and for the layer (`_input_grad`): d_x = da_f @ W_ih_f (+ da_r @ W_ih_r), both directions
+    reading the same input; in two halves of its rows when there are two directions.
 
-so a bidirectional layer's d_x is one GEMM with K = 8H rather than two GEMMs and a sum.
 Padded steps (t >= lengths[b]) cost no pointwise work: the kernels pass the state through and
-write zeros. The GEMMs still run over all B rows. Padding is not data: when some step is padded,
-layer 0's x is copied once with its padded steps set to 0 (`numpy_ref.contract.lstm`'s
+write zeros. The products still run over all B rows. Padding is not data: when some step is
+padded, layer 0's x is copied once with its padded steps set to 0 (`numpy_ref.contract.lstm`'s
 `without_padding`, as numpy_ref does), so NaN or inf there reaches no product (d_W_ih = da^T x
 included). No step allocates: every per-step array is a view of a cache array or a buffer
 allocated once per direction.
 
+The per-step products: NumPy's own BLAS
+---------------------------------------
+Numba's ``np.dot`` calls SciPy's OpenBLAS, a second library with a thread pool of its own, and
+an OpenBLAS worker spins for about 0.1 s after each multi-threaded product: the two directions
+of a forward at (T, B, I, H) = (32, 16, 64, 64), their products through ``np.dot`` on two BLAS
+threads, ran 4.7x slower right after a multi-threaded ``np.matmul`` (median 3.5 ms against
+0.74 ms back to back), the two pools taking the cores from each other. So `_gemm` calls
+cblas_sgemm / cblas_dgemm of the library NumPy's matmul calls (a ctypes function pointer, an
+argument of the compiled cores, so they stay cached), found once by `_gemm_for` among
+threadpoolctl's libraries (the one under NumPy's directory, or the only one loaded); where none
+is found, a ctypes callback into ``np.matmul`` stands in (correct, slower: it takes the GIL at
+each step). Every product of a layer, and of a training step around it, then shares NumPy's
+pool, as when each step called ``np.matmul`` from Python, with the bits np.matmul gives for the
+same product.
+
 Threads
 -------
-The step kernels are serial (no prange): between two multi-threaded OpenBLAS calls, Numba's
-OpenMP workers and OpenBLAS's workers each spin-wait for work and take the cores from one
-another; a parallel step kernel made a step 30x slower (8.6 ms instead of 0.3 ms at
-(B, H) = (64, 256)). The directions run one after the other. Running the two directions of a
-layer on two threads with single-threaded BLAS was 1.1-1.2x faster at (T, B, I, H) =
-(128, 64, 256, 256), but numpy's BLAS has no per-call thread count: it meant lowering
-OpenBLAS's process-wide thread count during the forward, a global side effect on every other
-thread of the caller's process, which this package does not impose.
+A unidirectional layer runs on the calling thread, its products on the process's BLAS threads.
+The two directions of a bidirectional layer run on two threads (when their work, T B 4H Ho
+multiply-adds each, is at least `_MIN_WORK`, the process may use two CPUs and `TWO_THREADS` is
+True): one on the calling thread, the other on a worker thread (one ``ThreadPoolExecutor``
+thread, made on first use and again in a forked child), each direction's input product, steps
+and weight gradients on its thread, then d_x's two halves likewise. BLAS runs on one thread for
+the length of the call (`kernels._blas.single_threaded_blas`: the counts it found are back on
+exit, also when a core raises; 5.5 us per call; while it is in effect another thread of the
+process that calls BLAS gets one thread too). Both ways run the same pieces through the same
+library, so two threads and one give the same bits (multi-threaded OpenBLAS splits a product's
+rows and columns, not its sums). Measured forward+backward, (128, 64, 256, 256): 307 ms on two
+threads, 338 ms on one (374 ms for the previous loop, below); (32, 16, 64, 64): 1.8 and 2.2 ms.
+
+Python threads, not ``prange``: at the end of a parallel region an OpenMP thread that is done
+spin-waits for the other, on the core the other may need; right after a multi-threaded NumPy
+product (an OpenBLAS worker spinning), a ``prange`` over the two directions took 3 to 6.5 ms
+(median) where two Python threads, which block instead, took 1.0 to 1.3 ms (0.5 and 0.95 ms
+back to back). The same spinning OpenBLAS worker still takes a core from the two threads for
+its 0.1 s: (32, 32, 128, 256) forward+backward went from 34 to 65 ms when called right after a
+512 x 512 ``np.matmul`` (36 and 37 ms on one thread). A loop that runs large NumPy products
+between bidirectional layers can be faster with ``TWO_THREADS = False``: a training step of the
+Luong encoder-decoder (a unidirectional decoder on NumPy's pool, a [1024, 512] @ [512, 4000]
+generator) took 212-216 ms with the encoder on one thread and 240-244 ms on two; the
+classifier, with no large product beside its LSTM, 172-182 and 140-147 ms.
+
+One direction is not split over two threads: giving each thread half of the batch (no per-step
+synchronisation) was slower than one thread on NumPy's pool, 76 against 65 ms at
+(32, 32, 128, 512) forward+backward, since each half packs all of W_hh again at every step.
+Whatever the machine, a bidirectional layer's recurrences use two threads; on more cores a
+unidirectional layer's products use NumPy's whole pool.
 
 Kernel versions
 ---------------
+The layer loop:
+
+- v1: a Python loop over the steps, calling ``np.matmul`` and a jitted step kernel per step,
+  the directions one after the other: 374 ms forward+backward at (128, 64, 256, 256).
+- v2 (kept): the whole recurrence of a direction in one compiled call (`_forward_steps`,
+  `_backward_steps`), its products through `_gemm`, and the directions of a layer on two
+  threads as above: 307 ms. Tried and dropped on the way: Numba's ``np.dot`` for the
+  per-step products and ``prange`` for the directions (both above).
+
+The cell:
+
 - ``_cell_forward_v1``: the gate math with ``np.exp`` / ``np.tanh``, one libm call per element
   and gate. Numba has no vector math library here (no SVML), so the loop stays scalar: about
-  1.2 ms per step at (B, H) = (64, 256), five times the step's GEMM. Kept as the plain
+  1.2 ms per step at (B, H) = (64, 256), three times the step's product. Kept as the plain
   statement of the cell and as the reference v2's activations are tested against.
 - ``_cell_forward_v2``: the same loop with `sigmoid` / `tanh` (`kernels._util`), built on
   `exp_nonpositive` / `expm1_nonpositive`: a range reduction ``exp(y) = 2^n exp(r)``,
   ``|r| <= ln2/2``, a Taylor polynomial and 2^n built in the exponent bits. Every operation
-  has a SIMD form, so LLVM vectorizes the loop (16 float32 lanes with AVX-512): about 50 us
-  per step at (64, 256), 20x faster than v1. The public functions use v2. (Divisions are
-  ``np.divide``: Python's ``/`` checks for a zero divisor and raises, a branch that stops
-  vectorization.)
+  has a SIMD form, so LLVM vectorizes the loop (16 float32 lanes with AVX-512): about 60 us
+  per step at (64, 256), 20x faster than v1. The steps use v2. (Divisions are ``np.divide``:
+  Python's ``/`` checks for a zero divisor and raises, a branch that stops vectorization.)
 - ``_cell_backward``, ``_hidden_backward``, ``_emit_hidden``: one version each; no
   transcendental functions (the backward reads the saved gates and tanh(c)).
 
@@ -73,18 +123,27 @@ compiled; the error is far inside the float64 policy (1e-7). Vector loops stay i
 dtype.
 
 Every jitted kernel checks that the arrays it is handed agree in shape and that its column
-offsets fit (a `ValueError` otherwise), so even a direct call with inconsistent arrays cannot
-index out of bounds; the public wrappers validate first, with numpy_ref's own functions.
+offsets fit (a `ValueError` otherwise): the step kernels, the whole-direction cores (every
+array of the direction's tuple against the others) and `_gemm` (shapes and contiguity), so even
+a direct call with inconsistent arrays cannot index out of bounds; the public wrappers validate
+first, with numpy_ref's own functions, and check every direction before either runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
 from numba import njit
+from threadpoolctl import threadpool_info
 
+from kernels._blas import single_threaded_blas
 from kernels._config import JIT
 from kernels._util import as_type_of, sigmoid, tanh
 from numpy_ref.contract.lstm import (
@@ -330,7 +389,233 @@ def _hidden_backward(t, lengths, d_out, out_col, dh_mm, dh_keep, d_h_new):
 
 
 # --------------------------------------------------------------------------------------------
-# public wrappers: validate (as numpy_ref), allocate, run the step loops between BLAS products
+# the per-step products, through the BLAS library NumPy's matmul calls (why: "The per-step
+# products" in the module docstring)
+
+_GEMM: dict[np.dtype, Any] = {}
+
+
+def _gemm_prototype(real, integer):
+    return ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer,
+                            integer, real, ctypes.c_void_p, integer, ctypes.c_void_p, integer,
+                            real, ctypes.c_void_p, integer)
+
+
+def _numpy_blas_gemm() -> dict[np.dtype, Any]:
+    """{float32: cblas_sgemm, float64: cblas_dgemm} of NumPy's BLAS library (the one under
+    NumPy's directory, or the only one loaded), or {} when it cannot be told apart."""
+    blas = [i["filepath"] for i in threadpool_info() if i["user_api"] == "blas"]
+    home = os.path.dirname(os.path.realpath(np.__file__))
+    mine = [f for f in blas if os.path.realpath(f).startswith((home + os.sep, home + ".libs"))]
+    for path in mine or (blas if len(blas) == 1 else []):
+        lib = ctypes.CDLL(path)
+        for prefix in ("scipy_", ""):
+            for suffix in ("64_", "_64", ""):
+                names = [f"{prefix}cblas_{c}gemm{suffix}" for c in "sd"]
+                if all(hasattr(lib, n) for n in names):
+                    integer = ctypes.c_int64 if suffix else ctypes.c_int
+                    return {np.dtype(dt): _gemm_prototype(real, integer)(
+                                ctypes.cast(getattr(lib, n), ctypes.c_void_p).value)
+                            for dt, real, n in ((np.float32, ctypes.c_float, names[0]),
+                                                (np.float64, ctypes.c_double, names[1]))}
+    return {}
+
+
+def _python_gemm(real):
+    """The fallback: a callback into np.matmul with cblas_?gemm's signature (row-major, no
+    transposes; each call takes the GIL)."""
+    ctype = np.float32 if real is ctypes.c_float else np.float64
+
+    def gemm(order, trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc):
+        def view(address, rows, cols):
+            return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(
+                np.ctypeslib.as_ctypes_type(ctype))), (rows, cols))
+        np.matmul(view(a, M, K), view(b, K, N), out=view(c, M, N))
+
+    return _gemm_prototype(real, ctypes.c_int64)(gemm)
+
+
+def _gemm_for(dtype: np.dtype):
+    """The cblas_?gemm the compiled steps call for `dtype` (found on first use)."""
+    if not _GEMM:
+        found = _numpy_blas_gemm()
+        _GEMM.update(found or {np.dtype(np.float32): _python_gemm(ctypes.c_float),
+                               np.dtype(np.float64): _python_gemm(ctypes.c_double)})
+    return _GEMM[np.dtype(dtype)]
+
+
+@njit(**JIT)
+def _gemm(fn, a, b, out):
+    """out = a @ b through `fn` (a cblas_?gemm): a [M, K], b [K, N], out [M, N], each
+    C-contiguous (rows of a C-contiguous array are)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if not (b.shape[0] == K and out.shape == (M, N) and a.flags.c_contiguous
+            and b.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("_gemm: inconsistent array shapes")
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        out[:] = as_type_of(0.0, out[0, 0])
+        return
+    zero = as_type_of(0.0, out[0, 0])
+    fn(101, 111, 111, M, N, K, zero + 1, a.ctypes.data, K, b.ctypes.data, N, zero,
+       out.ctypes.data, N)  # CblasRowMajor, CblasNoTrans
+
+
+# --------------------------------------------------------------------------------------------
+# the recurrence of one direction, forward: T steps of (BLAS product, cell) in one call
+#
+# `arrays` is one direction's tuple (bias, w_hh_t, w_hr_t, gates, h_prev, c_prev, tanh_c, h_last,
+# c_last, hw, r, h_new): bias [4H] = b_ih + b_hh; w_hh_t [Ho, 4H] = W_hh^T and w_hr_t [H, P] =
+# W_hr^T (project; else [0, 0]); the cache's gates [T, B, 4H], holding x W_ih^T on entry,
+# h_prev [T, B, Ho], c_prev and tanh_c [T, B, H] (on entry only the state of the direction's
+# first step, h0 and c0, is set); h_last [B, Ho], c_last [B, H] (where the final state goes:
+# h_n[k], c_n[k]); buffers hw [B, 4H], r [B, H] and h_new [B, Ho] (project; else [0, 0]). Every
+# array is C-contiguous (`_gemm` checks the ones it multiplies).
+
+
+@njit(**JIT)
+def _check_forward(lengths, out, out_col, project, arrays):
+    bias, w_hh_t, w_hr_t, gates, h_prev, c_prev, tanh_c, h_last, c_last, hw, r, h_new = arrays
+    T, B, H4 = gates.shape
+    H = H4 // 4
+    Ho = h_prev.shape[2]
+    ok = (T >= 1 and H4 == 4 * H and lengths.shape[0] == B and bias.shape[0] == H4
+          and w_hh_t.shape == (Ho, H4) and h_prev.shape == (T, B, Ho)
+          and c_prev.shape == (T, B, H) and tanh_c.shape == (T, B, H)
+          and h_last.shape == (B, Ho) and c_last.shape == (B, H) and hw.shape == (B, H4)
+          and out.shape[0] == T and out.shape[1] == B and 0 <= out_col
+          and out_col + Ho <= out.shape[2])
+    ok = ok and (w_hr_t.shape == (H, Ho) and r.shape == (B, H) and h_new.shape == (B, Ho)
+                 if project else Ho == H)
+    if not ok:
+        raise ValueError("_forward_steps: inconsistent array shapes")
+
+
+@njit(**JIT, nogil=True)
+def _forward_steps(gemm, reverse, lengths, out, out_col, project, arrays):
+    """Run one direction over all T steps (t = T-1 down to 0 when `reverse`): per step
+    hw = h_{t-1} W_hh^T (`_gemm`), `_cell_forward_v2`, and with `project` h_t = r_t W_hr^T and
+    `_emit_hidden`. Writes out[:, :, out_col:out_col+Ho] (out [T, B, D*Ho]), the cache's arrays
+    and the final state (h_last, c_last). `gemm` is a cblas_?gemm (`_gemm_for`)."""
+    _check_forward(lengths, out, out_col, project, arrays)
+    bias, w_hh_t, w_hr_t, gates, h_prev, c_prev, tanh_c, h_last, c_last, hw, r, h_new = arrays
+    T = gates.shape[0]
+    for n in range(T):
+        t = T - 1 - n if reverse else n
+        nxt = t - 1 if reverse else t + 1  # the step that reads this one's state
+        h_in, c_in = h_prev[t], c_prev[t]
+        h_out = h_last if n == T - 1 else h_prev[nxt]
+        c_out = c_last if n == T - 1 else c_prev[nxt]
+        _gemm(gemm, h_in, w_hh_t, hw)
+        _cell_forward_v2(t, lengths, bias, hw, c_in, h_in, gates[t], tanh_c[t], c_out, h_out,
+                         out[t], out_col, r, project)
+        if project:
+            _gemm(gemm, r, w_hr_t, h_new)
+            _emit_hidden(t, lengths, h_new, h_in, h_out, out[t], out_col)
+
+
+# --------------------------------------------------------------------------------------------
+# the recurrence of one direction, backward
+#
+# `arrays` is (w_hh, w_hr, gates, c_prev, tanh_c, dh_mm, dh_keep, dc, d_h_new, d_r, da): w_hh
+# [4H, Ho] and w_hr [P, H] (or [0, 0]) as the params hold them; the cache's gates [T, B, 4H],
+# c_prev and tanh_c [T, B, H]; the carried cotangents dh_mm, dh_keep [B, Ho] and dc [B, H],
+# holding d_h_n[k], 0 and d_c_n[k] on entry and d_h0 = dh_mm + dh_keep, d_c0 = dc on exit;
+# d_h_new [T, B, Ho] and the buffer d_r [B, H] (project; else [0, 0, 0] and [0, 0]); da
+# [T, B, 4H], dL/da of every step. d_out [T, B, D*Ho] is the layer output's cotangent.
+
+
+@njit(**JIT)
+def _check_backward(lengths, d_out, out_col, project, arrays):
+    w_hh, w_hr, gates, c_prev, tanh_c, dh_mm, dh_keep, dc, d_h_new, d_r, da = arrays
+    T, B, H4 = gates.shape
+    H = H4 // 4
+    Ho = dh_mm.shape[1]
+    ok = (T >= 1 and H4 == 4 * H and lengths.shape[0] == B and w_hh.shape == (H4, Ho)
+          and c_prev.shape == (T, B, H) and tanh_c.shape == (T, B, H)
+          and dh_mm.shape == (B, Ho) and dh_keep.shape == (B, Ho) and dc.shape == (B, H)
+          and da.shape == (T, B, H4) and d_out.shape[0] == T and d_out.shape[1] == B
+          and 0 <= out_col and out_col + Ho <= d_out.shape[2])
+    ok = ok and (w_hr.shape == (Ho, H) and d_h_new.shape == (T, B, Ho) and d_r.shape == (B, H)
+                 if project else Ho == H)
+    if not ok:
+        raise ValueError("_backward_steps: inconsistent array shapes")
+
+
+@njit(**JIT, nogil=True)
+def _backward_steps(gemm, reverse, lengths, d_out, out_col, project, arrays):
+    """BPTT through one direction, walking its forward loop backwards: per step (project:
+    `_hidden_backward`, d_r = d_h_new_t W_hr), `_cell_backward` into da[t], then
+    dh_mm = da_t W_hh (`_gemm`)."""
+    _check_backward(lengths, d_out, out_col, project, arrays)
+    w_hh, w_hr, gates, c_prev, tanh_c, dh_mm, dh_keep, dc, d_h_new, d_r, da = arrays
+    T = gates.shape[0]
+    for n in range(T):
+        t = n if reverse else T - 1 - n
+        if project:
+            _hidden_backward(t, lengths, d_out[t], out_col, dh_mm, dh_keep, d_h_new[t])
+            _gemm(gemm, d_h_new[t], w_hr, d_r)  # h_new = r @ w_hr.T
+        _cell_backward(t, lengths, d_out[t], out_col, dh_mm, dh_keep, d_r, dc, gates[t],
+                       c_prev[t], tanh_c[t], da[t], 0, project)
+        _gemm(gemm, da[t], w_hh, dh_mm)  # a_t = ... + h_{t-1} W_hh^T
+
+
+# --------------------------------------------------------------------------------------------
+# the two directions of a layer on two threads: this one and one worker
+
+TWO_THREADS = True
+"""Run the two directions of a bidirectional layer on two threads (see Threads in the module
+docstring). False runs the same pieces one after the other on the calling thread, on the
+process's BLAS threads: the same bits."""
+
+_MIN_WORK = 1_000_000
+"""Multiply-adds of one direction's recurrence (T B 4H Ho) under which a layer stays on one
+thread: a hand-off to the worker costs 0.04 ms back to back and 0.15 ms when it slept (here,
+the time of a few million multiply-adds); measured, two threads lose at 0.5e6 and win at 1e6."""
+
+_worker: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
+def _two_threads(D: int, work: int) -> bool:
+    """Whether a layer's directions run on two threads."""
+    return D == 2 and TWO_THREADS and work >= _MIN_WORK and _cpus() >= 2
+
+
+def _run(tasks: list[Callable[[], object]], two: bool) -> None:
+    """Run the tasks, at most two: when `two`, the second on the worker thread while this
+    thread runs the first; else one after the other. Waits for both, also when one raises."""
+    global _worker
+    if not two or len(tasks) < 2:
+        for task in tasks:
+            task()
+        return
+    if _worker is None or _worker[0] != os.getpid():  # a forked child has no worker thread
+        _worker = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="kernels.lstm"))
+    second = _worker[1].submit(tasks[1])
+    try:
+        tasks[0]()
+    finally:
+        second.result()
+
+
+# --------------------------------------------------------------------------------------------
+# public wrappers: validate (as numpy_ref), allocate, the products over all steps in NumPy, the
+# recurrences in the compiled cores
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """a itself when C-contiguous and writeable, else a C-contiguous copy: the compiled cores
+    then see one array type (a read-only or strided array would compile them once more)."""
+    return a if a.flags.c_contiguous and a.flags.writeable else np.array(a, order="C")
 
 
 def lstm_forward(
@@ -369,63 +654,67 @@ def lstm_forward(
     xt, p, H, Ho, D, h0, c0, lengths = validate_lstm_inputs(
         x, params, num_layers, bidirectional, batch_first, h0, c0, lengths, dropout)
     T, B, _ = xt.shape
-    dtype = xt.dtype
+    N, dtype = T * B, xt.dtype
     mask = padding_mask(lengths, T)  # [T, B, 1] or None
-    if lengths is None:
-        lengths = np.full(B, T, np.int64)
+    lengths = np.full(B, T, np.int64) if lengths is None else np.array(lengths, np.int64)
     # [T, B, In]; padded steps are 0 (padding is not data: it reaches no product, d_W_ih included)
-    layer_input = np.ascontiguousarray(without_padding(xt, mask))
+    layer_input = _contiguous(without_padding(xt, mask))
     h_n = np.empty((num_layers * D, B, Ho), dtype)
     c_n = np.empty((num_layers * D, B, H), dtype)
+    project = Ho != H
+    gemm = _gemm_for(dtype)
+    two = _two_threads(D, T * B * 4 * H * Ho)
     caches: list[LSTMDirectionCache] = []
-    for layer in range(num_layers):
-        out = np.empty((T, B, D * Ho), dtype)
-        for d in range(D):
-            k = layer * D + d
-            caches.append(_direction_forward(
-                layer_input, d, out, h0[k], c0[k], h_n[k], c_n[k], lengths,
-                p[param_key("weight_ih", layer, d)], p[param_key("weight_hh", layer, d)],
-                p[param_key("bias_ih", layer, d)] + p[param_key("bias_hh", layer, d)],
-                p.get(param_key("weight_hr", layer, d))))
-        layer_input = out
+    with single_threaded_blas() if two else contextlib.nullcontext():
+        for layer in range(num_layers):
+            x2 = layer_input.reshape(N, layer_input.shape[2])
+            out = np.empty((T, B, D * Ho), dtype)
+            arrays = []
+            for d in range(D):
+                k = layer * D + d
+                bias = p[param_key("bias_ih", layer, d)] + p[param_key("bias_hh", layer, d)]
+                arrays.append(_forward_arrays(T, d == 1, h0[k], c0[k], h_n[k], c_n[k],
+                                              p[param_key("weight_hh", layer, d)], bias,
+                                              p.get(param_key("weight_hr", layer, d))))
+            for d in range(D):  # every direction checked before either runs
+                _check_forward(lengths, out, d * Ho, project, arrays[d])
+            _run([partial(_forward_direction, x2, p[param_key("weight_ih", layer, d)], gemm, d,
+                          lengths, out, Ho, project, arrays[d]) for d in range(D)], two)
+            caches += [LSTMDirectionCache(layer_input, a[4], a[5], a[3], a[6], d == 1)
+                       for d, a in enumerate(arrays)]
+            layer_input = out
     output = layer_input.transpose(1, 0, 2) if batch_first else layer_input
     cache = LSTMCache(tuple(caches), p, mask, num_layers, bool(bidirectional), bool(batch_first),
                       H, Ho)
     return output, (h_n, c_n), cache
 
 
-def _direction_forward(x, d, out, h0, c0, h_last, c_last, lengths, w_ih, w_hh, bias, w_hr):
-    """Run direction d over the layer input x [T, B, In]: fills out[:, :, d*Ho:(d+1)*Ho],
-    h_last [B, Ho] and c_last [B, H]; returns its `LSTMDirectionCache`."""
-    T, B, In = x.shape
-    H, Ho = c0.shape[1], h0.shape[1]
-    dtype = x.dtype
-    reverse = d == 1
-    gates = np.empty((T, B, 4 * H), dtype)
-    np.matmul(x.reshape(T * B, In), w_ih.T, out=gates.reshape(T * B, 4 * H))  # all steps' x W_ih^T
+def _forward_direction(x2, w_ih, gemm, d, lengths, out, Ho, project, arrays):
+    """One direction of a layer: gates = x W_ih^T (one product over all T*B rows, written where
+    the cache's gates go), then its steps."""
+    gates = arrays[3]
+    np.matmul(x2, w_ih.T, out=gates.reshape(x2.shape[0], gates.shape[2]))
+    _forward_steps(gemm, d == 1, lengths, out, d * Ho, project, arrays)
+
+
+def _forward_arrays(T, reverse, h0, c0, h_last, c_last, w_hh, bias, w_hr):
+    """One direction's `_forward_steps` arrays: its own copies of the weights, transposed; the
+    cache's arrays, with the initial state in place; buffers."""
+    B, H, Ho = c0.shape[0], c0.shape[1], h0.shape[1]
+    dtype = w_hh.dtype
     h_prev = np.empty((T, B, Ho), dtype)  # state entering step t; h_prev[t+1] is h_t's home
     c_prev = np.empty((T, B, H), dtype)
-    tanh_c = np.empty((T, B, H), dtype)
-    w_hh_t = np.ascontiguousarray(w_hh.T)  # [Ho, 4H]: BLAS is faster on it than on w_hh.T
-    hw = np.empty((B, 4 * H), dtype)
+    first = T - 1 if reverse else 0
+    h_prev[first] = h0
+    c_prev[first] = c0
     project = w_hr is not None
-    r = np.empty((B, H) if project else (0, 0), dtype)
-    h_new = np.empty((B, Ho), dtype)
-    steps = range(T - 1, -1, -1) if reverse else range(T)
-    h_prev[steps[0]] = h0
-    c_prev[steps[0]] = c0
-    out_col = d * Ho
-    for n, t in enumerate(steps):
-        last = n == T - 1
-        h_out = h_last if last else h_prev[steps[n + 1]]
-        c_out = c_last if last else c_prev[steps[n + 1]]
-        np.matmul(h_prev[t], w_hh_t, out=hw)
-        _cell_forward_v2(t, lengths, bias, hw, c_prev[t], h_prev[t], gates[t], tanh_c[t], c_out,
-                         h_out, out[t], out_col, r, project)
-        if project:
-            np.matmul(r, w_hr.T, out=h_new)
-            _emit_hidden(t, lengths, h_new, h_prev[t], h_out, out[t], out_col)
-    return LSTMDirectionCache(x, h_prev, c_prev, gates, tanh_c, reverse)
+    none = np.empty((0, 0), dtype)
+    return (bias, np.array(w_hh.T, order="C"),
+            np.array(w_hr.T, order="C") if project else none,
+            np.empty((T, B, 4 * H), dtype), h_prev, c_prev, np.empty((T, B, H), dtype),
+            h_last, c_last, np.empty((B, 4 * H), dtype),
+            np.empty((B, H), dtype) if project else none,
+            np.empty((B, Ho), dtype) if project else none)
 
 
 def lstm_backward(
@@ -449,69 +738,89 @@ def lstm_backward(
     d_out, d_h_n, d_c_n = validate_lstm_cotangents(d_output, d_h_n, d_c_n, cache)
     L, D = cache.num_layers, 2 if cache.bidirectional else 1
     T, B, _ = d_out.shape
+    N = T * B
     H, Ho, dtype = cache.hidden_size, cache.output_size, d_out.dtype
+    project = Ho != H
     lengths = (np.full(B, T, np.int64) if cache.mask is None
                else cache.mask[:, :, 0].sum(axis=0, dtype=np.int64))
-    d_layer_out = np.ascontiguousarray(d_out)  # [T, B, D*Ho]
+    gemm = _gemm_for(dtype)
+    two = _two_threads(D, T * B * 4 * H * Ho)
+    d_layer_out = _contiguous(d_out)  # [T, B, D*Ho]
     grads: dict[str, np.ndarray] = {}
     d_h0 = np.empty((L * D, B, Ho), dtype)
     d_c0 = np.empty((L * D, B, H), dtype)
-    for layer in range(L - 1, -1, -1):
-        da = np.empty((T, B, D * 4 * H), dtype)  # dL/da of every step, directions side by side
-        for d in range(D):
-            k = layer * D + d
-            g = _direction_backward(d_layer_out, d, da, d_h_n[k], d_c_n[k], d_h0[k], d_c0[k],
-                                    cache.directions[k],
-                                    cache.params[param_key("weight_hh", layer, d)],
-                                    cache.params.get(param_key("weight_hr", layer, d)), lengths)
-            grads.update({param_key(kind, layer, d): v for kind, v in g.items()})
-        # a_t = x_t W_ih^T + b_ih + b_hh + ... for every direction: one product each
-        x = cache.directions[layer * D].x
-        In = x.shape[2]
-        da2 = da.reshape(T * B, D * 4 * H)
-        d_w_ih = da2.T @ x.reshape(T * B, In)  # [D*4H, In]
-        d_bias = da2.sum(axis=0)
-        for d in range(D):
-            rows = slice(d * 4 * H, (d + 1) * 4 * H)
-            grads[param_key("weight_ih", layer, d)] = d_w_ih[rows]
-            grads[param_key("bias_ih", layer, d)] = d_bias[rows]
-            grads[param_key("bias_hh", layer, d)] = d_bias[rows].copy()
-        w_ih = np.concatenate([cache.params[param_key("weight_ih", layer, d)] for d in range(D)])
-        d_layer_out = (da2 @ w_ih).reshape(T, B, In)  # both directions read the same input
+    with single_threaded_blas() if two else contextlib.nullcontext():
+        for layer in range(L - 1, -1, -1):
+            ks = [layer * D + d for d in range(D)]
+            dirs = [cache.directions[k] for k in ks]
+            arrays = [_backward_arrays(dirs[d], d_h_n[k], d_c_n[k],
+                                       cache.params[param_key("weight_hh", layer, d)],
+                                       cache.params.get(param_key("weight_hr", layer, d)))
+                      for d, k in enumerate(ks)]
+            x2 = _contiguous(dirs[0].x).reshape(N, -1)
+            In = x2.shape[1]
+            for d in range(D):  # every direction checked before either runs
+                _check_backward(lengths, d_layer_out, d * Ho, project, arrays[d])
+            g: list[dict[str, np.ndarray]] = [{} for _ in range(D)]
+            _run([partial(_backward_direction, g[d], gemm, d, lengths, d_layer_out, Ho, project,
+                          arrays[d], x2, _contiguous(dirs[d].h_prev).reshape(N, Ho))
+                  for d in range(D)], two)
+            # d_x = sum over directions of da_d W_ih_d (both read the same input); with two
+            # directions in two halves of its rows, on two threads or one after the other
+            da2 = [a[10].reshape(N, 4 * H) for a in arrays]
+            w_ih = [cache.params[param_key("weight_ih", layer, d)] for d in range(D)]
+            d_x = np.empty((N, In), dtype)
+            tmp = np.empty((N, In) if D == 2 else (0, In), dtype)
+            _run([partial(_input_grad, da2, w_ih, d_x, tmp, r0, r1)
+                  for r0, r1 in ([(0, N // 2), (N // 2, N)] if D == 2 else [(0, N)])], two)
+            for d, k in enumerate(ks):
+                dh_mm, dh_keep, dc = arrays[d][5:8]
+                np.add(dh_mm, dh_keep, out=d_h0[k])
+                d_c0[k] = dc
+                grads.update({param_key(kind, layer, d): v for kind, v in g[d].items()})
+            d_layer_out = d_x.reshape(T, B, In)
     d_x = d_layer_out.transpose(1, 0, 2) if cache.batch_first else d_layer_out
     return d_x, {k: grads[k] for k in cache.params}, (d_h0, d_c0)
 
 
-def _direction_backward(d_out, d, da, d_h_last, d_c_last, d_h0, d_c0, cache, w_hh, w_hr,
-                        lengths):
-    """BPTT through direction d: fills da[:, :, d*4H:(d+1)*4H], d_h0 [B, Ho] and d_c0 [B, H];
-    returns the gradients of weight_hh (and weight_hr), which only this direction's steps see.
-    d_out [T, B, D*Ho] is the layer output's cotangent."""
-    _, h_prev, c_prev, gates, tanh_c, reverse = cache
+def _backward_direction(g, gemm, d, lengths, d_out, Ho, project, arrays, x2, h_prev2):
+    """One direction of a layer: its steps, then its weight gradients over all T*B rows, one
+    product each: d_W_ih = da^T x, d_W_hh = da^T h_prev, d_b = sum(da) and
+    d_W_hr = d_h_new^T r with r = o tanh(c) recomputed; into the dict g, by kind."""
+    _backward_steps(gemm, d == 1, lengths, d_out, d * Ho, project, arrays)
+    _, _, gates, _, tanh_c, _, _, _, d_h_new, _, da = arrays
+    da2 = da.reshape(x2.shape[0], -1)
+    d_bias = da2.sum(axis=0)
+    g.update(weight_ih=da2.T @ x2, weight_hh=da2.T @ h_prev2, bias_ih=d_bias,
+             bias_hh=d_bias.copy())
+    if project:  # h_new = r @ w_hr.T
+        H = tanh_c.shape[2]
+        r = (gates[:, :, 3 * H:] * tanh_c).reshape(-1, H)
+        g["weight_hr"] = d_h_new.reshape(r.shape[0], -1).T @ r
+
+
+def _input_grad(da2, w_ih, d_x, tmp, r0, r1):
+    """Rows r0:r1 of d_x = sum over directions d of da_d W_ih_d."""
+    np.matmul(da2[0][r0:r1], w_ih[0], out=d_x[r0:r1])
+    if len(da2) == 2:
+        np.matmul(da2[1][r0:r1], w_ih[1], out=tmp[r0:r1])
+        d_x[r0:r1] += tmp[r0:r1]
+
+
+def _backward_arrays(cache, d_h_last, d_c_last, w_hh, w_hr):
+    """One direction's `_backward_steps` arrays: the weights and the cache's arrays
+    (C-contiguous), the carried cotangents started from (d_h_last, d_c_last), and the memory
+    of d_h_new, d_r and da."""
+    _, h_prev, c_prev, gates, tanh_c, _ = cache
     T, B, Ho = h_prev.shape
     H = c_prev.shape[2]
-    dtype = d_out.dtype
-    dh_mm = np.array(d_h_last, dtype, order="C")  # dL/dh_t, the BLAS part
-    dh_keep = np.zeros((B, Ho), dtype)  # ... and the part padded rows carry
-    dc = np.array(d_c_last, dtype, order="C")  # dL/dc_t, updated in place
+    dtype = gates.dtype
     project = w_hr is not None
-    d_h_new = np.empty((T, B, Ho), dtype) if project else None
-    d_r = np.empty((B, H) if project else (0, 0), dtype)
-    col, out_col = d * 4 * H, d * Ho
-    # the forward loop, backwards; each step's gates, c_{t-1} and tanh(c_t) as saved
-    for t in range(T) if reverse else range(T - 1, -1, -1):
-        if project:
-            _hidden_backward(t, lengths, d_out[t], out_col, dh_mm, dh_keep, d_h_new[t])
-            np.matmul(d_h_new[t], w_hr, out=d_r)  # h_new = r @ w_hr.T
-        _cell_backward(t, lengths, d_out[t], out_col, dh_mm, dh_keep, d_r, dc,
-                       np.ascontiguousarray(gates[t]), np.ascontiguousarray(c_prev[t]),
-                       np.ascontiguousarray(tanh_c[t]), da[t], col, project)
-        np.matmul(da[t, :, col:col + 4 * H], w_hh, out=dh_mm)  # a_t = ... + h_{t-1} W_hh^T
-    np.add(dh_mm, dh_keep, out=d_h0)
-    d_c0[...] = dc
-    da_d = da[:, :, col:col + 4 * H].reshape(T * B, 4 * H)
-    grads = {"weight_hh": da_d.T @ h_prev.reshape(T * B, Ho)}
-    if project:  # h_new = r @ w_hr.T, r = o * tanh(c) recomputed
-        r = (gates[:, :, 3 * H:] * tanh_c).reshape(T * B, H)
-        grads["weight_hr"] = d_h_new.reshape(T * B, Ho).T @ r
-    return grads
+    return (_contiguous(w_hh), _contiguous(w_hr) if project else np.empty((0, 0), dtype),
+            _contiguous(gates), _contiguous(c_prev), _contiguous(tanh_c),
+            np.array(d_h_last, dtype, order="C"),  # dh_mm: dL/dh_t, the BLAS part
+            np.zeros((B, Ho), dtype),  # dh_keep: ... and the part padded rows carry
+            np.array(d_c_last, dtype, order="C"),  # dc: dL/dc_t, updated in place
+            np.empty((T, B, Ho) if project else (0, 0, 0), dtype),  # d_h_new
+            np.empty((B, H) if project else (0, 0), dtype),  # d_r
+            np.empty((T, B, 4 * H), dtype))  # da

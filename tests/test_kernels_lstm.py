@@ -3,17 +3,23 @@
 The public `kernels.lstm_*` functions run through every parity, property and bad-input test of
 test_lstm.py and test_lstm_bad_input.py (parametrized by backend). Here: bitwise determinism,
 the shared cache, the vectorizing activations against long-double references, kernel version
-v1 against v2, step kernels that refuse inconsistent arrays instead of leaving their bounds,
-and the two-thread runner. Everything here also runs with NUMBA_DISABLE_JIT=1, which executes
-the kernels' Python source line by line (CI does that run).
+v1 against v2, step kernels and whole-direction cores that refuse inconsistent arrays instead of
+leaving their bounds, and the two directions on two threads: the same bits as on one, BLAS
+limited to one thread during that call only. Everything here also runs with
+NUMBA_DISABLE_JIT=1, which executes the kernels' Python source line by line (CI does that
+run).
 """
 
 from __future__ import annotations
+
+import ctypes
+import threading
 
 import numba
 import numpy as np
 import pytest
 from test_lstm import Case, cast, make_arrays, run_ours
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import kernels
 import numpy_ref
@@ -51,6 +57,125 @@ def test_kernels_lstm_is_bitwise_deterministic_over_20_calls() -> None:
         again = _run(kl, _DET_CASE, a)
         for name, value in first.items():
             np.testing.assert_array_equal(again[name], value, err_msg=name)
+
+
+def _blas_threads() -> list[tuple[str, int]]:
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info()
+                  if i["user_api"] == "blas")
+
+
+def _spy(monkeypatch, name: str, calls: list, *, fail: bool = False) -> None:
+    """Wrap kl.<name>: record each call's thread and BLAS thread counts; raise instead when
+    `fail` (True: every call; "worker": only on the worker thread)."""
+    real = getattr(kl, name)
+
+    def spy(*args):
+        thread = threading.current_thread().name
+        calls.append((name, thread, _blas_threads()))
+        if fail is True or (fail == "worker" and thread.startswith("kernels.lstm")):
+            raise RuntimeError(f"{name} failed")
+        return real(*args)
+
+    monkeypatch.setattr(kl, name, spy)
+
+
+_THREAD_CASES = [_DET_CASE, _DET_CASE._replace(P=3 if JIT_OFF else 17, batch_first=True,
+                                               lengths=None, seed=21)]
+_ONE_CPU = kl._cpus() < 2
+
+
+@pytest.mark.skipif(_ONE_CPU, reason="the process may use one CPU: nothing runs on two")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", _THREAD_CASES, ids=["lengths-h0", "proj-batch-first"])
+def test_kernels_lstm_directions_on_two_threads_give_the_bits_of_one(monkeypatch, case: Case,
+                                                                      dtype) -> None:
+    """The directions of each layer on two threads (one BLAS thread each) and one after the
+    other (on two BLAS threads): every output and gradient the same bits. The spies check that
+    each run took the path it names: one direction of each layer on the worker thread and BLAS
+    on one thread while they run, or everything on this thread with BLAS as it was."""
+    monkeypatch.setattr(kl, "_MIN_WORK", 0)  # the JIT-off case is small
+    a = cast(make_arrays(case), dtype)
+    calls: list = []
+    for name in ("_forward_steps", "_backward_steps"):
+        _spy(monkeypatch, name, calls)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        assert before and all(n == 2 for _, n in before)
+        two = _run(kl, case, a)
+        assert [name for name, _, _ in calls] == ["_forward_steps"] * 4 + ["_backward_steps"] * 4
+        on_worker = [name for name, thread, _ in calls if thread.startswith("kernels.lstm")]
+        assert on_worker == ["_forward_steps"] * 2 + ["_backward_steps"] * 2  # one per layer
+        assert all(n == 1 for _, _, threads in calls for _, n in threads)
+        assert _blas_threads() == before
+        calls.clear()
+        monkeypatch.setattr(kl, "TWO_THREADS", False)
+        one = _run(kl, case, a)
+        assert len(calls) == 8 and all(thread == threading.current_thread().name
+                                       and threads == before for _, thread, threads in calls)
+    for name, value in one.items():
+        np.testing.assert_array_equal(two[name], value, err_msg=name)
+
+
+def test_kernels_lstm_one_direction_stays_on_this_thread_with_the_blas_threads(
+        monkeypatch) -> None:
+    """A unidirectional layer runs its steps on the calling thread, its per-step products on
+    the process's BLAS threads (NumPy's pool, see the module docstring)."""
+    monkeypatch.setattr(kl, "_MIN_WORK", 0)
+    case = _DET_CASE._replace(bidirectional=False)
+    calls: list = []
+    for name in ("_forward_steps", "_backward_steps"):
+        _spy(monkeypatch, name, calls)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        _run(kl, case, cast(make_arrays(case), np.float32))
+    assert len(calls) == 4 and all(thread == threading.current_thread().name
+                                   and threads == before for _, thread, threads in calls)
+
+
+@pytest.mark.skipif(_ONE_CPU, reason="the process may use one CPU: nothing runs on two")
+@pytest.mark.parametrize("failing", ["_forward_steps", "_backward_steps"])
+@pytest.mark.parametrize("where", ["both threads", "worker"])
+def test_kernels_lstm_restores_the_blas_thread_counts_when_a_core_raises(
+        monkeypatch, failing: str, where: str) -> None:
+    """single_threaded_blas is scoped to the call: the counts found before are back after a
+    call that returns and after one whose core raises, on this thread or on the worker; the
+    error reaches the caller and the next call works."""
+    monkeypatch.setattr(kl, "_MIN_WORK", 0)
+    a = cast(make_arrays(_DET_CASE), np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        first = _run(kl, _DET_CASE, a)
+        assert _blas_threads() == before
+        calls: list = []
+        with monkeypatch.context() as m:
+            _spy(m, failing, calls, fail=True if where == "both threads" else "worker")
+            with pytest.raises(RuntimeError, match=f"{failing} failed"):
+                _run(kl, _DET_CASE, a)
+        assert calls and all(n == 1 for _, _, threads in calls for _, n in threads)
+        assert _blas_threads() == before
+        again = _run(kl, _DET_CASE, a)
+    for name, value in first.items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_kernels_lstm_step_products_are_numpys_own(dtype) -> None:
+    """`_gemm` through the cblas_?gemm found in NumPy's BLAS library gives np.matmul's bits (the
+    same library and routine), and so does the np.matmul callback kept for when it is not
+    found; an empty or K = 0 product is handled without calling BLAS."""
+    rng = np.random.default_rng(23)
+    a, b = rng.standard_normal((37, 29)).astype(dtype), rng.standard_normal((29, 53)).astype(dtype)
+    real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+    for gemm in (kl._gemm_for(dtype), kl._python_gemm(real)):
+        out = np.full((37, 53), np.nan, dtype)
+        kl._gemm(gemm, a, b, out)
+        np.testing.assert_array_equal(out, a @ b)
+        zero_k = np.full((37, 53), np.nan, dtype)
+        kl._gemm(gemm, a[:, :0].copy(), b[:0].copy(), zero_k)
+        assert np.all(zero_k == 0)
+        kl._gemm(gemm, a[:0].copy(), b, np.empty((0, 53), dtype))
+    found = kl._numpy_blas_gemm()
+    assert not found or set(found) == {np.dtype(np.float32), np.dtype(np.float64)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,3 +401,84 @@ def test_kernels_step_kernels_take_any_step_index_and_lengths(t: int) -> None:
     assert not np.isnan(got["c_out"]).any() and not np.isnan(got["out"][:, 5:]).any()
     np.testing.assert_array_equal(got["c_out"][~real], arrays["c_in"][~real])
     assert np.all(got["out"][~real, 5:] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole-direction cores, called directly with arrays that do not fit together
+
+
+def _core_arrays(dtype=np.float64, P: int = 0):
+    """Valid arguments of `_forward_steps` and `_backward_steps` for one direction of a layer
+    (T, B, In, H) = (4, 3, 5, 6), built by the wrappers' own helpers."""
+    T, B, In, H = 4, 3, 5, 6
+    Ho = P or H
+    rng = np.random.default_rng(22)
+    params = numpy_ref.init_lstm_params(In, H, proj_size=P, rng=rng, dtype=dtype)
+    x = rng.standard_normal((T, B, In)).astype(dtype)
+    lengths = np.array([4, 2, 3], np.int64)
+    h_n, c_n = np.zeros((B, Ho), dtype), np.zeros((B, H), dtype)
+    out = np.zeros((T, B, 2 * Ho), dtype)
+    fwd = kl._forward_arrays(T, True, h_n, c_n, h_n, c_n, params["weight_hh_l0"],
+                             params["bias_ih_l0"], params.get("weight_hr_l0"))
+    gemm = kl._gemm_for(dtype)
+    kl._forward_direction(x.reshape(T * B, In), params["weight_ih_l0"], gemm, 1, lengths, out,
+                          Ho, bool(P), fwd)
+    cache = kl.LSTMDirectionCache(x, fwd[4], fwd[5], fwd[3], fwd[6], True)
+    bwd = kl._backward_arrays(cache, h_n, c_n, params["weight_hh_l0"],
+                              params.get("weight_hr_l0"))
+    return dict(gemm=gemm, lengths=lengths, out=out, fwd=fwd, bwd=bwd, Ho=Ho, project=bool(P))
+
+
+def _replace(arrays: tuple, i: int, new: np.ndarray) -> tuple:
+    return (*arrays[:i], new, *arrays[i + 1:])
+
+
+_FORWARD_FIELDS = ["bias", "w_hh_t", "w_hr_t", "gates", "h_prev", "c_prev", "tanh_c", "h_last",
+                   "c_last", "hw", "r", "h_new"]
+_BACKWARD_FIELDS = ["w_hh", "w_hr", "gates", "c_prev", "tanh_c", "dh_mm", "dh_keep", "dc",
+                    "d_h_new", "d_r", "da"]
+
+
+def _shrunk(a: np.ndarray) -> np.ndarray:
+    """a one shorter along its last axis (or an array of ones of its rank when that axis is
+    empty): a shape that does not fit. C-contiguous, so that no other type compiles."""
+    return np.ascontiguousarray(a[..., :-1]) if a.shape[-1] else np.zeros((1,) * a.ndim, a.dtype)
+
+
+@pytest.mark.parametrize("P", [0, 2], ids=["no-proj", "proj2"])
+def test_kernels_recurrence_cores_reject_arrays_that_do_not_fit(P: int) -> None:
+    """Every array `_forward_steps` and `_backward_steps` index with, shrunk in turn, and their
+    offsets: a ValueError before any memory is touched; the unchanged arguments run."""
+    c = _core_arrays(P=P)
+    gemm, lengths, out, Ho, project = c["gemm"], c["lengths"], c["out"], c["Ho"], c["project"]
+    d_out = np.ones_like(out)
+    kl._forward_steps(gemm, True, lengths, out, Ho, project, c["fwd"])
+    kl._backward_steps(gemm, True, lengths, d_out, Ho, project, c["bwd"])
+    unused = {"w_hr_t", "r", "h_new", "w_hr", "d_h_new", "d_r"} if not P else set()
+    for fields, arrays, core, cotangent in ((_FORWARD_FIELDS, c["fwd"], kl._forward_steps, out),
+                                            (_BACKWARD_FIELDS, c["bwd"], kl._backward_steps,
+                                             d_out)):
+        for i, field in enumerate(fields):
+            if field in unused:
+                continue
+            bad = _replace(arrays, i, _shrunk(arrays[i]))
+            with pytest.raises(ValueError, match="inconsistent array shapes"):
+                core(gemm, True, lengths, cotangent, Ho, project, bad)
+        for bad_lengths, bad_out, col in ((lengths[:-1], cotangent, Ho),  # lengths
+                                          (lengths, _shrunk(cotangent), Ho),  # out's columns
+                                          (lengths, cotangent[:-1].copy(), Ho),  # out's steps
+                                          (lengths, cotangent, -1), (lengths, cotangent, Ho + 1)):
+            with pytest.raises(ValueError, match="inconsistent array shapes"):
+                core(gemm, True, bad_lengths, bad_out, col, project, arrays)
+        with pytest.raises(ValueError, match="inconsistent array shapes"):
+            core(gemm, True, lengths, cotangent, Ho, not project, arrays)  # the other mode
+
+
+def test_kernels_gemm_rejects_arrays_that_do_not_fit() -> None:
+    gemm = kl._gemm_for(np.float64)
+    a, b, out = np.ones((3, 4)), np.ones((4, 5)), np.empty((3, 5))
+    for bad in ((a, b[:-1].copy(), out), (a, b, out[:, :-1].copy()), (a, b, out[:-1].copy()),
+                (a, np.asfortranarray(b), out), (a[:, ::2], b[:2].copy(), out),
+                (a, b, np.empty((5, 3)).T)):
+        with pytest.raises(ValueError, match="_gemm: inconsistent"):
+            kl._gemm(gemm, *bad)

@@ -7,7 +7,16 @@ import pytest
 from numba.core.registry import CPUDispatcher
 
 import kernels
-from kernels import attention, layers, lstm, optim
+from kernels import (
+    attention,
+    attention_additive,
+    attention_flash,
+    attention_single,
+    layers,
+    lstm,
+    optim,
+    softmax,
+)
 
 
 def test_warmup_calls_every_op_in_both_dtypes() -> None:
@@ -22,7 +31,9 @@ def test_warmup_calls_every_op_in_both_dtypes() -> None:
 # Called only from inside other kernels, where they compile as part of their caller (their own
 # dispatchers record no signature), or kept as a measured baseline.
 INNER = {"dot", "tanh", "sigmoid", "_clamp_length", "_single_finish", "_padded_forward_row",
-         "_sigmoid_libm"}
+         "_sigmoid_libm", "_clamp", "_row_limit", "_mask_row", "_write_weights",
+         "_recompute_weights", "additive_block", "additive_block_backward", "_tanh_rounded",
+         "_cell_forward_v2", "_emit_hidden", "_cell_backward", "_hidden_backward", "_gemm"}
 
 
 @pytest.mark.skipif(bool(numba.config.DISABLE_JIT), reason="no compiled dispatchers without JIT")
@@ -31,7 +42,8 @@ def test_after_warmup_every_jitted_kernel_has_both_dtypes() -> None:
     float64 inputs (a kernel the warm-up never reaches would compile on a user's first call)."""
     kernels.warmup(progress=False)
     missing = []
-    for module in (attention, layers, lstm, optim):
+    for module in (attention, attention_additive, attention_flash, attention_single, layers,
+                   lstm, optim, softmax):
         for name, obj in vars(module).items():
             if not isinstance(obj, CPUDispatcher) or name in INNER or name.endswith("_v1") \
                     or name.startswith("_check"):
