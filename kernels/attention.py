@@ -107,6 +107,16 @@ def _constant(one: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return view
 
 
+def _read_padding(a: contract.AttentionInputs, pad: contract.Padding,
+                  path: str) -> np.ndarray | None:
+    """The padding key rows the kernels read (to be replaced by zeros, and their gradient rows
+    after): none on the single-query path, which skips every hidden key, nor on the flash path
+    when only lengths and causal hide keys (it never reads past either); else `pad.keys`."""
+    if path == "single" or (a.mask is None and a.bias is None):
+        return None
+    return pad.keys
+
+
 def _stacked(x: np.ndarray, h_kv: int) -> np.ndarray:
     """[B, h, Tq, X] -> [B, h_kv, G Tq, X], the query rows of each kv head's group stacked (a
     view of a C-contiguous array)."""
@@ -156,16 +166,9 @@ def attention_forward(
     scale = dtype.type(1.0 if a.scale is None else a.scale)
     # a query row that sees no key is zeroed (general's d_W = q^T d_q' would read it)
     q = np.ascontiguousarray(contract.without_padding(a.query, pad.queries))
-    if path == "single":  # hidden key rows are skipped, never read: no copy of K or V needed
-        k = np.ascontiguousarray(a.keys)
-    else:
-        k = np.ascontiguousarray(contract.without_padding(a.keys, pad.keys))
-    if same:
-        v = k
-    elif path == "single":
-        v = np.ascontiguousarray(a.values)
-    else:
-        v = np.ascontiguousarray(contract.without_padding(a.values, pad.keys))
+    kv_real = _read_padding(a, pad, path)
+    k = np.ascontiguousarray(contract.without_padding(a.keys, kv_real))
+    v = k if same else np.ascontiguousarray(contract.without_padding(a.values, kv_real))
     stats = np.empty((B, h, Tq, 2), np.float64)
     # the float64 context: read for the backward's delta when a row's keys span several
     # blocks (the single-query path always: its delta is <c, dc>)
@@ -194,13 +197,13 @@ def attention_forward(
         rows = (h // h_kv) * Tq
         R = block_rows(Tq if a.causal else rows, a.causal, B * h_kv, numba.get_num_threads())
         none = np.empty((0, 0, 0, 0), dtype)
+        args = (_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked, visible,
+                a.bias is not None, bias4, score == "additive", u, R, _C, a.need_weights,
+                _stacked(context, h_kv),
+                _stacked(context64, h_kv) if context64.size else context64,
+                none if weights is None else _stacked(weights, h_kv), _stacked(stats, h_kv))
         with single_threaded_blas():
-            _flash_forward(_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked,
-                           visible, a.bias is not None, bias4, score == "additive", u, R, _C,
-                           a.need_weights, _stacked(context, h_kv),
-                           _stacked(context64, h_kv) if context64.size else context64,
-                           none if weights is None else _stacked(weights, h_kv),
-                           _stacked(stats, h_kv))
+            _flash_forward(*args)
     cache = KernelAttentionCache(a, pad, path, q, core_q, k, v, weights, stats, context64,
                                  lengths, masked, visible, bias4)
     return a.to_user(context), None if weights is None else a.to_user(weights), cache
@@ -267,15 +270,14 @@ def attention_backward(
         delta = (np.einsum("bhix,bhix->bhi", context64, dc.astype(np.float64)).reshape(
             B, h_kv, rows) if context64.size and w is None else np.empty((0, 0, 0)))
         none = np.empty((0, 0, 0, 0), dtype)
+        args = (_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked, visible,
+                a.bias is not None, bias4, additive, p["v"] if additive else np.empty(0, dtype),
+                R, _C, splits, w is not None, none if w is None else _stacked(w, h_kv),
+                none if dW is None else _stacked(np.ascontiguousarray(dW), h_kv),
+                _stacked(stats, h_kv), delta, _stacked(dc, h_kv), _stacked(d_core_q, h_kv),
+                d_q_parts, d_k, d_values, d_u_parts, d_bias)
         with single_threaded_blas():
-            _flash_backward(_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked,
-                            visible, a.bias is not None, bias4, additive,
-                            p["v"] if additive else np.empty(0, dtype), R, _C, splits,
-                            w is not None, none if w is None else _stacked(w, h_kv),
-                            none if dW is None else _stacked(np.ascontiguousarray(dW), h_kv),
-                            _stacked(stats, h_kv), delta, _stacked(dc, h_kv),
-                            _stacked(d_core_q, h_kv), d_q_parts, d_k, d_values, d_u_parts,
-                            d_bias)
+            _flash_backward(*args)
         if splits > 1:  # summed in split order: the same bits whatever the thread count
             _stacked(d_core_q, h_kv)[...] = d_q_parts.sum(axis=0)
         if additive:
@@ -302,8 +304,8 @@ def attention_backward(
     if a.bias is not None:
         d_params["bias"] = contract.reduce_to(a.to_user(d_bias), a.bias_shape)
     d_query = contract.without_padding(d_query, pad.queries)
-    if path == "flash":  # padding rows got 0 * (a NaN of a query row, or of dc): 0 by definition
-        d_keys = contract.without_padding(d_keys, pad.keys)
-        d_values = contract.without_padding(d_values, pad.keys)
+    kv_real = _read_padding(a, pad, path)  # rows the kernels read: they got 0 * (a NaN of a
+    d_keys = contract.without_padding(d_keys, kv_real)  # query row, or of dc), 0 by definition
+    d_values = contract.without_padding(d_values, kv_real)
     d_query, d_keys, d_values = contract.deliver(a, d_query, d_keys, d_values, sum_kv, out)
     return d_query, d_keys, d_values, d_params

@@ -155,92 +155,102 @@ def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias
     scores are u . tanh(qa_i + ka_j) (u [A]; `kernels.attention_additive`) instead of q . k.
     """
     B, h_kv, M, _ = q.shape
+    seg = Tq if causal else M
+    for item in prange(B * h_kv * (M // seg) * ((seg + R - 1) // R)):
+        _forward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias,
+                      additive, u, R, C, with_weights, context, context64, weights, stats)
+
+
+@njit(**JIT)
+def _forward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, additive,
+                  u, R, C, with_weights, context, context64, weights, stats):
+    """One item of the forward: the block of stacked rows `item` numbers (b, kv head g, the
+    block), over all its keys; the arguments are `_flash_forward`'s."""
+    _, h_kv, M, _ = q.shape
     Tk, Dv = k.shape[2], v.shape[3]
     G = M // Tq
     seg = Tq if causal else M  # a block stays inside one segment of rows
     n_seg = M // seg
     per_seg = (seg + R - 1) // R
-    n_items = B * h_kv * n_seg * per_seg
     zero = as_type_of(0.0, q[0, 0, 0, 0])
-    for item in prange(n_items):
-        b = item // (h_kv * n_seg * per_seg)
-        g = (item // (n_seg * per_seg)) % h_kv
-        i0 = ((item // per_seg) % n_seg) * seg + (item % per_seg) * R
-        rr = min(R, (i0 // seg + 1) * seg - i0)
-        length = _clamp(lengths[b], 1, Tk)
-        kend = _row_limit(length, causal, (i0 + rr - 1) % Tq)
-        # one block of keys (all of them with weights): p is normalised before the product,
-        # which then writes the context itself; else the rescaled float64 sum acc
-        one_block = with_weights or kend <= C
-        width = kend if one_block else C
-        s_buf = np.empty(rr * width, q.dtype)
-        acc = np.zeros((0 if one_block else rr, Dv))
-        part = np.empty((0 if one_block else rr, Dv), q.dtype)
-        m = np.full(rr, -np.inf)
-        l = np.zeros(rr)
-        alpha = np.empty(rr)
-        qb = q[b, g, i0:i0 + rr]
-        for j0 in range(0, kend, width):
-            cc = min(width, kend - j0)
-            s = s_buf[:rr * cc].reshape((rr, cc))
-            if additive:
-                additive_block(qb, k[b, g, j0:j0 + cc], u, s)
-            else:
-                np.dot(qb, k[b, g, j0:j0 + cc].T, s)
-            for r in range(rr):
-                hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
-                row = s[r]
-                _mask_row(row, j0, _row_limit(length, causal, i), masked, visible[b, hh, i],
-                          has_bias, bias[b, hh, i])
-                m_block = np.float64(max_prefix(row, cc))  # NaN if the row holds one
-                m_new = np.nan if m_block != m_block or m[r] != m[r] else max(m[r], m_block)
-                if m_new == -np.inf:  # every key so far hidden: p = 0
-                    row[:] = zero
-                    alpha[r] = 1.0
-                    continue
-                mn = as_type_of(m_new, zero)
-                total = 0.0
-                for j in range(cc):
-                    e = exp_nonpositive(row[j] - mn)  # 0 at -inf; vectorizes
-                    row[j] = e
-                    total += e
-                alpha[r] = np.exp(m[r] - m_new)  # 0 on the first block that sees a key
-                l[r] = l[r] * alpha[r] + total
-                m[r] = m_new
-                if with_weights:  # normalise now: these are the weights, and context = w v
-                    inv = as_type_of(1.0 / l[r], zero)
-                    for j in range(cc):
-                        row[j] *= inv
-            if one_block:
-                np.dot(s, v[b, g, j0:j0 + cc], context[b, g, i0:i0 + rr])
-                if with_weights:
-                    _write_weights(s, weights[b, g, i0:i0 + rr], i0, Tq, G, g, b, length,
-                                   causal, masked, visible, l)
-                continue
-            np.dot(s, v[b, g, j0:j0 + cc], part)
-            for r in range(rr):
-                ar = alpha[r]
-                for x in range(Dv):
-                    acc[r, x] = acc[r, x] * ar + part[r, x]
-        keep64 = context64.shape[0] > 0  # Tk > C: the backward may read any row of it
+    b = item // (h_kv * n_seg * per_seg)
+    g = (item // (n_seg * per_seg)) % h_kv
+    i0 = ((item // per_seg) % n_seg) * seg + (item % per_seg) * R
+    rr = min(R, (i0 // seg + 1) * seg - i0)
+    length = _clamp(lengths[b], 1, Tk)
+    kend = _row_limit(length, causal, (i0 + rr - 1) % Tq)
+    # one block of keys (all of them with weights): p is normalised before the product,
+    # which then writes the context itself; else the rescaled float64 sum acc
+    one_block = with_weights or kend <= C
+    width = kend if one_block else C
+    s_buf = np.empty(rr * width, q.dtype)
+    acc = np.zeros((0 if one_block else rr, Dv))
+    part = np.empty((0 if one_block else rr, Dv), q.dtype)
+    m = np.full(rr, -np.inf)
+    l = np.zeros(rr)
+    alpha = np.empty(rr)
+    qb = q[b, g, i0:i0 + rr]
+    for j0 in range(0, kend, width):
+        cc = min(width, kend - j0)
+        s = s_buf[:rr * cc].reshape((rr, cc))
+        if additive:
+            additive_block(qb, k[b, g, j0:j0 + cc], u, s)
+        else:
+            np.dot(qb, k[b, g, j0:j0 + cc].T, s)
         for r in range(rr):
-            c = context[b, g, i0 + r]
-            if l[r] == 0.0:  # sees no key: 0, also where 0 * a NaN value reached the sum
-                c[:] = zero
-            elif not one_block:
-                inv = 1.0 / l[r]
-                for x in range(Dv):
-                    c[x] = as_type_of(acc[r, x] * inv, zero)
-            elif not with_weights:  # (p v) / l: Dv divisions instead of a pass over p
-                inv_low = as_type_of(1.0 / l[r], zero)
-                for x in range(Dv):
-                    c[x] *= inv_low
-            if keep64:
-                c64 = context64[b, g, i0 + r]
-                for x in range(Dv):
-                    c64[x] = acc[r, x] / l[r] if not one_block and l[r] != 0.0 else c[x]
-            stats[b, g, i0 + r, 0] = m[r]
-            stats[b, g, i0 + r, 1] = l[r]
+            hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
+            row = s[r]
+            _mask_row(row, j0, _row_limit(length, causal, i), masked, visible[b, hh, i],
+                      has_bias, bias[b, hh, i])
+            m_block = np.float64(max_prefix(row, cc))  # NaN if the row holds one
+            m_new = np.nan if m_block != m_block or m[r] != m[r] else max(m[r], m_block)
+            if m_new == -np.inf:  # every key so far hidden: p = 0
+                row[:] = zero
+                alpha[r] = 1.0
+                continue
+            mn = as_type_of(m_new, zero)
+            total = 0.0
+            for j in range(cc):
+                e = exp_nonpositive(row[j] - mn)  # 0 at -inf; vectorizes
+                row[j] = e
+                total += e
+            alpha[r] = np.exp(m[r] - m_new)  # 0 on the first block that sees a key
+            l[r] = l[r] * alpha[r] + total
+            m[r] = m_new
+            if with_weights:  # normalise now: these are the weights, and context = w v
+                inv = as_type_of(1.0 / l[r], zero)
+                for j in range(cc):
+                    row[j] *= inv
+        if one_block:
+            np.dot(s, v[b, g, j0:j0 + cc], context[b, g, i0:i0 + rr])
+            if with_weights:
+                _write_weights(s, weights[b, g, i0:i0 + rr], i0, Tq, G, g, b, length,
+                               causal, masked, visible, l)
+            continue
+        np.dot(s, v[b, g, j0:j0 + cc], part)
+        for r in range(rr):
+            ar = alpha[r]
+            for x in range(Dv):
+                acc[r, x] = acc[r, x] * ar + part[r, x]
+    keep64 = context64.shape[0] > 0  # Tk > C: the backward may read any row of it
+    for r in range(rr):
+        c = context[b, g, i0 + r]
+        if l[r] == 0.0:  # sees no key: 0, also where 0 * a NaN value reached the sum
+            c[:] = zero
+        elif not one_block:
+            inv = 1.0 / l[r]
+            for x in range(Dv):
+                c[x] = as_type_of(acc[r, x] * inv, zero)
+        elif not with_weights:  # (p v) / l: Dv divisions instead of a pass over p
+            inv_low = as_type_of(1.0 / l[r], zero)
+            for x in range(Dv):
+                c[x] *= inv_low
+        if keep64:
+            c64 = context64[b, g, i0 + r]
+            for x in range(Dv):
+                c64[x] = acc[r, x] / l[r] if not one_block and l[r] != 0.0 else c[x]
+        stats[b, g, i0 + r, 0] = m[r]
+        stats[b, g, i0 + r, 1] = l[r]
 
 
 @njit(**JIT)
@@ -278,101 +288,112 @@ def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bia
     (q, k the projections, as in the forward) d_q and d_k are d_qa and d_ka, and each item
     adds its d_u into d_u_parts[item] [A] (float64; the caller sums them).
     """
+    for item in prange(q.shape[0] * q.shape[1] * splits):
+        _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias,
+                       additive, u, R, C, splits, with_weights, weights, d_weights, stats,
+                       delta, dc, d_q, d_q_parts, d_k, d_v, d_u_parts, d_bias)
+
+
+@njit(**JIT)
+def _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias,
+                   additive, u, R, C, splits, with_weights, weights, d_weights, stats, delta, dc,
+                   d_q, d_q_parts, d_k, d_v, d_u_parts, d_bias):
+    """One item of the backward: (b, kv head g, key split) that `item` numbers, every block
+    of rows against the split's keys; the arguments are `_flash_backward`'s."""
     B, h_kv, M, D = q.shape
     Tk, Dv = k.shape[2], v.shape[3]
     G = M // Tq
     has_dw = d_weights.shape == weights.shape and weights.shape[0] == B
     zero = as_type_of(0.0, q[0, 0, 0, 0])
     keys_per_split = ((Tk + splits - 1) // splits + C - 1) // C * C
-    for item in prange(B * h_kv * splits):
-        b, g, split = item // (h_kv * splits), (item // splits) % h_kv, item % splits
-        k_lo, k_hi = split * keys_per_split, min(Tk, (split + 1) * keys_per_split)
-        dkb, dvb = d_k[b, g], d_v[b, g]
-        for j in range(k_lo, k_hi):
-            dkb[j, :] = zero
-            dvb[j, :] = zero
-        dqb = d_q[b, g] if splits == 1 else d_q_parts[split, b, g]
-        dqb[:, :] = zero
-        if additive:
-            d_u_parts[item, :] = 0.0
-        if k_lo >= k_hi:
-            continue
-        length = _clamp(lengths[b], 1, Tk)
-        width = Tk if with_weights else C
-        p_buf = np.empty(R * width, q.dtype)
-        dp_buf = np.empty(R * width, q.dtype)
-        part_v = np.empty((width, Dv), q.dtype)
-        part_k = np.empty((width, D), q.dtype)
-        part_q = np.empty((R, D), q.dtype)
-        i0 = 0
-        while i0 < M:
-            rr = min(R, M - i0)
-            if causal:  # rows of one head at a time: a block ends at its head's last row
-                rr = min(rr, (i0 // Tq + 1) * Tq - i0)
-            kend = min(k_hi, _row_limit(length, causal, (i0 + rr - 1) % Tq))
-            # the rows' keys in one block: delta is summed from the rounded dP it is taken from
-            one_block = splits == 1 and kend <= width
-            qb, dob = q[b, g, i0:i0 + rr], dc[b, g, i0:i0 + rr]
-            for j0 in range(k_lo, kend, width):
-                cc = min(width, kend - j0)
-                p = p_buf[:rr * cc].reshape((rr, cc))
-                dp = dp_buf[:rr * cc].reshape((rr, cc))
-                if with_weights:
-                    for r in range(rr):
-                        p[r] = weights[b, g, i0 + r, j0:j0 + cc]
+    b, g, split = item // (h_kv * splits), (item // splits) % h_kv, item % splits
+    k_lo, k_hi = split * keys_per_split, min(Tk, (split + 1) * keys_per_split)
+    dkb, dvb = d_k[b, g], d_v[b, g]
+    for j in range(k_lo, k_hi):
+        dkb[j, :] = zero
+        dvb[j, :] = zero
+    dqb = d_q[b, g] if splits == 1 else d_q_parts[split, b, g]
+    dqb[:, :] = zero
+    if additive:
+        d_u_parts[item, :] = 0.0
+    if k_lo >= k_hi:
+        return
+    length = _clamp(lengths[b], 1, Tk)
+    width = Tk if with_weights else C
+    p_buf = np.empty(R * width, q.dtype)
+    dp_buf = np.empty(R * width, q.dtype)
+    part_v = np.empty((width, Dv), q.dtype)
+    part_k = np.empty((width, D), q.dtype)
+    part_q = np.empty((R, D), q.dtype)
+    i0 = 0
+    while i0 < M:
+        rr = min(R, M - i0)
+        if causal:  # rows of one head at a time: a block ends at its head's last row
+            rr = min(rr, (i0 // Tq + 1) * Tq - i0)
+        kend = min(k_hi, _row_limit(length, causal, (i0 + rr - 1) % Tq))
+        # the rows' keys in one block: delta is summed from the rounded dP it is taken from
+        one_block = splits == 1 and kend <= width
+        qb, dob = q[b, g, i0:i0 + rr], dc[b, g, i0:i0 + rr]
+        for j0 in range(k_lo, kend, width):
+            cc = min(width, kend - j0)
+            p = p_buf[:rr * cc].reshape((rr, cc))
+            dp = dp_buf[:rr * cc].reshape((rr, cc))
+            if with_weights:
+                for r in range(rr):
+                    p[r] = weights[b, g, i0 + r, j0:j0 + cc]
+            else:
+                if additive:
+                    additive_block(qb, k[b, g, j0:j0 + cc], u, p)
                 else:
-                    if additive:
-                        additive_block(qb, k[b, g, j0:j0 + cc], u, p)
-                    else:
-                        np.dot(qb, k[b, g, j0:j0 + cc].T, p)
-                    for r in range(rr):
-                        hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
-                        _recompute_weights(p[r], j0, _row_limit(length, causal, i), masked,
-                                           visible[b, hh, i], has_bias, bias[b, hh, i],
-                                           stats[b, g, i0 + r, 0], stats[b, g, i0 + r, 1])
-                pv = part_v[:cc]
-                np.dot(p.T, dob, pv)  # dV += P^T dO
-                for j in range(cc):
-                    dvj, pj = dvb[j0 + j], pv[j]
-                    for x in range(Dv):
-                        dvj[x] += pj[x]
-                np.dot(dob, v[b, g, j0:j0 + cc].T, dp)  # dP = dO V^T
+                    np.dot(qb, k[b, g, j0:j0 + cc].T, p)
                 for r in range(rr):
-                    pr, dpr = p[r], dp[r]
-                    if has_dw:
-                        dwr = d_weights[b, g, i0 + r, j0:j0 + cc]
-                        for j in range(cc):
-                            dpr[j] += dwr[j]
-                    if one_block:  # delta from the row at hand (torch's explicit path)
-                        d = 0.0
-                        for j in range(cc):
-                            d += 0.0 if pr[j] == zero else np.float64(pr[j]) * dpr[j]
-                    else:
-                        d = delta[b, g, i0 + r]
-                    dl = as_type_of(d, zero)
-                    for j in range(cc):  # dS = P (dP - delta), exactly 0 where P is
-                        x = pr[j] * (dpr[j] - dl)
-                        dpr[j] = zero if pr[j] == zero else x
-                    if has_bias:
-                        hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
-                        d_bias[b, hh, i, j0:j0 + cc] = dpr
-                if additive:  # the score's own backward, e recomputed
-                    additive_block_backward(qb, k[b, g, j0:j0 + cc], u, dp, dqb[i0:i0 + rr],
-                                            dkb[j0:j0 + cc], d_u_parts[item])
-                    continue
-                pq = part_q[:rr]
-                np.dot(dp, k[b, g, j0:j0 + cc], pq)  # dQ += dS K
-                for r in range(rr):
-                    dqr, pr = dqb[i0 + r], pq[r]
-                    for x in range(D):
-                        dqr[x] += pr[x]
-                pk = part_k[:cc]
-                np.dot(dp.T, qb, pk)  # dK += dS^T Q
-                for j in range(cc):
-                    dkj, pj = dkb[j0 + j], pk[j]
-                    for x in range(D):
-                        dkj[x] += pj[x]
-            i0 += rr
+                    hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
+                    _recompute_weights(p[r], j0, _row_limit(length, causal, i), masked,
+                                       visible[b, hh, i], has_bias, bias[b, hh, i],
+                                       stats[b, g, i0 + r, 0], stats[b, g, i0 + r, 1])
+            pv = part_v[:cc]
+            np.dot(p.T, dob, pv)  # dV += P^T dO
+            for j in range(cc):
+                dvj, pj = dvb[j0 + j], pv[j]
+                for x in range(Dv):
+                    dvj[x] += pj[x]
+            np.dot(dob, v[b, g, j0:j0 + cc].T, dp)  # dP = dO V^T
+            for r in range(rr):
+                pr, dpr = p[r], dp[r]
+                if has_dw:
+                    dwr = d_weights[b, g, i0 + r, j0:j0 + cc]
+                    for j in range(cc):
+                        dpr[j] += dwr[j]
+                if one_block:  # delta from the row at hand (torch's explicit path)
+                    d = 0.0
+                    for j in range(cc):
+                        d += 0.0 if pr[j] == zero else np.float64(pr[j]) * dpr[j]
+                else:
+                    d = delta[b, g, i0 + r]
+                dl = as_type_of(d, zero)
+                for j in range(cc):  # dS = P (dP - delta), exactly 0 where P is
+                    x = pr[j] * (dpr[j] - dl)
+                    dpr[j] = zero if pr[j] == zero else x
+                if has_bias:
+                    hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
+                    d_bias[b, hh, i, j0:j0 + cc] = dpr
+            if additive:  # the score's own backward, e recomputed
+                additive_block_backward(qb, k[b, g, j0:j0 + cc], u, dp, dqb[i0:i0 + rr],
+                                        dkb[j0:j0 + cc], d_u_parts[item])
+                continue
+            pq = part_q[:rr]
+            np.dot(dp, k[b, g, j0:j0 + cc], pq)  # dQ += dS K
+            for r in range(rr):
+                dqr, pr = dqb[i0 + r], pq[r]
+                for x in range(D):
+                    dqr[x] += pr[x]
+            pk = part_k[:cc]
+            np.dot(dp.T, qb, pk)  # dK += dS^T Q
+            for j in range(cc):
+                dkj, pj = dkb[j0 + j], pk[j]
+                for x in range(D):
+                    dkj[x] += pj[x]
+        i0 += rr
 
 
 @njit(**JIT)
