@@ -111,8 +111,9 @@ def _read_padding(a: contract.AttentionInputs, pad: contract.Padding,
                   path: str) -> np.ndarray | None:
     """The padding key rows the kernels read (to be replaced by zeros, and their gradient rows
     after): none on the single-query path, which skips every hidden key, nor on the flash path
-    when only lengths and causal hide keys (it never reads past either); else `pad.keys`."""
-    if path == "single" or (a.mask is None and a.bias is None):
+    when only lengths and causal hide keys (it never reads past either); else `pad.keys` (the
+    additive score's key projection reads every row)."""
+    if path == "single" or (a.mask is None and a.bias is None and a.score != "additive"):
         return None
     return pad.keys
 
