@@ -68,15 +68,24 @@ keep an exact zero weight.
 
 Kernel versions (float32, 2 threads, heads B8,h8,T512,D64 against torch's SDPA, alternating
 calls in one process on an AMD EPYC, AVX-512)
-- v1, kept: the design above. The GEMMs alone (the softmax skipped) take 24.4 ms of its 27.7
-  ms forward (R = 256, C = 512): the BLAS rate at these block shapes (90-96 GFLOP/s per core
-  for [R, 64] @ [64, 512] and [R, 512] @ [512, 64]) is the limit, not the softmax.
+- v1: the design above, the context always summed in float64 and divided at the end.
+- v2, kept: a block of rows whose keys fit one block (here every row: T <= 512) writes P V
+  straight into the context and divides by l after. Its forward, 28.1 ms, is 24.1 ms of
+  products (the softmax loop removed, same run) and 4 ms of softmax: the BLAS rate at these
+  block shapes (90-96 GFLOP/s per core for [R, 64] @ [64, 512] and [R, 512] @ [512, 64]) is
+  the limit; SDPA took 29.5 ms in the benchmark's run.
 - block sizes: R = 32, 64, 128, 256 with C = 512 gave 37.3, 31.7, 29.0, 27.7 ms (plain) and
   17.6, 18.5, 19.3, 22.3 ms (causal: a tall block computes more of the diagonal blocks'
   hidden half); C = 128 and 256 were slower at every R. Kept: R = 256 (plain), 64 (causal),
   C = 512, smaller R when there are too few items for the threads.
 - products in Numba loops instead of BLAS (four rows at a time, broadcast FMAs over the keys):
   44 GFLOP/s per core against BLAS's 87-96 at [64, 64] @ [64, 512]. Not kept.
+- the items on Python threads (the GIL released, as the LSTM's directions) instead of a
+  prange: no better right after a multi-threaded NumPy product (58 against 57 ms), 14% slower
+  otherwise. Not kept. What costs there is OpenBLAS's: its idle workers spin for up to 0.1 s
+  after a product (OPENBLAS_THREAD_TIMEOUT), on the core this kernel needs: 57 ms right after
+  a [1024, 512] @ [512, 4000] matmul, 30.6 ms after 0.2 s of sleep, 28.9 ms with
+  OPENBLAS_THREAD_TIMEOUT=4 in the environment (a process-wide setting, the caller's to make).
 """
 
 from __future__ import annotations
