@@ -426,6 +426,7 @@ def test_the_sweep_covers_the_sizes_the_plots_need():
         [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],  # single query over B
         [8, 16, 32, 64, 128, 256, 512],  # LSTM over T
         [16, 32, 64, 128, 256, 512],  # LSTM over H
+        [128, 256, 512, 1024, 2048, 4096],  # heads over T
     ], key=len)
 
 
