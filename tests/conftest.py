@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import error_report
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -37,6 +38,15 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the largest errors the parity properties saw (`error_report`), when any ran."""
+    lines = error_report.summary_lines()
+    if lines:
+        terminalreporter.write_sep("-", "largest errors against torch over this run")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from error_report import record
 from hypothesis import given
 from hypothesis import strategies as st
 from test_attention_reliability import has_weights, with_no_weights
@@ -318,7 +319,8 @@ def check_case(case: Case, dtype=np.float64, device: str = "cpu",
 # parity with torch
 
 
-LARGEST_FLOAT64_ERROR = dict.fromkeys(SCORES, 0.0)
+FLOAT64_TABLE = "attention properties (every backend), largest float64 |ours - torch| by score"
+
 
 
 @pytest.mark.parametrize(("backend", "with_d_weights"), [  # no cotangent without weights
@@ -336,7 +338,7 @@ def test_attention_forward_backward_matches_torch_float64(
     case = data.draw(attention_cases(score, single, keys_is_values, with_lengths,
                                      with_d_weights), label="case")
     errors = check_case(case, np.float64, backend=backend)
-    LARGEST_FLOAT64_ERROR[score] = max(LARGEST_FLOAT64_ERROR[score], *errors.values())
+    record(FLOAT64_TABLE, score, max(errors.values()))
 
 
 def run_torch_sdpa(case: Case, a: dict, device: str = "cpu") -> dict[str, np.ndarray]:
@@ -386,7 +388,7 @@ def test_scaled_dot_matches_torch_scaled_dot_product_attention_float64(
     case = data.draw(attention_cases("scaled_dot", single, False, with_lengths, False),
                      label="case")
     errors = check_sdpa_against_torch_on("cpu", case, np.float64)
-    LARGEST_FLOAT64_ERROR["scaled_dot"] = max(LARGEST_FLOAT64_ERROR["scaled_dot"], *errors)
+    record(FLOAT64_TABLE, "scaled_dot (vs scaled_dot_product_attention)", max(errors))
 
 
 @pytest.mark.cuda
@@ -400,14 +402,6 @@ def test_scaled_dot_matches_torch_scaled_dot_product_attention_cuda(
     case = Case("scaled_dot", single, False, False, B=5, Tq=1 if single else 7, Tk=23, Hq=16,
                 Hk=16, Hv=9, A=0, lengths=(23, 3, 17, 23, 1) if with_lengths else None, seed=21)
     check_sdpa_against_torch_on("cuda", case, dtype)
-
-
-def test_report_largest_float64_error(capsys) -> None:
-    """Print the largest float64 error per score the properties above saw (runs after them)."""
-    with capsys.disabled():
-        print("\nlargest float64 |ours - torch| over the attention properties (every backend): "
-              + ", ".join(f"{s} {e:.3g}" for s, e in LARGEST_FLOAT64_ERROR.items()))
-    assert max(LARGEST_FLOAT64_ERROR.values()) < 1e-9
 
 
 @over_backends

@@ -41,6 +41,7 @@ import contextlib
 import math
 from typing import NamedTuple
 
+import error_report
 import numpy as np
 import pytest
 import torch
@@ -364,16 +365,18 @@ def tags(s: Spec) -> list[str]:
     return out
 
 
-WORST: dict[str, dict[str, float]] = {b: {} for b in BACKENDS}
+def _table(backend: str) -> str:
+    return f"attention options ({backend}), largest float64 |ours - torch| by option"
 
 
 def record(backend: str, s: Spec, errors: dict[str, float]) -> None:
+    """File this float64 case's worst error under each of its options (`error_report`)."""
+    title = _table(backend)
     worst = max(errors.values())
-    table = WORST[backend]
     for tag in tags(s):
-        table[tag] = max(table.get(tag, 0.0), worst)
+        error_report.record(title, tag, worst)
     if "d_params['bias']" in errors:
-        table["d_bias"] = max(table.get("d_bias", 0.0), errors["d_params['bias']"])
+        error_report.record(title, "d_bias", errors["d_params['bias']"])
 
 
 def assert_dead_rows_are_zero(s: Spec, a: dict, ours: dict) -> None:
@@ -688,8 +691,7 @@ def test_attention_scores_pair_matches_torch_float64(backend, score, heads, B, h
     assert set(got) == set(want)
     errors = {n: assert_close_policy(n, got[n], t.detach().numpy(), grad=n != "scores")
               for n, t in want.items()}
-    table = WORST[backend]
-    table["scores pair"] = max(table.get("scores pair", 0.0), *errors.values())
+    error_report.record(_table(backend), "scores pair", max(errors.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,17 +793,3 @@ def test_transposed_keys_with_one_query_step_give_the_bits_of_contiguous_keys(
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
-
-# ---------------------------------------------------------------------------------------------
-# the report
-
-
-@over_backends
-def test_report_worst_float64_error_per_option(backend: str, capsys) -> None:
-    """Print the worst float64 |ours - torch| per option the properties above saw (runs after
-    them, in file order)."""
-    table = WORST[backend]
-    with capsys.disabled():
-        print(f"\nworst float64 |ours - torch| per attention option ({backend}): "
-              + (", ".join(f"{k} {v:.3g}" for k, v in sorted(table.items())) or "none ran"))
-    assert max(table.values(), default=0.0) < 1e-9

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from error_report import record
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -163,22 +164,11 @@ def check_case(case: Case, dtype=np.float64, device: str = "cpu",
     return errors
 
 
-LARGEST_FLOAT64_ERROR: list[float] = [0.0]
-
-
 @over_backends
 @given(case=lstm_cases())
 def test_lstm_forward_backward_matches_torch_float64(backend: str, case: Case) -> None:
     errors = check_case(case, np.float64, backend=backend)
-    LARGEST_FLOAT64_ERROR[0] = max(LARGEST_FLOAT64_ERROR[0], *errors.values())
-
-
-def test_report_largest_float64_error(capsys) -> None:
-    """Print the largest float64 error the property above saw (runs after it, same module)."""
-    with capsys.disabled():
-        print(f"\nlargest float64 |ours - torch| over the LSTM property (every backend): "
-              f"{LARGEST_FLOAT64_ERROR[0]:.3g}")
-    assert LARGEST_FLOAT64_ERROR[0] < 1e-9
+    record("LSTM property, largest float64 |ours - torch|", backend, max(errors.values()))
 
 
 @over_backends

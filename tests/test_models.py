@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import error_report
 import numpy as np
 import pytest
 import torch
@@ -110,14 +111,11 @@ def model_config(model: str) -> tuple[str, str | None]:
     return decoder, None if score in ("", "None") else score
 
 
-LARGEST_FLOAT64_ERROR: dict[str, float] = {}
-
-
 def _record(case: ModelCase, backend: str, error: float) -> None:
     default = {"classifier": "", "luong": "general", "bahdanau": "additive"}[case.model]
     score = case.score or default
     key = f"{case.model}{'-' + score if score else ''} ({backend})"
-    LARGEST_FLOAT64_ERROR[key] = max(LARGEST_FLOAT64_ERROR.get(key, 0.0), error)
+    error_report.record("model gradient properties, largest float64 |ours - torch|", key, error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,14 +179,6 @@ def test_model_gradients_match_torch_cuda_float64(backend: str, model: str) -> N
                      Vt=13, E=7, H=5, L=2, lengths=(9, 1, 4, 9, 2), seed_compatible=False,
                      seed=3)
     check_gradients(case, backend, np.float64, "cuda")
-
-
-def test_report_largest_float64_model_errors(capsys) -> None:
-    """Print the largest float64 error per model and backend seen above (runs after them)."""
-    with capsys.disabled():
-        print("\nlargest float64 |ours - torch| over the model gradient properties: "
-              + ", ".join(f"{k} {v:.3g}" for k, v in sorted(LARGEST_FLOAT64_ERROR.items())))
-    assert LARGEST_FLOAT64_ERROR and max(LARGEST_FLOAT64_ERROR.values()) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +282,6 @@ TRAINING_CASES = {
     "bahdanau": ModelCase("bahdanau", None, 0, 0, 0, V=10, Vt=9, E=4, H=3, L=1, lengths=None,
                           seed_compatible=False, seed=25),
 }
-WORST_TRAINING_DIFFERENCE: dict[str, float] = {}
 
 
 def _training_setup(name: str):
@@ -312,7 +301,8 @@ def test_training_matches_torch_step_for_step_float64(backend: str, name: str) -
     ours = np.array(train_ours(case, params, batches, backend, TRAIN_STEPS))
     want = np.array(train_torch(case, params, batches, TRAIN_STEPS))
     relative = np.abs(ours - want) / np.abs(want)
-    WORST_TRAINING_DIFFERENCE[f"{name} ({backend})"] = float(relative.max())
+    error_report.record("200 Adam steps, largest relative |loss - torch loss|",
+                        f"{name} ({backend})", float(relative.max()), bound=None)
     step = int(np.argmax(relative))
     assert relative.max() <= 1e-9, (
         f"{name}: step {step} loss {ours[step]!r} vs torch {want[step]!r} (relative "
@@ -340,14 +330,6 @@ def test_training_float32_within_policy(backend: str, name: str) -> None:
     torch32 = np.array(train_torch(case, p32, batches, 30))
     assert_close_policy("losses (float32 training)", ours.astype(np.float32), want,
                         torch32=torch32.astype(np.float32))
-
-
-def test_report_worst_training_difference(capsys) -> None:
-    """Print the worst relative loss difference per model and backend (runs after them)."""
-    with capsys.disabled():
-        print("\nworst relative |loss - torch loss| over 200 Adam steps: "
-              + ", ".join(f"{k} {v:.3g}" for k, v in sorted(WORST_TRAINING_DIFFERENCE.items())))
-    assert WORST_TRAINING_DIFFERENCE and max(WORST_TRAINING_DIFFERENCE.values()) <= 1e-9
 
 
 # ---------------------------------------------------------------------------------------------

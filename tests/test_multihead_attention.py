@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from error_report import record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -328,9 +329,6 @@ def check_case(case: Case, dtype, backend: str, device: str = "cpu") -> dict[str
 # ---------------------------------------------------------------------------------------------
 # parity with torch.nn.MultiheadAttention
 
-LARGEST_FLOAT64_ERROR: dict[str, float] = {}
-
-
 @over_backends
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("masks", list(MASKS))
@@ -341,16 +339,8 @@ def test_multihead_attention_matches_torch_float64(backend: str, masks: str, lay
     case = data.draw(cases(masks, layout), label="case")
     worst = max(check_case(case, np.float64, backend).values())
     for label in case.labels():
-        LARGEST_FLOAT64_ERROR[label] = max(LARGEST_FLOAT64_ERROR.get(label, 0.0), worst)
-
-
-def test_report_largest_float64_error(capsys) -> None:
-    """Print the largest float64 error per option the property above saw (runs after it)."""
-    with capsys.disabled():
-        print("\nlargest float64 |ours - torch| over the multi-head attention properties "
-              "(every backend), by option:\n  " + "\n  ".join(
-                  f"{k}: {v:.3g}" for k, v in sorted(LARGEST_FLOAT64_ERROR.items())))
-    assert max(LARGEST_FLOAT64_ERROR.values(), default=0.0) < 1e-9
+        record("multi-head attention properties (every backend), largest float64 "
+               "|ours - torch| by option", label, worst)
 
 
 @over_backends
