@@ -49,7 +49,7 @@ Kernel versions, float32, 2 threads, min of 30 calls alternating old and new in 
   accumulated in float64: 11.5 ms forward; the four-term mixed update did not vectorize.
 - forward v3's block sum, four keys per sweep (kept, when no key is hidden): the block's
   partial context is loaded and stored once per four keys instead of once per key; 6.0 -> 5.3
-  ms min at (256, 512, 256) on a day the stream read took 4.0 ms (alternating in one process).
+  ms min at (256, 512, 256) against a 4.0 ms streaming read of V in the same process.
   Four dot products per sweep in the score pass (q read once for four keys) was slower:
   6.6 ms.
 - backward, kept (`_single_backward`): one key at a time, d_v_j = w_j dc in the data's dtype.
