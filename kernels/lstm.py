@@ -146,6 +146,7 @@ from threadpoolctl import threadpool_info
 from kernels._blas import single_threaded_blas
 from kernels._config import JIT
 from kernels._util import as_type_of, sigmoid, tanh
+from numpy_ref.contract import checks
 from numpy_ref.contract.lstm import (
     padding_mask,
     param_key,
@@ -735,6 +736,7 @@ def lstm_backward(
     -------
     d_x like x, d_params (keys and shapes of params), (d_h0 [L*D, B, Ho], d_c0 [L*D, B, H]).
     """
+    checks.cache_of(cache, LSTMCache, "lstm_forward")
     d_out, d_h_n, d_c_n = validate_lstm_cotangents(d_output, d_h_n, d_c_n, cache)
     L, D = cache.num_layers, 2 if cache.bidirectional else 1
     T, B, _ = d_out.shape

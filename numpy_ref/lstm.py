@@ -68,6 +68,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from numpy_ref.contract import checks
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.lstm import (
     padding_mask,
@@ -182,6 +183,7 @@ def lstm_cell_backward(
     -------
     d_x [B, I], d_h [B, Ho], d_c [B, H], d_params (same keys and shapes as params).
     """
+    checks.cache_of(cache, LSTMCellCache, "lstm_cell_forward")
     d_h_new, d_c_new = validate_lstm_cell_cotangents(d_h_new, d_c_new, cache)
     x, h, c, gates, tanh_c, p = cache
     H = c.shape[1]
@@ -344,6 +346,7 @@ def lstm_backward(
     (d_h0 [L*D, B, Ho], d_c0 [L*D, B, H]) : gradients of the initial states (returned also when
     the forward used the default zero states).
     """
+    checks.cache_of(cache, LSTMCache, "lstm_forward")
     d_layer_out, d_h_n, d_c_n = validate_lstm_cotangents(d_output, d_h_n, d_c_n, cache)
     L, D = cache.num_layers, 2 if cache.bidirectional else 1
     B = d_layer_out.shape[1]

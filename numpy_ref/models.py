@@ -72,11 +72,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-import numpy_ref
 from numpy_ref.contract import checks
 from numpy_ref.contract import models as contract
+from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import as_cell, group, prefixed
+from numpy_ref.lstm import init_lstm_params
 
 # --------------------------------------------------------------------------------------------
 # parameter initialisation, with torch's distributions
@@ -120,7 +121,7 @@ def init_bilstm_attention_params(
     linear ~ U(+-1/sqrt(fan_in))). Not torch's random numbers: convert a torch module for those.
     The parameters' roles: the `numpy_ref.models` module docstring."""
     rng = np.random.default_rng(rng)
-    lstm = numpy_ref.init_lstm_params(embedding_dim, n_hidden, bidirectional=True, rng=rng,
+    lstm = init_lstm_params(embedding_dim, n_hidden, bidirectional=True, rng=rng,
                                       dtype=dtype)
     return {"embedding.weight": rng.standard_normal((vocab_size, embedding_dim)).astype(dtype),
             **prefixed("lstm", lstm),
@@ -140,19 +141,19 @@ def init_seq2seq_params(
     rng = np.random.default_rng(rng)
     E, H2 = embedding_dim, 2 * hidden_size
     p = {"src_embed.weight": rng.standard_normal((src_vocab, E)).astype(dtype),
-         **prefixed("encoder", numpy_ref.init_lstm_params(
+         **prefixed("encoder", init_lstm_params(
              E, hidden_size, num_layers=num_layers, bidirectional=True, rng=rng, dtype=dtype)),
          "tgt_embed.weight": rng.standard_normal((tgt_vocab, E)).astype(dtype)}
     attention = prefixed("decoder.attention", _attention_params(rng, score, H2, dtype))
     if decoder == "luong":
-        p.update(prefixed("decoder.lstm", numpy_ref.init_lstm_params(E, H2, rng=rng,
+        p.update(prefixed("decoder.lstm", init_lstm_params(E, H2, rng=rng,
                                                                      dtype=dtype)))
         p.update(attention)
         p["decoder.concat.weight"] = _linear_params(rng, H2, 2 * H2, dtype, bias=False)["weight"]
         p.update(prefixed("generator", _linear_params(rng, tgt_vocab, H2, dtype)))
     else:
         p.update(attention)
-        cell = numpy_ref.init_lstm_params(E + H2, H2, rng=rng, dtype=dtype)
+        cell = init_lstm_params(E + H2, H2, rng=rng, dtype=dtype)
         p.update(prefixed("decoder.cell", as_cell(cell)))
         p.update(prefixed("generator", _linear_params(rng, tgt_vocab, 2 * H2 + E, dtype)))
     return p
@@ -181,7 +182,7 @@ def bilstm_attention_forward(
     *,
     lengths: Any = None,
     seed_compatible: bool = False,
-    backend: ModuleType = numpy_ref,
+    backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray, BiLSTMAttentionCache]:
     """The seed's BiLSTM-attention classifier.
 
@@ -199,7 +200,7 @@ def bilstm_attention_forward(
     seed_compatible : take the query as the seed does, ``h_n.view(-1, 2H)``, which mixes
         sentences when B > 1 (see the module docstring); the default is each sentence's own
         ``concat(h_n[-2], h_n[-1])``.
-    backend : the op module (`numpy_ref` or `kernels`).
+    backend : the op module (`numpy_ref` or `kernels`; None: `numpy_ref`).
 
     Returns
     -------
@@ -212,6 +213,7 @@ def bilstm_attention_forward(
         both = bilstm_attention_forward(ids, params, seed_compatible=True)[0]
         np.allclose(np.concatenate(one), both)  # False: rows depend on their batch-mates
     """
+    backend = op_module(backend)
     real, lengths, p, sizes = contract.bilstm_attention(ids, params, lengths, seed_compatible)
     B, H = real.shape[0], sizes.H
     x, emb_cache = backend.embedding_forward(real, group(p, "embedding"))  # [B, T, E]
@@ -453,7 +455,7 @@ def seq2seq_forward(
     decoder: str = "luong",
     score: str | None = None,
     src_lengths: Any = None,
-    backend: ModuleType = numpy_ref,
+    backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Seq2SeqCache]:
     """The encoder-decoder with attention, teacher-forced.
 
@@ -473,12 +475,13 @@ def seq2seq_forward(
     score : the attention score; None is "general" for luong and "additive" for bahdanau
         (its only score).
     src_lengths : integer [B] in 1..Ts, or None.
-    backend : the op module (`numpy_ref` or `kernels`).
+    backend : the op module (`numpy_ref` or `kernels`; None: `numpy_ref`).
 
     Returns
     -------
     logits [B, Tt, Vt], attention [B, Tt, Ts] (0 past each source length), cache.
     """
+    backend = op_module(backend)
     real_src, tgt, src_lengths, score, p, sizes = contract.seq2seq(src, tgt, params, decoder,
                                                                    score, src_lengths)
     memory, s0, m0, enc_cache = _encode(backend, real_src, src_lengths, p, sizes.L)
@@ -537,6 +540,7 @@ class _Decoder(NamedTuple):
 
 def _start(src, params, src_lengths, decoder, score, backend):
     """Encode src; return (the `_Decoder`, s_0, m_0, sizes)."""
+    backend = op_module(backend)
     score = contract.seq2seq_config(decoder, score)
     p, sizes = contract.seq2seq_params(params, decoder, score)
     real_src, src_lengths = contract.source(src, src_lengths, sizes.Vs)
@@ -581,7 +585,7 @@ def greedy_decode(
     src_lengths: Any = None,
     decoder: str = "luong",
     score: str | None = None,
-    backend: ModuleType = numpy_ref,
+    backend: ModuleType | None = None,
 ) -> np.ndarray:
     """Greedy decoding: start from bos, feed each step's most likely token back.
 
@@ -620,7 +624,7 @@ def beam_search(
     length_penalty: float = 1.0,
     decoder: str = "luong",
     score: str | None = None,
-    backend: ModuleType = numpy_ref,
+    backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Beam search over all rows and beams at once: keep the k best hypotheses by
     ``sum log p / len ** length_penalty`` (the `numpy_ref.models` module docstring).

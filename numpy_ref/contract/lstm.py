@@ -11,14 +11,11 @@ Ho = P or H, D directions, L layers.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from numpy_ref.contract import checks
-
-if TYPE_CHECKING:
-    from numpy_ref.lstm import LSTMCache, LSTMCellCache
 
 # --------------------------------------------------------------------------------------------
 # parameter names and shapes (torch.nn.LSTM's state_dict)
@@ -115,15 +112,14 @@ def validate_lstm_cell_inputs(
 
 
 def validate_lstm_cell_cotangents(
-    d_h_new: Any, d_c_new: Any, cache: LSTMCellCache
+    d_h_new: Any, d_c_new: Any, cache: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check `lstm_cell_backward`'s cotangents: d_h_new [B, Ho], d_c_new [B, H] or None.
 
-    Returns them, d_c_new as zeros [B, H] when None.
+    `cache` is the LSTMCellCache of `lstm_cell_forward`, its type already checked by the caller
+    (each backend checks its own caches, as every op family does). Returns the cotangents,
+    d_c_new as zeros [B, H] when None.
     """
-    from numpy_ref.lstm import LSTMCellCache  # at call time: numpy_ref.lstm imports this module
-
-    checks.cache_of(cache, LSTMCellCache, "lstm_cell_forward")
     x, h, c = cache.x, cache.h, cache.c
     d_h_new = checks.float_array("d_h_new", d_h_new, ("B", "Ho"))
     checks.same_dtype("d_h_new", d_h_new, x.dtype, "x")
@@ -215,16 +211,15 @@ def without_padding(xt: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def validate_lstm_cotangents(
-    d_output: Any, d_h_n: Any, d_c_n: Any, cache: LSTMCache
+    d_output: Any, d_h_n: Any, d_c_n: Any, cache: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check the `lstm_backward` cotangents against the forward that made `cache`.
 
+    `cache` is the LSTMCache of `lstm_forward` (either backend's), its type already checked by
+    the caller.
     Returns ``(d_out, d_h_n, d_c_n)``: d_output as a time-major view [T, B, D*Ho] (no copy), and
     d_h_n [L*D, B, Ho], d_c_n [L*D, B, H] (zeros when not given).
     """
-    from numpy_ref.lstm import LSTMCache  # at call time: numpy_ref.lstm imports this module
-
-    checks.cache_of(cache, LSTMCache, "lstm_forward")
     L, D = cache.num_layers, 2 if cache.bidirectional else 1
     first = cache.directions[0]
     T, B, _ = first.x.shape
