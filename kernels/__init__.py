@@ -8,6 +8,13 @@ accelerate are `numpy_ref`'s own, re-exported (see `kernels.reexported`). Compil
 live in `kernels._config` alone; `kernels.warmup()` compiles every kernel ahead of use.
 """
 
+try:
+    import numba  # noqa: F401
+    import scipy  # noqa: F401
+except ModuleNotFoundError as e:  # numpy_ref needs NumPy alone; the kernels add these
+    raise ModuleNotFoundError(f"kernels needs Numba and SciPy ({e}): pip install "
+                              "'lstm-attention-reference[kernels]'") from e
+
 from kernels.attention import (
     KernelAttentionCache,
     KernelMaskedSoftmaxCache,

@@ -868,7 +868,7 @@ def _st_dtype(a: np.ndarray) -> str:
 
 def build_case(config: Config, dtype: str) -> tuple[Arrays, dict[str, str], dict[str, Any]]:
     """Compute one case: (tensors {prefixed name: array}, metadata, manifest entry)."""
-    from safetensors.numpy import save
+    save = _safetensors().numpy.save
 
     rng = np.random.default_rng(config.seed)
     drawn = config.make(rng)
@@ -971,10 +971,21 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, *, rtol: float, atol:
     return None if result.ok else str(result)
 
 
-def _read(path: Path) -> tuple[Arrays, dict[str, str]]:
-    from safetensors import safe_open
+def _safetensors() -> Any:
+    """The safetensors package (the golden extra), imported on first use: numpy_ref itself needs
+    NumPy alone."""
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "golden files are safetensors files: pip install 'lstm-attention-reference[golden]' "
+            "(or pip install safetensors)") from e
+    return safetensors
 
-    with safe_open(str(path), framework="numpy") as f:
+
+def _read(path: Path) -> tuple[Arrays, dict[str, str]]:
+    with _safetensors().safe_open(str(path), framework="numpy") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 

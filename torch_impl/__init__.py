@@ -9,6 +9,12 @@ the parameter dicts of `numpy_ref.models`; `to_numpy(module)` gives such a dict 
 takes ``backend="torch" | "numpy_ref" | "kernels"`` to run its attention and LSTMs on them.
 """
 
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as e:  # numpy_ref needs NumPy alone; torch_impl adds torch
+    raise ModuleNotFoundError("torch_impl needs PyTorch: pip install "
+                              "'lstm-attention-reference[torch]'") from e
+
 from torch_impl import functions
 from torch_impl.convert import load_numpy_, to_numpy
 from torch_impl.modules import (
