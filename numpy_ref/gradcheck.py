@@ -61,23 +61,36 @@ def gradcheck(
     inputs : name -> float64 array that `loss` reads (perturbed in place, then restored).
     analytic : name -> the gradient backward returned for that input (same shape).
 
-    Returns the largest absolute error per name. Raises `AssertionError` naming the input, the
-    entry, both values and the allowed error when ``|analytic - numeric| > atol + rtol*|numeric|``.
+    Returns the largest absolute error per name. Every input is checked, even after one has
+    failed; then one `AssertionError` lists every input that fails, one line each, naming the
+    input, its worst entry, both values and the allowed error there (a NaN counts as worst).
+    A shape mismatch between an analytic gradient and its input is a `ValueError`, raised
+    before any finite difference is taken.
     """
-    errors = {}
+    gots = {}
+    for name, x in inputs.items():
+        got = np.asarray(analytic[name])
+        if got.shape != np.shape(x):
+            raise ValueError(f"{name}: analytic gradient has shape {got.shape}, "
+                             f"input has {np.shape(x)}")
+        gots[name] = got
+    errors: dict[str, float] = {}
+    failures: list[str] = []
     for name, x in inputs.items():
         numeric = numerical_gradient(loss, x, eps=eps)
-        got = np.asarray(analytic[name])
-        if got.shape != numeric.shape:
-            raise ValueError(f"{name}: analytic gradient has shape {got.shape}, "
-                             f"input has {numeric.shape}")
+        got = gots[name]
         err = np.abs(got - numeric)
         allowed = atol + rtol * np.abs(numeric)
         if not np.all(err <= allowed):  # written so that a NaN fails
-            j = np.unravel_index(np.argmax(err - allowed), err.shape)
-            raise AssertionError(
+            j = np.unravel_index(np.argmax(err - allowed), err.shape)  # argmax finds a NaN first
+            failures.append(
                 f"gradcheck {name}: at index {tuple(int(i) for i in j)} analytic {got[j]:.10g} vs "
                 f"numeric {numeric[j]:.10g} (error {err[j]:.3g}, allowed {allowed[j]:.3g})"
             )
-        errors[name] = float(err.max()) if err.size else 0.0
+        errors[name] = float(np.max(err)) if err.size else 0.0
+    if len(failures) == 1:
+        raise AssertionError(failures[0])
+    if failures:
+        raise AssertionError(f"gradcheck: {len(failures)} of {len(inputs)} gradients are wrong\n"
+                             + "\n".join(failures))
     return errors

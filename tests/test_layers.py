@@ -149,7 +149,10 @@ def test_linear_matches_torch(backend, dtype, lead, I, O, bias, seed) -> None:
 SHAPES = [(5, 7), (3, 4, 3, 2), (6,)]
 
 
-def _ce_inputs(rng, shape, probabilities, ignore, weighted):
+def _ce_inputs(rng, shape, probabilities, ignore, weighted, ignore_index=-100):
+    """logits, targets and class weights; `ignore` ("none", "one", "some" or "all") sets that
+    many class-index targets to `ignore_index` (a valid class id or not: targets drawn from
+    0..C-1 may equal it too)."""
     C = shape[0] if len(shape) == 1 else shape[1]
     logits = rng.standard_normal(shape) * 3
     if probabilities:
@@ -161,9 +164,11 @@ def _ce_inputs(rng, shape, probabilities, ignore, weighted):
     else:
         targets = rng.integers(0, C, shape[:1] + shape[2:] if len(shape) > 1 else ())
         if ignore == "one" and targets.ndim:
-            targets.flat[0] = -100
+            targets.flat[0] = ignore_index
+        elif ignore == "some":
+            targets = np.where(rng.random(targets.shape) < 0.4, ignore_index, targets)
         elif ignore == "all":
-            targets = np.full_like(targets, -100)
+            targets = np.full_like(targets, ignore_index)
     weight = rng.uniform(0.2, 2.0, C) if weighted else None
     return logits, targets, weight
 
@@ -189,7 +194,7 @@ def torch_cross_entropy(logits: np.ndarray, targets: np.ndarray, weight: np.ndar
     return tl.detach().cpu().numpy(), tg.cpu().numpy()
 
 
-def _target_mass(logits, targets, weight, ls, reduction, d_loss) -> float:
+def _target_mass(logits, targets, weight, ls, reduction, d_loss, ignore_index=-100) -> float:
     """max over rows of |d_row| sum_c q_c: the size of the terms d_logits is a difference of."""
     C = logits.shape[0] if logits.ndim == 1 else logits.shape[1]
     w = np.ones(C) if weight is None else weight
@@ -199,7 +204,7 @@ def _target_mass(logits, targets, weight, ls, reduction, d_loss) -> float:
         denominator = len(P)
     else:
         t = targets.reshape(-1)
-        kept = t != -100
+        kept = t != ignore_index
         q_sum = np.where(kept, (1 - ls) * w[np.where(kept, t, 0)] + ls / C * w.sum(), 0.0)
         denominator = kept.sum() if weight is None else w[t[kept]].sum()
     d_rows = np.abs(np.reshape(d_loss, -1) if reduction == "none"
@@ -215,12 +220,22 @@ def _target_mass(logits, targets, weight, ls, reduction, d_loss) -> float:
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
 @given(label_smoothing=st.sampled_from([0.0, 0.1, 1.0]), weighted=st.booleans(),
-       ignore=st.sampled_from(["none", "one"]), seed=st.integers(0, 2**32 - 1))
+       ignore=st.sampled_from(["none", "one", "some"]),
+       ignore_index=st.just(-100) | st.integers(-3, 8), seed=st.integers(0, 2**32 - 1))
 def test_cross_entropy_matches_torch(backend, dtype, shape, reduction, probabilities,
-                                     label_smoothing, weighted, ignore, seed) -> None:
+                                     label_smoothing, weighted, ignore, ignore_index,
+                                     seed) -> None:
+    """ignore_index is torch's default -100, a negative one, a valid class id (0..C-1: the
+    rows of that class are ignored, the others kept) or one past the classes (C = 4, 6, 7:
+    indices up to 8); `ignore` sets targets to it, and drawn targets may equal it. torch
+    refuses any other than -100 with probability targets ("ignore_index is not supported for
+    floating point target"), so those keep -100."""
+    if probabilities:
+        ignore_index = -100
     rng = np.random.default_rng(seed)
-    logits, targets, weight = _ce_inputs(rng, shape, probabilities, ignore, weighted)
-    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    logits, targets, weight = _ce_inputs(rng, shape, probabilities, ignore, weighted,
+                                         ignore_index)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index)
     def cast(a):
         return a if a is None or a.dtype.kind != "f" else a.astype(dtype)
 
@@ -243,7 +258,8 @@ def test_cross_entropy_matches_torch(backend, dtype, shape, reduction, probabili
     # d_logits = d_row (p sum(q) - q) cancels at the target class (p_t sum(q) ~ q_t when p_t
     # is large); its float32 floor is relative to those terms, |d_row| sum(q).
     _check("d_logits", d_logits, want_grad, t_grad, dtype, grad=True,
-           scale=_target_mass(logits, targets, weight, label_smoothing, reduction, d_loss))
+           scale=_target_mass(logits, targets, weight, label_smoothing, reduction, d_loss,
+                              ignore_index))
 
 
 @over_backends

@@ -3,7 +3,8 @@
 Every public function validates before it computes. A wrong rank or size is a `ValueError`, a
 wrong dtype (integer data, float16, mixed float32/float64) is a `TypeError`; each message names
 the argument, what was expected and what was received, so a user can fix the call without
-reading our source.
+reading our source. A masked array (`numpy.ma.MaskedArray`) is a `TypeError` wherever an array
+is expected (`not_masked`): every op would read its data and ignore its mask.
 """
 
 from __future__ import annotations
@@ -16,12 +17,34 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+MASKED_HINT = (
+    "say which entries to leave out with the op's own argument instead (lengths= for the LSTM, "
+    "attention and the models; mask= or bias= for attention; key_padding_mask= or attn_mask= "
+    "for multi-head attention; ignore_index for cross-entropy), or fill the masked entries "
+    "with np.ma.filled(a, value)"
+)
+
+
+def not_masked(name: str, a: Any) -> None:
+    """Raise `TypeError` if `a` is a `numpy.ma.MaskedArray`.
+
+    A masked array is an ndarray subclass, so it passes every other check, and every op
+    would then compute on its data, masked entries included, and drop its mask. The message
+    says how to express the mask instead. Every array check in this module calls it first.
+    """
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: masked arrays (numpy.ma.MaskedArray) are not accepted, their "
+                        f"mask would be ignored; pass a plain numpy.ndarray and {MASKED_HINT}")
+
+
 def float_array(name: str, a: Any, labels: Sequence[str]) -> np.ndarray:
     """Return `a` as a float32/float64 ndarray of rank ``len(labels)``.
 
     `labels` names the axes (for example ``("T", "B", "I")``) and only serves the error
-    message. Strided and Fortran-ordered arrays are returned as they are (no copy).
+    message. Strided and Fortran-ordered arrays are returned as they are (no copy); a masked
+    array is a `TypeError` (`not_masked`).
     """
+    not_masked(name, a)
     if not isinstance(a, np.ndarray):
         raise TypeError(
             f"{name}: expected a numpy.ndarray [{', '.join(labels)}], got {type(a).__name__}"
@@ -41,6 +64,7 @@ def float_array_ranks(name: str, a: Any, options: Sequence[Sequence[str]]) -> np
 
     `options` lists the accepted axis labels, e.g. ``(("B", "Hq"), ("B", "Tq", "Hq"))``.
     """
+    not_masked(name, a)
     by_rank = {len(labels): labels for labels in options}
     if isinstance(a, np.ndarray) and a.ndim in by_rank:
         return float_array(name, a, by_rank[a.ndim])
@@ -51,7 +75,9 @@ def float_array_ranks(name: str, a: Any, options: Sequence[Sequence[str]]) -> np
 
 
 def same_dtype(name: str, a: np.ndarray, dtype: np.dtype, reference: str) -> None:
-    """Raise `TypeError` unless `a` has the dtype of the reference argument."""
+    """Raise `TypeError` unless `a` has the dtype of the reference argument (or if it is a
+    masked array)."""
+    not_masked(name, a)
     if a.dtype != dtype:
         raise TypeError(
             f"{name}: dtype {a.dtype} does not match the dtype of {reference} ({dtype}); "
@@ -60,7 +86,9 @@ def same_dtype(name: str, a: np.ndarray, dtype: np.dtype, reference: str) -> Non
 
 
 def shape_is(name: str, a: np.ndarray, expected: tuple[int, ...], labels: str) -> None:
-    """Raise `ValueError` unless ``a.shape == expected``; `labels` spells the axes out."""
+    """Raise `ValueError` unless ``a.shape == expected``; `labels` spells the axes out (a
+    masked array is a `TypeError`)."""
+    not_masked(name, a)
     if a.shape != tuple(expected):
         raise ValueError(f"{name}: expected shape {labels} = {tuple(expected)}, got {a.shape}")
 
@@ -68,9 +96,11 @@ def shape_is(name: str, a: np.ndarray, expected: tuple[int, ...], labels: str) -
 def lengths_array(lengths: Any, batch: int, steps: int, name: str = "lengths") -> np.ndarray:
     """Return `lengths` as an int64 array [B], each value in 1..T.
 
-    Accepts a numpy integer array or a sequence of Python ints. A length of 0 is refused: an
-    empty sequence has no last step (LSTM) and an all-masked row has no softmax (attention).
+    Accepts a numpy integer array or a sequence of Python ints (not a masked array). A length
+    of 0 is refused: an empty sequence has no last step (LSTM) and an all-masked row has no
+    softmax (attention).
     """
+    not_masked(name, lengths)
     arr = np.asarray(lengths)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
@@ -94,6 +124,7 @@ def leading_dim(params: Mapping[str, Any], key: str, ndim: int, labels: str) -> 
     if key not in params:
         raise ValueError(f"params: missing key {key!r} (expected shape {labels})")
     a = params[key]
+    not_masked(f"params[{key!r}]", a)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"params[{key!r}]: expected a numpy.ndarray, got {type(a).__name__}")
     if a.ndim != ndim or a.shape[0] == 0:
@@ -113,6 +144,7 @@ def param(
     if key not in params:
         raise ValueError(f"params: missing key {key!r} (expected shape {labels} = {expected})")
     a = params[key]
+    not_masked(f"params[{key!r}]", a)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"params[{key!r}]: expected a numpy.ndarray, got {type(a).__name__}")
     if a.dtype not in FLOAT_DTYPES:

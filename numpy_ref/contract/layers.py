@@ -19,8 +19,10 @@ def integer_ids(name: str, ids: Any, vocab: int) -> np.ndarray:
     """`ids` as an integer ndarray, every entry in 0..vocab-1.
 
     NumPy would wrap a negative index silently (-1 is the last row) and raise an IndexError
-    without the argument's name for a large one; both are a `ValueError` here.
+    without the argument's name for a large one; both are a `ValueError` here. A masked array
+    is a `TypeError` (`checks.not_masked`).
     """
+    checks.not_masked(name, ids)
     if not isinstance(ids, np.ndarray):
         if isinstance(ids, (list, tuple, int, np.integer)):
             ids = np.asarray(ids)
@@ -67,6 +69,7 @@ def cotangent(name: str, d: Any, shape: tuple[int, ...], dtype: np.dtype, what: 
 
 def linear(x: Any, params: Mapping[str, Any]):
     """Check `linear_forward`'s arguments; return (x, weight, bias or None)."""
+    checks.not_masked("x", x)
     if not isinstance(x, np.ndarray) or x.ndim == 0:
         checks.float_array("x", x, ("...", "I"))  # raises the type / rank message
     if x.dtype not in checks.FLOAT_DTYPES:
@@ -90,6 +93,8 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
     last; M = N*d1*..., no copy when already so), targets as int64 [M] (class indices) or
     [M, C] (probabilities, when `probabilities`), and the class weights [C] or None.
     """
+    checks.not_masked("logits", logits)
+    checks.not_masked("targets", targets)
     if not isinstance(logits, np.ndarray):
         raise TypeError(f"logits: expected a numpy.ndarray [N, C] or [N, C, d...], got "
                         f"{type(logits).__name__}")

@@ -74,6 +74,7 @@ def token_ids(name: str, ids: Any, vocab: int, lengths: np.ndarray | None
     Returns (ids as given, ids with every padded position replaced by 0): padding is not
     data, so whatever it holds (-1, a huge id) changes nothing, exactly as zeros would.
     """
+    checks.not_masked(name, ids)
     if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
         integer_ids(name, ids, vocab)  # raises the type message
     if ids.ndim != 2 or 0 in ids.shape:

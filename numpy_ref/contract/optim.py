@@ -17,6 +17,7 @@ def params_dict(params: Any) -> dict[str, np.ndarray]:
     if not params:
         raise ValueError("params: expected at least one parameter, got an empty dict")
     for k, v in params.items():
+        checks.not_masked(f"params[{k!r}]", v)
         if not isinstance(v, np.ndarray):
             raise TypeError(f"params[{k!r}]: expected a numpy.ndarray, got {type(v).__name__}")
         if v.dtype not in checks.FLOAT_DTYPES:
