@@ -315,7 +315,7 @@ def test_spec_cases_have_the_format_exactly(small, stem, dtype):
         config = golden.CONFIGS[stem]
         split = {r: {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(r + ".")}
                  for r in golden.ROLES}
-        exact = config.run(*[golden._cast(split[r], np.float64)
+        exact = config.run(*[golden.cast(split[r], np.float64)
                              for r in ("input", "param", "cotangent")])
         for role, arrays in zip(("output", "grad", "cache"), exact, strict=True):
             for k, a in arrays.items():

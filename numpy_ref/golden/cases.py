@@ -1,182 +1,18 @@
-r"""Golden vectors: numpy_ref's answers stored as files, an oracle for other languages.
+"""The catalogue: every op configuration that the golden files hold, registered at import.
 
-An implementation of these ops in C, Rust, CUDA or anything else can test itself against
-`numpy_ref` without running Python: read a case's inputs, parameters and cotangents from its
-file, run your forward and backward, and compare your outputs and gradients with the stored
-ones under the stored tolerances. The files follow torch's semantics (each case says which
-torch call it is; the tests re-run some of them in torch).
-
-    python -m numpy_ref.golden write DIR [--only PATTERN]   # every case, or those matching
-    python -m numpy_ref.golden verify DIR                   # recompute and check everything
-    python -m numpy_ref.golden list [DIR]                   # the cases (and their tensors)
-
-Files
------
-``DIR/manifest.json`` and one ``DIR/<case>.safetensors`` per case. A case is named
-``<family>-<config>-<dtype>`` (lowercase, words joined by ``_``, dtype ``float64`` or
-``float32``), e.g. ``lstm_cell-basic-float64``, ``attention-scaled_dot_lengths-float32``.
-
-A .safetensors file is an 8-byte little-endian u64 N, then N bytes of JSON header
-``{"<tensor>": {"dtype": "F64"|"F32"|"I64"|"BOOL", "shape": [...], "data_offsets": [begin,
-end]}, ..., "__metadata__": {str: str}}``, then the raw little-endian C-order data (offsets
-count from the end of the header). The tensors of a case:
-
-    input.<arg>            the op's inputs (token ids and lengths I64, masks BOOL)
-    param.<key>            parameters, under their torch state_dict names (weight_ih_l0,
-                           embedding.weight, out_proj.weight, ...)
-    cotangent.<d_output>   the gradients fed to the backward (d_h_new, d_context, d_logits)
-    output.<name>          the forward's results
-    grad.d_<input>         gradients of the float inputs (grad.d_x, grad.d_query)
-    grad.d_<key>           gradients of the parameters (grad.d_weight_ih_l0,
-                           grad.d_embedding.weight); a gradient the op does not give is absent
-    cache.<field>          intermediates, for debugging (cache.gates, cache.scores)
-
-Every float tensor of a case has the case's dtype. In a float32 case the inputs, params and
-cotangents are float32 values, and the outputs and gradients stored are the float64
-computation on exactly those values, rounded to float32: the most accurate float32 answer.
-
-``__metadata__`` holds ``case``, ``family``, ``config``, ``op`` (the family: ``lstm_cell``,
-``attention``, ...: what a consumer dispatches on), ``functions`` (the numpy_ref pair that
-computes it), ``dtype``, ``semantics`` (what the case computes, in torch's terms), the case's
-options (strings as they are, floats as Python's repr, anything else as JSON: ``score`` =
-``scaled_dot``, ``scale`` = ``0.4472135954999579``, ``bidirectional`` = ``true``), and
-``atol.<tensor>`` / ``rtol.<tensor>`` (repr of a float) for every output, grad and cache
-tensor, so a consumer needs only the one file. The manifest repeats all of it per case
-(``file``, ``sha256``, ``size``, ``seed``, ``semantics``, ``options`` as JSON values, and per
-tensor its ``role``, ``dtype``, ``shape`` and tolerances).
-
-Tolerances
-----------
-An implementation passes a tensor when ``|got - want| <= atol + rtol * |want|`` elementwise.
-
-- float64: rtol = atol = 1e-7 (torch.testing's float64 defaults).
-- float32: rtol = 0 and ``atol = factor * err + 8 * eps32 * scale``, the project's float32
-  policy: err is the max error of a plain float32 implementation (numpy_ref run in float32)
-  against the float64 answer, factor 2 for outputs and caches and 3 for gradients, scale is
-  max|want| of the tensor for outputs and, for gradients, the largest gradient magnitude of
-  the whole case (a small gradient next to large ones comes from cancelling sums, whose
-  rounding scales with the terms), never below 1e-30 (so a tensor of zeros has a positive
-  tolerance). eps32 = 2**-23.
-
-``verify`` recomputes each case from its stored inputs with numpy_ref and checks (a) the
-float64 recomputation against the stored values within a tight consistency bound (float64:
-1e-10 of the scale; float32: that plus eps32 * |want|, room for the rounding), (b) the
-recomputation in the case's dtype against the stored values under the stored tolerances (for
-float32 that is numpy_ref run in float32, the check any float32 implementation faces), (c)
-every sha256, and (d) that the manifest, the metadata and the files agree on names, shapes and
-dtypes. It exits 1 naming the case, the tensor, the worst index, got, want and the allowed
-error.
-
-Reading a file
---------------
-From Python, with the safetensors package (no NumPy code needed)::
-
-    from safetensors.torch import load_file      # or safetensors.numpy, .flax, ...
-    t = load_file("golden/lstm_cell-basic-float64.safetensors")   # {name: tensor}
-
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()                       # {"case": ..., "atol.output.h_new": ...}
-
-or with the standard library alone (``struct``, ``json``, ``array``): read the u64 N, parse
-the JSON header, and ``array.array("d")`` / ``"f"`` / ``"q"`` the bytes at ``8 + N +
-data_offsets``. From C: ``examples/c/golden_check.c`` reads these files with libc alone (its
-own JSON reader for the header), runs a plain C LSTM cell and attention on the four cases
-``lstm_cell-basic-*`` and ``attention-scaled_dot_lengths-*`` and applies the tolerance rule
-below; replace its functions with calls into your code to check yours.
-
-Determinism
------------
-Each configuration's data come from ``numpy.random.default_rng(zlib.crc32(b"<family>-<config>"))``
-drawn in float64 (the float32 case holds the same draws rounded), and the metadata keys are
-written sorted, so two ``write`` runs on one machine produce byte-identical files.
+Each ``_<family>_config`` function draws its data with a fixed seed and registers a `Config`
+whose ``run`` computes the forward and backward with numpy_ref in the arrays' dtype.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import fnmatch
-import hashlib
-import json
 import math
-import struct
-import sys
-import zlib
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 import numpy_ref as ref
-from numpy_ref.testing import EPS32, compare, float32_allowance
-
-F64_TOL = 1e-7  # float64 rtol = atol (torch.testing's float64 defaults)
-TOL_SLACK = 2.0  # verify: a stored float32 atol may be at most this times the recomputed one
-SCALE_FLOOR = 1e-30  # the smallest scale of a float32 allowance
-CONSISTENCY = 1e-10  # verify's float64 recomputation bound, relative to the scale
-DTYPES = ("float64", "float32")
-ROLES = ("input", "param", "cotangent", "output", "grad", "cache")
-CHECKED_ROLES = ("output", "grad", "cache")
-MANIFEST = "manifest.json"
-FORMAT = "lstm-attention-reference golden vectors"
-VERSION = 1
-
-Arrays = dict[str, np.ndarray]
-# run(inputs, params, cotangents) -> (outputs, grads, cache), names without the role prefix
-RunFn = Callable[[Arrays, Arrays, Arrays], tuple[Arrays, Arrays, Arrays]]
-MakeFn = Callable[[np.random.Generator], tuple[Arrays, Arrays, Arrays]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """One op configuration; it gives one case per dtype."""
-
-    family: str  # e.g. "lstm"
-    config: str  # e.g. "bidirectional_2layer_lengths"
-    functions: str  # the numpy_ref functions computing it
-    semantics: str  # what it computes, in torch's terms
-    options: dict[str, Any]  # structured options (JSON values)
-    make: MakeFn  # float64 draws: (inputs, params, cotangents)
-    run: RunFn  # the computation, in the arrays' dtype
-
-    @property
-    def op(self) -> str:
-        """The op's short name, the metadata's ``op``: the family (``lstm_cell``, ...)."""
-        return self.family
-
-    @property
-    def stem(self) -> str:
-        """``<family>-<config>``: the seed's source."""
-        return f"{self.family}-{self.config}"
-
-    @property
-    def seed(self) -> int:
-        """The configuration's fixed seed (a stable hash of its name, not Python's hash())."""
-        return zlib.crc32(self.stem.encode())
-
-    def case(self, dtype: str) -> str:
-        """The case name for `dtype` ("float64" or "float32")."""
-        return f"{self.stem}-{dtype}"
-
-
-CONFIGS: dict[str, Config] = {}
-
-
-def _register(family: str, config: str, functions: str, semantics: str,
-              options: dict[str, Any], make: MakeFn, run: RunFn) -> None:
-    c = Config(family, config, functions, " ".join(semantics.split()), options, make, run)
-    assert c.stem not in CONFIGS, c.stem
-    assert all(k not in ("case", "family", "config", "op", "functions", "dtype", "semantics")
-               and "." not in k for k in options), options
-    CONFIGS[c.stem] = c
-
-
-def all_cases() -> list[tuple[str, Config, str]]:
-    """Every case: (name, config, dtype), in registry order, float64 first."""
-    return [(c.case(d), c, d) for c in CONFIGS.values() for d in DTYPES]
-
+from numpy_ref.golden.registry import Arrays, register
 
 # --------------------------------------------------------------------------------------------
 # drawing data
@@ -245,7 +81,7 @@ def _lstm_cell_config(config: str, B: int, I: int, H: int, P: int) -> None:
         order i, f, g, o. Backward with cotangents on both h_new and c_new (torch:
         autograd.grad((h_new, c_new), ..., (d_h_new, d_c_new))). cache.gates: the activated
         gates i, f, g, o [B, 4H]."""
-    _register("lstm_cell", config, "numpy_ref.lstm_cell_forward / lstm_cell_backward",
+    register("lstm_cell", config, "numpy_ref.lstm_cell_forward / lstm_cell_backward",
               semantics, {"batch": B, "input_size": I, "hidden_size": H, "proj_size": P},
               make, run)
 
@@ -323,7 +159,7 @@ def _lstm_config(config: str, *, T: int, B: int, I: int, H: int, num_layers: int
                "hidden_size": H, "seq_len": T, "batch": B,
                "lengths": list(lengths) if lengths is not None else None,
                "initial_state": initial_state, "final_state_cotangents": final_state_cotangents}
-    _register("lstm", config, "numpy_ref.lstm_forward / lstm_backward", text, options, make,
+    register("lstm", config, "numpy_ref.lstm_forward / lstm_backward", text, options, make,
               run)
 
 
@@ -455,7 +291,7 @@ def _attention_config(config: str, *, score: str, layout: str, B: int = 2, Tq: i
                "kv_heads": kv_heads if layout == "heads" else None,
                "mask": mask, "bias_shape": list(bias_shape) if bias_shape else None,
                "d_weights": d_weights}
-    _register("attention", config, "numpy_ref.attention_forward / attention_backward", text,
+    register("attention", config, "numpy_ref.attention_forward / attention_backward", text,
               {k: v for k, v in options.items() if v is not None}, make, run)
 
 
@@ -570,7 +406,7 @@ def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
                "bias": bias, "batch_first": batch_first, "need_weights": need_weights,
                "average_attn_weights": average_attn_weights,
                "key_padding_mask": key_padding_mask, "attn_mask": attn_mask}
-    _register("multihead_attention", config,
+    register("multihead_attention", config,
               "numpy_ref.multihead_attention_forward / multihead_attention_backward", text,
               options, make, run)
 
@@ -604,7 +440,7 @@ def _embedding_config(config: str, *, V: int, E: int, shape: tuple[int, ...],
             + "): out = weight[ids] (ids I64); grad.d_weight scatter-adds d_out into the rows "
               "of the ids" + (f" (row {padding_idx} gets no gradient)"
                               if padding_idx is not None else "") + ".")
-    _register("embedding", config, "numpy_ref.embedding_forward / embedding_backward", text,
+    register("embedding", config, "numpy_ref.embedding_forward / embedding_backward", text,
               {"num_embeddings": V, "embedding_dim": E, "padding_idx": padding_idx}, make, run)
 
 
@@ -627,7 +463,7 @@ def _linear_config(config: str, *, shape: tuple[int, ...], I: int, O: int, bias:
 
     text = (f"torch.nn.Linear({I}, {O}, bias={bias}): y = x @ weight.T"
             + (" + bias" if bias else "") + f" on x {[*shape, I]}.")
-    _register("linear", config, "numpy_ref.linear_forward / linear_backward", text,
+    register("linear", config, "numpy_ref.linear_forward / linear_backward", text,
               {"in_features": I, "out_features": O, "bias": bias}, make, run)
 
 
@@ -681,7 +517,7 @@ def _cross_entropy_config(config: str, *, shape: tuple[int, ...], C: int,
     options = {"classes": C, "reduction": reduction, "ignore_index": ignore_index,
                "label_smoothing": label_smoothing, "class_weight": class_weight,
                "probabilities": probabilities}
-    _register("cross_entropy", config, "numpy_ref.cross_entropy_forward / "
+    register("cross_entropy", config, "numpy_ref.cross_entropy_forward / "
               "cross_entropy_backward", text, options, make, run)
 
 
@@ -726,7 +562,7 @@ def _bilstm_attention_config(config: str, *, V: int, E: int, H: int, C: int, B: 
             + (", keys past lengths masked" if lengths else "")
             + f" -> nn.Linear({2 * H}, {C}); outputs logits [B, C] and attention [B, T]. "
             "Backward from d_logits and d_attention; grads of every parameter.")
-    _register("bilstm_attention", config,
+    register("bilstm_attention", config,
               "numpy_ref.bilstm_attention_forward / bilstm_attention_backward", text,
               {"vocab_size": V, "embedding_dim": E, "n_hidden": H, "num_classes": C,
                "seed_compatible": seed_compatible, "lengths": list(lengths) if lengths else None},
@@ -774,7 +610,7 @@ def _seq2seq_config(config: str, *, decoder: str, score: str | None, Vs: int = 7
             f"the decoder state (2H = {2 * H}): concat(h_n[-2], h_n[-1]) and "
             f"concat(c_n[-2], c_n[-1]); {body}. Outputs logits [B, Tt, Vt] and attention "
             "[B, Tt, Ts]; backward from d_logits and d_attention; grads of every parameter.")
-    _register("seq2seq", config, "numpy_ref.seq2seq_forward / seq2seq_backward", text,
+    register("seq2seq", config, "numpy_ref.seq2seq_forward / seq2seq_backward", text,
               {"src_vocab": Vs, "tgt_vocab": Vt, "embedding_dim": E, "hidden_size": H,
                "decoder": decoder, "score": used, "num_layers": num_layers,
                "src_lengths": list(src_lengths) if src_lengths else None}, make, run)
@@ -786,423 +622,3 @@ _seq2seq_config("luong_additive", decoder="luong", score="additive")
 _seq2seq_config("bahdanau", decoder="bahdanau", score=None)
 _seq2seq_config("luong_scaled_dot_2_layers", decoder="luong", score="scaled_dot", num_layers=2)
 _seq2seq_config("bahdanau_2_layers", decoder="bahdanau", score=None, num_layers=2)
-
-
-# --------------------------------------------------------------------------------------------
-# tolerances and files
-
-
-def _float_dtype(dtype: str) -> type:
-    return np.float64 if dtype == "float64" else np.float32
-
-
-def _cast(arrays: Mapping[str, np.ndarray], dtype: Any) -> Arrays:
-    """Float arrays to `dtype`; integer and bool arrays as they are."""
-    return {k: np.array(v, dtype=dtype if np.issubdtype(v.dtype, np.floating) else v.dtype,
-                        order="C") for k, v in arrays.items()}
-
-
-def _run(config: Config, inputs: Arrays, params: Arrays, cots: Arrays, dtype: Any
-         ) -> dict[str, Arrays]:
-    """The config's computation in `dtype`, as {role: {name: array}} for the checked roles."""
-    outputs, grads, cache = config.run(_cast(inputs, dtype), _cast(params, dtype),
-                                       _cast(cots, dtype))
-    return {"output": dict(outputs), "grad": dict(grads), "cache": dict(cache)}
-
-
-def _tolerances(dtype: str, want: dict[str, Arrays], low: dict[str, Arrays] | None
-                ) -> dict[str, tuple[float, float]]:
-    """{"<role>.<name>": (atol, rtol)} of every checked tensor (see the module docstring).
-
-    want : the float64 answers.  low : numpy_ref's float32 results (float32 cases only).
-    """
-    tol = {}
-    if dtype == "float64":
-        for role in CHECKED_ROLES:
-            for name in want[role]:
-                tol[f"{role}.{name}"] = (F64_TOL, F64_TOL)
-        return tol
-    assert low is not None
-    grad_scale = max((float(np.abs(g).max()) for g in want["grad"].values() if g.size),
-                     default=0.0)
-    for role in CHECKED_ROLES:
-        for name, w in want[role].items():
-            err = float(np.abs(low[role][name].astype(np.float64) - w).max()) if w.size else 0.0
-            scale = grad_scale if role == "grad" else (float(np.abs(w).max()) if w.size else 0)
-            atol = float32_allowance(err, max(scale, SCALE_FLOOR), grad=role == "grad")
-            tol[f"{role}.{name}"] = (float(np.float64(atol)), 0.0)
-    return tol
-
-
-def _option_str(v: Any) -> str:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, float):
-        return repr(v)
-    return json.dumps(v)
-
-
-def _canonical(data: bytes) -> bytes:
-    """The safetensors bytes with the header's ``__metadata__`` keys sorted.
-
-    safetensors writes its metadata from a hash map, in an order that changes from process to
-    process; sorting the keys (same bytes, same length, so every offset holds) makes two
-    writes identical.
-    """
-    (n,) = struct.unpack("<Q", data[:8])
-    raw = data[8:8 + n]
-    header = json.loads(raw)
-    meta = header.pop("__metadata__", None)
-    new = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
-    new.update(header)
-    text = json.dumps(new, separators=(",", ":"), ensure_ascii=False).encode()
-    stripped = raw.rstrip(b" ")
-    if len(text) != len(stripped) or json.loads(text) != json.loads(stripped):
-        raise RuntimeError("safetensors header could not be canonicalised")  # pragma: no cover
-    return data[:8] + text + raw[len(text):] + data[8 + n:]
-
-
-def _st_dtype(a: np.ndarray) -> str:
-    return {"float64": "F64", "float32": "F32", "int64": "I64", "bool": "BOOL"}[a.dtype.name]
-
-
-def build_case(config: Config, dtype: str) -> tuple[Arrays, dict[str, str], dict[str, Any]]:
-    """Compute one case: (tensors {prefixed name: array}, metadata, manifest entry)."""
-    save = _safetensors().numpy.save
-
-    rng = np.random.default_rng(config.seed)
-    drawn = config.make(rng)
-    fdt = _float_dtype(dtype)
-    stored = {role: _cast(a, fdt) for role, a in zip(ROLES[:3], drawn, strict=True)}
-    want = _run(config, *stored.values(), np.float64)
-    low = _run(config, *stored.values(), np.float32) if dtype == "float32" else None
-    tol = _tolerances(dtype, want, low)
-    tensors: Arrays = {}
-    for role in ROLES:
-        for name, a in (stored[role] if role in stored else want[role]).items():
-            tensors[f"{role}.{name}"] = np.array(
-                a, dtype=fdt if np.issubdtype(a.dtype, np.floating) else a.dtype, order="C")
-    name = config.case(dtype)
-    meta = {"case": name, "family": config.family, "config": config.config, "op": config.op,
-            "functions": config.functions, "dtype": dtype, "semantics": config.semantics,
-            **{k: _option_str(v) for k, v in config.options.items()}}
-    for t, (atol, rtol) in tol.items():
-        meta[f"atol.{t}"] = repr(atol)
-        meta[f"rtol.{t}"] = repr(rtol)
-    data = _canonical(save(tensors, metadata=meta))
-    entry = {
-        "file": f"{name}.safetensors",
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-        "family": config.family,
-        "config": config.config,
-        "dtype": dtype,
-        "op": config.op,
-        "functions": config.functions,
-        "seed": config.seed,
-        "semantics": config.semantics,
-        "options": config.options,
-        "tensors": {
-            t: {"role": t.split(".", 1)[0], "dtype": _st_dtype(a), "shape": list(a.shape),
-                **({"atol": tol[t][0], "rtol": tol[t][1]} if t in tol else {})}
-            for t, a in tensors.items()},
-    }
-    return tensors, meta, {"data": data, "entry": entry}
-
-
-def _matches(name: str, patterns: Sequence[str] | None) -> bool:
-    if not patterns:
-        return True
-    return any(fnmatch.fnmatchcase(name, p) if any(ch in p for ch in "*?[") else p in name
-               for p in patterns)
-
-
-def write(directory: str | Path, only: Sequence[str] | None = None) -> dict[str, Any]:
-    """Write the cases matching `only` (all when None) and the manifest into `directory`.
-
-    Files of a previous manifest in the directory that this one does not list are removed.
-    Returns the manifest.
-    """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    selected = [(n, c, d) for n, c, d in all_cases() if _matches(n, only)]
-    if not selected:
-        raise ValueError(f"no case matches {list(only or [])}")
-    old = out / MANIFEST
-    stale: set[str] = set()
-    if old.exists():
-        try:
-            stale = {e["file"] for e in json.loads(old.read_text())["cases"].values()}
-        except (ValueError, KeyError, TypeError):
-            stale = set()
-    cases = {}
-    for name, config, dtype in selected:
-        _, _, built = build_case(config, dtype)
-        (out / built["entry"]["file"]).write_bytes(built["data"])
-        cases[name] = built["entry"]
-    for f in stale - {e["file"] for e in cases.values()}:
-        if "/" not in f and f.endswith(".safetensors"):
-            (out / f).unlink(missing_ok=True)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "written_by": "python -m numpy_ref.golden write",
-        "tolerance_rule": (
-            "pass when |got - want| <= atol + rtol * |want| elementwise; float64: rtol = "
-            "atol = 1e-7; float32: rtol = 0, atol = factor * err + 8 * eps32 * scale (err: "
-            "numpy_ref in float32 against the float64 answer; factor 2 outputs and caches, 3 "
-            "gradients; scale: max|want|, for gradients the case's largest gradient "
-            f"magnitude; scale >= {SCALE_FLOOR!r})"),
-        "cases": cases,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# verify
-
-
-def _compare(name: str, got: np.ndarray, want: np.ndarray, *, rtol: float, atol: float
-             ) -> str | None:
-    """None when ``|got - want| <= atol + rtol * |want|`` everywhere, else a message naming the
-    worst index, got, want and the allowed error (`numpy_ref.testing.compare`)."""
-    result = compare(name, got, want, rtol=rtol, atol=atol)
-    return None if result.ok else str(result)
-
-
-def _safetensors() -> Any:
-    """The safetensors package (the golden extra), imported on first use: numpy_ref itself needs
-    NumPy alone."""
-    try:
-        import safetensors
-        import safetensors.numpy
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
-            "golden files are safetensors files: pip install 'lstm-attention-reference[golden]' "
-            "(or pip install safetensors)") from e
-    return safetensors
-
-
-def _read(path: Path) -> tuple[Arrays, dict[str, str]]:
-    with _safetensors().safe_open(str(path), framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def verify_case(directory: Path, name: str, entry: Mapping[str, Any]) -> list[str]:
-    """Every problem of one case, as messages starting with the case name ([] when it passes)."""
-    problems: list[str] = []
-
-    def bad(msg: str) -> None:
-        problems.append(f"{name}: {msg}")
-
-    if name not in {n for n, _, _ in all_cases()}:
-        bad("not a case this module knows (no way to recompute it)")
-        return problems
-    stem, dtype = name.rsplit("-", 1)
-    config = CONFIGS[stem]
-    path = directory / str(entry.get("file", ""))
-    if entry.get("file") != f"{name}.safetensors" or not path.is_file():
-        bad(f"file {entry.get('file')!r} missing (expected {name}.safetensors)")
-        return problems
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        bad(f"sha256 of {path.name} is {hashlib.sha256(data).hexdigest()}, the manifest says "
-            f"{entry.get('sha256')}")
-    if entry.get("size") != len(data):
-        bad(f"size of {path.name} is {len(data)} bytes, the manifest says {entry.get('size')}")
-    for key, want in (("dtype", dtype), ("family", config.family), ("config", config.config),
-                      ("op", config.op), ("functions", config.functions),
-                      ("semantics", config.semantics),
-                      ("options", config.options), ("seed", config.seed)):
-        if entry.get(key) != want:
-            bad(f"manifest {key} is {entry.get(key)!r}, expected {want!r}")
-    try:
-        tensors, meta = _read(path)
-    except Exception as e:  # a damaged file: say so and stop
-        bad(f"cannot read {path.name}: {e}")
-        return problems
-    listed = entry.get("tensors", {})
-    for t in sorted(set(listed) - set(tensors)):
-        bad(f"tensor {t} is in the manifest but not in the file")
-    for t in sorted(set(tensors) - set(listed)):
-        bad(f"tensor {t} is in the file but not in the manifest")
-    fdt = _float_dtype(dtype)
-    for t, a in tensors.items():
-        info = listed.get(t)
-        if info is None:
-            continue
-        if list(a.shape) != info.get("shape"):
-            bad(f"tensor {t}: shape {list(a.shape)} in the file, {info.get('shape')} in the "
-                "manifest")
-        if _st_dtype(a) != info.get("dtype"):
-            bad(f"tensor {t}: dtype {_st_dtype(a)} in the file, {info.get('dtype')} in the "
-                "manifest")
-        if np.issubdtype(a.dtype, np.floating) and a.dtype != fdt:
-            bad(f"tensor {t}: dtype {a.dtype}, the case is {dtype}")
-        if t.split(".", 1)[0] not in ROLES or t.split(".", 1)[0] != info.get("role"):
-            bad(f"tensor {t}: role {info.get('role')!r} does not match its name")
-    want_meta = {"case": name, "family": config.family, "config": config.config,
-                 "op": config.op, "functions": config.functions, "dtype": dtype,
-                 "semantics": config.semantics,
-                 **{k: _option_str(v) for k, v in config.options.items()}}
-    for t, info in listed.items():
-        if "atol" in info:
-            want_meta[f"atol.{t}"] = repr(float(info["atol"]))
-            want_meta[f"rtol.{t}"] = repr(float(info["rtol"]))
-    for k in sorted(set(want_meta) | set(meta)):
-        if meta.get(k) != want_meta.get(k):
-            bad(f"metadata {k!r} is {meta.get(k)!r}, expected {want_meta.get(k)!r}")
-    split: dict[str, Arrays] = {r: {} for r in ROLES}
-    for t, a in tensors.items():
-        role, _, rest = t.partition(".")
-        if role in split:
-            split[role][rest] = a
-    try:
-        exact = _run(config, split["input"], split["param"], split["cotangent"], np.float64)
-        own = exact if dtype == "float64" else _run(config, split["input"], split["param"],
-                                                    split["cotangent"], np.float32)
-    except Exception as e:
-        bad(f"numpy_ref failed on the stored inputs: {type(e).__name__}: {e}")
-        return problems
-    grad_scale = max((float(np.abs(g).max()) for g in exact["grad"].values() if g.size),
-                     default=0.0)
-    # The stored tolerances must be the policy's, recomputed here: a float64 one or a
-    # float32 one at most TOL_SLACK times it (another BLAS rounds the float32 run a little
-    # differently), so an inflated tolerance cannot make a wrong value pass.
-    policy = _tolerances(dtype, exact, None if dtype == "float64" else own)
-    for t, (atol, rtol) in sorted(policy.items()):
-        info = listed.get(t, {})
-        if "atol" not in info:
-            continue
-        stored_atol, stored_rtol = float(info["atol"]), float(info["rtol"])
-        if stored_rtol != rtol or not stored_atol <= TOL_SLACK * atol:
-            bad(f"{t}: stored tolerance atol={stored_atol:.3g}, rtol={stored_rtol:.3g}; the "
-                f"policy gives atol={atol:.3g}, rtol={rtol:.3g}")
-    for role in CHECKED_ROLES:
-        for t in sorted(set(exact[role]) - set(split[role])):
-            bad(f"{role}.{t} is computed but not stored")
-        for t in sorted(set(split[role]) - set(exact[role])):
-            bad(f"{role}.{t} is stored but not computed")
-        for t in sorted(set(exact[role]) & set(split[role])):
-            full = f"{role}.{t}"
-            stored, w = split[role][t], exact[role][t]
-            if stored.shape != w.shape:
-                bad(f"{full}: stored shape {list(stored.shape)}, computed {list(w.shape)}")
-                continue
-            scale = grad_scale if role == "grad" else (float(np.abs(w).max()) if w.size else 0)
-            msg = _compare(full, stored, w, rtol=0.0 if dtype == "float64" else EPS32,
-                           atol=CONSISTENCY * max(scale, SCALE_FLOOR))
-            if msg:
-                bad(f"[stored vs numpy_ref float64] {msg}")
-            info = listed.get(full, {})
-            if "atol" not in info:
-                continue
-            msg = _compare(full, own[role][t], stored, rtol=float(info["rtol"]),
-                           atol=float(info["atol"]))
-            if msg:
-                bad(f"[numpy_ref {dtype} vs stored, stored tolerance] {msg}")
-    return problems
-
-
-def verify(directory: str | Path) -> list[str]:
-    """Every problem of the golden directory (see the module docstring); [] when it passes."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        cases = manifest["cases"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{directory / MANIFEST}: cannot read the manifest ({e})"]
-    if not isinstance(cases, dict) or not all(isinstance(e, dict) for e in cases.values()):
-        return [f"{directory / MANIFEST}: 'cases' must map each case name to its entry"]
-    if not cases:
-        return [f"{directory / MANIFEST}: lists no case (nothing would be verified)"]
-    problems = []
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        problems.append(f"manifest: format {manifest.get('format')!r} version "
-                        f"{manifest.get('version')!r}, expected {FORMAT!r} {VERSION}")
-    listed = {str(e.get("file")) for e in cases.values()}
-    for f in sorted(p.name for p in directory.glob("*.safetensors")):
-        if f not in listed:
-            problems.append(f"{f}: a file the manifest does not list")
-    for name, entry in cases.items():
-        problems.extend(verify_case(directory, name, entry))
-    return problems
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-
-
-def _size(n: int) -> str:
-    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 else \
-        f"{n / (1 << 20):.2f} MiB"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (see the module docstring); returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m numpy_ref.golden",
-        description="Write, verify or list numpy_ref's golden vectors (safetensors files "
-                    "and a manifest).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write", help="compute the cases and write DIR/*.safetensors and "
-                                     "DIR/manifest.json (files of an earlier manifest in DIR "
-                                     "that this one does not list are removed)")
-    w.add_argument("directory")
-    w.add_argument("--only", action="append", metavar="PATTERN",
-                   help="only cases whose name contains PATTERN (or matches it as a glob "
-                        "with * ? [...]); may be repeated")
-    v = sub.add_parser("verify", help="recompute every case of DIR's manifest and check the "
-                                      "files; exit 1 on any mismatch")
-    v.add_argument("directory")
-    ls = sub.add_parser("list", help="list the cases (of DIR's manifest, with its tensors)")
-    ls.add_argument("directory", nargs="?")
-    ls.add_argument("--only", action="append", metavar="PATTERN")
-    args = parser.parse_args(argv)
-
-    if args.command == "write":
-        try:
-            manifest = write(args.directory, args.only)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:
-            print(f"error: cannot write to {args.directory}: {e}", file=sys.stderr)
-            return 2
-        total = sum(e["size"] for e in manifest["cases"].values())
-        print(f"wrote {len(manifest['cases'])} files, {_size(total)} in total, to "
-              f"{Path(args.directory).resolve()} (manifest: {MANIFEST})")
-        return 0
-    if args.command == "verify":
-        problems = verify(args.directory)
-        for p in problems:
-            print(p)
-        if problems:
-            print(f"FAILED: {len(problems)} problem(s) in {args.directory}")
-            return 1
-        n = len(json.loads((Path(args.directory) / MANIFEST).read_text())["cases"])
-        print(f"OK: {n} cases in {args.directory} verified")
-        return 0
-    if args.directory is None:
-        for name, config, _ in all_cases():
-            if _matches(name, args.only):
-                print(f"{name}: {config.functions}")
-        return 0
-    try:
-        cases = json.loads((Path(args.directory) / MANIFEST).read_text())["cases"]
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: cannot read the manifest: {e}", file=sys.stderr)
-        return 2
-    for name, entry in cases.items():
-        if not _matches(name, args.only):
-            continue
-        print(f"{name} ({entry['size']} B): {entry['semantics']}")
-        for t, info in entry["tensors"].items():
-            tol = f"  atol={info['atol']:.3g} rtol={info['rtol']:.3g}" if "atol" in info else ""
-            print(f"    {t:<32} {info['dtype']:<4} {info['shape']}{tol}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
