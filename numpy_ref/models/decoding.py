@@ -1,0 +1,185 @@
+"""Decoding, one token at a time: greedy decoding and beam search, both on one decoder step
+that runs the teacher-forced decoder's own equations (`numpy_ref.models.seq2seq`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from numpy_ref.contract import models as contract
+from numpy_ref.contract.backend import op_module
+from numpy_ref.contract.fields import documented
+from numpy_ref.contract.models import as_cell, group
+from numpy_ref.models.seq2seq import _bahdanau_layers, _bahdanau_step, _encode, _luong_output
+
+# --------------------------------------------------------------------------------------------
+# decoding, one token at a time
+
+
+@documented
+class _Decoder(NamedTuple):
+    """What every decoding step reads: the encoder's output and the decoder's params."""
+
+    backend: ModuleType  # the op module
+    decoder: str  # "luong" or "bahdanau"
+    score: str  # the attention score
+    memory: np.ndarray  # [N, Ts, 2H]
+    lengths: np.ndarray | None  # [N]
+    K: np.ndarray | None  # bahdanau: memory W_key^T [N, Ts, A]
+    p: dict[str, np.ndarray]  # the checked params
+
+    def repeat(self, k: int) -> _Decoder:
+        """Each row k times (row b's copies at b*k .. b*k + k-1), for k beams."""
+        def rep(a):
+            return None if a is None else np.repeat(a, k, axis=0)
+
+        return self._replace(memory=rep(self.memory), lengths=rep(self.lengths), K=rep(self.K))
+
+
+def _start(src, params, src_lengths, decoder, score, backend):
+    """Encode src; return (the `_Decoder`, s_0, m_0, sizes)."""
+    backend = op_module(backend)
+    score = contract.seq2seq_config(decoder, score)
+    p, sizes = contract.seq2seq_params(params, decoder, score)
+    real_src, src_lengths = contract.source(src, src_lengths, sizes.Vs)
+    memory, s0, m0, _ = _encode(backend, real_src, src_lengths, p, sizes.L)
+    K = None
+    if decoder == "bahdanau":
+        K, _ = backend.linear_forward(memory, {"weight": p["decoder.attention.W_key"]})
+    return _Decoder(backend, decoder, score, memory, src_lengths, K, p), s0, m0, sizes
+
+
+def _step(dec: _Decoder, tokens: np.ndarray, s: np.ndarray, m: np.ndarray):
+    """One decoder step for tokens [N]: -> (log-probabilities [N, Vt], s, m)."""
+    bk, p = dec.backend, dec.p
+    y, _ = bk.embedding_forward(tokens, group(p, "tgt_embed"))  # [N, E]
+    if dec.decoder == "luong":  # the teacher-forced decoder's equations, one step at a time
+        s, m, _ = bk.lstm_cell_forward(y, s, m, as_cell(group(p, "decoder.lstm")))
+        logits, _, _ = _luong_output(bk, s, dec.memory, dec.lengths, dec.score, p)
+    else:
+        query_layer, cell = _bahdanau_layers(p)
+        s, m, c, _, _ = _bahdanau_step(bk, y, s, m, dec.K, dec.memory, dec.lengths, query_layer,
+                                       p["decoder.attention.v"], cell)
+        logits, _ = bk.linear_forward(np.concatenate([s, c, y], axis=1), group(p, "generator"))
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True)), s, m  # log softmax
+
+
+def greedy_decode(
+    src: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    *,
+    max_len: int,
+    bos: int,
+    eos: int,
+    src_lengths: Any = None,
+    decoder: str = "luong",
+    score: str | None = None,
+    backend: ModuleType | None = None,
+) -> np.ndarray:
+    """Greedy decoding: start from bos, feed each step's most likely token back.
+
+    ``y_{t+1} = argmax_v logits_t[v]`` with the decoder's state carried step to step (the
+    `numpy_ref.models` module docstring).
+
+    Returns tokens [B, L], L <= max_len (bos not included): each row up to and including its
+    eos, then eos again until the longest row ends; a row without eos has max_len tokens.
+    Ties go to the lowest token id.
+    """
+    dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend)
+    contract.decoding(max_len, bos, eos, sizes.Vt)
+    B = dec.memory.shape[0]
+    tokens = np.full(B, bos, np.int64)
+    done = np.zeros(B, bool)
+    out = []
+    for _ in range(max_len):
+        log_p, s, m = _step(dec, tokens, s, m)
+        tokens = np.where(done, eos, log_p.argmax(axis=1))
+        out.append(tokens)
+        done |= tokens == eos
+        if done.all():
+            break
+    return np.stack(out, axis=1)
+
+
+def beam_search(
+    src: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    *,
+    beam_size: int,
+    max_len: int,
+    bos: int,
+    eos: int,
+    src_lengths: Any = None,
+    length_penalty: float = 1.0,
+    decoder: str = "luong",
+    score: str | None = None,
+    backend: ModuleType | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Beam search over all rows and beams at once: keep the k best hypotheses by
+    ``sum log p / len ** length_penalty`` (the `numpy_ref.models` module docstring).
+
+    A hypothesis ends at eos or at max_len tokens; its score is the sum of its tokens'
+    log-probabilities (eos included) over ``len ** length_penalty`` (len counts its tokens,
+    eos included; length_penalty 0: the plain log-probability). Each step the k = beam_size
+    best candidates by that score survive: every extension of a live hypothesis, and every
+    finished hypothesis unchanged. Equal scores keep the earlier candidate (beam order, then
+    token id). At the first step only one hypothesis exists, so no two beams start the same.
+
+    Returns
+    -------
+    tokens [B, L] : each row's best hypothesis (bos not included), padded with eos after its
+        eos up to the longest; L <= max_len.
+    scores [B] : their scores, in the params' dtype.
+    """
+    dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend)
+    contract.decoding(max_len, bos, eos, sizes.Vt, beam_size, length_penalty)
+    B, k, V = dec.memory.shape[0], int(beam_size), sizes.Vt
+    dec = dec.repeat(k)
+    s, m = np.repeat(s, k, axis=0), np.repeat(m, k, axis=0)  # [B*k, 2H]
+    dtype = s.dtype
+    total = np.full((B, k), -np.inf, dtype)  # sum of log-probabilities; -inf: no hypothesis
+    total[:, 0] = 0
+    length = np.zeros((B, k), np.int64)
+    done = np.zeros((B, k), bool)
+    seqs = np.zeros((B, k, 0), np.int64)
+    tokens = np.full(B * k, bos, np.int64)
+    for step in range(1, max_len + 1):
+        log_p, s, m = _step(dec, tokens, s, m)
+        extended = total[..., None] + log_p.reshape(B, k, V)  # [B, k, V]
+        extended[done] = -np.inf  # a finished hypothesis is not extended...
+        kept = np.where(done, total, -np.inf)  # ... but carried as it is
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ranked = np.concatenate([extended.reshape(B, k * V) / dtype.type(step)**length_penalty,
+                                     kept / np.maximum(length, 1).astype(dtype)**length_penalty],
+                                    axis=1)  # [B, k*V + k]
+        best = np.argsort(-ranked, axis=1, kind="stable")[:, :k]  # [B, k]
+        carried = best >= k * V
+        beam = np.where(carried, best - k * V, best // V)
+        token = np.where(carried, eos, best % V)
+        rows = np.arange(B)[:, None]
+        total = np.where(carried, total[rows, beam], extended.reshape(B, k * V)[
+            rows, np.minimum(best, k * V - 1)])
+        alive = np.isfinite(ranked[rows, best])
+        total = np.where(alive, total, -np.inf)
+        length = np.where(carried, length[rows, beam], step)
+        done = np.where(carried, True, token == eos) & alive
+        seqs = np.concatenate([seqs[rows, beam], token[..., None]], axis=2)
+        flat = (rows * k + beam).reshape(-1)
+        s, m, tokens = s[flat], m[flat], token.reshape(-1)
+        if (done | ~alive).all():
+            break
+    with np.errstate(divide="ignore", invalid="ignore"):
+        final = np.where(np.isfinite(total), total / np.maximum(length, 1).astype(dtype)
+                         ** length_penalty, -np.inf)
+    pick = final.argmax(axis=1)
+    rows = np.arange(B)
+    best_len = length[rows, pick]
+    out = seqs[rows, pick]  # [B, steps]
+    L = int(best_len.max())
+    out = np.where(np.arange(out.shape[1])[None, :] < best_len[:, None], out, eos)[:, :L]
+    return out, final[rows, pick].astype(dtype)
