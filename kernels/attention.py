@@ -177,15 +177,16 @@ def attention_forward(
                  else np.empty((0, 0, 0, 0)))
     context = np.empty((B, h, Tq, Hv), dtype)
     weights = np.empty(shape, dtype) if a.need_weights else None
-    if score == "general":
-        core_q = matmul_rows(q, p["W"])
-    elif score == "additive":
-        core_q = matmul_rows(q, p["W_query"].T)  # [B, h, Tq, A]
-        if "b" in p:
-            core_q += p["b"]
-        k = matmul_rows(k, p["W_key"].T)  # [B, h_kv, Tk, A]: what meets the queries
-    else:
-        core_q = q
+    with checks.quiet():  # NaN and inf in real data propagate quietly, as numpy_ref's
+        if score == "general":
+            core_q = matmul_rows(q, p["W"])
+        elif score == "additive":
+            core_q = matmul_rows(q, p["W_query"].T)  # [B, h, Tq, A]
+            if "b" in p:
+                core_q += p["b"]
+            k = matmul_rows(k, p["W_key"].T)  # [B, h_kv, Tk, A]: what meets the queries
+        else:
+            core_q = q
     if path == "single":
         w_rows = weights[:, 0, 0] if a.need_weights else np.empty((B, 0), dtype)
         _single_forward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, masked, visible[:, 0, 0],
@@ -193,7 +194,8 @@ def attention_forward(
                         stats[:, 0, 0], a.need_weights)
     else:
         if scale != 1:  # scaled once here: the scores come out of the product scaled
-            core_q = core_q * scale
+            with checks.quiet():
+                core_q = core_q * scale
         u = p["v"] if score == "additive" else np.empty(0, dtype)
         rows = (h // h_kv) * Tq
         R = block_rows(Tq if a.causal else rows, a.causal, B * h_kv, numba.get_num_threads())
@@ -282,11 +284,12 @@ def attention_backward(
         if splits > 1:  # summed in split order: the same bits whatever the thread count
             _stacked(d_core_q, h_kv)[...] = d_q_parts.sum(axis=0)
         if additive:
-            d_query = matmul_rows(d_core_q, p["W_query"])
-            d_keys = matmul_rows(d_k, p["W_key"])
-            d_params["W_query"] = _flat(d_core_q).T @ _flat(q)
-            d_params["W_key"] = _flat(d_k).T @ _flat(a.keys if pad.keys is None else
-                                                     contract.without_padding(a.keys, pad.keys))
+            with checks.quiet():
+                d_query = matmul_rows(d_core_q, p["W_query"])
+                d_keys = matmul_rows(d_k, p["W_key"])
+                d_params["W_query"] = _flat(d_core_q).T @ _flat(q)
+                d_params["W_key"] = _flat(d_k).T @ _flat(
+                    a.keys if pad.keys is None else contract.without_padding(a.keys, pad.keys))
             d_params["v"] = d_u_parts.sum(axis=0).astype(dtype)
             if "b" in p:
                 d_params["b"] = _flat(d_core_q).sum(axis=0)
@@ -298,8 +301,9 @@ def attention_backward(
                 d_core_q *= scale  # s = (scale q') . k
     if d_core_q is not None:
         if score == "general":  # core_q = q @ W
-            d_params["W"] = _flat(q).T @ _flat(d_core_q)
-            d_query = matmul_rows(d_core_q, p["W"].T)
+            with checks.quiet():
+                d_params["W"] = _flat(q).T @ _flat(d_core_q)
+                d_query = matmul_rows(d_core_q, p["W"].T)
         else:
             d_query = d_core_q
     if a.bias is not None:

@@ -31,6 +31,9 @@ exactly 0 and scores of any finite size give finite weights; a query that sees n
 gets weights 0 and context 0 (as torch's SDPA). A NaN among the visible scores makes its row
 NaN. Rows that are not data (keys no query sees, queries that see no key) are replaced by
 zeros before anything reads them, so NaN or inf there changes nothing (`numpy_ref.contract`).
+NaN or inf in real data propagates quietly, as in torch: the arithmetic runs under
+``np.errstate(invalid="ignore")`` (`checks.quiet`), so inf - inf and 0 * inf give NaN without
+numpy's RuntimeWarning.
 
 Attention is composed of public pairs, each with its own backward: the score
 (`attention_scores_*`, whose additive half `additive_scores_*` takes queries and keys already
@@ -136,8 +139,9 @@ def additive_scores_forward(
     qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
     single = qa.ndim == 2
     qa = qa[:, None, :] if single else qa  # [..., Tq, A]
-    e = np.tanh(qa[..., :, None, :] + ka[..., None, :, :])  # [..., Tq, Tk, A]
-    s = e @ v  # [..., Tq, Tk]
+    with checks.quiet():
+        e = np.tanh(qa[..., :, None, :] + ka[..., None, :, :])  # [..., Tq, Tk, A]
+        s = e @ v  # [..., Tq, Tk]
     return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single)
 
 
@@ -156,9 +160,10 @@ def additive_scores_backward(
     ds = contract.like("d_scores", d_scores, (shape[0], shape[2]) if single else shape,
                        e.dtype, "the scores")
     ds = ds[:, None] if single else ds  # [..., Tq, Tk]
-    d_z = ds[..., None] * v * (1 - e * e)  # s = tanh(z) @ v, z = qa + ka
-    d_qa, d_ka = d_z.sum(axis=-2), d_z.sum(axis=-3)  # [..., Tq, A], [..., Tk, A]
-    d_v = _flat(e).T @ ds.reshape(-1)  # sum over every (row, i, j) of ds e
+    with checks.quiet():
+        d_z = ds[..., None] * v * (1 - e * e)  # s = tanh(z) @ v, z = qa + ka
+        d_qa, d_ka = d_z.sum(axis=-2), d_z.sum(axis=-3)  # [..., Tq, A], [..., Tk, A]
+        d_v = _flat(e).T @ ds.reshape(-1)  # sum over every (row, i, j) of ds e
     return (d_qa[:, 0] if single else d_qa), d_ka, d_v
 
 
@@ -197,16 +202,17 @@ def attention_scores_forward(
     """
     q, k, p, scale = contract.scores(query, keys, score, params, scale)
     projected = energy = None
-    if score in ("dot", "scaled_dot"):
-        s = (q @ _t(k)) * scale  # a Python float: float32 stays float32
-    elif score == "general":
-        projected = _rows(q, p["W"])  # q W
-        s = (projected @ _t(k)) * scale
-    else:
-        qa = _rows(q, p["W_query"].T)  # [..., Tq, A]
-        if "b" in p:
-            qa = qa + p["b"]
-        s, energy = additive_scores_forward(qa, _rows(k, p["W_key"].T), p["v"])
+    with checks.quiet():
+        if score in ("dot", "scaled_dot"):
+            s = (q @ _t(k)) * scale  # a Python float: float32 stays float32
+        elif score == "general":
+            projected = _rows(q, p["W"])  # q W
+            s = (projected @ _t(k)) * scale
+        else:
+            qa = _rows(q, p["W_query"].T)  # [..., Tq, A]
+            if "b" in p:
+                qa = qa + p["b"]
+            s, energy = additive_scores_forward(qa, _rows(k, p["W_key"].T), p["v"])
     return s, AttentionScoresCache(q, k, score, p, scale, projected, energy)
 
 
@@ -225,20 +231,22 @@ def attention_scores_backward(
     ds = contract.like("d_scores", d_scores, q.shape[:-1] + k.shape[-2:-1], q.dtype,
                        "the scores")
     d_params: dict[str, np.ndarray] = {}
-    if score in ("dot", "scaled_dot"):  # s = scale q k^T
-        g = ds * scale
-        return g @ k, _t(g) @ q, d_params
-    if score == "general":  # s = scale (q W) k^T
-        g = ds * scale
-        d_proj = g @ k
-        d_params["W"] = _flat(q).T @ _flat(d_proj)
-        return _rows(d_proj, p["W"].T), _t(g) @ projected, d_params
-    d_qa, d_ka, d_params["v"] = additive_scores_backward(ds, energy)  # s(q W_q^T + b, k W_k^T)
-    d_params["W_query"] = _flat(d_qa).T @ _flat(q)
-    d_params["W_key"] = _flat(d_ka).T @ _flat(k)
-    if "b" in p:
-        d_params["b"] = _flat(d_qa).sum(axis=0)
-    return _rows(d_qa, p["W_query"]), _rows(d_ka, p["W_key"]), {key: d_params[key] for key in p}
+    with checks.quiet():
+        if score in ("dot", "scaled_dot"):  # s = scale q k^T
+            g = ds * scale
+            return g @ k, _t(g) @ q, d_params
+        if score == "general":  # s = scale (q W) k^T
+            g = ds * scale
+            d_proj = g @ k
+            d_params["W"] = _flat(q).T @ _flat(d_proj)
+            return _rows(d_proj, p["W"].T), _t(g) @ projected, d_params
+        d_qa, d_ka, d_params["v"] = additive_scores_backward(ds, energy)  # s(q W_q^T + b, ..)
+        d_params["W_query"] = _flat(d_qa).T @ _flat(q)
+        d_params["W_key"] = _flat(d_ka).T @ _flat(k)
+        if "b" in p:
+            d_params["b"] = _flat(d_qa).sum(axis=0)
+        d_query, d_keys = _rows(d_qa, p["W_query"]), _rows(d_ka, p["W_key"])
+    return d_query, d_keys, {key: d_params[key] for key in p}
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -287,9 +295,10 @@ def masked_softmax_forward(
     if mask is not None:
         s = np.where(mask, s, -np.inf)  # a real -inf: exp gives exactly 0
     m = s.max(axis=-1, keepdims=True)  # NaN if the row holds one: the row becomes NaN
-    e = np.exp(s - np.where(m == -np.inf, 0, m))  # a row of -inf only: every e is 0
-    total = e.sum(axis=-1, keepdims=True)
-    w = e / np.where(total == 0, 1, total)
+    with checks.quiet():  # a visible +inf: inf - inf is NaN, the row's answer
+        e = np.exp(s - np.where(m == -np.inf, 0, m))  # a row of -inf only: every e is 0
+        total = e.sum(axis=-1, keepdims=True)
+        w = e / np.where(total == 0, 1, total)
     if mask is not None:
         w = np.where(mask, w, 0)  # already 0, except in a row made NaN by a visible NaN
     return w, MaskedSoftmaxCache(w, contract.log_sum_exp(m, total, w.dtype)[..., 0])
@@ -306,8 +315,9 @@ def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) ->
     """
     w = checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
     d_weights = contract.like_weights("d_weights", d_weights, w)
-    delta = np.sum(np.where(w == 0, 0, w * d_weights), axis=-1, keepdims=True)
-    ds = w * (d_weights - delta)
+    with checks.quiet():
+        delta = np.sum(np.where(w == 0, 0, w * d_weights), axis=-1, keepdims=True)
+        ds = w * (d_weights - delta)
     return np.where(w == 0, 0, ds)  # a hidden key (w = 0) takes and gives nothing, even NaN
 
 
@@ -333,7 +343,8 @@ def weighted_sum_forward(
     w, values = contract.weighted_sum(weights, values)
     single = w.ndim == 2
     w = w[:, None, :] if single else w  # [..., Tq, Tk]
-    c = w @ values
+    with checks.quiet():  # 0 * inf: a hidden infinite value
+        c = w @ values
     return (c[:, 0] if single else c), WeightedSumCache(w, values, single)
 
 
@@ -351,8 +362,9 @@ def weighted_sum_backward(
     dc = contract.like("d_context", d_context, (shape[0], shape[2]) if single else shape,
                        w.dtype, "the context")
     dc = dc[:, None] if single else dc
-    d_w = dc @ _t(values)  # c = w @ v
-    d_values = _t(w) @ dc
+    with checks.quiet():
+        d_w = dc @ _t(values)  # c = w @ v
+        d_values = _t(w) @ dc
     return (d_w[:, 0] if single else d_w), d_values
 
 
@@ -403,7 +415,10 @@ def _per_query_head(x: np.ndarray, group: int) -> np.ndarray:
 def _per_kv_head(d: np.ndarray, group: int) -> np.ndarray:
     """The adjoint of `_per_query_head`: [B, h, T, H] -> [B, h_kv, T, H], summed per group."""
     B, h, T, H = d.shape
-    return d if group == 1 else d.reshape(B, h // group, group, T, H).sum(axis=2)
+    if group == 1:
+        return d
+    with checks.quiet():  # +inf from one head, -inf from another
+        return d.reshape(B, h // group, group, T, H).sum(axis=2)
 
 
 def attention_forward(
@@ -468,7 +483,8 @@ def attention_forward(
     v = _per_query_head(contract.without_padding(a.values, pad.keys), a.group)
     s, scores = attention_scores_forward(q, k, score=score, params=a.params, scale=a.scale)
     if a.bias is not None:
-        s = s + a.bias
+        with checks.quiet():  # an infinite score plus the opposite infinite bias
+            s = s + a.bias
     w, softmax = masked_softmax_forward(s, mask=visible)
     c, weighted = weighted_sum_forward(w, v)  # [B, h, Tq, Hv]
     c = contract.without_padding(c, pad.queries)  # 0 * (a value another query sees) may be NaN
@@ -519,11 +535,13 @@ def attention_backward(
     else:
         dw, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
         if dW is not None:
-            dw = dw + dW
+            with checks.quiet():
+                dw = dw + dW
         ds = masked_softmax_backward(dw, softmax)  # 0 at hidden keys
         d_query, d_keys, d_params = attention_scores_backward(ds, scores)
         if a.bias is not None:  # s = scores + bias
-            d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
+            with checks.quiet():
+                d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
     d_query = contract.without_padding(d_query, pad.queries)
     d_keys, d_values = _per_kv_head(d_keys, a.group), _per_kv_head(d_values, a.group)
     # padding rows got 0 * (a NaN of a query row, or of dc): they are 0 by definition
@@ -562,6 +580,7 @@ def _block_scores(a: contract.AttentionInputs, q: np.ndarray, k: np.ndarray, row
     return s, scores
 
 
+@checks.quiet()  # arithmetic only: NaN and inf in real data propagate quietly
 def _forward_by_blocks(a: contract.AttentionInputs, pad: contract.Padding
                        ) -> tuple[np.ndarray, BlockwiseCache]:
     """The context [B, h, Tq, Hv] and the blockwise cache. Per block of keys, for each row::
@@ -602,6 +621,7 @@ def _forward_by_blocks(a: contract.AttentionInputs, pad: contract.Padding
     return context, BlockwiseCache(q, k, v, context, row_max, row_sum)
 
 
+@checks.quiet()  # arithmetic only: NaN and inf in real data propagate quietly
 def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """d_query [B, h, Tq, Hq], d_keys, d_values [B, h, Tk, ...] (per query head) and d_params,

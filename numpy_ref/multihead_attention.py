@@ -59,6 +59,16 @@ Here, as in the attention core, such a query gets weights 0 and attention 0, so 
 ``out_proj.bias`` (0 without biases) and it passes no gradient to the keys, values or in-
 projections. This is what torch's need_weights=False path (SDPA) gives. Rows whose query sees
 at least one key agree with torch on both paths.
+
+Padding and bad values
+----------------------
+A key/value row that no query of any head may see (the masks hide it from every query) is
+padding, and so is a query row that may see no key in any head: they are replaced by zeros
+before anything reads them, the in-projections included (their ``dW_k = sum d_k^T key`` would
+turn a NaN there into NaN weight gradients), and their rows of d_query, d_key and d_value are 0.
+Whatever they hold changes nothing, bit for bit, against zeros there.
+NaN or inf in real data propagates quietly (as NaN, without numpy's RuntimeWarning), as in
+torch.
 """
 
 from __future__ import annotations
@@ -72,6 +82,7 @@ import numpy as np
 import numpy_ref
 from numpy_ref.contract import checks
 from numpy_ref.contract import multihead_attention as contract
+from numpy_ref.contract.attention import without_padding
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.multihead_attention import MultiheadAttentionInputs
 
@@ -158,15 +169,21 @@ def multihead_attention_forward(
     a = contract.multihead_attention(query, key, value, params, num_heads, key_padding_mask,
                                      attn_mask, is_causal, need_weights, average_attn_weights,
                                      batch_first)
+    # padding rows are zeros before anything reads them, the projections included (a copy only
+    # when there is padding)
+    inputs = (without_padding(a.query, a.real_queries), without_padding(a.key, a.real_keys),
+              without_padding(a.value, a.real_keys))
     projected, proj_caches = [], []
-    for x, p in zip((a.query, a.key, a.value), a.projections, strict=True):
-        y, c = backend.linear_forward(x, p)  # [.., E]
+    for x, p in zip(inputs, a.projections, strict=True):
+        with checks.quiet():
+            y, c = backend.linear_forward(x, p)  # [.., E]
         projected.append(_split_heads(y, a))  # [N, h, T, d]
         proj_caches.append(c)
     context, weights, att_cache = backend.attention_forward(
         *projected, score="scaled_dot", scale=contract.scale(a.head_dim), mask=a.mask,
         bias=a.bias, causal=a.causal, need_weights=a.need_weights)  # [N, h, L, d], [N, h, L, S]
-    output, out_cache = backend.linear_forward(_merge_heads(context, a), a.out_proj)
+    with checks.quiet():
+        output, out_cache = backend.linear_forward(_merge_heads(context, a), a.out_proj)
     cache = MultiheadAttentionCache(backend, a, tuple(proj_caches), att_cache, out_cache)
     if not a.batched:
         output = output[0]
@@ -204,11 +221,15 @@ def multihead_attention_backward(
     backend, a, proj_caches, att_cache, out_cache = checks.cache_of(
         cache, MultiheadAttentionCache, "multihead_attention_forward")
     d_output, d_w = contract.cotangents(a, d_output, d_weights)
-    d_c, d_out = backend.linear_backward(d_output, out_cache)  # output = out_proj(c)
+    with checks.quiet():
+        d_c, d_out = backend.linear_backward(d_output, out_cache)  # output = out_proj(c)
     d_heads = backend.attention_backward(_split_heads(d_c, a), att_cache, d_weights=d_w)[:3]
     d_inputs, d_proj = [], []
-    for d, c in zip(d_heads, proj_caches, strict=True):  # Q, K, V = split(x W^T + b)
-        d_x, d_p = backend.linear_backward(_merge_heads(d, a), c)
+    real = (a.real_queries, a.real_keys, a.real_keys)
+    for d, c, r in zip(d_heads, proj_caches, real, strict=True):  # Q, K, V = split(x W^T + b)
+        with checks.quiet():
+            d_x, d_p = backend.linear_backward(_merge_heads(d, a), c)
+        d_x = without_padding(d_x, r)  # 0 in padding rows (0 * an inf weight is NaN there)
         d_inputs.append(d_x if a.batched else d_x[0])
         d_proj.append(d_p)
     grads = {"out_proj.weight": d_out["weight"]}

@@ -732,3 +732,153 @@ BAD = [
 def test_bad_input_is_a_clear_error(backend: str, call, error, message) -> None:
     with pytest.raises(error, match=message):
         call(BACKENDS[backend])
+
+
+# ---------------------------------------------------------------------------------------------
+# padding is not data: key/value rows no query of any head may see, query rows that see no key
+
+
+def _padding_case(layout: str, separate: bool, need_weights: bool, masks: str) -> Case:
+    return Case(masks, layout, N=1 if layout == "unbatched" else 3, L=4, S=6, num_heads=2,
+                head_dim=3, kdim=4 if separate else None, vdim=5 if separate else None,
+                bias=True, sharing="distinct", need_weights=need_weights,
+                average=layout != "seq-first", d_weights=need_weights, scale=1.0,
+                mask_scale=1.0, seed=23)
+
+
+def _padding_masks(case: Case, rng: np.random.Generator, *, blind_query: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(key_padding_mask [N, S], attn_mask [N*h, L, S], both bool in torch's meaning, and the
+    padding: the keys [N, S] no query of any head may see, the queries [N, L] that may see no
+    key in any head). Key 2 is seen by every query unless `blind_query`: then query 1 of the
+    last batch row sees no key in any head, and query 2 of row 0 none in head 0 only (data)."""
+    N, L, S, h = case.N, case.L, case.S, case.num_heads
+    kpm = np.zeros((N, S), bool)
+    kpm[0, 4:] = True  # padding by key_padding_mask
+    kpm[-1, 0] = True
+    attn = rng.random((N, h, L, S)) < 0.25
+    attn[..., 2] = False
+    attn[-1, :, :, 3] = True  # padding by attn_mask alone: every query of every head
+    attn[0, 0, :, 1] = True  # hidden from every query of head 0 only: data
+    attn[0, 1, :, 1] = False
+    if blind_query:
+        attn[-1, :, 1] = True
+        attn[0, 0, 2] = True
+    hidden = kpm[:, None, None, :] | attn
+    keys, queries = hidden.all(axis=(1, 2)), hidden.all(axis=(1, 3))
+    assert keys[0, 4:].all() and keys[-1, [0, 3]].all() and not keys[0, 1]
+    assert queries.any() == blind_query and not queries[0, 2]
+    return kpm, attn.reshape(N * h, L, S), keys, queries
+
+
+def _in_layout(case: Case, x: np.ndarray) -> np.ndarray:
+    """[N, T, ...] (batch first) -> the case's layout, C-contiguous."""
+    return np.ascontiguousarray({"batch-first": x, "seq-first": x.swapaxes(0, 1),
+                                 "unbatched": x[0]}[case.layout])
+
+
+def _padded(case: Case, kind: str, blind_query: bool = False) -> tuple[dict, np.ndarray,
+                                                                        np.ndarray]:
+    """float64 arrays of the case with the masks of `_padding_masks` (bool, or float: -inf
+    where hidden, random finite elsewhere) and zeros in the padding rows of key and value (and
+    of the query); (arrays, padding keys [N, S], padding queries [N, L])."""
+    a = make_arrays(case)
+    rng = np.random.default_rng(case.seed + 1)
+    kpm, attn, keys, queries = _padding_masks(case, rng, blind_query=blind_query)
+    if kind == "float":
+        kpm = np.where(kpm, -np.inf, rng.uniform(-1.0, 1.0, kpm.shape))
+        attn = np.where(attn, -np.inf, rng.uniform(-1.0, 1.0, attn.shape))
+    unbatched = case.layout == "unbatched"
+    a["key_padding_mask"] = kpm[0] if unbatched else kpm
+    a["attn_mask"] = attn
+    for name, pad in (("query", queries), ("key", keys), ("value", keys)):
+        a[name] = _in_layout(case, np.where(pad[..., None], 0.0, _nle(a[name], case.layout)))
+    return a, keys, queries
+
+
+def _filled(case: Case, a: dict, keys: np.ndarray, queries: np.ndarray, fill: float) -> dict:
+    """`a` with `fill` in every padding row (every feature) of key, value and query."""
+    out = dict(a)
+    for name, pad in (("query", queries), ("key", keys), ("value", keys)):
+        out[name] = _in_layout(case, np.where(pad[..., None], a[name].dtype.type(fill),
+                                              _nle(a[name], case.layout)))
+    return out
+
+
+def _assert_bitwise(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} ({what})")
+
+
+FILLS = (np.nan, np.inf, -np.inf, 1e30)
+
+
+@over_backends
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no-weights"])
+@pytest.mark.parametrize("separate", [False, True], ids=["in_proj", "kdim-vdim"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_padding_keys_and_values_are_not_data(backend: str, dtype, need_weights: bool,
+                                              separate: bool, layout: str, kind: str) -> None:
+    """NaN, +-inf or garbage in the key/value rows that the masks hide from every query of
+    every head (by key_padding_mask, or by attn_mask alone) changes no output and no gradient,
+    bit for bit against zeros there: d_params (k_proj_weight / in_proj_weight, whose
+    ``d_W_k = d_k^T key`` sums 0 * those rows) included; every result is finite, d_key and
+    d_value are 0 in those rows, and the zero-padded run agrees with nn.MultiheadAttention. A
+    key hidden from one head only is data (not tested here for NaN: it would reach the
+    results)."""
+    case = _padding_case(layout, separate, need_weights,
+                         "kpm-float+attn2d-float" if kind == "float" else "kpm-bool+attn3d-bool")
+    a, keys, queries = _padded(case, kind)
+    a = cast(a, dtype)
+    clean = run_ours(case, a, backend)
+    for fill in FILLS:
+        got = run_ours(case, _filled(case, a, keys, queries, fill), backend)
+        _assert_bitwise(got, clean, f"{fill} in the padding")
+    for name, value in clean.items():
+        assert np.isfinite(value).all(), name
+    for name in ("d_key", "d_value"):
+        np.testing.assert_array_equal(_nle(clean[name], layout)[keys], 0, err_msg=name)
+    a64 = cast(a, np.float64)
+    reference = run_torch(case, a64)
+    torch32 = run_torch(case, a) if dtype == np.float32 else {}
+    grad_scale = max(float(np.abs(v).max()) for k, v in reference.items() if k.startswith("d_"))
+    for name, want in reference.items():
+        grad = name.startswith("d_")
+        assert_close_policy(name, clean[name], want, torch32=torch32.get(name), grad=grad,
+                            scale=grad_scale if grad else None)
+
+
+@over_backends
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no-weights"])
+@pytest.mark.parametrize("separate", [False, True], ids=["in_proj", "kdim-vdim"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_query_that_sees_no_key_is_not_data(backend: str, dtype, need_weights: bool,
+                                              separate: bool, layout: str) -> None:
+    """NaN or inf in a query row that may see no key in any head changes nothing, bit for bit
+    against zeros there (its output is out_proj.bias either way; q_proj_weight's
+    ``d_W_q = d_q^T query`` sums 0 * that row), and its d_query row is 0. A query blind in one
+    head only is data. The zero-padded run agrees with torch's need_weights=False path (SDPA),
+    which, unlike its need_weights=True path, gives no NaN there."""
+    case = _padding_case(layout, separate, need_weights, "kpm-bool+attn3d-bool")
+    a, keys, queries = _padded(case, "bool", blind_query=True)
+    a = cast(a, dtype)
+    clean = run_ours(case, a, backend)
+    for fill in FILLS:
+        got = run_ours(case, _filled(case, a, keys, queries, fill), backend)
+        _assert_bitwise(got, clean, f"{fill} in the padding")
+    for name, value in clean.items():
+        assert np.isfinite(value).all(), name
+    np.testing.assert_array_equal(_nle(clean["d_query"], layout)[queries], 0)
+    case, a = case._replace(d_weights=False), {**a, "d_weights": None}  # SDPA has no weights
+    ours = run_ours(case, a, backend)
+    reference = run_torch(case, cast(a, np.float64), need_weights=False)
+    torch32 = run_torch(case, a, need_weights=False) if dtype == np.float32 else {}
+    grad_scale = max(float(np.abs(v).max()) for k, v in reference.items() if k.startswith("d_"))
+    for name, want in reference.items():
+        grad = name.startswith("d_")
+        assert_close_policy(name, ours[name], want, torch32=torch32.get(name), grad=grad,
+                            scale=grad_scale if grad else None)

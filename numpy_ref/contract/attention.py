@@ -135,6 +135,7 @@ def _broadcastable(name: str, a: np.ndarray, shape: tuple[int, ...], labels: str
 
 def bool_mask(name: str, mask: Any, shape: tuple[int, ...], labels: str) -> np.ndarray:
     """A boolean array broadcastable to `shape` (True = attend), checked."""
+    checks.not_masked(name, mask)
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"{name}: expected a bool numpy.ndarray broadcastable to {labels}, got "
                         f"{type(mask).__name__}")

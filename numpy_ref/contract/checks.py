@@ -167,3 +167,10 @@ def cache_of(cache: Any, kind: type, op: str) -> Any:
         raise TypeError(f"cache: expected the {kind.__name__} returned by {op}, got "
                         f"{type(cache).__name__}")
     return cache
+
+
+def quiet() -> np.errstate:
+    """Around an op's arithmetic (never its checks): NaN and inf in real data propagate quietly,
+    as in torch. inf - inf and 0 * inf are IEEE's invalid operations, whose NaN is the answer;
+    numpy would also warn (a RuntimeWarning, an error under the project's pytest settings)."""
+    return np.errstate(invalid="ignore")

@@ -9,6 +9,11 @@ it needs an `attn_mask`, and it replaces that mask by the core's own causal mask
 torch's `multi_head_attention_forward` hands the hint to SDPA (no key_padding_mask and
 need_weights False); elsewhere the given attn_mask is used and the hint changes nothing.
 
+`multihead_attention` also finds the rows that are padding, by the core's own rule
+(`contract.attention.padding`): the key/value rows no query of any head may see under those
+masks, and the query rows that may see no key in any head; the math module zeroes them before
+the in-projections read them.
+
 Each message names the argument, what was expected and what was received.
 """
 
@@ -20,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from numpy_ref.contract import attention as core
 from numpy_ref.contract import checks
 from numpy_ref.contract.fields import documented
 
@@ -50,6 +56,12 @@ class MultiheadAttentionInputs(NamedTuple):
     packed: bool  # params held in_proj_weight [3E, E] (else q/k/v_proj_weight)
     keys: tuple[str, ...]  # the params' keys, in order: d_params comes back in it
     sizes: tuple[int, int, int, int]  # (N, L, S, E)
+    real_keys: np.ndarray | None  # bool, broadcastable to key's [N, S, 1] or [S, N, 1] (its
+    #                               layout): True = a key/value row some query of some head may
+    #                               see; None when every row is such (no padding)
+    real_queries: np.ndarray | None  # bool, broadcastable to query's [N, L, 1] or [L, N, 1]:
+    #                                  True = a query row that may see a key in some head; None
+    #                                  when every row may
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -133,6 +145,7 @@ def _mask(name: str, m: Any, expected: tuple[tuple[int, ...], ...], labels: tupl
     """A bool or float (the query's dtype) ndarray of one of the `expected` shapes."""
     accepted = " or ".join(f"{lab} = {shape}" for lab, shape in zip(labels, expected,
                                                                      strict=True))
+    checks.not_masked(name, m)
     if not isinstance(m, np.ndarray):
         raise TypeError(f"{name}: expected a bool or float numpy.ndarray {accepted}, got "
                         f"{type(m).__name__}")
@@ -213,9 +226,32 @@ def multihead_attention(query: Any, key: Any, value: Any, params: Any, num_heads
             mask = ~m if mask is None else mask & ~m
         else:
             bias = m if bias is None else bias + m
+    real = _real_rows(mask, bias, causal, need_weights, (N, L, S), h, dtype)
+    if not (batch_first or not batched):  # [N?, T?, 1] -> [T?, N?, 1]
+        real = [None if r is None else r.swapaxes(0, 1) for r in real]
     return MultiheadAttentionInputs(query, key, value, projections, out, mask, bias, causal, h,
                                     E // h, batched, batch_first or not batched, need_weights,
-                                    average, packed, keys, (N, L, S, E))
+                                    average, packed, keys, (N, L, S, E), *real)
+
+
+def _real_rows(mask: np.ndarray | None, bias: np.ndarray | None, causal: bool,
+               need_weights: bool, sizes: tuple[int, int, int], h: int, dtype: np.dtype
+               ) -> list[np.ndarray | None]:
+    """[keys, queries]: bool [N?, S?, 1] (True = key row s of batch row n is data: some query
+    of some head may see it) and [N?, L?, 1] (True = query row l may see a key in some head),
+    each None when every row is data. The core decides (`core.padding`, or
+    `core.padding_by_blocks` without the weights, as `attention_forward` does) from the
+    arguments the core gets, with stand-ins [N, h, T, 1] for Q, K and V (only their shapes are
+    read), and a row is padding when it is padding in every head."""
+    if mask is None and bias is None and not causal:
+        return [None, None]
+    N, L, S = sizes
+    keys = np.zeros((N, h, S, 1), dtype)
+    a = core.validate_attention(np.zeros((N, h, L, 1), dtype), keys, keys, "scaled_dot", None,
+                                mask=mask, causal=causal, bias=bias, need_weights=need_weights)
+    pad = core.padding(a, core.visibility(a)) if need_weights else core.padding_by_blocks(a)
+    real = [None if r is None else r.any(axis=1) for r in pad]  # [N?, h?, T?, 1] -> [N?, T?, 1]
+    return [None if r is None or r.all() else r for r in real]
 
 
 def cotangents(a: MultiheadAttentionInputs, d_output: Any, d_weights: Any
