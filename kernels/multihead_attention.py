@@ -11,8 +11,8 @@ from types import ModuleType
 
 import numpy as np
 
-import kernels
 from numpy_ref import multihead_attention as _reference
+from numpy_ref.contract.backend import op_module
 from numpy_ref.multihead_attention import MultiheadAttentionCache
 
 __all__ = ["MultiheadAttentionCache", "multihead_attention_backward",
@@ -32,9 +32,9 @@ def multihead_attention_forward(
     need_weights: bool = True,
     average_attn_weights: bool = True,
     batch_first: bool = True,
-    backend: ModuleType = kernels,
+    backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, MultiheadAttentionCache]:
-    """`numpy_ref.multihead_attention_forward` with ``backend=kernels`` by default.
+    """`numpy_ref.multihead_attention_forward` with ``backend=kernels`` by default (None).
 
     query [N, L, E] / [L, N, E] / [L, E]; key [.., S, kdim], value [.., S, vdim] likewise.
     Returns output (like query), weights ([N, L, S], [N, h, L, S] or None) and the cache.
@@ -42,7 +42,8 @@ def multihead_attention_forward(
     return _reference.multihead_attention_forward(
         query, key, value, params, num_heads=num_heads, key_padding_mask=key_padding_mask,
         attn_mask=attn_mask, is_causal=is_causal, need_weights=need_weights,
-        average_attn_weights=average_attn_weights, batch_first=batch_first, backend=backend)
+        average_attn_weights=average_attn_weights, batch_first=batch_first,
+        backend=op_module(backend, "kernels"))
 
 
 def multihead_attention_backward(

@@ -79,10 +79,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-import numpy_ref
 from numpy_ref.contract import checks
 from numpy_ref.contract import multihead_attention as contract
 from numpy_ref.contract.attention import without_padding
+from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.multihead_attention import MultiheadAttentionInputs
 
@@ -126,7 +126,7 @@ def multihead_attention_forward(
     need_weights: bool = True,
     average_attn_weights: bool = True,
     batch_first: bool = True,
-    backend: ModuleType = numpy_ref,
+    backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, MultiheadAttentionCache]:
     """`torch.nn.MultiheadAttention(E, num_heads, bias=, kdim=, vdim=, batch_first=)` forward
     (no dropout, add_bias_kv or add_zero_attn), with the module's state_dict as params.
@@ -156,7 +156,7 @@ def multihead_attention_forward(
     batch_first : whether batched arrays are [N, L, E] rather than [L, N, E] (ignored for
         unbatched inputs).
     backend : the op module the linear layers and the attention core run on (`numpy_ref`, the
-        default, or `kernels`).
+        default when None, or `kernels`).
 
     Returns
     -------
@@ -166,6 +166,7 @@ def multihead_attention_forward(
         weights 0 and output out_proj.bias, where torch gives NaN (module docstring).
     cache.
     """
+    backend = op_module(backend)
     a = contract.multihead_attention(query, key, value, params, num_heads, key_padding_mask,
                                      attn_mask, is_causal, need_weights, average_attn_weights,
                                      batch_first)
