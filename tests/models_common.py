@@ -13,12 +13,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from backends import BACKENDS
 
-import kernels
 import numpy_ref as ref
 from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_
 
-BACKENDS = {"numpy_ref": ref, "kernels": kernels}
 PAD = -1  # what padded source positions hold: not a valid id, so it must never be looked up
 
 

@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import ATTENTION_BACKENDS, has_weights
+from backends import BACKENDS as MODULES
 from error_report import record
 from hypothesis import given
 from hypothesis import strategies as st
-from test_attention_reliability import has_weights, with_no_weights
 
 import kernels.attention
 import numpy_ref as ref
@@ -46,7 +47,7 @@ from numpy_ref.testing import assert_allclose_named, assert_close_policy
 # Every implementation of the attention API, and each without the weights (need_weights=False
 # as its forward's default); tests parametrized by `backend` hold each to the same comparisons
 # (kernels must match numpy_ref's signatures, checks and results).
-BACKENDS = with_no_weights({"numpy_ref": numpy_ref.attention, "kernels": kernels.attention})
+BACKENDS = ATTENTION_BACKENDS
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 
 
@@ -808,7 +809,7 @@ def test_attention_noncontiguous_and_fortran_inputs_give_the_same_answer(
 # the composing pairs on their own: additive scores from projections, the weighted sum
 
 
-PAIR_BACKENDS = {"numpy_ref": ref, "kernels": kernels}
+PAIR_BACKENDS = MODULES
 TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
 
 

@@ -13,14 +13,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from test_attention_reliability import has_weights, with_no_weights
-
-import kernels.attention
-import numpy_ref.attention
+from backends import ATTENTION_BACKENDS, has_weights
 
 # The two implementations of the attention API: kernels must reject exactly what numpy_ref does;
 # and each without the weights (need_weights=False as its forward's default).
-BACKENDS = with_no_weights({"numpy_ref": numpy_ref.attention, "kernels": kernels.attention})
+BACKENDS = ATTENTION_BACKENDS
 
 B, Tq, Tk, H, Hv, A = 3, 2, 5, 4, 6, 7
 rng = np.random.default_rng(0)

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention_reliability import MODULES, has_weights, run, with_no_weights
+from backends import BACKENDS as MODULES
+from backends import has_weights, with_no_weights
+from test_attention_reliability import run
 
 from numpy_ref.testing import assert_close_policy
 

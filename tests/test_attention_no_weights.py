@@ -29,6 +29,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import ATTENTION_BACKENDS as BACKENDS
+from backends import BACKENDS as MODULES
+from backends import has_weights
 from hypothesis import given
 from hypothesis import strategies as st
 from test_attention_options import (
@@ -45,7 +48,6 @@ from test_attention_options import (
     to_heads,
     weights_shape,
 )
-from test_attention_reliability import BACKENDS, has_weights
 
 import kernels
 import kernels.attention
@@ -265,7 +267,7 @@ def test_no_weights_allocates_nothing_of_tq_by_tk(backend: str) -> None:
     kernels would take hours: skipped."""
     if backend == "kernels" and JIT_OFF:
         pytest.skip("the interpreted flash kernel at 16384 x 16384 takes hours")
-    mod = {"numpy_ref": numpy_ref, "kernels": kernels}[backend]
+    mod = MODULES[backend]
     rng = np.random.default_rng(60)
 
     def peak(T: int, need_weights: bool) -> int:

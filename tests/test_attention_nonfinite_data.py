@@ -34,11 +34,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import ATTENTION_BACKENDS as BACKENDS
+from backends import BACKENDS as MODULES
+from backends import has_weights
 from test_attention_reliability import (
-    BACKENDS,
     LAYOUTS,
     SCORES,
-    has_weights,
     inputs,
     kv_lead,
     query_lead,
@@ -176,7 +177,7 @@ def test_nan_and_inf_in_multihead_attention_match_torch(backend: str, need_weigh
     """One bad feature in a real query / key / value row of nn.MultiheadAttention (kdim/vdim
     projections, no mask): no warning, and every result (the weights and the parameters'
     gradients included) NaN and inf where torch's are, the same finite values elsewhere."""
-    mod = {"numpy_ref": numpy_ref, "kernels": kernels}[backend]
+    mod = MODULES[backend]
     N, L, S, E, h, kdim, vdim = 2, 3, 4, 6, 2, 5, 4
     rng = np.random.default_rng(13)
     params = {"q_proj_weight": rng.uniform(-0.5, 0.5, (E, E)),

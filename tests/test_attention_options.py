@@ -46,15 +46,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import BACKENDS as MODULES
+from backends import has_weights, with_no_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attention_reliability import has_weights, run, with_no_weights
+from test_attention_reliability import run
 
-import kernels
-import numpy_ref
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
-MODULES = {"numpy_ref": numpy_ref, "kernels": kernels}
 over_modules = pytest.mark.parametrize("backend", list(MODULES))
 BACKENDS = with_no_weights(MODULES)
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))

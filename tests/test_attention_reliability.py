@@ -20,49 +20,19 @@ key/value row by (b,) or (b, kv) plus the key index.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from backends import ATTENTION_BACKENDS, has_weights, module_name
+from backends import BACKENDS as MODULES
 
 import kernels
 import numpy_ref
 
-MODULES = {"numpy_ref": numpy_ref, "kernels": kernels}
 over_modules = pytest.mark.parametrize("backend", list(MODULES))
-NO_WEIGHTS = "-no-weights"
-
-
-def has_weights(backend: str) -> bool:
-    """Whether a backend variant's forward runs with need_weights=True."""
-    return not backend.endswith(NO_WEIGHTS)
-
-
-def module_name(backend: str) -> str:
-    """The module a backend variant runs: "kernels-no-weights" -> "kernels"."""
-    return backend.removesuffix(NO_WEIGHTS)
-
-
-def without_weights(mod):
-    """`mod`'s attention pair, attention_forward defaulting to need_weights=False: what a test
-    calls as ``BACKENDS["<name>-no-weights"]``. It has nothing else, so a test of another
-    function run on it fails (AttributeError), and a d_weights passed to its backward is a
-    ValueError: neither passes silently."""
-    return SimpleNamespace(
-        attention_forward=functools.partial(mod.attention_forward, need_weights=False),
-        attention_backward=mod.attention_backward)
-
-
-def with_no_weights(modules: dict) -> dict:
-    """Each module by name, and its `without_weights` pair as "<name>-no-weights"."""
-    return {**modules, **{name + NO_WEIGHTS: without_weights(mod)
-                          for name, mod in modules.items()}}
-
-
-BACKENDS = with_no_weights(MODULES)
+BACKENDS = ATTENTION_BACKENDS
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 LAYOUTS = ("single", "steps", "heads")
 SCORES = ("dot", "scaled_dot", "general", "additive")

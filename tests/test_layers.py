@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import BACKENDS
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels
 import numpy_ref as ref
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
-BACKENDS = {"numpy_ref": ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 

@@ -15,12 +15,12 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from backends import BACKENDS
 from error_report import record
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import kernels.lstm
 import numpy_ref as ref
 import numpy_ref.lstm
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
@@ -28,7 +28,6 @@ from torch_impl import load_numpy_
 
 # Every implementation of the LSTM API; tests parametrized by `backend` hold each to the same
 # comparisons.
-BACKENDS = {"numpy_ref": numpy_ref.lstm, "kernels": kernels.lstm}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 
 

@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from backends import BACKENDS
 
-import kernels
 import numpy_ref as ref
-
-BACKENDS = {"numpy_ref": ref, "kernels": kernels}
 
 Wrap = Callable[[np.ndarray], Any]
 

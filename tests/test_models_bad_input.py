@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from backends import BACKENDS
 
-import kernels
 import numpy_ref as ref
-
-BACKENDS = {"numpy_ref": ref, "kernels": kernels}
 
 CLS = ref.init_bilstm_attention_params(6, 3, 4, 2, rng=0)
 IDS = np.array([[0, 1, 2], [3, 4, 5]])

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from backends import BACKENDS
 from error_report import record
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,7 +34,6 @@ import kernels
 import numpy_ref
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
-BACKENDS = {"numpy_ref": numpy_ref, "kernels": kernels}
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 
 # Each example builds and differentiates a torch module (twice with shared inputs), and the
