@@ -25,7 +25,7 @@ if not cuda.is_available():
 
 import numpy_ref
 from kernels import cuda as kcuda
-from kernels.cuda import attention as kca
+from kernels.cuda import attention_kernels as kak
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
 
 NAMES = ("context", "weights", "d_query", "d_keys", "d_values")
@@ -109,7 +109,7 @@ def test_more_columns_than_threads() -> None:
     """H = 40 and Hv = 33 with one warp: two columns per thread, lanes loop past 32."""
     q, k, v, dc = make_inputs(2, 5, 40, 33, np.float64, seed=2)
     options = {"score": "scaled_dot", "lengths": [5, 2]}
-    assert kca._plan(2, 5, 40, None, 1)[2] == 2
+    assert kak.plan(2, 5, 40, None, 1)[2] == 2
     got = run(kcuda, q, k, v, dc, knobs={"_warps": 1}, **options)
     want = run(numpy_ref, q, k, v, dc, **options)
     for name in NAMES:
@@ -184,9 +184,9 @@ def test_split_path_agrees_and_is_deterministic() -> None:
     q, k, v, dc = make_inputs(2, 9, 3, 2, np.float64, seed=6)
     options = {"lengths": np.array([9, 1]), "score": "scaled_dot"}
     split = run(kcuda, q, k, v, dc, knobs={"_splits": 3, "_warps": 1}, **options)
-    compiled = kca._kernels.cache_info().currsize
+    compiled = kak.build.cache_info().currsize
     again = run(kcuda, q, k, v, dc, knobs={"_splits": 3, "_warps": 1}, **options)
-    assert kca._kernels.cache_info().currsize == compiled
+    assert kak.build.cache_info().currsize == compiled
     assert_same_bits(again, split)
     whole = run(kcuda, q, k, v, dc, knobs={"_splits": 1, "_warps": 2}, **options)
     want = run(numpy_ref, q, k, v, dc, **options)
@@ -236,12 +236,12 @@ def test_torch_cuda_tensors_in_place() -> None:
 
 
 def test_plan_splits_only_when_rows_are_few(monkeypatch) -> None:
-    monkeypatch.setattr(kca, "_sm_count", lambda: 132)
-    assert kca._plan(256, 512, 256, None, None) == (3, 8, 1)  # 256 rows < 4 blocks per SM
-    assert kca._plan(1024, 512, 256, None, None) == (1, 8, 1)  # enough rows: no split
-    assert kca._plan(4, 4096, 128, None, None)[0] == 64  # at least 64 keys per split
-    assert kca._plan(4, 100, 128, None, None)[0] == 1  # too short to split
-    assert kca._plan(2, 8, 4096, None, None) == (1, 2, 64)  # wide rows: 64 columns a thread
+    monkeypatch.setattr(kak, "_sm_count", lambda: 132)
+    assert kak.plan(256, 512, 256, None, None) == (3, 8, 1)  # 256 rows < 4 blocks per SM
+    assert kak.plan(1024, 512, 256, None, None) == (1, 8, 1)  # enough rows: no split
+    assert kak.plan(4, 4096, 128, None, None)[0] == 64  # at least 64 keys per split
+    assert kak.plan(4, 100, 128, None, None)[0] == 1  # too short to split
+    assert kak.plan(2, 8, 4096, None, None) == (1, 2, 64)  # wide rows: 64 columns a thread
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +323,8 @@ def test_device_lengths_are_checked(small) -> None:
     ({"out": (np.zeros((2, 3)), None, None)}, ValueError, r"out\[0\] \(d_query\): expected shape"),
     ({"out": (np.zeros((2, 2), np.float32), None, None)}, TypeError, "dtype float32"),
     ({"out": (np.zeros((2, 2)).T, None, None)}, ValueError, "C-contiguous"),
+    ({"out": (np.ma.zeros((2, 2)), None, None)}, TypeError,  # the contract's rule
+     r"out\[0\] \(d_query\): masked arrays .* are not accepted"),
 ])
 def test_backward_bad_input(small, change, error, match) -> None:
     _, _, _, dc, cache = small
@@ -338,6 +340,31 @@ def test_backward_out_buffers_must_not_overlap(small) -> None:
         kcuda.attention_backward(dc, cache, out=(None, buf, buf))
     with pytest.raises(ValueError, match="overlaps the memory of d_context"):
         kcuda.attention_backward(dc, cache, out=(dc, None, None))
+
+
+def test_device_out_buffers_get_the_contracts_checks(small) -> None:
+    """On the device path `out` goes through the contract's checks too, on device arrays:
+    dtype, shape, C-contiguity (the device message), no overlap with the inputs or each
+    other."""
+    q, k, v, dc, _ = small
+    dq_, dk_, dv_, ddc = (cuda.to_device(a) for a in (q, k, v, dc))
+    cache = kcuda.attention_forward(dq_, dk_, dv_, _warps=1)[2]
+    buf = cuda.device_array(k.shape)
+    for out, error, match in [
+        ((cuda.device_array(q.shape, np.float32), None, None), TypeError,
+         r"out\[0\] \(d_query\): dtype float32 does not match"),
+        ((cuda.device_array((2, 3)), None, None), ValueError,
+         r"out\[0\] \(d_query\): expected shape like the gradient = \(2, 2\)"),
+        ((cuda.device_array(q.shape, order="F"), None, None), ValueError,
+         r"out\[0\] \(d_query\): expected a C-contiguous device array"),
+        ((None, dk_, None), ValueError, r"out\[1\] \(d_keys\): overlaps the memory of keys"),
+        ((None, buf, buf), ValueError, r"out\[1\] \(d_keys\): overlaps the memory of out\[2\]"),
+        ((ddc, None, None), ValueError, "overlaps the memory of d_context"),
+        ((np.zeros(q.shape), None, None), TypeError,
+         r"out\[0\] \(d_query\): the forward's inputs were on the device"),
+    ]:
+        with pytest.raises(error, match=match):
+            kcuda.attention_backward(ddc, cache, out=out)
 
 
 def test_sum_kv_needs_one_shape() -> None:

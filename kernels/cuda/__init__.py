@@ -6,7 +6,8 @@ imports on a machine without a GPU, where `is_available` is False. With
 ``NUMBA_ENABLE_CUDASIM=1`` (set before numba is first imported) everything runs on numba's
 CUDA simulator instead, slowly, which is how the tests exercise it without a GPU.
 
-The math, the launch layout and what is supported: `kernels.cuda.attention`.
+The math and the launch layout: `kernels.cuda.attention_kernels` (the device kernels); what
+is supported, the checks and the transfers: `kernels.cuda.attention` (the host side).
 """
 
 from __future__ import annotations

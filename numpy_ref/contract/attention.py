@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -392,18 +392,61 @@ def gradient_outputs(a: AttentionInputs, sum_kv: Any, out: Any, *reads: Any) -> 
     and typed like the gradient they receive, and share no memory with each other, with the
     forward's query, keys and values, or with `reads` (d_context, d_weights): a kernel reads
     those while it writes the buffers."""
-    if not isinstance(sum_kv, (bool, np.bool_)):
-        raise TypeError(f"sum_kv: expected a bool, got {type(sum_kv).__name__}")
     k_shape = a.keys.shape if a.layout == "heads" else a.keys.shape[:1] + a.keys.shape[2:]
     v_shape = a.values.shape if a.layout == "heads" else a.values.shape[:1] + a.values.shape[2:]
-    if sum_kv and k_shape != v_shape:
-        raise ValueError(f"sum_kv: d_keys + d_values needs keys and values of one shape, got "
-                         f"keys {k_shape} and values {v_shape}")
+    sum_kv = sum_kv_flag(sum_kv, k_shape, v_shape)
     q = a.query
     q_shape = {"single": (q.shape[0], q.shape[3]), "steps": (q.shape[0], *q.shape[2:]),
                "heads": q.shape}[a.layout]
+    inputs = [("query", a.query), ("keys", a.keys), ("values", a.values),
+              *zip(("d_context", "d_weights"), reads, strict=False)]
+    return sum_kv, gradient_buffers(out, sum_kv, (q_shape, k_shape, v_shape), q.dtype, inputs)
+
+
+def sum_kv_flag(sum_kv: Any, k_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> bool:
+    """Check `attention_backward`'s sum_kv for keys and values of these shapes (the caller's
+    layout): d_keys + d_values needs one shape. Return it as a bool."""
+    if not isinstance(sum_kv, (bool, np.bool_)):
+        raise TypeError(f"sum_kv: expected a bool, got {type(sum_kv).__name__}")
+    if sum_kv and k_shape != v_shape:
+        raise ValueError(f"sum_kv: d_keys + d_values needs keys and values of one shape, got "
+                         f"keys {k_shape} and values {v_shape}")
+    return bool(sum_kv)
+
+
+def host_buffer(name: str, buf: Any) -> np.ndarray:
+    """A gradient buffer given as a NumPy array (a TypeError otherwise)."""
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(buf).__name__}")
+    return buf
+
+
+def writable(name: str, buf: np.ndarray) -> None:
+    """Raise `ValueError` unless a kernel may write the NumPy buffer in place."""
+    if not (buf.flags.c_contiguous and buf.flags.writeable):
+        raise ValueError(f"{name}: expected a C-contiguous, writeable array")
+
+
+def shares_memory(buf: Any, x: Any) -> bool:
+    """Whether the NumPy buffer may share memory with `x` (False for anything not NumPy)."""
+    return isinstance(x, np.ndarray) and bool(np.may_share_memory(buf, x))
+
+
+def gradient_buffers(out: Any, sum_kv: bool, shapes: tuple, dtype: np.dtype,
+                     reads: list[tuple[str, Any]], *,
+                     array: Callable[[str, Any], Any] = host_buffer,
+                     in_place: Callable[[str, Any], None] = writable,
+                     overlap: Callable[[Any, Any], bool] = shares_memory) -> tuple:
+    """Check `attention_backward`'s out: None, or (d_query, d_keys, d_values) with out[2]
+    None when sum_kv, each entry None or a buffer of `dtype` and of its gradient's shape in
+    `shapes`. A buffer becomes ``array(name, buf)``, must pass ``in_place(name, that)`` and
+    must not share memory, by ``overlap(a, b)``, with another buffer or with the arrays of
+    `reads`, the (name, array) pairs a kernel reads while it writes the buffers. The defaults
+    take NumPy arrays; a backend whose arrays live elsewhere (`kernels.cuda`: device arrays,
+    which have .shape and .dtype too) passes its own hooks, so both raise the same errors.
+    Return the three arrays `array` gave (None where out has None)."""
     if out is None:
-        return bool(sum_kv), (None, None, None)
+        return None, None, None
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         raise TypeError("out: expected a tuple (d_query, d_keys, d_values) of arrays or None")
     names = ("out[0] (d_query)", "out[1] (d_keys + d_values)" if sum_kv else "out[1] (d_keys)",
@@ -411,25 +454,21 @@ def gradient_outputs(a: AttentionInputs, sum_kv: Any, out: Any, *reads: Any) -> 
     if sum_kv and out[2] is not None:
         raise ValueError("out[2]: with sum_kv=True the sum goes to out[1] and out[2] must be "
                          "None")
-    for name, buf, shape in zip(names, out, (q_shape, k_shape, v_shape), strict=True):
-        if buf is None:
-            continue
-        if not isinstance(buf, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy.ndarray or None, got "
-                            f"{type(buf).__name__}")
-        checks.same_dtype(name, buf, q.dtype, "query")
-        checks.shape_is(name, buf, shape, "like the gradient")
-        if not (buf.flags.c_contiguous and buf.flags.writeable):
-            raise ValueError(f"{name}: expected a C-contiguous, writeable array")
-    inputs = {"query": a.query, "keys": a.keys, "values": a.values}
-    inputs.update(zip(("d_context", "d_weights"), reads, strict=False))
-    given = [(name, buf) for name, buf in zip(names, out, strict=True) if buf is not None]
+    bufs = []
+    for name, buf, shape in zip(names, out, shapes, strict=True):
+        if buf is not None:
+            buf = array(name, buf)
+            checks.same_dtype(name, buf, dtype, "query")
+            checks.shape_is(name, buf, shape, "like the gradient")
+            in_place(name, buf)
+        bufs.append(buf)
+    given = [(name, buf) for name, buf in zip(names, bufs, strict=True) if buf is not None]
     for i, (name, buf) in enumerate(given):
-        for other, x in [*inputs.items(), *given[i + 1:]]:
-            if isinstance(x, np.ndarray) and np.may_share_memory(buf, x):
+        for other, x in [*reads, *given[i + 1:]]:
+            if x is not None and overlap(buf, x):
                 raise ValueError(f"{name}: overlaps the memory of {other}; gradient buffers "
                                  "must be separate arrays")
-    return bool(sum_kv), tuple(out)
+    return tuple(bufs)
 
 
 def deliver(a: AttentionInputs, d_query: np.ndarray, d_keys: np.ndarray,
