@@ -49,7 +49,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from benchmarks import cases, compare, runner
+from benchmarks import cases, compare, measure, report, runner
 from benchmarks.core import Case
 
 # --quick: every case at its tiny size with a few short samples, under a minute on 2 cores.
@@ -135,7 +135,7 @@ def _retime_slower(rows: list[runner.Row], selected: list[Case], old: dict,
     shows; a second look at a flagged row (as at a ceiling a row beat) keeps a passing cloud
     from reading as a regression, while a real slowdown is slow both times.
     """
-    new = {"schema": runner.SCHEMA, "header": {"noise": {"probe_drift": None}},
+    new = {"schema": report.SCHEMA, "header": {"noise": {"probe_drift": None}},
            "rows": [r.record(rows) for r in rows]}
     slower = {c.id for c in compare.compare(old, new, min_band=args.min_band).regressions}
     again = [case for case in selected if case.id in slower]
@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     # NumPy's BLAS (OpenBLAS) reads its thread count when it loads; threadpoolctl resets it.
     threadpool_limits(limits=args.threads, user_api="blas")
-    started = runner.utc_now()
-    folder = Path("bench-results") / runner.run_stamp(started)
-    watch = runner.OtherProcesses()
-    probe = runner.Probe()
+    started = report.utc_now()
+    folder = Path("bench-results") / report.run_stamp(started)
+    watch = measure.OtherProcesses()
+    probe = measure.Probe()
     bar = tqdm(total=len(selected), unit="row", disable=None, file=sys.stderr,
                dynamic_ncols=True)
     seen = []
@@ -226,21 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = _retime_slower(rows, selected, old, args)
     drift = probe.drift()
     other_cpu_s, wall_s = watch.seconds()
-    head = runner.header(
+    head = report.header(
         argv=sys.argv, started=started, rows=rows, other_cpu_s=other_cpu_s, drift=drift,
         wall_s=wall_s, options={"sizes": args.sizes, "dtype": args.dtype,
                                 "repeat": args.repeat, "min_time": args.min_time,
                                 "threads": args.threads, "ops": args.ops,
                                 "backends": args.backends, "filter": args.filter})
-    for line in runner.header_lines(head):
+    for line in report.header_lines(head):
         print(f"# {line}")
-    print(runner.format_table(rows))
-    flagged = runner.flagged_lines(rows)
+    print(report.format_table(rows))
+    flagged = report.flagged_lines(rows)
     if flagged:
         print()
         print("\n".join(flagged))
 
-    json_path = runner.write_json(args.json or folder / "results.json", head, rows)
+    json_path = report.write_json(args.json or folder / "results.json", head, rows)
     records = [r.record(rows) for r in rows]
     plot_dir = Path(args.plot) if args.plot else folder
     title = f"{head['machine']['cpu']}, {head['date']}"
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     regressed = 0
     if old is not None:
-        new = {"schema": runner.SCHEMA, "header": head, "rows": records}
+        new = {"schema": report.SCHEMA, "header": head, "rows": records}
         regressed = _compare(old, new, args)
     # a wrong result outranks a slow one
     return 1 if any(r.status == "FAIL" for r in rows) else regressed

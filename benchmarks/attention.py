@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from benchmarks.ceilings import Product, gemm_ceiling, gemm_work, memory_ceilings, memory_work
 from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
 from numpy_ref import attention_backward, attention_forward
+from torch_impl.precision import true_float32
 
 FORWARD_NAMES = ("context",)
 BACKWARD_NAMES = ("context", "d_query", "d_keys+d_values")
@@ -200,8 +201,7 @@ def _prepare_torch(inputs: AttentionInputs, pass_: str, *, device: str, path: st
     add up in it."""
     if device == "cuda":
         # The numerical policy (README): TF32 would put float32 rows near 1e-3 of the reference.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        true_float32()
     single = inputs.query.ndim == 2
     query = torch.from_numpy(inputs.query).to(device)
     kv = torch.from_numpy(inputs.kv).to(device)
@@ -457,8 +457,7 @@ def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str,
     weights: q k^T / sqrt(D), -inf above the diagonal when causal, softmax, @ v, the kv heads
     expanded to the query heads)."""
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        true_float32()
     q, k, v = (torch.from_numpy(a).to(device) for a in (inputs.query, inputs.keys,
                                                        inputs.values))
     gqa = k.shape[1] != q.shape[1]

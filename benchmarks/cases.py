@@ -111,7 +111,7 @@ BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu"),
 @dataclass(frozen=True)
 class Target:
     """A goal a row must reach on hardware, printed under the table when the run has the row's
-    problem on CUDA (`benchmarks.runner.target_lines`): the backend's rate as a percentage of
+    problem on CUDA (`benchmarks.report.target_lines`): the backend's rate as a percentage of
     the device-to-device copy bandwidth measured in the run, and its speed over another
     backend's on the same device, in each of `passes`."""
 

@@ -59,16 +59,18 @@ import torch
 from numba import njit, prange
 
 from benchmarks.core import Ceiling, cuda_event_clock, time_calls
+from kernels._config import FASTMATH
+from torch_impl.precision import true_float32
 
 # Timing of one library on one product or one memory pass: a few samples of at least 2 ms
 # each (`time_calls` loops a fast call), few enough that a default run measures every ceiling
 # in seconds.
 _REPEAT, _MIN_TIME, _WARMUP = 5, 0.04, 1
 
-# The kernels' one fast-math set (no nnan/ninf): the memory ceilings must not be slower than a
-# kernel could be, so they get the same freedom; reassociation lets LLVM vectorize the sum.
-_NJIT = {"parallel": True, "fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"},
-         "cache": True}
+# The kernels' one fast-math set (`kernels._config.FASTMATH`, no nnan/ninf): the memory
+# ceilings must not be slower than a kernel could be, so they get the same freedom;
+# reassociation lets LLVM vectorize the sum.
+_NJIT = {"parallel": True, "fastmath": set(FASTMATH), "cache": True}
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def _time_product(p: Product, device: str, dtype: np.dtype, *, again: bool = Fal
         ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out.copy())
         candidates["torch"] = lambda: torch.matmul(ta, tb, out=tout)
     elif device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # the rows run with TF32 off too
+        true_float32()  # the rows run with TF32 off too
         ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
         tout = torch.empty((*a.shape[:-1], p.N), dtype=ta.dtype, device="cuda")
         candidates["torch"] = lambda: torch.matmul(ta, tb, out=tout)

@@ -31,6 +31,7 @@ from benchmarks.ceilings import Product, gemm_ceiling, gemm_work
 from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
 from numpy_ref import init_lstm_params
 from torch_impl import load_numpy_
+from torch_impl.precision import true_float32
 
 FORWARD_NAMES = ("output", "h_n", "c_n")
 
@@ -155,8 +156,7 @@ def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
     """`torch.nn.LSTM` holding the same weights; forward under no_grad, backward by autograd."""
     if device == "cuda":
         # The numerical policy (README): TF32 would put float32 rows near 1e-3 of the reference.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        true_float32()
     I = inputs.x.shape[2]
     H = inputs.params["weight_hh_l0"].shape[0] // 4
     x = torch.from_numpy(inputs.x).to(device)

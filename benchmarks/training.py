@@ -37,6 +37,7 @@ import numpy_ref
 from benchmarks.ceilings import Product, gemm_ceiling
 from benchmarks.core import TRAINING_STEP, Backend, Prepared, Problem
 from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_
+from torch_impl.precision import true_float32
 
 LR = 1e-3
 
@@ -157,8 +158,7 @@ def module_backend(name: str, module: ModuleType) -> Backend:
 def _prepare_torch(inputs: TrainingInputs, pass_: str, *, device: str) -> Prepared:
     """The torch_impl module with the same weights; autograd and torch.optim.Adam."""
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        true_float32()
     s = inputs.sizes
     if inputs.model == "classifier":
         module = BiLSTMAttention(s["V"], s["E"], s["H"], s["C"])

@@ -22,6 +22,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from torch_impl.precision import true_float32
+
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=100, **_common)
 # CI's second pass, the kernels' Python source with Numba's JIT off: it is there for coverage of
@@ -34,8 +36,7 @@ settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 # CPU-vs-CUDA comparisons are made in true float32: TF32 would lose 13 mantissa bits.
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
+true_float32()
 
 HAS_CUDA = torch.cuda.is_available()
 

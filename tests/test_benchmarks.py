@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import numpy_ref
-from benchmarks import attention, cases, ceilings, lstm, runner
+from benchmarks import attention, cases, ceilings, lstm, measure, report, runner
 from benchmarks.core import OP_PASSES, SAMPLE_S, TRAINING_STEP, Ceiling, Prepared, time_calls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,8 +173,8 @@ def test_compare_with_one_file_runs_first_and_the_threads_reach_numpys_blas(tmp_
 def test_the_copies_of_shared_constants_agree():
     from benchmarks import compare, plots
 
-    assert plots.BASELINES == cases.BASELINES and compare.SCHEMA == runner.SCHEMA
-    assert SCHEMA["$id"] == runner.SCHEMA
+    assert plots.BASELINES == cases.BASELINES and compare.SCHEMA == report.SCHEMA
+    assert SCHEMA["$id"] == report.SCHEMA
 
 
 def test_compare_lists_rows_in_one_run_only_and_refuses_a_foreign_file(quick_run, tmp_path):
@@ -213,8 +213,8 @@ def test_a_backend_with_a_wrong_result_is_flagged(op, pass_, name):
                                                                   prepare=prepare_wrong))
     (row,) = runner.run_cases([wrong], dtype=np.float32, repeat=1, min_time=0.0)
     assert row.status == "FAIL" and row.worst == name
-    assert f"FAIL ({name})" in runner.format_table([row])
-    assert any(line.startswith(f"FAIL: {row.id}") for line in runner.flagged_lines([row]))
+    assert f"FAIL ({name})" in report.format_table([row])
+    assert any(line.startswith(f"FAIL: {row.id}") for line in report.flagged_lines([row]))
 
 
 def _with_ceiling(case, seconds):
@@ -249,8 +249,8 @@ def test_a_row_above_its_ceiling_is_flagged_after_the_ceiling_is_timed_again():
     # the first look, the second look the row asked for, and the final read of every ceiling
     assert looks == [False, True, False]
     assert row.status == "above ceiling" and row.pct_of_ceiling > 100
-    assert "ABOVE CEILING" in runner.format_table([row])
-    (line,) = runner.flagged_lines([row])
+    assert "ABOVE CEILING" in report.format_table([row])
+    (line,) = report.flagged_lines([row])
     assert line.startswith(f"ABOVE CEILING: {row.id}") and "measurement problem" in line
     assert row.record([row])["status"] == "above ceiling"
 
@@ -318,7 +318,7 @@ def test_a_broken_backend_is_a_fail_row_and_the_run_goes_on(how):
     expected = "RuntimeError: kernel exploded" if how == "raises" else "expected shape"
     assert rows[0].worst.startswith("error: ") and expected in rows[0].worst
     assert rows[0].record(rows)["max_err"] is None
-    assert any(line.startswith(f"FAIL: {rows[0].id}") for line in runner.flagged_lines(rows))
+    assert any(line.startswith(f"FAIL: {rows[0].id}") for line in report.flagged_lines(rows))
 
 
 def _timed_row(times_s, ceiling_s=0.5e-3) -> runner.Row:
@@ -338,7 +338,7 @@ def _timed_row(times_s, ceiling_s=0.5e-3) -> runner.Row:
 
 def _pct_cell(row: runner.Row) -> str:
     """The "% ceil" cell of `row` in its table (the cell ends where the heading ends)."""
-    head, *_, line = runner.format_table([row]).splitlines()
+    head, *_, line = report.format_table([row]).splitlines()
     end = head.index("% ceil") + len("% ceil")
     return line[:end].split()[-1]
 
@@ -354,8 +354,8 @@ def test_rows_too_small_or_noisy_print_no_percentage():
     assert wide_iqr.rel_iqr > runner.MAX_REL_IQR
     for r, status in ((tiny, "too small"), (wide_iqr, "noisy")):
         assert r.status == status and r.record([r])["status"] == status
-        assert _pct_cell(r) == "-" and runner.format_table([r]).endswith(status)
-    small, busy = runner.flagged_lines([tiny, wide_iqr])
+        assert _pct_cell(r) == "-" and report.format_table([r]).endswith(status)
+    small, busy = report.flagged_lines([tiny, wide_iqr])
     assert small.startswith("1 row(s) too small") and "noisy too" not in small
     assert busy.startswith("1 row(s) noisy")
 
@@ -365,7 +365,7 @@ def test_samples_spread_far_below_their_median_are_noisy_whatever_their_iqr():
     seen = _timed_row([0.768, 0.742, 0.866, 1.173, 0.190], ceiling_s=0.3)
     assert seen.rel_iqr < runner.MAX_REL_IQR and seen.median_s > 4 * seen.min_s
     assert seen.status == "noisy" and _pct_cell(seen) == "-" and seen.noisy
-    (line,) = runner.flagged_lines([seen])
+    (line,) = report.flagged_lines([seen])
     assert line.startswith("1 row(s) noisy") and "fastest sample" in line
     # one slow outlier among many samples moves neither the median nor the IQR: still ok
     preempted = _timed_row(QUIET * 20 + [6e-3])
@@ -379,19 +379,19 @@ def test_a_too_small_row_shows_no_absurd_iqr_and_says_when_it_is_noisy_too():
     # a looped tiny call whose last sample caught a preemption: IQR ~25000% of the median
     tiny = _timed_row([2e-3, 2e-3, 1.0], ceiling_s=runner.MIN_CEILING_S / 2)
     assert tiny.status == "too small" and tiny.rel_iqr > 100
-    line = runner.format_table([tiny]).splitlines()[-1]
+    line = report.format_table([tiny]).splitlines()[-1]
     assert ">999%" in line and not re.search(r"\d{4,}%", line)
     assert tiny.noisy
-    (small,) = runner.flagged_lines([tiny])
+    (small,) = report.flagged_lines([tiny])
     assert small.startswith("1 row(s) too small") and "1 of them noisy too" in small
     # a spread under 1000% is still shown as it is
-    assert "150%" in runner.format_table([_timed_row([1e-3, 1e-3, 1e-3, 2.5e-3, 2.5e-3])])
+    assert "150%" in report.format_table([_timed_row([1e-3, 1e-3, 1e-3, 2.5e-3, 2.5e-3])])
 
 
 def test_the_fastest_backend_of_each_pass_is_marked():
     selected = cases.select_cases("quick", ops=["lstm"])
     rows = runner.run_cases(selected, dtype=np.float32, repeat=1, min_time=0.0, memory=False)
-    table = runner.format_table(rows)
+    table = report.format_table(rows)
     for pass_ in OP_PASSES:
         best = min((r for r in rows if r.pass_ == pass_), key=lambda r: r.median_s)
         (line,) = [line for line in table.splitlines() if line.split()[:1] == [pass_]
@@ -505,13 +505,13 @@ def test_peak_memory_sees_numpy_and_torch_allocations():
     import torch
 
     nbytes = 8 * 2**20
-    peak, by = runner.peak_memory(lambda: np.ones(nbytes // 8).sum(), "cpu",
+    peak, by = measure.peak_memory(lambda: np.ones(nbytes // 8).sum(), "cpu",
                                   counter="tracemalloc")
     assert by == "tracemalloc" and nbytes <= peak < 1.5 * nbytes
     x = torch.ones(nbytes // 4)
-    peak, by = runner.peak_memory(lambda: (x * 2).sum(), "cpu", counter="torch")
+    peak, by = measure.peak_memory(lambda: (x * 2).sum(), "cpu", counter="torch")
     assert by.startswith("torch.profiler") and nbytes <= peak < 1.5 * nbytes
-    assert runner.peak_memory(lambda: None, "cpu", counter="tracemalloc")[0] < 2**16
+    assert measure.peak_memory(lambda: None, "cpu", counter="tracemalloc")[0] < 2**16
 
 
 def test_peak_memory_of_torch_autograd_counts_the_frees_inside_it():
@@ -526,7 +526,7 @@ def test_peak_memory_of_torch_autograd_counts_the_frees_inside_it():
         return torch.autograd.grad(y.sum(), x)[0]
 
     # at most a few 4 MiB arrays are alive at once; summing allocations alone would give 40+
-    peak, _ = runner.peak_memory(run, "cpu", counter="torch")
+    peak, _ = measure.peak_memory(run, "cpu", counter="torch")
     assert 4 * 2**20 <= peak <= 5 * 4 * 2**20
 
 
@@ -584,7 +584,7 @@ def test_a_passing_slowdown_is_cleared_by_the_second_look():
     (case,) = [c for c in cases.select_cases("quick", ops=["lstm"], backends=["numpy_ref"])
                if c.pass_ == "forward"]
     (row,) = runner.run_cases([case], dtype=np.float32, repeat=3, min_time=0.05, memory=False)
-    old = {"schema": runner.SCHEMA, "header": {"noise": {"probe_drift": None}},
+    old = {"schema": report.SCHEMA, "header": {"noise": {"probe_drift": None}},
            "rows": [row.record([row])]}
     # the same row as if a passing cloud had made it 20x slower in this run (far beyond what a
     # loaded machine does to a second look: a 0.6 ms row was seen at 2.1x under CI load)
@@ -594,7 +594,7 @@ def test_a_passing_slowdown_is_cleared_by_the_second_look():
                               no_memory=True)
     (kept,) = _retime_slower([cloudy], [case], old, args)
     assert kept is not cloudy and kept.median_s < 5 * row.median_s
-    new = {"schema": runner.SCHEMA, "header": {"noise": {"probe_drift": None}},
+    new = {"schema": report.SCHEMA, "header": {"noise": {"probe_drift": None}},
            "rows": [kept.record([kept])]}
     assert compare.compare(old, new, min_band=5.0).regressions == []
     # a row that is not slower is left as it is, not timed again

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import attention, cases, ceilings, core, runner
+from benchmarks import attention, cases, ceilings, core, measure, report, runner
 from benchmarks.core import OP_PASSES, Ceiling, EventClock, Prepared, time_calls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,14 +217,14 @@ def test_the_runner_times_cuda_rows_with_events_and_cpu_rows_with_perf_counter(m
     jsonschema = pytest.importorskip("jsonschema")
     head = _header(rows)
     assert "targets" not in head  # the fake problem is not a target's
-    jsonschema.validate({"schema": runner.SCHEMA, "header": head,
+    jsonschema.validate({"schema": report.SCHEMA, "header": head,
                          "rows": [r.record(rows) for r in rows]}, SCHEMA)
 
 
 def _header(rows):
-    return runner.header(argv=["x"], options={"sizes": "quick", "dtype": "float32", "repeat": 3,
+    return report.header(argv=["x"], options={"sizes": "quick", "dtype": "float32", "repeat": 3,
                                               "min_time": 0.0, "threads": 1},
-                         started=runner.utc_now(), rows=rows, other_cpu_s=None, drift=None,
+                         started=report.utc_now(), rows=rows, other_cpu_s=None, drift=None,
                          wall_s=1.0)
 
 
@@ -299,7 +299,7 @@ def test_target_lines_say_whether_each_pass_met_its_goals():
     rows = [_row(), _row(backend="torch_bmm", median_s=5e-4),
             _row(pass_="forward+backward", work=3 * 0.134217728, median_s=1.6e-4),
             _row(pass_="forward+backward", backend="torch_bmm", median_s=2.4e-4)]
-    lines = runner.target_lines(rows)
+    lines = report.target_lines(rows)
     assert lines[0].startswith("target: attention B256,T512,H256 float32, kernels_cuda on cuda")
     assert ">= 70% of the device-to-device copy bandwidth" in lines[0]
     assert lines[1].startswith("  forward: 44.7% of the copy bandwidth (3000 GB/s), MISSED; "
@@ -308,12 +308,12 @@ def test_target_lines_say_whether_each_pass_met_its_goals():
     assert lines[2].startswith("  forward+backward: 83.9% of the copy bandwidth (3000 GB/s), "
                                "met; 1.50x torch_bmm")
     assert lines[2].endswith("MISSED")
-    table = runner.format_table(rows)
+    table = report.format_table(rows)
     assert table.endswith("\n".join(lines))
     # a missing or failed row says so instead of a figure
-    lines = runner.target_lines([rows[0], _row(pass_="forward+backward", max_err=1.0)])
+    lines = report.target_lines([rows[0], _row(pass_="forward+backward", max_err=1.0)])
     assert "no torch_bmm cuda row" in lines[1] and "FAIL (context)" in lines[2]
-    lines = runner.target_lines([_row(backend="torch_bmm")])
+    lines = report.target_lines([_row(backend="torch_bmm")])
     assert "no kernels_cuda row" in lines[1]
     # the JSON header carries the same results, valid against the schema
     head = _header(rows)
@@ -323,19 +323,19 @@ def test_target_lines_say_whether_each_pass_met_its_goals():
     assert forward["pct_of_copy_bandwidth"] == pytest.approx(44.74, abs=0.01)
     assert forward["speedup"] == pytest.approx(5.0) and both["speedup"] == pytest.approx(1.5)
     met = [_row(median_s=4e-5, ceiling_s=3e-5), _row(backend="torch_bmm", median_s=1e-4)]
-    (forward, both) = runner.target_results(met)
+    (forward, both) = report.target_results(met)
     assert forward["met"] is True and forward["why"] == ""
     assert both["met"] is None and both["why"].startswith("no kernels_cuda row")
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate({"schema": runner.SCHEMA, "header": head,
+    jsonschema.validate({"schema": report.SCHEMA, "header": head,
                          "rows": [r.record(rows) for r in rows]}, SCHEMA)
 
 
 def test_target_lines_stay_out_of_a_cpu_run():
     rows = [_row(device="cpu", copy_gbps=None), _row(device="cpu", backend="torch_bmm"),
             _row(size="B3,T7,H5")]  # a CUDA row, but not the target's problem
-    assert runner.target_lines(rows) == [] and runner.target_results(rows) == []
-    assert "target:" not in runner.format_table(rows)
+    assert report.target_lines(rows) == [] and report.target_results(rows) == []
+    assert "target:" not in report.format_table(rows)
     assert "targets" not in _header(rows)  # a CPU run's header is as it was
 
 
@@ -349,11 +349,11 @@ def test_numba_allocation_counter_counts_and_restores():
             return ("pointer", bytesize)
 
     original = Context.memalloc
-    with runner.numba_cuda_allocations(Context) as allocated:
+    with measure.numba_cuda_allocations(Context) as allocated:
         assert Context().memalloc(100) == ("pointer", 100)
         Context().memalloc(28)
     assert allocated == [128] and Context.memalloc is original
-    with pytest.raises(RuntimeError), runner.numba_cuda_allocations(Context):
+    with pytest.raises(RuntimeError), measure.numba_cuda_allocations(Context):
         raise RuntimeError("the call failed")
     assert Context.memalloc is original
 
@@ -414,7 +414,7 @@ def test_kernels_cuda_rows_validate_and_time_on_the_gpu():
         assert "at the GPU's best rate" in r.ceiling_name
         assert r.pct_of_copy_bandwidth == pytest.approx(100 * r.rate / r.copy_gbps)
     # the target's problem (not in the quick suite) stays out of the table and the header
-    assert runner.target_lines(rows) == [] and "targets" not in _header(rows)
+    assert report.target_lines(rows) == [] and "targets" not in _header(rows)
 
 
 @pytest.mark.cuda
