@@ -814,6 +814,18 @@ def _assert_bitwise(got: dict, want: dict, what: str) -> None:
 FILLS = (np.nan, np.inf, -np.inf, 1e30)
 
 
+def _unchanged_by_what_the_padding_holds(case, a: dict, keys, queries, backend: str) -> dict:
+    """Our results with zeros in the padding rows, after checking that every fill of `FILLS`
+    there gives the same bits and that every result is finite."""
+    clean = run_ours(case, a, backend)
+    for fill in FILLS:
+        got = run_ours(case, _filled(case, a, keys, queries, fill), backend)
+        _assert_bitwise(got, clean, f"{fill} in the padding")
+    for name, value in clean.items():
+        assert np.isfinite(value).all(), name
+    return clean
+
+
 @over_backends
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no-weights"])
@@ -833,12 +845,7 @@ def test_padding_keys_and_values_are_not_data(backend: str, dtype, need_weights:
                          "kpm-float+attn2d-float" if kind == "float" else "kpm-bool+attn3d-bool")
     a, keys, queries = _padded(case, kind)
     a = cast(a, dtype)
-    clean = run_ours(case, a, backend)
-    for fill in FILLS:
-        got = run_ours(case, _filled(case, a, keys, queries, fill), backend)
-        _assert_bitwise(got, clean, f"{fill} in the padding")
-    for name, value in clean.items():
-        assert np.isfinite(value).all(), name
+    clean = _unchanged_by_what_the_padding_holds(case, a, keys, queries, backend)
     for name in ("d_key", "d_value"):
         np.testing.assert_array_equal(_nle(clean[name], layout)[keys], 0, err_msg=name)
     a64 = cast(a, np.float64)
@@ -866,12 +873,7 @@ def test_a_query_that_sees_no_key_is_not_data(backend: str, dtype, need_weights:
     case = _padding_case(layout, separate, need_weights, "kpm-bool+attn3d-bool")
     a, keys, queries = _padded(case, "bool", blind_query=True)
     a = cast(a, dtype)
-    clean = run_ours(case, a, backend)
-    for fill in FILLS:
-        got = run_ours(case, _filled(case, a, keys, queries, fill), backend)
-        _assert_bitwise(got, clean, f"{fill} in the padding")
-    for name, value in clean.items():
-        assert np.isfinite(value).all(), name
+    clean = _unchanged_by_what_the_padding_holds(case, a, keys, queries, backend)
     np.testing.assert_array_equal(_nle(clean["d_query"], layout)[queries], 0)
     case, a = case._replace(d_weights=False), {**a, "d_weights": None}  # SDPA has no weights
     ours = run_ours(case, a, backend)

@@ -113,6 +113,15 @@ def lengths_array(lengths: Any, batch: int, steps: int, name: str = "lengths") -
     return arr.astype(np.int64)
 
 
+def _param_array(params: Mapping[str, Any], key: str) -> np.ndarray:
+    """``params[key]`` (present) once it is a plain ndarray; a `TypeError` naming it otherwise."""
+    a = params[key]
+    not_masked(f"params[{key!r}]", a)
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"params[{key!r}]: expected a numpy.ndarray, got {type(a).__name__}")
+    return a
+
+
 def leading_dim(params: Mapping[str, Any], key: str, ndim: int, labels: str) -> int:
     """Size of the first axis of ``params[key]``, for parameters that fix a size (4H, A).
 
@@ -123,10 +132,7 @@ def leading_dim(params: Mapping[str, Any], key: str, ndim: int, labels: str) -> 
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     if key not in params:
         raise ValueError(f"params: missing key {key!r} (expected shape {labels})")
-    a = params[key]
-    not_masked(f"params[{key!r}]", a)
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"params[{key!r}]: expected a numpy.ndarray, got {type(a).__name__}")
+    a = _param_array(params, key)
     if a.ndim != ndim or a.shape[0] == 0:
         raise ValueError(f"params[{key!r}]: expected shape {labels}, got {a.shape}")
     return a.shape[0]
@@ -143,10 +149,7 @@ def param(
     """Fetch ``params[key]`` and check it is an ndarray of the given shape and dtype."""
     if key not in params:
         raise ValueError(f"params: missing key {key!r} (expected shape {labels} = {expected})")
-    a = params[key]
-    not_masked(f"params[{key!r}]", a)
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"params[{key!r}]: expected a numpy.ndarray, got {type(a).__name__}")
+    a = _param_array(params, key)
     if a.dtype not in FLOAT_DTYPES:
         raise TypeError(f"params[{key!r}]: expected dtype float32 or float64, got {a.dtype}")
     same_dtype(f"params[{key!r}]", a, dtype, reference)
