@@ -36,12 +36,6 @@ def _as_type_of_jit(x, like):
     return impl
 
 
-def matmul_rows(x: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """``x @ W`` for x [..., n] and W [n, m] as one GEMM over all leading axes, C-contiguous
-    (a stacked [B, T, n] @ [n, m] runs as B small products, about half as fast)."""
-    return (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1])
-
-
 @njit(**JIT)
 def dot(a, b, zero):
     """``sum_h a[h] * b[h]`` over a's length, accumulated in the type of `zero`."""

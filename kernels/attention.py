@@ -30,7 +30,6 @@ import numba
 import numpy as np
 
 from kernels._blas import single_threaded_blas
-from kernels._util import matmul_rows
 from kernels.attention_additive import (
     additive_scores_backward,
     additive_scores_forward,
@@ -46,6 +45,7 @@ from kernels.softmax import (
 )
 from numpy_ref.contract import attention as contract
 from numpy_ref.contract import checks
+from numpy_ref.contract.attention import matmul_rows
 from numpy_ref.contract.fields import documented
 
 __all__ = ["KernelAttentionCache", "KernelMaskedSoftmaxCache", "additive_scores_backward",
@@ -89,10 +89,6 @@ class KernelAttentionCache(NamedTuple):
         m, total = self.stats[..., 0], self.stats[..., 1]
         return contract.row_statistic(self.inputs,
                                       contract.log_sum_exp(m, total, self.query.dtype))
-
-
-def _flat(x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1, x.shape[-1])
 
 
 _TRUE = np.ones(1, np.bool_)
@@ -287,12 +283,12 @@ def attention_backward(
             with checks.quiet():
                 d_query = matmul_rows(d_core_q, p["W_query"])
                 d_keys = matmul_rows(d_k, p["W_key"])
-                d_params["W_query"] = _flat(d_core_q).T @ _flat(q)
-                d_params["W_key"] = _flat(d_k).T @ _flat(
+                d_params["W_query"] = contract.flat(d_core_q).T @ contract.flat(q)
+                d_params["W_key"] = contract.flat(d_k).T @ contract.flat(
                     a.keys if pad.keys is None else contract.without_padding(a.keys, pad.keys))
             d_params["v"] = d_u_parts.sum(axis=0).astype(dtype)
             if "b" in p:
-                d_params["b"] = _flat(d_core_q).sum(axis=0)
+                d_params["b"] = contract.flat(d_core_q).sum(axis=0)
             d_params = {key: d_params[key] for key in p}  # the params' own order
             d_core_q = None
         else:
@@ -302,7 +298,7 @@ def attention_backward(
     if d_core_q is not None:
         if score == "general":  # core_q = q @ W
             with checks.quiet():
-                d_params["W"] = _flat(q).T @ _flat(d_core_q)
+                d_params["W"] = contract.flat(q).T @ contract.flat(d_core_q)
                 d_query = matmul_rows(d_core_q, p["W"].T)
         else:
             d_query = d_core_q

@@ -102,12 +102,6 @@ __all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "AttentionScoresCa
            "masked_softmax_forward", "weighted_sum_backward", "weighted_sum_forward"]
 
 
-def _rows(x: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """``x @ W`` for x [..., n] and W [n, m] as one GEMM over all leading axes (a stacked
-    [B, T, n] @ [n, m] runs as B small products, about half as fast)."""
-    return (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1])
-
-
 def _t(x: np.ndarray) -> np.ndarray:
     """Swap the last two axes."""
     return np.swapaxes(x, -1, -2)
@@ -163,7 +157,7 @@ def additive_scores_backward(
     with checks.quiet():
         d_z = ds[..., None] * v * (1 - e * e)  # s = tanh(z) @ v, z = qa + ka
         d_qa, d_ka = d_z.sum(axis=-2), d_z.sum(axis=-3)  # [..., Tq, A], [..., Tk, A]
-        d_v = _flat(e).T @ ds.reshape(-1)  # sum over every (row, i, j) of ds e
+        d_v = contract.flat(e).T @ ds.reshape(-1)  # sum over every (row, i, j) of ds e
     return (d_qa[:, 0] if single else d_qa), d_ka, d_v
 
 
@@ -206,13 +200,13 @@ def attention_scores_forward(
         if score in ("dot", "scaled_dot"):
             s = (q @ _t(k)) * scale  # a Python float: float32 stays float32
         elif score == "general":
-            projected = _rows(q, p["W"])  # q W
+            projected = contract.matmul_rows(q, p["W"])  # q W
             s = (projected @ _t(k)) * scale
         else:
-            qa = _rows(q, p["W_query"].T)  # [..., Tq, A]
+            qa = contract.matmul_rows(q, p["W_query"].T)  # [..., Tq, A]
             if "b" in p:
                 qa = qa + p["b"]
-            s, energy = additive_scores_forward(qa, _rows(k, p["W_key"].T), p["v"])
+            s, energy = additive_scores_forward(qa, contract.matmul_rows(k, p["W_key"].T), p["v"])
     return s, AttentionScoresCache(q, k, score, p, scale, projected, energy)
 
 
@@ -238,20 +232,16 @@ def attention_scores_backward(
         if score == "general":  # s = scale (q W) k^T
             g = ds * scale
             d_proj = g @ k
-            d_params["W"] = _flat(q).T @ _flat(d_proj)
-            return _rows(d_proj, p["W"].T), _t(g) @ projected, d_params
+            d_params["W"] = contract.flat(q).T @ contract.flat(d_proj)
+            return contract.matmul_rows(d_proj, p["W"].T), _t(g) @ projected, d_params
         d_qa, d_ka, d_params["v"] = additive_scores_backward(ds, energy)  # s(q W_q^T + b, ..)
-        d_params["W_query"] = _flat(d_qa).T @ _flat(q)
-        d_params["W_key"] = _flat(d_ka).T @ _flat(k)
+        d_params["W_query"] = contract.flat(d_qa).T @ contract.flat(q)
+        d_params["W_key"] = contract.flat(d_ka).T @ contract.flat(k)
         if "b" in p:
-            d_params["b"] = _flat(d_qa).sum(axis=0)
-        d_query, d_keys = _rows(d_qa, p["W_query"]), _rows(d_ka, p["W_key"])
+            d_params["b"] = contract.flat(d_qa).sum(axis=0)
+        d_query = contract.matmul_rows(d_qa, p["W_query"])
+        d_keys = contract.matmul_rows(d_ka, p["W_key"])
     return d_query, d_keys, {key: d_params[key] for key in p}
-
-
-def _flat(x: np.ndarray) -> np.ndarray:
-    """[..., n] -> [N, n]: every leading axis as rows."""
-    return x.reshape(-1, x.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,6 +80,17 @@ class AttentionInputs(NamedTuple):
 
 
 
+
+def flat(x: np.ndarray) -> np.ndarray:
+    """[..., n] -> [N, n]: every leading axis as rows (a view when it can be)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def matmul_rows(x: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``x @ W`` for x [..., n] and W [n, m] as one GEMM over all leading axes (a stacked
+    [B, T, n] @ [n, m] runs as B small products, about half as fast); C-contiguous."""
+    return (flat(x) @ W).reshape(*x.shape[:-1], W.shape[1])
+
 def score_params(score: Any, params: Any, Hq: int, Hk: int, dtype: np.dtype,
                  reference: str = "query", shapes: str = "") -> dict[str, np.ndarray]:
     """Check the params of `score` for query size Hq and key size Hk; return only its keys."""
