@@ -70,7 +70,7 @@ class KernelAttentionCache(NamedTuple):
     #                   k W_key^T (additive); read
     values: np.ndarray  # [B, h_kv, Tk, Hv] contiguous (the keys array when keys is values)
     weights: np.ndarray | None  # [B, h, Tq, Tk] with need_weights (read by the flash backward
-    #                             and for a bias or dW on the single path); None without
+    #                             and for a bias or d_weights on the single path); None without
     stats: np.ndarray  # [B, h, Tq, 2] float64: each row's max score m and
     #                    l = sum_j exp(s_j - m) (m + log l is the log-sum-exp); read
     context64: np.ndarray  # [B, h, Tq, Hv] float64 context, read for delta = <c, dc> (empty
@@ -227,7 +227,7 @@ def attention_backward(
     dtype = q.dtype
     p, score = a.params, a.score
     scale = dtype.type(1.0 if a.scale is None else a.scale)
-    dc, dW = contract.attention_cotangents(a, d_context, d_weights, Hv)
+    dc, d_weights = contract.attention_cotangents(a, d_context, d_weights, Hv)
     dc = np.ascontiguousarray(dc)
     # an empty array stands for "no cotangent" (the cores test its shape)
     d_params: dict[str, np.ndarray] = {}
@@ -241,7 +241,7 @@ def attention_backward(
         d_keys = out[1] if out[1] is not None else np.empty(k.shape[:1] + k.shape[2:], dtype)
         d_values = (d_keys if sum_kv else out[2] if out[2] is not None
                     else np.empty(v.shape[:1] + v.shape[2:], dtype))
-        dw_in = (np.ascontiguousarray(dW[:, 0, 0]) if dW is not None
+        dw_in = (np.ascontiguousarray(d_weights[:, 0, 0]) if d_weights is not None
                  else np.empty((0, 0), dtype))
         w_rows = w[:, 0, 0] if w is not None else np.empty((0, 0), dtype)
         _single_backward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, masked, visible[:, 0, 0],
@@ -272,7 +272,7 @@ def attention_backward(
         args = (_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked, visible,
                 a.bias is not None, bias4, additive, p["v"] if additive else np.empty(0, dtype),
                 R, _C, splits, w is not None, none if w is None else _stacked(w, h_kv),
-                none if dW is None else _stacked(np.ascontiguousarray(dW), h_kv),
+                none if d_weights is None else _stacked(np.ascontiguousarray(d_weights), h_kv),
                 _stacked(stats, h_kv), delta, _stacked(dc, h_kv), _stacked(d_core_q, h_kv),
                 d_q_parts, d_k, d_values, d_u_parts, d_bias)
         with single_threaded_blas():

@@ -50,7 +50,7 @@ Backward, for one (row block, key block)::
 
     P    = exp(S - m) / l  (recomputed from S = Q K^T)   or the weights rows (with weights)
     dV  += P^T dO_blk                      np.dot
-    dP   = dO_blk V_j^T (+ dW)             np.dot
+    dP   = dO_blk V_j^T (+ d_weights)             np.dot
     dS   = P (dP - delta), 0 where P = 0   delta = sum_j P dP over the row when its keys are
                                            one block (always with weights), else <c, dc>
                                            (float64, from the forward's float64 context)

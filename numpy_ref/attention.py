@@ -41,14 +41,14 @@ projected, for a decoder that attends step by step), `masked_softmax_*` and `wei
 
 Backward
 --------
-With dc = dL/dc and an optional cotangent dW on the weights:
+With dc = dL/dc and an optional cotangent d_weights on the weights:
 
     dv    = w^T dc                                     d_values
-    dw    = dc v^T + dW
+    dw    = dc v^T + d_weights
     ds    = w * (dw - delta),   delta[i] = sum_j w[i,j] dw[i,j]        d_bias = ds (summed over
                                                                        the axes bias broadcast)
 The softmax vector-Jacobian product: dw_j/ds_l = w_j (1[j=l] - w_l). Hidden keys have w = 0,
-so ds = 0 there and nothing flows into them. When only the context has a cotangent (dW = 0),
+so ds = 0 there and nothing flows into them. When only the context has a cotangent (d_weights = 0),
 
     delta = sum_j w_j (dc . v_j) = dc . sum_j w_j v_j = <dc, c>,
 
@@ -519,15 +519,16 @@ def attention_backward(
     a, pad, scores, softmax, weighted, _, _, blocks = checks.cache_of(
         cache, AttentionCache, "attention_forward")
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
-    dc, dW = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])
+    # in the core's layout; d_weights is None when only the context has a cotangent
+    dc, d_weights = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])
     if blocks is not None:
         d_query, d_keys, d_values, d_params = _backward_by_blocks(a, blocks, dc)
     else:
-        dw, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
-        if dW is not None:
+        d_w, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
+        if d_weights is not None:
             with checks.quiet():
-                dw = dw + dW
-        ds = masked_softmax_backward(dw, softmax)  # 0 at hidden keys
+                d_w = d_w + d_weights  # dw = dc v^T + d_weights
+        ds = masked_softmax_backward(d_w, softmax)  # 0 at hidden keys
         d_query, d_keys, d_params = attention_scores_backward(ds, scores)
         if a.bias is not None:  # s = scores + bias
             with checks.quiet():

@@ -404,24 +404,26 @@ def _direction_backward(d_out, d_h, d_c, cache, w_ih, w_hh, w_hr, mask):
     T, B, _ = x.shape
     H, Ho = c_prev.shape[2], h_prev.shape[2]
     da = np.zeros((T, B, 4 * H), x.dtype)  # dL/da_t for every step
-    d_h_new = np.zeros((T, B, Ho), x.dtype) if w_hr is not None else None
+    d_h_new_steps = np.zeros((T, B, Ho), x.dtype) if w_hr is not None else None  # for dW_hr
+    # d_h, d_c: the carried dL/dh_t, dL/dc_t (the module docstring's dh, dc)
     for t in range(T) if reverse else range(T - 1, -1, -1):  # the forward loop, backwards
-        d_hn = d_out[t] + d_h  # out_t = h_t^new, and h_t = h_t^new on real steps
+        d_h_new = d_out[t] + d_h  # out_t = h_t^new, and h_t = h_t^new on real steps
         if mask is not None:  # h_t = m ? h_t^new : h_{t-1}, same for c
-            d_hn, d_h = np.where(mask[t], d_hn, 0), np.where(mask[t], 0, d_h)
-            d_cn = np.where(mask[t], d_c, 0)
+            d_h_new, d_h_keep = np.where(mask[t], d_h_new, 0), np.where(mask[t], 0, d_h)
+            d_c_new = np.where(mask[t], d_c, 0)
         else:
-            d_cn, d_h = d_c, 0
+            d_c_new, d_h_keep = d_c, 0
+        d_r = d_h_new
         if w_hr is not None:  # h^new = r @ w_hr.T
-            d_h_new[t] = d_hn
-            d_hn = d_hn @ w_hr
-        da_t, d_c_prev = _gates_backward(d_hn, d_cn, gates[t], c_prev[t], tanh_c[t])
+            d_h_new_steps[t] = d_h_new
+            d_r = d_h_new @ w_hr
+        da_t, d_c_prev = _gates_backward(d_r, d_c_new, gates[t], c_prev[t], tanh_c[t])
         if mask is None:
             da[t], d_c = da_t, d_c_prev
         else:  # padded rows: da = 0 and dc passes through (dc_keep), exactly
             da[t] = np.where(mask[t], da_t, 0)
             d_c = np.where(mask[t], d_c_prev, d_c)
-        d_h = da[t] @ w_hh + d_h  # a_t = ... + h_{t-1} @ w_hh.T
+        d_h = da[t] @ w_hh + d_h_keep  # a_t = ... + h_{t-1} @ w_hh.T
     da2 = da.reshape(T * B, 4 * H)
     d_bias = da2.sum(axis=0)
     grads = {
@@ -432,5 +434,5 @@ def _direction_backward(d_out, d_h, d_c, cache, w_ih, w_hh, w_hr, mask):
     }
     if w_hr is not None:
         r = (gates[:, :, 3 * H :] * tanh_c).reshape(T * B, H)
-        grads["weight_hr"] = d_h_new.reshape(T * B, Ho).T @ r
+        grads["weight_hr"] = d_h_new_steps.reshape(T * B, Ho).T @ r
     return (da2 @ w_ih).reshape(T, B, -1), grads, d_h, d_c

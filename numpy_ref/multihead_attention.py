@@ -37,13 +37,14 @@ attn_mask given is used.
 
 Backward
 --------
-With dO = dL/d output and an optional dW on the returned weights:
+With dO = dL/d output and an optional cotangent d_weights on the returned weights:
 
     d_c   = dO W_o,   dW_o = sum dO^T c,   db_o = sum dO                 (out_proj)
     d_C   = d_c split into heads                                          [N, h, L, d]
-    dw    = dW / h for every head when the weights were averaged, else dW
-    dQ, dK, dV = the core's backward of (d_C, dw): dV = w^T d_C, ds = w * (dw' - delta)
-                 with dw' = d_C V^T + dw, dQ = ds K / sqrt(d), dK = ds^T Q / sqrt(d)
+    d_weights per head = d_weights / h when the weights were averaged, else d_weights
+    dQ, dK, dV = the core's backward of (d_C, d_weights per head): dV = w^T d_C,
+                 ds = w * (dw - delta) with dw = d_C V^T + d_weights per head,
+                 dQ = ds K / sqrt(d), dK = ds^T Q / sqrt(d)
     d_q, d_k, d_v = dQ, dK, dV merged back to [.., E]
     d_query = d_q W_q,  dW_q = sum d_q^T query,  db_q = sum d_q   (and k, v likewise)
     d_in_proj_weight = [dW_q; dW_k; dW_v],  d_in_proj_bias = [db_q; db_k; db_v]
@@ -221,10 +222,10 @@ def multihead_attention_backward(
     """
     backend, a, proj_caches, att_cache, out_cache = checks.cache_of(
         cache, MultiheadAttentionCache, "multihead_attention_forward")
-    d_output, d_w = contract.cotangents(a, d_output, d_weights)
+    d_output, d_weights = contract.cotangents(a, d_output, d_weights)  # the core's layout
     with checks.quiet():
         d_c, d_out = backend.linear_backward(d_output, out_cache)  # output = out_proj(c)
-    d_heads = backend.attention_backward(_split_heads(d_c, a), att_cache, d_weights=d_w)[:3]
+    d_heads = backend.attention_backward(_split_heads(d_c, a), att_cache, d_weights=d_weights)[:3]
     d_inputs, d_proj = [], []
     real = (a.real_queries, a.real_keys, a.real_keys)
     for d, c, r in zip(d_heads, proj_caches, real, strict=True):  # Q, K, V = split(x W^T + b)
