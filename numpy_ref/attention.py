@@ -91,7 +91,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from numpy_ref.contract import attention as contract
-from numpy_ref.contract import checks
+from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract.attention import SCORES
 from numpy_ref.contract.fields import documented
 
@@ -118,6 +118,8 @@ class AdditiveScoresCache(NamedTuple):
     energy: np.ndarray  # [..., Tq, Tk, A]  e = tanh(qa + ka); read
     v: np.ndarray  # [A]  read
     single_query: bool  # whether query_proj was [B, A]
+    fingerprints: unchanged.Fingerprints | None = None  # v as the forward saw it; the backward
+    #   checks it first (`numpy_ref.contract.unchanged`)
 
 
 def additive_scores_forward(
@@ -136,7 +138,9 @@ def additive_scores_forward(
     with checks.quiet():
         e = np.tanh(qa[..., :, None, :] + ka[..., None, :, :])  # [..., Tq, Tk, A]
         s = e @ v  # [..., Tq, Tk]
-    return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single)
+    fingerprints = unchanged.record("additive_scores_forward", "additive_scores_backward",
+                                    [("v", v)])
+    return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single, fingerprints)
 
 
 def additive_scores_backward(
@@ -149,7 +153,9 @@ def additive_scores_backward(
     ``d_ka = sum_i dz``, ``d_v = sum_ij ds e``.
     Derivation: the `numpy_ref.attention` module docstring.
     """
-    e, v, single = checks.cache_of(cache, AdditiveScoresCache, "additive_scores_forward")
+    e, v, single, fingerprints = checks.cache_of(cache, AdditiveScoresCache,
+                                                 "additive_scores_forward")
+    unchanged.check(fingerprints)
     shape = e.shape[:-1]
     ds = contract.like("d_scores", d_scores, (shape[0], shape[2]) if single else shape,
                        e.dtype, "the scores")
@@ -176,6 +182,8 @@ class AttentionScoresCache(NamedTuple):
     scale: float | None  # the dot-product scores' multiplier (None for additive)
     projected: np.ndarray | None  # general: q W [..., Tq, Hk]; None otherwise
     energy: AdditiveScoresCache | None  # additive: the tanh layer; None otherwise
+    fingerprints: unchanged.Fingerprints | None = None  # query, keys and the params read, as
+    #   the forward saw them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
 def attention_scores_forward(
@@ -196,7 +204,7 @@ def attention_scores_forward(
     """
     q, k, p, scale = contract.scores(query, keys, score, params, scale)
     projected = energy = None
-    with checks.quiet():
+    with checks.quiet(), unchanged.untracked():  # v: recorded below, with the others
         if score in ("dot", "scaled_dot"):
             s = (q @ _t(k)) * scale  # a Python float: float32 stays float32
         elif score == "general":
@@ -207,7 +215,9 @@ def attention_scores_forward(
             if "b" in p:
                 qa = qa + p["b"]
             s, energy = additive_scores_forward(qa, contract.matmul_rows(k, p["W_key"].T), p["v"])
-    return s, AttentionScoresCache(q, k, score, p, scale, projected, energy)
+    fingerprints = unchanged.record("attention_scores_forward", "attention_scores_backward",
+                                    [("query", q), ("keys", k), *contract.params_read(p)])
+    return s, AttentionScoresCache(q, k, score, p, scale, projected, energy, fingerprints)
 
 
 def attention_scores_backward(
@@ -220,8 +230,9 @@ def attention_scores_backward(
     ``dk = g^T (q W)``, ``dW = q^T g k``; additive through
     `additive_scores_backward`. Derivation: the `numpy_ref.attention` module docstring.
     """
-    q, k, score, p, scale, projected, energy = checks.cache_of(
+    q, k, score, p, scale, projected, energy, fingerprints = checks.cache_of(
         cache, AttentionScoresCache, "attention_scores_forward")
+    unchanged.check(fingerprints)
     ds = contract.like("d_scores", d_scores, q.shape[:-1] + k.shape[-2:-1], q.dtype,
                        "the scores")
     d_params: dict[str, np.ndarray] = {}
@@ -256,6 +267,8 @@ class MaskedSoftmaxCache(NamedTuple):
     lse: np.ndarray  # the scores' shape without the last axis: each row's log-sum-exp
     #                  m + log sum_j exp(s_j - m) over the keys it sees (-inf for a row that
     #                  sees none, NaN for a NaN row); not read
+    fingerprints: unchanged.Fingerprints | None = None  # the returned weights as the forward
+    #   made them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
 def masked_softmax_forward(
@@ -291,7 +304,10 @@ def masked_softmax_forward(
         w = e / np.where(total == 0, 1, total)
     if mask is not None:
         w = np.where(mask, w, 0)  # already 0, except in a row made NaN by a visible NaN
-    return w, MaskedSoftmaxCache(w, contract.log_sum_exp(m, total, w.dtype)[..., 0])
+    fingerprints = unchanged.record("masked_softmax_forward", "masked_softmax_backward", [],
+                                    outputs=[("weights", w)])
+    return w, MaskedSoftmaxCache(w, contract.log_sum_exp(m, total, w.dtype)[..., 0],
+                                 fingerprints)
 
 
 def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) -> np.ndarray:
@@ -304,6 +320,7 @@ def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) ->
     d_weights : like the weights. Returns d_scores, like the scores (0 where w is 0).
     """
     w = checks.cache_of(cache, MaskedSoftmaxCache, "masked_softmax_forward").weights
+    unchanged.check(cache.fingerprints)
     d_weights = contract.like_weights("d_weights", d_weights, w)
     with checks.quiet():
         delta = np.sum(np.where(w == 0, 0, w * d_weights), axis=-1, keepdims=True)
@@ -322,6 +339,8 @@ class WeightedSumCache(NamedTuple):
     weights: np.ndarray  # [..., Tq, Tk]  read for d_values
     values: np.ndarray  # [..., Tk, Hv]  read for d_weights
     single_query: bool  # whether weights were [B, Tk]
+    fingerprints: unchanged.Fingerprints | None = None  # weights and values as the forward saw
+    #   them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
 def weighted_sum_forward(
@@ -335,7 +354,9 @@ def weighted_sum_forward(
     w = w[:, None, :] if single else w  # [..., Tq, Tk]
     with checks.quiet():  # 0 * inf: a hidden infinite value
         c = w @ values
-    return (c[:, 0] if single else c), WeightedSumCache(w, values, single)
+    fingerprints = unchanged.record("weighted_sum_forward", "weighted_sum_backward",
+                                    [("weights", weights), ("values", values)])
+    return (c[:, 0] if single else c), WeightedSumCache(w, values, single, fingerprints)
 
 
 def weighted_sum_backward(
@@ -347,7 +368,9 @@ def weighted_sum_backward(
     ``d_weights = dc v^T``, ``d_values = w^T dc``. Derivation: the `numpy_ref.attention`
     module docstring.
     """
-    w, values, single = checks.cache_of(cache, WeightedSumCache, "weighted_sum_forward")
+    w, values, single, fingerprints = checks.cache_of(cache, WeightedSumCache,
+                                                      "weighted_sum_forward")
+    unchanged.check(fingerprints)
     shape = w.shape[:-1] + values.shape[-1:]
     dc = contract.like("d_context", d_context, (shape[0], shape[2]) if single else shape,
                        w.dtype, "the context")
@@ -395,6 +418,10 @@ class AttentionCache(NamedTuple):
     #                  m + log sum_j exp(s_j - m) (-inf for a query that sees no key, NaN for a
     #                  NaN row); not read: compare a flash kernel's saved statistic with it
     blocks: BlockwiseCache | None  # need_weights=False: what its backward reads; else None
+    fingerprints: unchanged.Fingerprints | None = None  # the caller's arrays the backward
+    #   reads (query, keys, values unless copied, the params read; mask and bias without the
+    #   weights) and the returned weights (the context without them), as the forward saw
+    #   them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
 def _per_query_head(x: np.ndarray, group: int) -> np.ndarray:
@@ -461,26 +488,40 @@ def attention_forward(
                                     scale, bias, need_weights)
     if not a.need_weights:
         pad = contract.padding_by_blocks(a)
-        c, blocks = _forward_by_blocks(a, pad)
+        with unchanged.untracked():  # the blocks' scores: recorded below, once
+            c, blocks = _forward_by_blocks(a, pad)
         lse = contract.log_sum_exp(blocks.row_max, blocks.row_sum, blocks.query.dtype)
+        context = a.to_user(c)
+        fingerprints = unchanged.record("attention_forward", "attention_backward", [
+            ("query", unchanged.shared(query, blocks.query)),
+            ("keys", unchanged.shared(keys, blocks.keys)),
+            ("values", unchanged.shared(values, blocks.values)),
+            ("mask", unchanged.shared(mask, a.mask)), ("bias", unchanged.shared(bias, a.bias)),
+            *contract.params_read(a.params)], outputs=[("context", context)])
         cache = AttentionCache(a, pad, None, None, None, None, contract.row_statistic(a, lse),
-                               blocks)
-        return a.to_user(c), None, cache
+                               blocks, fingerprints)
+        return context, None, cache
     visible = contract.visibility(a)
     pad = contract.padding(a, visible)
     q = contract.without_padding(a.query, pad.queries)  # [B, h, Tq, Hq]
     k = _per_query_head(contract.without_padding(a.keys, pad.keys), a.group)  # [B, h, Tk, Hk]
     v = _per_query_head(contract.without_padding(a.values, pad.keys), a.group)
-    s, scores = attention_scores_forward(q, k, score=score, params=a.params, scale=a.scale)
-    if a.bias is not None:
-        with checks.quiet():  # an infinite score plus the opposite infinite bias
-            s = s + a.bias
-    w, softmax = masked_softmax_forward(s, mask=visible)
-    c, weighted = weighted_sum_forward(w, v)  # [B, h, Tq, Hv]
+    with unchanged.untracked():  # the three pairs' arrays: recorded below, once
+        s, scores = attention_scores_forward(q, k, score=score, params=a.params, scale=a.scale)
+        if a.bias is not None:
+            with checks.quiet():  # an infinite score plus the opposite infinite bias
+                s = s + a.bias
+        w, softmax = masked_softmax_forward(s, mask=visible)
+        c, weighted = weighted_sum_forward(w, v)  # [B, h, Tq, Hv]
     c = contract.without_padding(c, pad.queries)  # 0 * (a value another query sees) may be NaN
+    weights = a.to_user(w)
+    fingerprints = unchanged.record("attention_forward", "attention_backward", [
+        ("query", unchanged.shared(query, q)), ("keys", unchanged.shared(keys, k)),
+        ("values", unchanged.shared(values, v)), *contract.params_read(a.params)],
+        outputs=[("weights", weights)])
     cache = AttentionCache(a, pad, scores, softmax, weighted, s,
-                           contract.row_statistic(a, softmax.lse), None)
-    return a.to_user(c), a.to_user(w), cache
+                           contract.row_statistic(a, softmax.lse), None, fingerprints)
+    return a.to_user(c), weights, cache
 
 
 def attention_backward(
@@ -516,13 +557,15 @@ def attention_backward(
     d_params : the score params' keys ({} for dot and scaled_dot), and "bias" (bias's shape)
     when a bias was given.
     """
-    a, pad, scores, softmax, weighted, _, _, blocks = checks.cache_of(
+    a, pad, scores, softmax, weighted, _, _, blocks, fingerprints = checks.cache_of(
         cache, AttentionCache, "attention_forward")
+    unchanged.check(fingerprints)
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
     # in the core's layout; d_weights is None when only the context has a cotangent
     dc, d_weights = contract.attention_cotangents(a, d_context, d_weights, a.values.shape[3])
     if blocks is not None:
-        d_query, d_keys, d_values, d_params = _backward_by_blocks(a, blocks, dc)
+        with unchanged.untracked():  # the blocks' scores, computed again
+            d_query, d_keys, d_values, d_params = _backward_by_blocks(a, blocks, dc)
     else:
         d_w, d_values = weighted_sum_backward(dc, weighted)  # c = w @ v
         if d_weights is not None:

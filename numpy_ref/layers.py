@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref.contract import checks
+from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract import layers as contract
 from numpy_ref.contract.fields import documented
 
@@ -61,6 +61,9 @@ class EmbeddingCache(NamedTuple):
     weight_shape: tuple[int, int]  # (V, E)
     dtype: np.dtype  # the weight's dtype: d_weight's
     padding_idx: int | None  # in 0..V-1; its row gets no gradient
+    fingerprints: unchanged.Fingerprints | None = None  # ids as the forward saw them (unless
+    #   it converted them to an array); the backward checks them first
+    #   (`numpy_ref.contract.unchanged`)
 
 
 def embedding_forward(
@@ -74,9 +77,12 @@ def embedding_forward(
     `padding_idx` (in -V..V-1, as torch) only stops that row's gradient; its output is the row
     as stored, which torch initialises to zeros.
     """
+    given = ids
     ids, weight, padding_idx = contract.embedding(ids, params, padding_idx)
     out = weight[ids]  # [..., E]
-    return out, EmbeddingCache(ids, weight.shape, weight.dtype, padding_idx)
+    fingerprints = unchanged.record("embedding_forward", "embedding_backward",
+                                    [("ids", ids if ids is given else None)])
+    return out, EmbeddingCache(ids, weight.shape, weight.dtype, padding_idx, fingerprints)
 
 
 def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np.ndarray]:
@@ -84,7 +90,9 @@ def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np
 
     ``dW[v] = sum of d_out[p] over the positions p with ids[p] = v`` (0 at padding_idx); see
     the `numpy_ref.layers` module docstring."""
-    ids, (V, E), dtype, padding_idx = checks.cache_of(cache, EmbeddingCache, "embedding_forward")
+    ids, (V, E), dtype, padding_idx, fingerprints = checks.cache_of(cache, EmbeddingCache,
+                                                                    "embedding_forward")
+    unchanged.check(fingerprints)
     d_out = contract.cotangent("d_out", d_out, (*ids.shape, E), dtype, "the embedding output")
     d_weight = np.zeros((V, E), dtype)
     np.add.at(d_weight, ids.reshape(-1), d_out.reshape(-1, E))  # out = W[ids]: rows scatter-add
@@ -104,6 +112,8 @@ class LinearCache(NamedTuple):
     x: np.ndarray  # [..., I]  the input; read for dW
     weight: np.ndarray  # [O, I]  read for dx
     has_bias: bool  # whether params had a bias (then d_params has one)
+    fingerprints: unchanged.Fingerprints | None = None  # x and the weight as the forward saw
+    #   them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
 def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
@@ -116,7 +126,10 @@ def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
     y = x.reshape(-1, x.shape[-1]) @ weight.T  # [rows, O]
     if bias is not None:
         y += bias
-    return y.reshape(*x.shape[:-1], weight.shape[0]), LinearCache(x, weight, bias is not None)
+    fingerprints = unchanged.record("linear_forward", "linear_backward",
+                                    [("x", x), ("params['weight']", weight)])
+    return y.reshape(*x.shape[:-1], weight.shape[0]), LinearCache(x, weight, bias is not None,
+                                                                  fingerprints)
 
 
 def linear_backward(d_y: np.ndarray, cache: LinearCache
@@ -125,7 +138,8 @@ def linear_backward(d_y: np.ndarray, cache: LinearCache
 
     ``dx = dy W``, ``dW = dy^T x``, ``db = sum dy`` over the leading axes flattened into rows
     (the `numpy_ref.layers` module docstring)."""
-    x, weight, has_bias = checks.cache_of(cache, LinearCache, "linear_forward")
+    x, weight, has_bias, fingerprints = checks.cache_of(cache, LinearCache, "linear_forward")
+    unchanged.check(fingerprints)
     d_y = contract.cotangent("d_y", d_y, (*x.shape[:-1], weight.shape[0]), x.dtype,
                              "the linear output")
     rows_dy = d_y.reshape(-1, weight.shape[0])  # [rows, O]
@@ -152,6 +166,9 @@ class CrossEntropyCache(NamedTuple):
     reduction: str  # "mean", "sum" or "none"
     denominator: float  # what "mean" divided by (1 otherwise)
     logits_shape: tuple[int, ...]  # [C], [N, C] or [N, C, d...]: d_logits is shaped so
+    fingerprints: unchanged.Fingerprints | None = None  # probability targets (unless copied)
+    #   and the class weights as the forward saw them; the backward checks them first
+    #   (`numpy_ref.contract.unchanged`)
 
 
 def _target_weights(targets, probabilities, class_weight, ls, ignore_index, C, dtype):
@@ -210,8 +227,12 @@ def cross_entropy_forward(
         loss = loss_rows.reshape(contract.row_shape(logits.shape))
     else:  # all ignored: the mean is NaN, as torch's
         loss = dtype.type(loss_rows.sum() / denominator if denominator else np.nan)
+    fingerprints = unchanged.record("cross_entropy_forward", "cross_entropy_backward", [
+        ("targets", unchanged.shared(targets, t) if probabilities else None),
+        ("weight", class_weight)])
     cache = CrossEntropyCache(np.exp(log_p), t, probabilities, class_weight, float(label_smoothing),
-                              int(ignore_index), reduction, denominator, logits.shape)
+                              int(ignore_index), reduction, denominator, logits.shape,
+                              fingerprints)
     return loss, cache
 
 
@@ -223,8 +244,9 @@ def cross_entropy_backward(d_loss: Any, cache: CrossEntropyCache) -> np.ndarray:
     plain targets, mean reduction divided by its denominator); derivation:
     the `numpy_ref.layers` module docstring."""
     (probs, t, probabilities, class_weight, ls, ignore_index, reduction, denominator,
-     logits_shape) = checks.cache_of(cache, CrossEntropyCache,
-                                        "cross_entropy_forward")
+     logits_shape, fingerprints) = checks.cache_of(cache, CrossEntropyCache,
+                                                   "cross_entropy_forward")
+    unchanged.check(fingerprints)
     dtype, C = probs.dtype, probs.shape[1]
     d_rows = contract.cross_entropy_cotangent(d_loss, reduction, denominator, logits_shape, dtype)
     q = _target_weights(t, probabilities, class_weight, ls, ignore_index, C, dtype)

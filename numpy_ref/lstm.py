@@ -68,9 +68,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref.contract import checks
+from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.lstm import (
+    cell_fingerprints,
+    lstm_fingerprints,
     padding_mask,
     param_key,
     param_specs,
@@ -134,6 +136,8 @@ class LSTMCellCache(NamedTuple):
     gates: np.ndarray  # [B, 4H]  activated gates i, f, g, o; read
     tanh_c: np.ndarray  # [B, H]   tanh of the new cell state; read (r = o * tanh_c recomputed)
     params: Mapping[str, np.ndarray]  # the weights; read
+    fingerprints: unchanged.Fingerprints | None = None  # x, h, c and the weights as the
+    #   forward saw them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
 def lstm_cell_forward(
@@ -161,7 +165,7 @@ def lstm_cell_forward(
     gates, c_new, tanh_c = _gates_forward(a, c)
     r = gates[:, 3 * H :] * tanh_c
     h_new = r @ p["weight_hr"].T if "weight_hr" in p else r
-    return h_new, c_new, LSTMCellCache(x, h, c, gates, tanh_c, p)
+    return h_new, c_new, LSTMCellCache(x, h, c, gates, tanh_c, p, cell_fingerprints(x, h, c, p))
 
 
 def lstm_cell_backward(
@@ -184,8 +188,9 @@ def lstm_cell_backward(
     d_x [B, I], d_h [B, Ho], d_c [B, H], d_params (same keys and shapes as params).
     """
     checks.cache_of(cache, LSTMCellCache, "lstm_cell_forward")
+    unchanged.check(cache.fingerprints)
     d_h_new, d_c_new = validate_lstm_cell_cotangents(d_h_new, d_c_new, cache)
-    x, h, c, gates, tanh_c, p = cache
+    x, h, c, gates, tanh_c, p, _ = cache
     H = c.shape[1]
     grads = {}
     if "weight_hr" in p:  # h_new = r @ weight_hr.T
@@ -230,6 +235,9 @@ class LSTMCache(NamedTuple):
     batch_first: bool  # whether output (and d_output) are [B, T, D*Ho]
     hidden_size: int  # H
     output_size: int  # Ho
+    fingerprints: unchanged.Fingerprints | None = None  # x (when layer 0's input is a view of
+    #   it) and the weights as the forward saw them; the backward checks them first
+    #   (`numpy_ref.contract.unchanged`)
 
 
 def init_lstm_params(
@@ -315,7 +323,7 @@ def lstm_forward(
         layer_input = np.concatenate(outputs, axis=-1) if D == 2 else outputs[0]  # [T, B, D*Ho]
     output = layer_input.transpose(1, 0, 2) if batch_first else layer_input
     cache = LSTMCache(tuple(caches), p, mask, num_layers, bool(bidirectional),
-                      bool(batch_first), H, Ho)
+                      bool(batch_first), H, Ho, lstm_fingerprints(x, caches[0].x, p))
     return output, (np.stack(h_n), np.stack(c_n)), cache
 
 
@@ -347,6 +355,7 @@ def lstm_backward(
     the forward used the default zero states).
     """
     checks.cache_of(cache, LSTMCache, "lstm_forward")
+    unchanged.check(cache.fingerprints)
     d_layer_out, d_h_n, d_c_n = validate_lstm_cotangents(d_output, d_h_n, d_c_n, cache)
     L, D = cache.num_layers, 2 if cache.bidirectional else 1
     B = d_layer_out.shape[1]

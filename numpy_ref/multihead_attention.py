@@ -80,7 +80,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref.contract import checks
+from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract import multihead_attention as contract
 from numpy_ref.contract.attention import without_padding
 from numpy_ref.contract.backend import op_module
@@ -100,6 +100,9 @@ class MultiheadAttentionCache(NamedTuple):
     projections: tuple[Any, Any, Any]  # the q, k, v in-projections' linear caches
     attention: Any  # the core's cache: Q [N, h, L, d], K and V [N, h, S, d]; read
     out_proj: Any  # out_proj's linear cache (the merged attention c [.., E]); read
+    arguments: tuple[tuple[str, np.ndarray, bool], ...]  # the caller's arrays (query, key,
+    #   value, params, masks) and the returned weights by name: an array the ops' checks find
+    #   changed since the forward is named so (`numpy_ref.contract.unchanged`)
 
 
 def _split_heads(x: np.ndarray, a: MultiheadAttentionInputs) -> np.ndarray:
@@ -114,6 +117,7 @@ def _merge_heads(x: np.ndarray, a: MultiheadAttentionInputs) -> np.ndarray:
     return x.reshape(*x.shape[:2], a.num_heads * a.head_dim)
 
 
+@unchanged.memoized()  # the ops' fingerprints: each array once (one query for q, k and v)
 def multihead_attention_forward(
     query: np.ndarray,
     key: np.ndarray,
@@ -186,14 +190,17 @@ def multihead_attention_forward(
         bias=a.bias, causal=a.causal, need_weights=a.need_weights)  # [N, h, L, d], [N, h, L, S]
     with checks.quiet():
         output, out_cache = backend.linear_forward(_merge_heads(context, a), a.out_proj)
-    cache = MultiheadAttentionCache(backend, a, tuple(proj_caches), att_cache, out_cache)
     if not a.batched:
         output = output[0]
-    if not a.need_weights:
-        return output, None, cache
-    if a.average_attn_weights:
-        weights = weights.mean(axis=1)  # [N, L, S]
-    return output, (weights if a.batched else weights[0]), cache
+    if a.need_weights:
+        if a.average_attn_weights:
+            weights = weights.mean(axis=1)  # [N, L, S]
+        weights = weights if a.batched else weights[0]
+    named = unchanged.names({"query": query, "key": key, "value": value, "params": params,
+                             "key_padding_mask": key_padding_mask, "attn_mask": attn_mask},
+                            {"weights": weights})
+    cache = MultiheadAttentionCache(backend, a, tuple(proj_caches), att_cache, out_cache, named)
+    return output, weights, cache
 
 
 def multihead_attention_backward(
@@ -220,8 +227,18 @@ def multihead_attention_backward(
     also when the forward got one array for several of them: sum them then).
     d_params : the params' keys, in their order, each shaped like its param.
     """
-    backend, a, proj_caches, att_cache, out_cache = checks.cache_of(
+    backend, a, proj_caches, att_cache, out_cache, named = checks.cache_of(
         cache, MultiheadAttentionCache, "multihead_attention_forward")
+    # an input or output changed since the forward: each op's backward checks the arrays it
+    # references first; the error names them as the caller passed them
+    with unchanged.reported_as("multihead_attention_forward", "multihead_attention_backward",
+                               named), unchanged.memoized():
+        return _backward(backend, a, proj_caches, att_cache, out_cache, d_output, d_weights)
+
+
+def _backward(backend, a, proj_caches, att_cache, out_cache, d_output, d_weights):
+    """`multihead_attention_backward` on the cache's fields: out_proj's backward, the core's,
+    the in-projections'."""
     d_output, d_weights = contract.cotangents(a, d_output, d_weights)  # the core's layout
     with checks.quiet():
         d_c, d_out = backend.linear_backward(d_output, out_cache)  # output = out_proj(c)

@@ -119,6 +119,12 @@ def score_params(score: Any, params: Any, Hq: int, Hk: int, dtype: np.dtype,
     return p
 
 
+def params_read(p: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """The checked score params a backward reads, named as the caller's (``params['W']``): all
+    but the additive score's bias b, which the forward only added."""
+    return [(f"params[{k!r}]", a) for k, a in p.items() if k != "b"]
+
+
 def score_scale(score: str, scale: Any, Hk: int) -> float | None:
     """The multiplier of the dot-product scores: `scale` when given, else 1/sqrt(Hk) for
     scaled_dot and 1 for dot and general; None for additive (which takes no scale)."""

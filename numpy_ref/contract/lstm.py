@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from numpy_ref.contract import checks
+from numpy_ref.contract import checks, unchanged
 
 # --------------------------------------------------------------------------------------------
 # parameter names and shapes (torch.nn.LSTM's state_dict)
@@ -109,6 +109,16 @@ def validate_lstm_cell_inputs(
         checks.same_dtype(name, a, x.dtype, "x")
         checks.shape_is(name, a, shape, labels)
     return x, h, c, p, H, Ho
+
+
+def cell_fingerprints(x: np.ndarray, h: np.ndarray, c: np.ndarray,
+                      p: Mapping[str, np.ndarray]) -> unchanged.Fingerprints:
+    """What `lstm_cell_backward` reads of the caller's arrays, fingerprinted
+    (`numpy_ref.contract.unchanged`): x, h and c (for d_weight_ih, d_weight_hh and d_f) and the
+    weights (weight_ih, weight_hh, weight_hr), not the biases, which the forward only added."""
+    weights = [(f"params[{k!r}]", p[k]) for k in p if not k.startswith("bias")]
+    return unchanged.record("lstm_cell_forward", "lstm_cell_backward",
+                            [("x", x), ("h", h), ("c", c), *weights])
 
 
 def validate_lstm_cell_cotangents(
@@ -208,6 +218,18 @@ def without_padding(xt: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     if mask is None or mask.all():
         return xt
     return np.ascontiguousarray(np.where(mask, xt, xt.dtype.type(0)))
+
+
+def lstm_fingerprints(x: np.ndarray, layer_input: np.ndarray,
+                      p: Mapping[str, np.ndarray]) -> unchanged.Fingerprints:
+    """What `lstm_backward` reads of the caller's arrays, fingerprinted
+    (`numpy_ref.contract.unchanged`), for either backend: `x` when layer 0's cached input
+    `layer_input` is a view of it (not when the forward copied it: padding zeroed, or a
+    contiguous copy), and every weight_ih, weight_hh and weight_hr (`p`, the validated params).
+    Not the biases, which the forward only added, nor h0 and c0, which it copied."""
+    weights = [(f"params[{k!r}]", p[k]) for k in p if not k.startswith("bias")]
+    return unchanged.record("lstm_forward", "lstm_backward",
+                            [("x", unchanged.shared(x, layer_input)), *weights])
 
 
 def validate_lstm_cotangents(

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref.contract import checks
+from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract import models as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
@@ -31,8 +31,12 @@ class BiLSTMAttentionCache(NamedTuple):
     out: Any  # linear cache
     seed_compatible: bool  # whether the query was the seed's view of h_n
     keys: tuple[str, ...]  # the params' keys, in order: d_params comes back in it
+    arguments: tuple[tuple[str, np.ndarray, bool], ...]  # the caller's ids and params and the
+    #   returned attention by name: an array the ops' checks find changed since the forward
+    #   is named so (`numpy_ref.contract.unchanged`)
 
 
+@unchanged.memoized()  # the ops' fingerprints: each array once
 def bilstm_attention_forward(
     ids: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -83,8 +87,9 @@ def bilstm_attention_forward(
     context, attention, att_cache = backend.attention_forward(query, output, output,
                                                               score="dot", lengths=lengths)
     logits, out_cache = backend.linear_forward(context, group(p, "out"))  # [B, C]
+    named = unchanged.names({"ids": ids, "params": params}, {"attention": attention})
     cache = BiLSTMAttentionCache(backend, emb_cache, lstm_cache, att_cache, out_cache,
-                                 seed_compatible, tuple(p))
+                                 seed_compatible, tuple(p), named)
     return logits, attention, cache
 
 
@@ -97,8 +102,19 @@ def bilstm_attention_backward(
     Each op's backward in reverse order; the LSTM output gets both attention gradients
     (``d_out = d_keys + d_values``) and ``d_h_n`` gets the query's. See
     the `numpy_ref.models` module docstring."""
-    backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, keys = \
+    backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, keys, named = \
         checks.cache_of(cache, BiLSTMAttentionCache, "bilstm_attention_forward")
+    # an input or output changed since the forward: each op's backward checks the arrays it
+    # references first; the error names them as the caller passed them
+    with unchanged.reported_as("bilstm_attention_forward", "bilstm_attention_backward", named), \
+            unchanged.memoized():
+        return _backward(backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible,
+                         keys, d_logits, d_attention)
+
+
+def _backward(backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, keys,
+              d_logits, d_attention):
+    """`bilstm_attention_backward` on the cache's fields: each op's backward in reverse."""
     d_context, d_out = backend.linear_backward(d_logits, out_cache)  # logits = out(context)
     # context, attention = attention(query, output, output)
     d_query, d_keys, d_values, _ = backend.attention_backward(d_context, att_cache,

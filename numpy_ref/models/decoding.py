@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from numpy_ref.contract import models as contract
+from numpy_ref.contract import unchanged
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import as_cell, group
@@ -40,6 +41,7 @@ class _Decoder(NamedTuple):
         return self._replace(memory=rep(self.memory), lengths=rep(self.lengths), K=rep(self.K))
 
 
+@unchanged.untracked()  # no backward follows: the ops record no fingerprints
 def _start(src, params, src_lengths, decoder, score, backend):
     """Encode src; return (the `_Decoder`, s_0, m_0, sizes)."""
     backend = op_module(backend)
@@ -53,6 +55,7 @@ def _start(src, params, src_lengths, decoder, score, backend):
     return _Decoder(backend, decoder, score, memory, src_lengths, K, p), s0, m0, sizes
 
 
+@unchanged.untracked()  # no backward follows: the ops record no fingerprints
 def _step(dec: _Decoder, tokens: np.ndarray, s: np.ndarray, m: np.ndarray):
     """One decoder step for tokens [N]: -> (log-probabilities [N, Vt], s, m)."""
     bk, p = dec.backend, dec.p

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from numpy_ref.contract import checks
+from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract import models as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
@@ -230,8 +230,12 @@ class Seq2SeqCache(NamedTuple):
     tgt_embed: Any  # tgt_embed cache
     decoder_cache: LuongCache | BahdanauCache  # the decoder's caches
     keys: tuple[str, ...]  # the params' keys, in order
+    arguments: tuple[tuple[str, np.ndarray, bool], ...]  # the caller's src, tgt and params
+    #   and the returned attention by name: an array the ops' checks find changed since the
+    #   forward is named so (`numpy_ref.contract.unchanged`)
 
 
+@unchanged.memoized()  # the ops' fingerprints: each array once (the decoder's, once per step)
 def seq2seq_forward(
     src: np.ndarray,
     tgt: np.ndarray,
@@ -277,7 +281,9 @@ def seq2seq_forward(
     else:
         logits, attention, dec_cache = _bahdanau_forward(backend, y, memory, s0, m0,
                                                          src_lengths, p)
-    cache = Seq2SeqCache(backend, decoder, enc_cache, tgt_cache, dec_cache, tuple(p))
+    named = unchanged.names({"src": src, "tgt": tgt, "params": params},
+                            {"attention": attention})
+    cache = Seq2SeqCache(backend, decoder, enc_cache, tgt_cache, dec_cache, tuple(p), named)
     return logits, attention, cache
 
 
@@ -290,10 +296,14 @@ def seq2seq_backward(
     The decoder's backward (Bahdanau: its steps in reverse, the state's two paths added),
     then the encoder's, with ``d_memory = d_keys + d_values`` summed over the steps. See
     the `numpy_ref.models` module docstring."""
-    backend, decoder, enc_cache, tgt_cache, dec_cache, keys = checks.cache_of(
+    backend, decoder, enc_cache, tgt_cache, dec_cache, keys, named = checks.cache_of(
         cache, Seq2SeqCache, "seq2seq_forward")
     backward = _luong_backward if decoder == "luong" else _bahdanau_backward
-    d_y, d_memory, d_s0, d_m0, grads = backward(backend, d_logits, d_attention, dec_cache)
-    grads.update(prefixed("tgt_embed", backend.embedding_backward(d_y, tgt_cache)))
-    grads.update(_encode_backward(backend, d_memory, d_s0, d_m0, enc_cache))
+    # an input or output changed since the forward: each op's backward checks the arrays it
+    # references first; the error names them as the caller passed them
+    with unchanged.reported_as("seq2seq_forward", "seq2seq_backward", named), \
+            unchanged.memoized():
+        d_y, d_memory, d_s0, d_m0, grads = backward(backend, d_logits, d_attention, dec_cache)
+        grads.update(prefixed("tgt_embed", backend.embedding_backward(d_y, tgt_cache)))
+        grads.update(_encode_backward(backend, d_memory, d_s0, d_m0, enc_cache))
     return {k: grads[k] for k in keys}
