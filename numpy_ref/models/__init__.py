@@ -3,9 +3,10 @@ BiLSTM-attention classifier and an encoder-decoder with Luong or Bahdanau attent
 greedy decoding and beam search.
 
 Every function takes ``backend=``: a module with `numpy_ref`'s op signatures (`numpy_ref`
-itself by default, `kernels` for speed). The module is passed in, never imported here, and the
-cache remembers it, so the backward runs on the forward's backend. Parameters are the
-state_dicts of `torch_impl.BiLSTMAttention` and `torch_impl.Seq2SeqAttention`.
+itself by default, `kernels` for speed). The module is passed in (None: `numpy_ref`, imported
+at call time), and the cache remembers it, so the backward runs on the forward's backend.
+Parameters are the state_dicts of `torch_impl.BiLSTMAttention` and
+`torch_impl.Seq2SeqAttention`.
 
 Shapes
 ------
