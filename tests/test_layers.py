@@ -462,6 +462,9 @@ BAD = [
     ("linear 0-d x", lambda m: _lin(m, np.float64(1.0)), TypeError, r"x: expected a numpy.ndarray"),
     ("linear missing weight", lambda m: m.linear_forward(np.zeros((1, 3)), {"bias": np.zeros(2)}),
      ValueError, r"params: missing key 'weight'"),
+    ("ignore_index with probabilities", lambda m: _ce(
+        m, targets=np.full(LOGITS.shape, 1 / LOGITS.shape[1]), ignore_index=2), ValueError,
+     r"ignore_index: 2 with class-probability targets; they have no class index to ignore"),
     ("target out of range", lambda m: _ce(m, targets=np.array([0, 1, 5, 3])), ValueError,
      r"targets: every class index must be in 0..4 or ignore_index \(-100\), got 5"),
     ("negative target", lambda m: _ce(m, targets=np.array([0, -1, 2, 3])), ValueError,

@@ -124,6 +124,10 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: Any, reduction: Any,
     target_shape = z.shape[:1] + z.shape[2:]  # [N, d...]
     zl = np.moveaxis(z, 1, -1).reshape(-1, C)  # [M, C]
     if targets.dtype.kind == "f":  # class probabilities, shaped like the logits
+        if ignore_index != -100:  # torch refuses it too: no row has a class to compare
+            raise ValueError(f"ignore_index: {ignore_index} with class-probability targets; "
+                             "they have no class index to ignore (leave the default -100, or "
+                             "give a row zero weight through its probabilities)")
         checks.same_dtype("targets", targets, logits.dtype, "logits")
         checks.shape_is("targets", targets, logits.shape,
                         "like logits (class probabilities)")
