@@ -34,7 +34,6 @@ runner times every "cuda" row with CUDA events (`benchmarks.core.EventClock`).
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -44,11 +43,11 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.ceilings import Product, gemm_ceiling, gemm_work, memory_ceilings, memory_work
 from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
 from numpy_ref import attention_backward, attention_forward
+from torch_impl import reference
 from torch_impl.precision import true_float32
 
 FORWARD_NAMES = ("context",)
@@ -195,41 +194,21 @@ def module_backend(name: str, module: ModuleType, *, sum_kv: bool = False,
 
 
 def _prepare_torch(inputs: AttentionInputs, pass_: str, *, device: str, path: str) -> Prepared:
-    """torch on `device`: ``path`` "bmm" (bmm -> masked_fill -inf -> softmax -> bmm) or "sdpa"
+    """torch on `device` (`torch_impl.reference.attention`, the dot score): ``path`` "bmm"
+    (its explicit path: bmm -> masked_fill -inf -> softmax -> bmm) or "sdpa"
     (``scaled_dot_product_attention``, scale 1, boolean mask). Forward under no_grad; backward
     by ``torch.autograd.grad`` with the same cotangent, kv one leaf so that d_keys and d_values
     add up in it."""
     if device == "cuda":
         # The numerical policy (README): TF32 would put float32 rows near 1e-3 of the reference.
         true_float32()
-    single = inputs.query.ndim == 2
     query = torch.from_numpy(inputs.query).to(device)
     kv = torch.from_numpy(inputs.kv).to(device)
-    Tk = kv.shape[1]
-    valid = None  # [B, Tk] True where the key is attended to
-    if inputs.lengths is not None:
-        lengths = torch.from_numpy(inputs.lengths).to(device)
-        valid = torch.arange(Tk, device=device)[None, :] < lengths[:, None]
+    lengths = None if inputs.lengths is None else torch.from_numpy(inputs.lengths).to(device)
+    explicit_or_sdpa = "explicit" if path == "bmm" else "sdpa"
 
-    if path == "bmm":
-        masked_out = None if valid is None else ~valid[:, None, :]  # [B, 1, Tk]
-
-        def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            q3 = q[:, None, :] if single else q  # [B, Tq, H]
-            s = torch.bmm(q3, kv.transpose(1, 2))  # [B, Tq, Tk]
-            if masked_out is not None:
-                s = s.masked_fill(masked_out, float("-inf"))
-            context = torch.bmm(torch.softmax(s, dim=-1), kv)  # [B, Tq, H]
-            return context[:, 0] if single else context
-
-    else:
-        mask = None if valid is None else valid[:, None, None, :]  # [B, 1, 1, Tk]
-
-        def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            q4 = q[:, None, None, :] if single else q[:, None]  # [B, 1, Tq, H]: one head
-            kv4 = kv[:, None]  # [B, 1, Tk, H]
-            context = F.scaled_dot_product_attention(q4, kv4, kv4, attn_mask=mask, scale=1.0)
-            return context[:, 0, 0] if single else context[:, 0]  # [B, H] or [B, Tq, H]
+    def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return reference.attention(q, kv, kv, lengths=lengths, path=explicit_or_sdpa)[0]
 
     # On CUDA the calls return before the GPU is done: the runner's event clock waits for them.
     if pass_ == "forward":
@@ -452,30 +431,20 @@ def heads_module_backend(name: str, module: ModuleType, *, need_weights: bool,
 
 def _prepare_torch_heads(inputs: HeadsInputs, pass_: str, *, device: str,
                          path: str) -> Prepared:
-    """torch on `device`: ``path`` "sdpa" (``F.scaled_dot_product_attention``, is_causal,
-    enable_gqa when h_kv < h; no weights) or "softmax" (the explicit path that returns the
-    weights: q k^T / sqrt(D), -inf above the diagonal when causal, softmax, @ v, the kv heads
-    expanded to the query heads)."""
+    """torch on `device` (`torch_impl.reference.attention`, scaled_dot): ``path`` "sdpa"
+    (``F.scaled_dot_product_attention``, is_causal, enable_gqa when h_kv < h; no weights) or
+    "softmax" (the explicit path that returns the weights: q k^T / sqrt(D), -inf above the
+    diagonal when causal, softmax, @ v, the kv heads expanded to the query heads)."""
     if device == "cuda":
         true_float32()
     q, k, v = (torch.from_numpy(a).to(device) for a in (inputs.query, inputs.keys,
                                                        inputs.values))
-    gqa = k.shape[1] != q.shape[1]
-    T = q.shape[2]
-    hidden = torch.ones(T, T, dtype=torch.bool, device=device).triu(1) if inputs.causal \
-        else None
 
     def attend() -> tuple[torch.Tensor, ...]:
-        if path == "sdpa":
-            return (F.scaled_dot_product_attention(q, k, v, is_causal=inputs.causal,
-                                                   enable_gqa=gqa),)
-        group = q.shape[1] // k.shape[1]
-        kk, vv = (x.repeat_interleave(group, dim=1) if gqa else x for x in (k, v))
-        s = q @ kk.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if hidden is not None:
-            s = s.masked_fill(hidden, float("-inf"))
-        w = torch.softmax(s, dim=-1)
-        return w @ vv, w
+        context, weights = reference.attention(q, k, v, score="scaled_dot",
+                                               causal=inputs.causal,
+                                               path="sdpa" if path == "sdpa" else "explicit")
+        return (context,) if weights is None else (context, weights)
 
     if pass_ == "forward":  # on CUDA no synchronize: the runner's event clock waits
         def run() -> tuple[torch.Tensor, ...]:

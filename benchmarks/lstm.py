@@ -30,7 +30,7 @@ import numpy_ref
 from benchmarks.ceilings import Product, gemm_ceiling, gemm_work
 from benchmarks.core import OP_PASSES, Backend, Prepared, Problem
 from numpy_ref import init_lstm_params
-from torch_impl import load_numpy_
+from torch_impl import reference
 from torch_impl.precision import true_float32
 
 FORWARD_NAMES = ("output", "h_n", "c_n")
@@ -153,16 +153,15 @@ def module_backend(name: str, module: ModuleType) -> Backend:
 
 
 def _prepare_torch(inputs: LSTMInputs, pass_: str, *, device: str) -> Prepared:
-    """`torch.nn.LSTM` holding the same weights; forward under no_grad, backward by autograd."""
+    """`torch.nn.LSTM` holding the same weights (`torch_impl.reference`); forward under
+    no_grad, backward by autograd."""
     if device == "cuda":
         # The numerical policy (README): TF32 would put float32 rows near 1e-3 of the reference.
         true_float32()
-    I = inputs.x.shape[2]
-    H = inputs.params["weight_hh_l0"].shape[0] // 4
     x = torch.from_numpy(inputs.x).to(device)
-    module = torch.nn.LSTM(I, H, num_layers=inputs.num_layers,
-                           bidirectional=inputs.bidirectional, dtype=x.dtype, device=device)
-    load_numpy_(module, inputs.params)
+    module = reference.recurrent_module(inputs.params, num_layers=inputs.num_layers,
+                                        bidirectional=inputs.bidirectional, dtype=x.dtype,
+                                        device=device)
 
     def synchronize() -> None:
         if device == "cuda":  # CUDA calls return before the GPU is done; stop the clock after

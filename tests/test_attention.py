@@ -43,6 +43,7 @@ from numpy_ref.attention import (
     masked_softmax_forward,
 )
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
+from torch_impl import reference as torch_reference
 
 # Every implementation of the attention API, and each without the weights (need_weights=False
 # as its forward's default); tests parametrized by `backend` hold each to the same comparisons
@@ -169,51 +170,6 @@ def run_ours(case: Case, a: dict, backend: str = "numpy_ref") -> dict[str, np.nd
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# the torch reference, from the formulas
-
-
-def torch_scores(q: torch.Tensor, k: torch.Tensor, score: str,
-                 params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Scores s [B, Tq, Tk].
-
-    q [B, Tq, Hq], k [B, Tk, Hk]; params: {} for dot and scaled_dot, {"W": [Hq, Hk]} for
-    general, {"W_query": [A, Hq], "W_key": [A, Hk], "v": [A]} and optionally "b": [A] for
-    additive (nn.Linear's bias of the query projection, inside the tanh).
-    """
-    if score == "dot":
-        return torch.bmm(q, k.transpose(1, 2))
-    if score == "scaled_dot":
-        return torch.bmm(q, k.transpose(1, 2)) / math.sqrt(k.shape[2])
-    if score == "general":
-        return torch.bmm(torch.matmul(q, params["W"]), k.transpose(1, 2))
-    qa = F.linear(q, params["W_query"], params.get("b"))  # [B, Tq, A]
-    ka = F.linear(k, params["W_key"])  # [B, Tk, A]
-    return torch.matmul(torch.tanh(qa.unsqueeze(2) + ka.unsqueeze(1)), params["v"])
-
-
-def torch_masked_softmax(s: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """Weights [B, Tq, Tk] from scores s [B, Tq, Tk]; lengths int [B] or None."""
-    if lengths is not None:
-        padded = torch.arange(s.shape[2], device=s.device)[None, :] >= lengths[:, None]  # [B, Tk]
-        s = s.masked_fill(padded.unsqueeze(1), float("-inf"))
-    return torch.softmax(s, dim=2)
-
-
-def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: str,
-                    params: dict[str, torch.Tensor], lengths: torch.Tensor | None):
-    """(context, weights) shaped like ours.
-
-    q [B, Hq] or [B, Tq, Hq], k [B, Tk, Hk], v [B, Tk, Hv] (may be k itself), lengths int [B]
-    or None -> context [B, Hv] / [B, Tq, Hv], weights [B, Tk] / [B, Tq, Tk].
-    """
-    single = q.dim() == 2
-    q3 = q.unsqueeze(1) if single else q  # [B, Tq, Hq]
-    w = torch_masked_softmax(torch_scores(q3, k, score, params), lengths)  # [B, Tq, Tk]
-    c = torch.bmm(w, v)  # [B, Tq, Hv]
-    return (c.squeeze(1), w.squeeze(1)) if single else (c, w)
-
-
 def run_torch(case: Case, a: dict, device: str = "cpu", *, shared: bool = False
               ) -> dict[str, np.ndarray]:
     """torch forward and autograd backward in the dtype of the arrays in `a`.
@@ -236,7 +192,8 @@ def run_torch(case: Case, a: dict, device: str = "cpu", *, shared: bool = False
     params = {k: leaf(v) for k, v in a["params"].items()}
     leaves.update({f"d_params[{k!r}]": p for k, p in params.items()})
     lengths = None if case.lengths is None else torch.tensor(case.lengths, device=device)
-    context, weights = torch_attention(query, keys, values, case.score, params, lengths)
+    context, weights = torch_reference.attention(query, keys, values, score=case.score,
+                                           params=params, lengths=lengths)
     outputs, cotangents = [context], [torch.tensor(a["d_context"], device=device)]
     if a["d_weights"] is not None:
         outputs.append(weights)
@@ -343,21 +300,16 @@ def test_attention_forward_backward_matches_torch_float64(
 
 
 def run_torch_sdpa(case: Case, a: dict, device: str = "cpu") -> dict[str, np.ndarray]:
-    """F.scaled_dot_product_attention on `device` in the arrays' dtype and its autograd
-    gradients under d_context: {"context", "d_query", "d_keys", "d_values"} shaped like ours
-    (NumPy arrays, back on the CPU). A scaled_dot case with distinct keys and values; the mask
-    is a boolean attn_mask [B, 1, Tk] with True = takes part, broadcast over the query steps.
+    """F.scaled_dot_product_attention on `device` in the arrays' dtype (the ``path="sdpa"``
+    of `torch_reference.attention`) and its autograd gradients under d_context: {"context",
+    "d_query", "d_keys", "d_values"} shaped like ours (NumPy arrays, back on the CPU). A
+    scaled_dot case with distinct keys and values; the lengths become a boolean attn_mask.
     """
     q, k, v = (torch.tensor(a[n], device=device, requires_grad=True)
                for n in ("query", "keys", "values"))
-    mask = None
-    if case.lengths is not None:
-        valid = (torch.arange(case.Tk, device=device)[None, :]
-                 < torch.tensor(case.lengths, device=device)[:, None])  # [B, Tk]
-        mask = valid.unsqueeze(1)  # [B, 1, Tk], broadcast over the query steps
-    context = F.scaled_dot_product_attention(q.unsqueeze(1) if case.single else q, k, v,
-                                             attn_mask=mask)  # [B, Tq, Hv]
-    context = context.squeeze(1) if case.single else context
+    lengths = None if case.lengths is None else torch.tensor(case.lengths, device=device)
+    context, _ = torch_reference.attention(q, k, v, score="scaled_dot", lengths=lengths,
+                                           path="sdpa")
     grads = torch.autograd.grad(context, [q, k, v], torch.tensor(a["d_context"], device=device))
     return {name: t.detach().cpu().numpy() for name, t in
             zip(["context", "d_query", "d_keys", "d_values"], [context, *grads], strict=True)}

@@ -28,7 +28,6 @@ import numba
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from backends import ATTENTION_BACKENDS as BACKENDS
 from backends import BACKENDS as MODULES
 from backends import has_weights
@@ -55,6 +54,7 @@ import kernels.attention_flash
 import numpy_ref
 import numpy_ref.attention
 from numpy_ref.testing import assert_close_policy
+from torch_impl import reference
 
 JIT_OFF = bool(numba.config.DISABLE_JIT)
 over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
@@ -150,14 +150,11 @@ def torch_scores(s: Spec, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
     k = torch.tensor(a["keys"] if s.layout == "heads" else a["keys"][:, None])
     k = k.repeat_interleave(s.h // s.h_kv, dim=1)
     p = {n: torch.tensor(x) for n, x in a["params"].items()}
+    scores = reference.attention_scores(q, k, score=s.score, params=p, scale=s.scale)
     if s.score == "additive":
-        qa = F.linear(q, p["W_query"], p["b"])  # [B, h, Tq, A]
-        scores = torch.tanh(qa.unsqueeze(-2) + F.linear(k, p["W_key"]).unsqueeze(-3)) @ p["v"]
         terms = torch.full_like(scores, float(p["v"].abs().sum()))  # |tanh| <= 1
     else:
         general = s.score == "general"
-        core = q @ p["W"] if general else q
-        scores = (core @ k.transpose(-1, -2)) * effective_scale(s)
         core_abs = q.abs() @ p["W"].abs() if general else q.abs()
         terms = (core_abs @ k.abs().transpose(-1, -2)) * abs(effective_scale(s))
     if a["bias"] is not None:

@@ -45,7 +45,6 @@ import error_report
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from backends import BACKENDS as MODULES
 from backends import has_weights, with_no_weights
 from hypothesis import given, settings
@@ -53,6 +52,8 @@ from hypothesis import strategies as st
 from test_attention_reliability import run
 
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
+from torch_impl import reference
+from torch_impl.reference import from_heads, to_heads
 
 over_modules = pytest.mark.parametrize("backend", list(MODULES))
 BACKENDS = with_no_weights(MODULES)
@@ -199,41 +200,16 @@ def run_ours(backend: str, s: Spec, a: dict) -> dict[str, np.ndarray]:
 # which keys each query sees, in the heads layout [B, h, Tq, Tk]
 
 
-def to_heads(x, layout: str):
-    """An array (numpy or torch) in the caller's layout -> [B, h, Tq, X] (a view)."""
-    if layout == "single":
-        return x[:, None, None]
-    return x[:, None] if layout == "steps" else x
-
-
-def from_heads(x, layout: str):
-    if layout == "single":
-        return x[:, 0, 0]
-    return x[:, 0] if layout == "steps" else x
-
-
-def bool_visibility(s: Spec, a: dict) -> np.ndarray | None:
-    """lengths AND mask AND causal as a full [B, h, Tq, Tk] bool array; None when none given."""
-    shape = (s.B, s.h, s.Tq, s.Tk)
-    parts = []
-    if s.lengths is not None:
-        parts.append((np.arange(s.Tk)[None, :] < np.array(s.lengths)[:, None])[:, None, None])
-    if a["mask"] is not None:
-        parts.append(to_heads(np.broadcast_to(a["mask"], weights_shape(s)), s.layout))
-    if s.causal:
-        parts.append(np.arange(s.Tk)[None, :] <= np.arange(s.Tq)[:, None])
-    if not parts:
-        return None
-    visible = np.ones(shape, bool)
-    for part in parts:
-        visible = visible & part
-    return visible
-
-
 def full_visibility(s: Spec, a: dict) -> np.ndarray:
-    """Every condition, bias != -inf included: [B, h, Tq, Tk]."""
-    visible = bool_visibility(s, a)
-    visible = np.ones((s.B, s.h, s.Tq, s.Tk), bool) if visible is None else visible
+    """Which keys each query sees: lengths AND mask AND causal AND bias != -inf, as a full
+    [B, h, Tq, Tk] bool array."""
+    visible = np.ones((s.B, s.h, s.Tq, s.Tk), bool)
+    if s.lengths is not None:
+        visible = visible & (np.arange(s.Tk) < np.array(s.lengths)[:, None])[:, None, None]
+    if a["mask"] is not None:
+        visible = visible & to_heads(np.broadcast_to(a["mask"], weights_shape(s)), s.layout)
+    if s.causal:
+        visible = visible & (np.arange(s.Tk)[None, :] <= np.arange(s.Tq)[:, None])
     if a["bias"] is not None:
         visible = visible & to_heads(np.broadcast_to(a["bias"], weights_shape(s)) != -np.inf,
                                      s.layout)
@@ -250,18 +226,14 @@ def effective_scale(s: Spec) -> float:
 # torch
 
 
-def at_least_2d(m):
-    """SDPA refuses a 1-D attn_mask ("Dimension out of range"); [Tk] -> [1, Tk]."""
-    return m[None] if m.ndim == 1 else m
-
-
 def torch_run(s: Spec, a: dict, use_sdpa: bool, device: str = "cpu") -> dict[str, np.ndarray]:
     """torch forward and autograd backward on `device`, in the dtype of `a`'s arrays, named
-    like ours (NumPy arrays, back on the CPU).
+    like ours (NumPy arrays, back on the CPU), from `torch_impl.reference.attention`.
 
-    use_sdpa: the context from `F.scaled_dot_product_attention` (dot, scaled_dot, general);
-    otherwise from the scores spelled out in torch ops. The weights always come from the
-    latter (SDPA returns none); with use_sdpa the spec must not ask for d_weights.
+    use_sdpa: the context from its ``path="sdpa"`` (`F.scaled_dot_product_attention`; dot,
+    scaled_dot, general); otherwise from the scores spelled out in torch ops. The weights
+    always come from the latter (SDPA returns none); with use_sdpa the spec must not ask for
+    d_weights.
     """
     assert not (use_sdpa and s.d_weights)
 
@@ -278,59 +250,19 @@ def torch_run(s: Spec, a: dict, use_sdpa: bool, device: str = "cpu") -> dict[str
     bias = None
     if a["bias"] is not None:
         bias = leaves["d_params['bias']"] = leaf(a["bias"])
-    q = to_heads(leaves["d_query"], s.layout)  # [B, h, Tq, Hq]
-    k, v = leaves["d_keys"], leaves["d_values"]  # [B, h_kv, Tk, H]
-    if s.layout != "heads":  # keys/values [B, Tk, H] -> [B, 1, Tk, H]
-        k, v = k[:, None], v[:, None]
-    group = s.h // s.h_kv
-    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    wshape = weights_shape(s)
-    bias4 = None if bias is None else to_heads(bias.expand(wshape), s.layout)
-    bool_vis = bool_visibility(s, a)
-    visible = t(full_visibility(s, a))
-    sees = visible.any(dim=-1, keepdim=True)
-
-    # the weights (and the context when not use_sdpa), from the formulas
-    if s.score == "additive":
-        qa = F.linear(q, params["W_query"], params["b"])  # [B, h, Tq, A]
-        ka = F.linear(k_rep, params["W_key"])  # [B, h, Tk, A]
-        scores = torch.tanh(qa.unsqueeze(-2) + ka.unsqueeze(-3)) @ params["v"]
-    else:
-        core_q = q @ params["W"] if s.score == "general" else q
-        scores = (core_q @ k_rep.transpose(-1, -2)) * effective_scale(s)
-    if bias4 is not None:
-        scores = scores + bias4
-    scores = scores.masked_fill(~visible, float("-inf"))  # the whole row when it sees nothing
-    weights = torch.where(sees, torch.softmax(scores, dim=-1), 0.0)
-    context = weights @ v_rep
-
+    options = {"score": s.score, "params": params, "causal": s.causal, "scale": s.scale,
+               "bias": bias, "lengths": None if s.lengths is None else t(np.array(s.lengths)),
+               "mask": None if a["mask"] is None else t(a["mask"])}
+    args = (leaves["d_query"], leaves["d_keys"], leaves["d_values"])
+    context, weights = reference.attention(*args, **options)
     if use_sdpa:
-        core_q = q @ params["W"] if s.score == "general" else q
-        kw = {"scale": effective_scale(s), "enable_gqa": group > 1}
-        only_causal = s.causal and s.lengths is None and a["mask"] is None and bias is None
-        if only_causal:
-            kw["is_causal"] = True
-        elif bias is None:
-            if (s.layout == "heads" and a["mask"] is not None and s.lengths is None
-                    and not s.causal):
-                kw["attn_mask"] = t(at_least_2d(a["mask"]))  # its own shape
-            elif bool_vis is not None:
-                kw["attn_mask"] = t(bool_vis)
-        else:
-            float_mask = at_least_2d(bias) if s.layout == "heads" else bias4
-            if bool_vis is not None:
-                float_mask = bias4 + torch.where(t(bool_vis), 0.0, float("-inf")
-                                                 ).to(bias.dtype)
-            kw["attn_mask"] = float_mask
-        context = F.scaled_dot_product_attention(core_q, k, v, **kw)
-
-    outputs = [from_heads(context, s.layout)]
-    cotangents = [t(a["d_context"])]
+        context, _ = reference.attention(*args, **options, path="sdpa")
+    outputs, cotangents = [context], [t(a["d_context"])]
     if s.d_weights:
-        outputs.append(from_heads(weights, s.layout))
+        outputs.append(weights)
         cotangents.append(t(a["d_weights"]))
     grads = torch.autograd.grad(outputs, list(leaves.values()), cotangents, allow_unused=True)
-    res = {"context": outputs[0], "weights": from_heads(weights, s.layout)}
+    res = {"context": context, "weights": weights}
     for (name, x), g in zip(leaves.items(), grads, strict=True):
         res[name] = torch.zeros_like(x) if g is None else g
     return {n: x.detach().cpu().numpy() for n, x in res.items()}
@@ -676,12 +608,7 @@ def test_attention_scores_pair_matches_torch_float64(backend, score, heads, B, h
 
     tq, tk = torch.tensor(q, requires_grad=True), torch.tensor(k, requires_grad=True)
     tp = {n: torch.tensor(x, requires_grad=True) for n, x in a["params"].items()}
-    if score == "additive":
-        qa = F.linear(tq, tp["W_query"], tp["b"])
-        ts = torch.tanh(qa.unsqueeze(-2) + F.linear(tk, tp["W_key"]).unsqueeze(-3)) @ tp["v"]
-    else:
-        core = tq @ tp["W"] if score == "general" else tq
-        ts = (core @ tk.transpose(-1, -2)) * effective_scale(s)
+    ts = reference.attention_scores(tq, tk, score=score, params=tp, scale=s.scale)
     grads = torch.autograd.grad(ts, [tq, tk, *tp.values()], torch.tensor(d_scores))
     want = {"scores": ts, "d_query": grads[0], "d_keys": grads[1],
             **{f"d_params[{n!r}]": g for n, g in zip(tp, grads[2:], strict=True)}}

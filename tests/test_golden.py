@@ -8,8 +8,8 @@
   file, a manifest entry with a wrong shape.
 - The four cases the C consumer reads have exactly the format's tensor names, shapes, dtypes
   and metadata; a float32 case stores the float64 answer on its float32 inputs, rounded.
-- The files mean what their semantics say, checked with torch and not numpy_ref:
-  torch.nn.LSTMCell, torch.nn.LSTM on a packed batch, masked softmax attention,
+- The files mean what their semantics say, checked with torch (`torch_impl.reference`) and not
+  numpy_ref: torch.nn.LSTMCell, torch.nn.LSTM on a packed batch, masked softmax attention,
   torch.nn.MultiheadAttention, F.cross_entropy, F.embedding, F.linear and the torch_impl
   models reproduce the stored outputs and gradients of the float64 files within 1e-10.
 """
@@ -30,10 +30,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from numpy_ref import golden
-from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_
+from torch_impl import BiLSTMAttention, Seq2SeqAttention, load_numpy_, reference
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ("lstm_cell-basic", "attention-scaled_dot_lengths")
@@ -377,14 +376,11 @@ def test_torch_lstm_packed_bidirectional_2layer(full):
     options = _manifest(full)["cases"][case]["options"]
     assert options["num_layers"] == 2 and options["bidirectional"]
     T = inp["x"].shape[0]
-    lstm = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True).double()
-    lstm.load_state_dict({k: _t(v) for k, v in par.items()})
+    lstm = reference.recurrent_module(par, num_layers=2, bidirectional=True)
     x = _t(inp["x"], True)
     lengths = torch.from_numpy(inp["lengths"])
     assert sorted(lengths.tolist()) != lengths.tolist() and T in lengths.tolist()
-    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-    out, (h_n, c_n) = lstm(packed)
-    out, _ = pad_packed_sequence(out, total_length=T)
+    out, (h_n, c_n) = reference.run_packed(lstm, x, None, lengths)
     _check_grads(t, {"output": out, "h_n": h_n, "c_n": c_n},
                  {"output": cot["d_output"], "h_n": cot["d_h_n"], "c_n": cot["d_c_n"]},
                  {"x": x, **dict(lstm.named_parameters())})
@@ -392,14 +388,10 @@ def test_torch_lstm_packed_bidirectional_2layer(full):
 
 def test_torch_lstm_all_options(full):
     inp, par, cot, t = _load(full, "lstm-all_options-float64")
-    lstm = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2,
-                         batch_first=True).double()
-    lstm.load_state_dict({k: _t(v) for k, v in par.items()})
+    lstm = reference.recurrent_module(par, num_layers=2, bidirectional=True, batch_first=True)
+    assert lstm.proj_size == 2
     x, h0, c0 = (_t(inp[k], True) for k in ("x", "h0", "c0"))
-    packed = pack_padded_sequence(x, torch.from_numpy(inp["lengths"]), batch_first=True,
-                                  enforce_sorted=False)
-    out, (h_n, c_n) = lstm(packed, (h0, c0))
-    out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    out, (h_n, c_n) = reference.run_packed(lstm, x, (h0, c0), torch.from_numpy(inp["lengths"]))
     _check_grads(t, {"output": out, "h_n": h_n, "c_n": c_n},
                  {"output": cot["d_output"], "h_n": cot["d_h_n"], "c_n": cot["d_c_n"]},
                  {"x": x, "h0": h0, "c0": c0, **dict(lstm.named_parameters())})
@@ -408,13 +400,11 @@ def test_torch_lstm_all_options(full):
 def test_torch_attention_scaled_dot_lengths(full):
     inp, _, cot, t = _load(full, "attention-scaled_dot_lengths-float64")
     q, k, v = (_t(inp[n], True) for n in ("query", "keys", "values"))
-    seen = torch.arange(k.shape[1])[None, None, :] < torch.from_numpy(inp["lengths"])[:, None,
-                                                                                      None]
-    s = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
-    _same("cache.scores", s, t["cache.scores"])
-    w = torch.softmax(s.masked_fill(~seen, -math.inf), dim=-1)
-    c = w @ v
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+    options = {"score": "scaled_dot", "lengths": torch.from_numpy(inp["lengths"])}
+    _same("cache.scores", reference.attention_scores(q, k, score="scaled_dot"),
+          t["cache.scores"])
+    c, w = reference.attention(q, k, v, **options)
+    sdpa, _ = reference.attention(q, k, v, **options, path="sdpa")
     _same("SDPA context", sdpa, t["output.context"])
     _check_grads(t, {"context": c, "weights": w},
                  {"context": cot["d_context"], "weights": cot["d_weights"]},
@@ -424,17 +414,11 @@ def test_torch_attention_scaled_dot_lengths(full):
 def test_torch_attention_heads_gqa_causal_bias(full):
     inp, _, cot, t = _load(full, "attention-heads_gqa_causal_bias_lengths-float64")
     q, k, v, bias = (_t(inp[n], True) for n in ("query", "keys", "values", "bias"))
-    Tq, Tk = q.shape[2], k.shape[2]
-    seen = (torch.arange(Tk)[None, None, None, :]
-            < torch.from_numpy(inp["lengths"])[:, None, None, None])
-    seen = seen & torch.ones(Tq, Tk, dtype=torch.bool).tril()
-    group = q.shape[1] // k.shape[1]
-    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = q @ kr.transpose(-1, -2)  # score "dot": scale 1
-    w = torch.softmax((s + bias).masked_fill(~seen, -math.inf), dim=-1)
-    c = w @ vr
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~seen, -math.inf),
-                                          scale=1.0, enable_gqa=True)
+    assert q.shape[1] > k.shape[1], "grouped-query heads"
+    options = {"score": "dot", "lengths": torch.from_numpy(inp["lengths"]), "causal": True,
+               "bias": bias}
+    c, w = reference.attention(q, k, v, **options)
+    sdpa, _ = reference.attention(q, k, v, **options, path="sdpa")
     _same("SDPA context", sdpa, t["output.context"])
     _check_grads(t, {"context": c, "weights": w},
                  {"context": cot["d_context"], "weights": cot["d_weights"]},

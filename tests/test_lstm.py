@@ -19,12 +19,11 @@ from backends import BACKENDS
 from error_report import record
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import numpy_ref as ref
 import numpy_ref.lstm
 from numpy_ref.testing import assert_allclose_named, assert_close_policy
-from torch_impl import load_numpy_
+from torch_impl import load_numpy_, reference
 
 # Every implementation of the LSTM API; tests parametrized by `backend` hold each to the same
 # comparisons.
@@ -115,20 +114,13 @@ def run_torch(case: Case, a: dict, device: str = "cpu") -> dict[str, np.ndarray]
     of the implicit zero state (which numpy_ref returns) is checked as well.
     """
     t = {k: torch.tensor(v, device=device) for k, v in a.items() if k != "params"}
-    lstm = torch.nn.LSTM(case.I, case.H, num_layers=case.L, bidirectional=case.bidirectional,
-                         batch_first=case.batch_first, proj_size=case.P,
-                         dtype=t["x"].dtype, device=device)
-    load_numpy_(lstm, a["params"])
+    lstm = reference.recurrent_module(a["params"], num_layers=case.L,
+                                      bidirectional=case.bidirectional,
+                                      batch_first=case.batch_first, device=device)
     x = t["x"].requires_grad_()
     h0 = (t["h0"] if case.use_h0 else torch.zeros_like(t["h0"])).requires_grad_()
     c0 = (t["c0"] if case.use_h0 else torch.zeros_like(t["c0"])).requires_grad_()
-    if case.lengths is None:
-        out, (h_n, c_n) = lstm(x, (h0, c0))
-    else:
-        packed = pack_padded_sequence(x, torch.tensor(case.lengths), enforce_sorted=False,
-                                      batch_first=case.batch_first)
-        out, (h_n, c_n) = lstm(packed, (h0, c0))
-        out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=case.T)
+    out, (h_n, c_n) = reference.run_packed(lstm, x, (h0, c0), case.lengths)
     names = [n for n, _ in lstm.named_parameters()]
     grads = torch.autograd.grad([out, h_n, c_n], [x, h0, c0, *lstm.parameters()],
                                 [t["d_output"], t["d_h_n"], t["d_c_n"]])

@@ -31,9 +31,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from torch_impl import functions
+from torch_impl.reference.recurrent import run_packed
 
 SCORES = ("dot", "scaled_dot", "general", "additive")
 DECODERS = ("luong", "bahdanau")
@@ -66,14 +66,7 @@ def _run_lstm(lstm: nn.LSTM, x: torch.Tensor, backend: str, lengths=None, state=
         return functions.lstm(x, dict(lstm.named_parameters()), num_layers=lstm.num_layers,
                               bidirectional=lstm.bidirectional, batch_first=lstm.batch_first,
                               h0=h0, c0=c0, lengths=lengths, backend=backend)
-    if lengths is None:
-        return lstm(x, state)
-    T = x.shape[1] if lstm.batch_first else x.shape[0]
-    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=lstm.batch_first,
-                                  enforce_sorted=False)
-    output, final = lstm(packed, state)
-    output, _ = pad_packed_sequence(output, batch_first=lstm.batch_first, total_length=T)
-    return output, final
+    return run_packed(lstm, x, state, lengths)
 
 
 def _padding(lengths: torch.Tensor, T: int) -> torch.Tensor:
