@@ -89,13 +89,13 @@ def additive_block_backward(qa, ka, u, ds, d_qa, d_ka, d_u):
 
 
 @njit(**JIT)
-def _additive_energy(qa, ka, v, e, s):
-    """qa [B, Tq, A], ka [B, Tk, A], v [A] -> e [B, Tq, Tk, A] = tanh(qa + ka) and
-    s [B, Tq, Tk] = e v; the tanh is `kernels._util.tanh`, which vectorizes (np.tanh is a
+def _additive_energy(qa, ka, u, e, s):
+    """qa [B, Tq, A], ka [B, Tk, A], u [A] -> e [B, Tq, Tk, A] = tanh(qa + ka) and
+    s [B, Tq, Tk] = e u; the tanh is `kernels._util.tanh`, which vectorizes (np.tanh is a
     scalar libm call here)."""
     B, Tq, A = qa.shape
     Tk = ka.shape[1]
-    zero = as_type_of(0.0, v[0])
+    zero = as_type_of(0.0, u[0])
     for b in range(B):
         for i in range(Tq):
             qi = qa[b, i]
@@ -105,20 +105,20 @@ def _additive_energy(qa, ka, v, e, s):
                 for a in range(A):
                     t = tanh(qi[a] + kj[a])
                     ej[a] = t
-                    acc += t * v[a]
+                    acc += t * u[a]
                 s[b, i, j] = acc
 
 
 @njit(**JIT)
-def _additive_energy_backward(e, v, ds, d_qa, d_ka, d_v64):
+def _additive_energy_backward(e, u, ds, d_qa, d_ka, d_u64):
     """From ds [B, Tq, Tk] and the saved e: d_qa [B, Tq, A], d_ka [B, Tk, A] (both zeroed
-    here) and d_v64 [A] (float64, zeroed here): dz = ds v (1 - e^2), d_v = sum ds e."""
+    here) and d_u64 [A] (float64, zeroed here): dz = ds u (1 - e^2), d_u = sum ds e."""
     B, Tq, Tk, A = e.shape
-    zero = as_type_of(0.0, v[0])
+    zero = as_type_of(0.0, u[0])
     one = as_type_of(1.0, zero)
     d_qa[...] = zero
     d_ka[...] = zero
-    d_v64[:] = 0.0
+    d_u64[:] = 0.0
     for b in range(B):
         for i in range(Tq):
             dqi = d_qa[b, i]
@@ -126,38 +126,38 @@ def _additive_energy_backward(e, v, ds, d_qa, d_ka, d_v64):
                 g, ej, dkj = ds[b, i, j], e[b, i, j], d_ka[b, j]
                 for a in range(A):
                     t = ej[a]
-                    dz = g * v[a] * (one - t * t)
+                    dz = g * u[a] * (one - t * t)
                     dqi[a] += dz
                     dkj[a] += dz
-                    d_v64[a] += g * t
+                    d_u64[a] += g * t
 
 
 def additive_scores_forward(
-    query_proj: np.ndarray, key_proj: np.ndarray, v: np.ndarray
+    query_proj: np.ndarray, key_proj: np.ndarray, u: np.ndarray
 ) -> tuple[np.ndarray, AdditiveScoresCache]:
-    """Numba `numpy_ref.additive_scores_forward`: ``s = v . tanh(query_proj + key_proj)``.
+    """Numba `numpy_ref.additive_scores_forward`: ``s = u . tanh(query_proj + key_proj)``.
 
-    query_proj [B, A] or [B, Tq, A]; key_proj [B, Tk, A]; v [A] -> scores [B, Tk] or
+    query_proj [B, A] or [B, Tq, A]; key_proj [B, Tk, A]; u [A] -> scores [B, Tk] or
     [B, Tq, Tk], and numpy_ref's `AdditiveScoresCache` (e = the tanh, [B, Tq, Tk, A]).
     """
-    qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
+    qa, ka, u = contract.additive_scores(query_proj, key_proj, u)
     if qa.ndim == 4:
-        return reference.additive_scores_forward(qa, ka, v)
+        return reference.additive_scores_forward(qa, ka, u)
     single = qa.ndim == 2
     qa = np.ascontiguousarray(qa[:, None, :] if single else qa)
-    ka, v = np.ascontiguousarray(ka), np.ascontiguousarray(v)
+    ka, u = np.ascontiguousarray(ka), np.ascontiguousarray(u)
     B, Tq, A = qa.shape
     e = np.empty((B, Tq, ka.shape[1], A), qa.dtype)
     s = np.empty((B, Tq, ka.shape[1]), qa.dtype)
-    _additive_energy(qa, ka, v, e, s)
-    return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single)
+    _additive_energy(qa, ka, u, e, s)
+    return (s[:, 0] if single else s), AdditiveScoresCache(e, u, single)
 
 
 def additive_scores_backward(
     d_scores: np.ndarray, cache: AdditiveScoresCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Numba `numpy_ref.additive_scores_backward`: -> (d_query_proj, d_key_proj, d_v)."""
-    e, v, single, fingerprints = checks.cache_of(cache, AdditiveScoresCache,
+    """Numba `numpy_ref.additive_scores_backward`: -> (d_query_proj, d_key_proj, d_u)."""
+    e, u, single, fingerprints = checks.cache_of(cache, AdditiveScoresCache,
                                                  "additive_scores_forward")
     if e.ndim == 5:
         return reference.additive_scores_backward(d_scores, cache)
@@ -166,12 +166,12 @@ def additive_scores_backward(
     ds = contract.like("d_scores", d_scores, (B, Tk) if single else (B, Tq, Tk), e.dtype,
                        "the scores")
     ds = np.ascontiguousarray(ds[:, None] if single else ds)
-    e, v = np.ascontiguousarray(e), np.ascontiguousarray(v)
+    e, u = np.ascontiguousarray(e), np.ascontiguousarray(u)
     d_qa = np.empty((B, Tq, A), e.dtype)
     d_ka = np.empty((B, Tk, A), e.dtype)
-    d_v64 = np.empty(A)
-    _additive_energy_backward(e, v, ds, d_qa, d_ka, d_v64)
-    return (d_qa[:, 0] if single else d_qa), d_ka, d_v64.astype(e.dtype)
+    d_u64 = np.empty(A)
+    _additive_energy_backward(e, u, ds, d_qa, d_ka, d_u64)
+    return (d_qa[:, 0] if single else d_qa), d_ka, d_u64.astype(e.dtype)
 
 
 @njit(**JIT)

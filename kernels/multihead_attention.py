@@ -36,8 +36,8 @@ def multihead_attention_forward(
 ) -> tuple[np.ndarray, np.ndarray | None, MultiheadAttentionCache]:
     """`numpy_ref.multihead_attention_forward` with ``backend=kernels`` by default (None).
 
-    query [N, L, E] / [L, N, E] / [L, E]; key [.., S, kdim], value [.., S, vdim] likewise.
-    Returns output (like query), weights ([N, L, S], [N, h, L, S] or None) and the cache.
+    query [N, Tq, E] / [Tq, N, E] / [Tq, E]; key [.., Tk, kdim], value [.., Tk, vdim] likewise.
+    Returns output (like query), weights ([N, Tq, Tk], [N, h, Tq, Tk] or None) and the cache.
     """
     return _reference.multihead_attention_forward(
         query, key, value, params, num_heads=num_heads, key_padding_mask=key_padding_mask,

@@ -116,44 +116,45 @@ class AdditiveScoresCache(NamedTuple):
     """What `additive_scores_backward` needs."""
 
     energy: np.ndarray  # [..., Tq, Tk, A]  e = tanh(qa + ka); read
-    v: np.ndarray  # [A]  read
+    u: np.ndarray  # [A]  read: the score vector, params["v"] of attention_forward
     single_query: bool  # whether query_proj was [B, A]
-    fingerprints: unchanged.Fingerprints | None = None  # v as the forward saw it; the backward
+    fingerprints: unchanged.Fingerprints | None = None  # u as the forward saw it; the backward
     #   checks it first (`numpy_ref.contract.unchanged`)
 
 
 def additive_scores_forward(
-    query_proj: np.ndarray, key_proj: np.ndarray, v: np.ndarray
+    query_proj: np.ndarray, key_proj: np.ndarray, u: np.ndarray
 ) -> tuple[np.ndarray, AdditiveScoresCache]:
-    """``s[..., i, j] = v . tanh(query_proj[..., i, :] + key_proj[..., j, :])``: the additive
+    """``s[..., i, j] = u . tanh(query_proj[..., i, :] + key_proj[..., j, :])``: the additive
     score's second half, for queries and keys already projected (``W_query q + b``, ``W_key k``).
 
     query_proj : [B, A], [B, Tq, A] or [B, h, Tq, A].  key_proj : [B, Tk, A] ([B, h, Tk, A] with
-    heads).  v : [A].  Returns scores [B, Tk], [B, Tq, Tk] or [B, h, Tq, Tk], and the cache.
+    heads).  u : [A], the score vector (``params["v"]`` of `attention_forward`).  Returns
+    scores [B, Tk], [B, Tq, Tk] or [B, h, Tq, Tk], and the cache.
     Derivation: the `numpy_ref.attention` module docstring.
     """
-    qa, ka, v = contract.additive_scores(query_proj, key_proj, v)
+    qa, ka, u = contract.additive_scores(query_proj, key_proj, u)
     single = qa.ndim == 2
     qa = qa[:, None, :] if single else qa  # [..., Tq, A]
     with checks.quiet():
         e = np.tanh(qa[..., :, None, :] + ka[..., None, :, :])  # [..., Tq, Tk, A]
-        s = e @ v  # [..., Tq, Tk]
+        s = e @ u  # [..., Tq, Tk]
     fingerprints = unchanged.record("additive_scores_forward", "additive_scores_backward",
-                                    [("v", v)])
-    return (s[:, 0] if single else s), AdditiveScoresCache(e, v, single, fingerprints)
+                                    [("u", u)])
+    return (s[:, 0] if single else s), AdditiveScoresCache(e, u, single, fingerprints)
 
 
 def additive_scores_backward(
     d_scores: np.ndarray, cache: AdditiveScoresCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of `additive_scores_forward`: d_scores like the scores ->
-    (d_query_proj like query_proj, d_key_proj like key_proj, d_v [A]).
+    (d_query_proj like query_proj, d_key_proj like key_proj, d_u [A]).
 
-    ``dz = ds v (1 - e^2)`` with ``e = tanh(qa + ka)``; ``d_qa = sum_j dz``,
-    ``d_ka = sum_i dz``, ``d_v = sum_ij ds e``.
+    ``dz = ds u (1 - e^2)`` with ``e = tanh(qa + ka)``; ``d_qa = sum_j dz``,
+    ``d_ka = sum_i dz``, ``d_u = sum_ij ds e``.
     Derivation: the `numpy_ref.attention` module docstring.
     """
-    e, v, single, fingerprints = checks.cache_of(cache, AdditiveScoresCache,
+    e, u, single, fingerprints = checks.cache_of(cache, AdditiveScoresCache,
                                                  "additive_scores_forward")
     unchanged.check(fingerprints)
     shape = e.shape[:-1]
@@ -161,10 +162,10 @@ def additive_scores_backward(
                        e.dtype, "the scores")
     ds = ds[:, None] if single else ds  # [..., Tq, Tk]
     with checks.quiet():
-        d_z = ds[..., None] * v * (1 - e * e)  # s = tanh(z) @ v, z = qa + ka
+        d_z = ds[..., None] * u * (1 - e * e)  # s = tanh(z) @ u, z = qa + ka
         d_qa, d_ka = d_z.sum(axis=-2), d_z.sum(axis=-3)  # [..., Tq, A], [..., Tk, A]
-        d_v = contract.flat(e).T @ ds.reshape(-1)  # sum over every (row, i, j) of ds e
-    return (d_qa[:, 0] if single else d_qa), d_ka, d_v
+        d_u = contract.flat(e).T @ ds.reshape(-1)  # sum over every (row, i, j) of ds e
+    return (d_qa[:, 0] if single else d_qa), d_ka, d_u
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,12 +2,13 @@ r"""`torch.nn.MultiheadAttention` in NumPy, forward and backward by hand, on the
 
 Shapes
 ------
-N  batch      L  query (target) steps      S  key/value (source) steps
+N  batch      Tq  query (target) steps      Tk  key/value (source) steps
 E  embed_dim  h  num_heads                 d  = E / h, the head size
 kdim, vdim  the key's and value's sizes (E unless the params hold q/k/v_proj_weight)
+(torch's documentation calls Tq and Tk L and S; here L is kept for the recurrent layers' count)
 
-Arrays are [N, L, E] with batch_first=True, [L, N, E] otherwise, or unbatched [L, E] (a batch
-of one); key [N, S, kdim] and value [N, S, vdim] likewise. Params are the module's state_dict:
+Arrays are [N, Tq, E] with batch_first=True, [Tq, N, E] otherwise, or unbatched [Tq, E] (a batch
+of one); key [N, Tk, kdim] and value [N, Tk, vdim] likewise. Params are the module's state_dict:
 ``in_proj_weight`` [3E, E] = [W_q; W_k; W_v] (or ``q_proj_weight`` [E, E], ``k_proj_weight``
 [E, kdim], ``v_proj_weight`` [E, vdim]), ``in_proj_bias`` [3E] = [b_q; b_k; b_v],
 ``out_proj.weight`` W_o [E, E], ``out_proj.bias`` b_o [E] (no biases when bias=False).
@@ -15,21 +16,21 @@ of one); key [N, S, kdim] and value [N, S, vdim] likewise. Params are the module
 Forward
 -------
     q = query W_q^T + b_q,   k = key W_k^T + b_k,   v = value W_v^T + b_v       [.., E]
-    split heads:  q -> Q [N, h, L, d],  k -> K [N, h, S, d],  v -> V [N, h, S, d]
+    split heads:  q -> Q [N, h, Tq, d],  k -> K [N, h, Tk, d],  v -> V [N, h, Tk, d]
                   (feature e = head * d + i, as torch's view(..., h, d))
     per row n and head:
-        s = Q K^T / sqrt(d) + bias                                             [L, S]
-        w = softmax of s over the keys the query may see                       [L, S]
-        C = w V                                                                [L, d]
-    merge heads:  C [N, h, L, d] -> c [.., E]
+        s = Q K^T / sqrt(d) + bias                                             [Tq, Tk]
+        w = softmax of s over the keys the query may see                       [Tq, Tk]
+        C = w V                                                                [Tq, d]
+    merge heads:  C [N, h, Tq, d] -> c [.., E]
     output = c W_o^T + b_o                                                     [.., E]
-    weights = mean over heads of w [N, L, S] (average_attn_weights), or w [N, h, L, S]
+    weights = mean over heads of w [N, Tq, Tk] (average_attn_weights), or w [N, h, Tq, Tk]
 
 The middle is the attention core's "scaled_dot" score in its heads layout
 (`attention_forward(Q, K, V, score="scaled_dot", scale=sqrt(1/d), mask=, bias=, causal=)`);
 the projections are `linear_forward` pairs. Masks keep torch's meaning: True in a bool
-key_padding_mask [N, S] or attn_mask ([L, S] or [N*h, L, S]) means NOT allowed, so a bool mask
-becomes the core's `mask` inverted; a float mask is added to the scores, the core's `bias`.
+key_padding_mask [N, Tk] or attn_mask ([Tq, Tk] or [N*h, Tq, Tk]) means NOT allowed, so a bool
+mask becomes the core's `mask` inverted; a float mask is added to the scores, the core's `bias`.
 `is_causal` is torch's hint that attn_mask is the causal mask: an attn_mask is required, and,
 as torch, it is replaced by the causal mask (query i sees keys j <= i) only when there is no
 key_padding_mask and need_weights is False (where torch hands the hint to SDPA); otherwise the
@@ -40,7 +41,7 @@ Backward
 With dO = dL/d output and an optional cotangent d_weights on the returned weights:
 
     d_c   = dO W_o,   dW_o = sum dO^T c,   db_o = sum dO                 (out_proj)
-    d_C   = d_c split into heads                                          [N, h, L, d]
+    d_C   = d_c split into heads                                          [N, h, Tq, d]
     d_weights per head = d_weights / h when the weights were averaged, else d_weights
     dQ, dK, dV = the core's backward of (d_C, d_weights per head): dV = w^T d_C,
                  ds = w * (dw - delta) with dw = d_C V^T + d_weights per head,
@@ -98,7 +99,7 @@ class MultiheadAttentionCache(NamedTuple):
     backend: ModuleType  # the op module the forward ran on; the backward runs on it too
     inputs: MultiheadAttentionInputs  # the checked arguments and options (views)
     projections: tuple[Any, Any, Any]  # the q, k, v in-projections' linear caches
-    attention: Any  # the core's cache: Q [N, h, L, d], K and V [N, h, S, d]; read
+    attention: Any  # the core's cache: Q [N, h, Tq, d], K and V [N, h, Tk, d]; read
     out_proj: Any  # out_proj's linear cache (the merged attention c [.., E]); read
     arguments: tuple[tuple[str, np.ndarray, bool], ...]  # the caller's arrays (query, key,
     #   value, params, masks) and the returned weights by name: an array the ops' checks find
@@ -142,23 +143,23 @@ def multihead_attention_forward(
 
     Parameters
     ----------
-    query : [N, L, E] (batch_first), [L, N, E], or unbatched [L, E]; float32 or float64.
-    key : [N, S, kdim], [S, N, kdim] or [S, kdim], the query's layout and dtype.
-    value : [N, S, vdim], [S, N, vdim] or [S, vdim] (may be the same array as key or query).
+    query : [N, Tq, E] (batch_first), [Tq, N, E], or unbatched [Tq, E]; float32 or float64.
+    key : [N, Tk, kdim], [Tk, N, kdim] or [Tk, kdim], the query's layout and dtype.
+    value : [N, Tk, vdim], [Tk, N, vdim] or [Tk, vdim] (may be the same array as key or query).
     params : ``in_proj_weight`` [3E, E] (kdim == vdim == E), or ``q_proj_weight`` [E, E],
         ``k_proj_weight`` [E, kdim], ``v_proj_weight`` [E, vdim]; ``out_proj.weight`` [E, E];
         with bias=True also ``in_proj_bias`` [3E] and ``out_proj.bias`` [E].
     num_heads : h, a divisor of E.
-    key_padding_mask : [N, S] ([S] unbatched), bool (True = a padding key, not attended) or
+    key_padding_mask : [N, Tk] ([Tk] unbatched), bool (True = a padding key, not attended) or
         float (added to the scores), or None.
-    attn_mask : [L, S] or [N*num_heads, L, S] ([num_heads, L, S] unbatched), bool (True = not
+    attn_mask : [Tq, Tk] or [N*num_heads, Tq, Tk] ([num_heads, Tq, Tk] unbatched), bool (True = not
         allowed to attend) or float (added), or None.
     is_causal : torch's hint that attn_mask is the causal mask (attn_mask required); see the
         module docstring for where it takes effect.
-    need_weights : return the weights (else None; the core then forms nothing of size L x S:
+    need_weights : return the weights (else None; the core then forms nothing of size Tq x Tk:
         its flash path, as torch's SDPA).
-    average_attn_weights : weights averaged over heads [N, L, S], else per head [N, h, L, S].
-    batch_first : whether batched arrays are [N, L, E] rather than [L, N, E] (ignored for
+    average_attn_weights : weights averaged over heads [N, Tq, Tk], else per head [N, h, Tq, Tk].
+    batch_first : whether batched arrays are [N, Tq, E] rather than [Tq, N, E] (ignored for
         unbatched inputs).
     backend : the op module the linear layers and the attention core run on (`numpy_ref`, the
         default when None, or `kernels`).
@@ -166,7 +167,7 @@ def multihead_attention_forward(
     Returns
     -------
     output : like query, with last size E.
-    weights : [N, L, S] or [N, num_heads, L, S] (without N when unbatched), whatever
+    weights : [N, Tq, Tk] or [N, num_heads, Tq, Tk] (without N when unbatched), whatever
         batch_first is; None when need_weights is False. A query that sees no key gets
         weights 0 and output out_proj.bias, where torch gives NaN (module docstring).
     cache.
@@ -187,14 +188,14 @@ def multihead_attention_forward(
         proj_caches.append(c)
     context, weights, att_cache = backend.attention_forward(
         *projected, score="scaled_dot", scale=contract.scale(a.head_dim), mask=a.mask,
-        bias=a.bias, causal=a.causal, need_weights=a.need_weights)  # [N, h, L, d], [N, h, L, S]
+        bias=a.bias, causal=a.causal, need_weights=a.need_weights)  # [N, h, Tq, d], [N, h, Tq, Tk]
     with checks.quiet():
         output, out_cache = backend.linear_forward(_merge_heads(context, a), a.out_proj)
     if not a.batched:
         output = output[0]
     if a.need_weights:
         if a.average_attn_weights:
-            weights = weights.mean(axis=1)  # [N, L, S]
+            weights = weights.mean(axis=1)  # [N, Tq, Tk]
         weights = weights if a.batched else weights[0]
     named = unchanged.names({"query": query, "key": key, "value": value, "params": params,
                              "key_padding_mask": key_padding_mask, "attn_mask": attn_mask},
@@ -217,8 +218,8 @@ def multihead_attention_backward(
     Parameters
     ----------
     d_output : like the output.
-    d_weights : optional cotangent on the returned weights, like them ([N, L, S] averaged:
-        divided among the heads; [N, num_heads, L, S] per head); only when need_weights was
+    d_weights : optional cotangent on the returned weights, like them ([N, Tq, Tk] averaged:
+        divided among the heads; [N, num_heads, Tq, Tk] per head); only when need_weights was
         True.
 
     Returns

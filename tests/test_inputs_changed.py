@@ -286,10 +286,10 @@ def _weighted_sum(m) -> Run:
 def _additive_scores(m) -> Run:
     rng = _rng(9)
     qa, ka, a = rng.standard_normal((3, 2, 4)), rng.standard_normal((3, 5, 4)), {
-        "v": rng.standard_normal(4)}
+        "u": rng.standard_normal(4)}
     ds = rng.standard_normal((3, 2, 5))
-    return Run(lambda: m.additive_scores_forward(qa, ka, a["v"]),
-               lambda r: m.additive_scores_backward(ds, r[1]), {"v": _input(a, "v")},
+    return Run(lambda: m.additive_scores_forward(qa, ka, a["u"]),
+               lambda r: m.additive_scores_backward(ds, r[1]), {"u": _input(a, "u")},
                ("additive_scores_forward", "additive_scores_backward"))
 
 

@@ -43,7 +43,7 @@ GRID_EXAMPLES = settings(deadline=None, max_examples=max(3, settings.default.max
 EXAMPLES = settings(deadline=None, max_examples=max(4, settings.default.max_examples // 5))
 
 # The mask options: (key_padding_mask kind, attn_mask kind, is_causal). Kinds: None, "bool",
-# "float"; attn_mask kinds end in "2" ([L, S]) or "3" ([N*num_heads, L, S]).
+# "float"; attn_mask kinds end in "2" ([Tq, Tk]) or "3" ([N*num_heads, Tq, Tk]).
 MASKS = {
     "no-mask": (None, None, False),
     "kpm-bool": ("bool", None, False),
@@ -67,8 +67,8 @@ class Case(NamedTuple):
     masks: str  # a key of MASKS
     layout: str  # one of LAYOUTS
     N: int  # 1 when unbatched
-    L: int
-    S: int  # == L for self-attention
+    Tq: int
+    Tk: int  # == Tq for self-attention
     num_heads: int
     head_dim: int
     kdim: int | None  # None: E (packed in_proj_weight); else kdim/vdim params
@@ -108,13 +108,13 @@ SIZES = st.sampled_from([1, 2, 3, 7])
 def cases(draw, masks: str, layout: str | None = None) -> Case:
     layout = draw(st.sampled_from(LAYOUTS)) if layout is None else layout
     N = 1 if layout == "unbatched" else draw(st.sampled_from([1, 2, 3, 7]))
-    L, S = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    Tq, Tk = draw(st.integers(1, 7)), draw(st.integers(1, 7))
     num_heads, head_dim = draw(st.sampled_from([1, 2, 3, 7])), draw(st.sampled_from([1, 2, 5]))
     E = num_heads * head_dim
     sharing = draw(st.sampled_from(SHARING))
     kdim = vdim = None
     if sharing == "self-attention":
-        S = L
+        Tk = Tq
     elif draw(st.booleans()):  # kdim/vdim: at least one differs from E (else torch packs)
         kdim, vdim = draw(SIZES), draw(SIZES)
         if sharing == "key-is-value":
@@ -122,7 +122,7 @@ def cases(draw, masks: str, layout: str | None = None) -> Case:
         if kdim == vdim == E:
             kdim = vdim = E + 1
     need_weights = draw(st.booleans())
-    return Case(masks, layout, N, L, S, num_heads, head_dim, kdim, vdim, draw(st.booleans()),
+    return Case(masks, layout, N, Tq, Tk, num_heads, head_dim, kdim, vdim, draw(st.booleans()),
                 sharing, need_weights, draw(st.booleans()),
                 need_weights and draw(st.booleans()),
                 draw(st.floats(0.25, 2.0, allow_nan=False, allow_infinity=False)),
@@ -146,9 +146,9 @@ def _mask(rng: np.random.Generator, kind: str, shape: tuple[int, ...], keep: int
     return np.where(hidden, -np.inf, mask_scale * rng.uniform(-1.0, 1.0, shape))
 
 
-def _causal(kind: str, L: int, S: int) -> np.ndarray:
+def _causal(kind: str, Tq: int, Tk: int) -> np.ndarray:
     """The causal mask in torch's meaning: query i may not see keys j > i."""
-    future = np.triu(np.ones((L, S), dtype=bool), 1)
+    future = np.triu(np.ones((Tq, Tk), dtype=bool), 1)
     return future if kind == "bool" else np.where(future, -np.inf, 0.0)
 
 
@@ -158,9 +158,9 @@ def make_arrays(case: Case) -> dict:
     E, h = case.E, case.num_heads
     kdim = case.kdim or E
     vdim = case.vdim or E
-    query = case.scale * rng.standard_normal((*_rows(case, case.L), E))
-    key = case.scale * rng.standard_normal((*_rows(case, case.S), kdim))
-    value = case.scale * rng.standard_normal((*_rows(case, case.S), vdim))
+    query = case.scale * rng.standard_normal((*_rows(case, case.Tq), E))
+    key = case.scale * rng.standard_normal((*_rows(case, case.Tk), kdim))
+    value = case.scale * rng.standard_normal((*_rows(case, case.Tk), vdim))
     if case.sharing == "self-attention":
         key = value = query
     elif case.sharing == "key-is-value":
@@ -177,23 +177,23 @@ def make_arrays(case: Case) -> dict:
     if case.bias:
         params["out_proj.bias"] = rng.uniform(-0.5, 0.5, E)
     kpm_kind, attn_kind, causal = MASKS[case.masks]
-    keep = 0 if causal else int(rng.integers(case.S))
+    keep = 0 if causal else int(rng.integers(case.Tk))
     batched = case.layout != "unbatched"
     kpm = attn = None
     if kpm_kind:
-        kpm = _mask(rng, kpm_kind, (case.N, case.S) if batched else (case.S,), keep,
+        kpm = _mask(rng, kpm_kind, (case.N, case.Tk) if batched else (case.Tk,), keep,
                     case.mask_scale)
     if attn_kind:
         kind, rank = attn_kind[:-1], attn_kind[-1]
         if causal:
-            attn = _causal(kind, case.L, case.S)
+            attn = _causal(kind, case.Tq, case.Tk)
         elif rank == "2":
-            attn = _mask(rng, kind, (case.L, case.S), keep, case.mask_scale)
+            attn = _mask(rng, kind, (case.Tq, case.Tk), keep, case.mask_scale)
         else:
-            attn = _mask(rng, kind, (case.N * h, case.L, case.S) if batched else
-                         (h, case.L, case.S), keep, case.mask_scale)
-    out_shape = (*_rows(case, case.L), E)
-    w_shape = ((case.L, case.S) if case.average else (h, case.L, case.S))
+            attn = _mask(rng, kind, (case.N * h, case.Tq, case.Tk) if batched else
+                         (h, case.Tq, case.Tk), keep, case.mask_scale)
+    out_shape = (*_rows(case, case.Tq), E)
+    w_shape = ((case.Tq, case.Tk) if case.average else (h, case.Tq, case.Tk))
     w_shape = (case.N, *w_shape) if batched else w_shape
     return {"query": query, "key": key, "value": value, "params": params,
             "key_padding_mask": kpm, "attn_mask": attn,
@@ -364,8 +364,8 @@ def _cuda_case(i: int, masks: str) -> Case:
     kdim = 4 if separate else None
     vdim = (kdim if sharing == "key-is-value" else 7) if separate else None
     need_weights = i % 4 != 3
-    return Case(masks, layout, N=1 if layout == "unbatched" else 3, L=5,
-                S=5 if sharing == "self-attention" else 6, num_heads=2, head_dim=3, kdim=kdim,
+    return Case(masks, layout, N=1 if layout == "unbatched" else 3, Tq=5,
+                Tk=5 if sharing == "self-attention" else 6, num_heads=2, head_dim=3, kdim=kdim,
                 vdim=vdim, bias=i % 5 != 4, sharing=sharing, need_weights=need_weights,
                 average=i % 2 == 0, d_weights=need_weights and i % 3 != 2, scale=1.0,
                 mask_scale=2.0, seed=100 + i)
@@ -414,14 +414,14 @@ def test_multihead_attention_matches_torch_cuda(case: Case, dtype) -> None:
 
 def _fully_masked_case(layout: str, **kw) -> Case:
     base = dict(masks="kpm-bool+attn3d-bool", layout=layout, N=1 if layout == "unbatched" else 3,
-                L=5, S=4, num_heads=2, head_dim=3, kdim=None, vdim=None, bias=True,
+                Tq=5, Tk=4, num_heads=2, head_dim=3, kdim=None, vdim=None, bias=True,
                 sharing="distinct", need_weights=True, average=False, d_weights=False,
                 scale=1.0, mask_scale=1.0, seed=11)
     return Case(**{**base, **kw})
 
 
 def _nle(x: np.ndarray, layout: str) -> np.ndarray:
-    """An output [N, L, E], [L, N, E] or [L, E] (the layout's) as [N, L, E]."""
+    """An output [N, Tq, E], [Tq, N, E] or [Tq, E] (the layout's) as [N, Tq, E]."""
     return {"batch-first": x, "seq-first": x.swapaxes(0, 1), "unbatched": x[None]}[layout]
 
 
@@ -435,9 +435,9 @@ def test_fully_masked_rows_are_zero_where_torch_gives_nan(backend: str, layout: 
     """
     case = _fully_masked_case(layout)
     a = make_arrays(case)
-    N, L, S, h = case.N, case.L, case.S, case.num_heads
-    kpm = np.zeros((N, S), bool)
-    attn = np.zeros((N * h, L, S), bool)
+    N, Tq, Tk, h = case.N, case.Tq, case.Tk, case.num_heads
+    kpm = np.zeros((N, Tk), bool)
+    attn = np.zeros((N * h, Tq, Tk), bool)
     attn[-1, 1] = True  # the last row's last head: query 1 sees no key
     if layout == "unbatched":
         kpm[0, [0, 3]] = True
@@ -446,12 +446,12 @@ def test_fully_masked_rows_are_zero_where_torch_gives_nan(backend: str, layout: 
     else:
         kpm[0] = True  # batch row 0 sees no key at all
         a["key_padding_mask"], a["attn_mask"] = kpm, attn
-    blind = (kpm[:, None, None, :] | attn.reshape(N, h, L, S)).all(axis=-1)  # [N, h, L]
-    some_head, every_head = blind.any(axis=1), blind.all(axis=1)  # [N, L]
+    blind = (kpm[:, None, None, :] | attn.reshape(N, h, Tq, Tk)).all(axis=-1)  # [N, h, Tq]
+    some_head, every_head = blind.any(axis=1), blind.all(axis=1)  # [N, Tq]
     assert every_head.any() and not some_head.all() and (some_head != every_head).any()
     ours, want = run_ours(case, a, backend), run_torch(case, a)
-    weights = ours["weights"].reshape(N, h, L, S)
-    torch_weights = want["weights"].reshape(N, h, L, S)
+    weights = ours["weights"].reshape(N, h, Tq, Tk)
+    torch_weights = want["weights"].reshape(N, h, Tq, Tk)
     assert np.isnan(torch_weights[blind]).all()  # the documented difference
     assert (weights[blind] == 0).all()
     assert_close_policy("weights (rows that see a key)", weights[~blind], torch_weights[~blind])
@@ -482,12 +482,12 @@ def test_is_causal_with_a_wrong_hint_does_what_torch_does(backend: str, need_wei
     hands the hint to SDPA (no key_padding_mask, need_weights False) and the attn_mask
     elsewhere; so do we (and the two differ here, so the test tells them apart)."""
     case = _fully_masked_case("batch-first", masks="causal+kpm-bool" if with_kpm else
-                              "causal-bool", need_weights=need_weights, L=4, S=6, average=True)
+                              "causal-bool", need_weights=need_weights, Tq=4, Tk=6, average=True)
     a = make_arrays(case)
-    a["attn_mask"] = np.random.default_rng(5).random((case.L, case.S)) < 0.4
+    a["attn_mask"] = np.random.default_rng(5).random((case.Tq, case.Tk)) < 0.4
     a["attn_mask"][:, -1] = False  # every query sees the last key under it (not causally)
     if with_kpm:
-        a["key_padding_mask"] = np.zeros((case.N, case.S), bool)
+        a["key_padding_mask"] = np.zeros((case.N, case.Tk), bool)
         a["key_padding_mask"][:, 2] = True
     ours, want = run_ours(case, a, backend), run_torch(case, a)
     for name, value in want.items():
@@ -577,24 +577,24 @@ def backward(m, d_output=None, *, forward_kw=None, **kw):
 BAD = [
     # inputs
     ("query rank 1", lambda m: forward(m, query=Q[0, 0]), ValueError,
-     r"query: expected a 2-D \[L, E\] or 3-D \[N, L, E\] array, got shape \(6,\)"),
+     r"query: expected a 2-D \[Tq, E\] or 3-D \[N, Tq, E\] array, got shape \(6,\)"),
     ("query rank 4", lambda m: forward(m, query=Q[None]), ValueError,
-     r"query: expected a 2-D \[L, E\] or 3-D \[N, L, E\] array, got shape \(1, 2, 3, 6\)"),
+     r"query: expected a 2-D \[Tq, E\] or 3-D \[N, Tq, E\] array, got shape \(1, 2, 3, 6\)"),
     ("query list", lambda m: forward(m, query=Q.tolist()), TypeError,
-     r"query: expected a numpy.ndarray \[L, E\], got list"),
+     r"query: expected a numpy.ndarray \[Tq, E\], got list"),
     ("query integer", lambda m: forward(m, query=Q.astype(np.int64)), TypeError,
      r"query: expected dtype float32 or float64, got int64"),
     ("key 2-D with a batched query", lambda m: forward(m, key=K[0]), ValueError,
-     r"key: a batched \(3-D\) query needs a 3-D key \[N, S, kdim\] \(query \(2, 3, 6\)\), got "
+     r"key: a batched \(3-D\) query needs a 3-D key \[N, Tk, kdim\] \(query \(2, 3, 6\)\), got "
      r"shape \(4, 6\)"),
     ("value 3-D with an unbatched query", lambda m: forward(m, query=Q[0], key=K[0]), ValueError,
-     r"value: an unbatched \(2-D\) query needs a 2-D value \[S, vdim\]"),
+     r"value: an unbatched \(2-D\) query needs a 2-D value \[Tk, vdim\]"),
     ("key float32", lambda m: forward(m, key=K.astype(np.float32)), TypeError,
      r"key: dtype float32 does not match the dtype of query \(float64\)"),
     ("key batch", lambda m: forward(m, key=K[:1], value=V[:1]), ValueError,
-     r"key/value: batch N = 2 of query \[N, L, E\] = \(2, 3, 6\) must be theirs"),
+     r"key/value: batch N = 2 of query \[N, Tq, E\] = \(2, 3, 6\) must be theirs"),
     ("value steps", lambda m: forward(m, value=V[:, :3]), ValueError,
-     r"value: expected the key's S = 4 steps \(key \(2, 4, 6\)\), got shape \(2, 3, 6\)"),
+     r"value: expected the key's Tk = 4 steps \(key \(2, 4, 6\)\), got shape \(2, 3, 6\)"),
     ("no query steps", lambda m: forward(m, query=Q[:, :0]), ValueError,
      r"query/key/value: every axis must be non-empty"),
     ("wrong E", lambda m: forward(m, query=Q[..., :5]), ValueError,
@@ -655,34 +655,34 @@ BAD = [
      r"params\['in_proj_bias'\]: expected a numpy.ndarray, got list"),
     # masks
     ("key_padding_mask shape", lambda m: forward(m, key_padding_mask=np.zeros((2, 5), bool)),
-     ValueError, r"key_padding_mask: expected shape \[N, S\] = \(2, 4\), got \(2, 5\)"),
-    ("key_padding_mask [S] when batched",
+     ValueError, r"key_padding_mask: expected shape \[N, Tk\] = \(2, 4\), got \(2, 5\)"),
+    ("key_padding_mask [Tk] when batched",
      lambda m: forward(m, key_padding_mask=np.zeros(4, bool)), ValueError,
-     r"key_padding_mask: expected shape \[N, S\] = \(2, 4\), got \(4,\)"),
-    ("key_padding_mask [N, S] when unbatched",
+     r"key_padding_mask: expected shape \[N, Tk\] = \(2, 4\), got \(4,\)"),
+    ("key_padding_mask [N, Tk] when unbatched",
      lambda m: forward(m, query=Q[0], key=K[0], value=V[0],
                        key_padding_mask=np.zeros((1, 4), bool)), ValueError,
-     r"key_padding_mask: expected shape \[S\] = \(4,\), got \(1, 4\)"),
+     r"key_padding_mask: expected shape \[Tk\] = \(4,\), got \(1, 4\)"),
     ("key_padding_mask integer", lambda m: forward(m, key_padding_mask=np.zeros((2, 4), int)),
      TypeError, r"key_padding_mask: expected dtype bool \(True = not allowed to attend\) or a "
      r"float dtype \(added to the scores\), got int64"),
     ("key_padding_mask list", lambda m: forward(m, key_padding_mask=[[False] * 4] * 2),
-     TypeError, r"key_padding_mask: expected a bool or float numpy.ndarray \[N, S\] = \(2, 4\), "
+     TypeError, r"key_padding_mask: expected a bool or float numpy.ndarray \[N, Tk\] = \(2, 4\), "
      r"got list"),
     ("key_padding_mask float32",
      lambda m: forward(m, key_padding_mask=np.zeros((2, 4), np.float32)), TypeError,
      r"key_padding_mask: dtype float32 does not match the dtype of query \(float64\)"),
     ("attn_mask 2-D shape", lambda m: forward(m, attn_mask=np.zeros((4, 3), bool)), ValueError,
-     r"attn_mask: expected shape \[L, S\] = \(3, 4\) or \[N\*num_heads, L, S\] = \(4, 3, 4\), "
+     r"attn_mask: expected shape \[Tq, Tk\] = \(3, 4\) or \[N\*num_heads, Tq, Tk\] = \(4, 3, 4\), "
      r"got \(4, 3\)"),
     ("attn_mask 3-D without heads", lambda m: forward(m, attn_mask=np.zeros((2, 3, 4), bool)),
-     ValueError, r"attn_mask: expected shape .* \[N\*num_heads, L, S\] = \(4, 3, 4\), got "
+     ValueError, r"attn_mask: expected shape .* \[N\*num_heads, Tq, Tk\] = \(4, 3, 4\), got "
      r"\(2, 3, 4\)"),
     ("attn_mask 4-D", lambda m: forward(m, attn_mask=np.zeros((2, 2, 3, 4), bool)), ValueError,
-     r"attn_mask: expected shape \[L, S\] = \(3, 4\) or .*, got \(2, 2, 3, 4\)"),
+     r"attn_mask: expected shape \[Tq, Tk\] = \(3, 4\) or .*, got \(2, 2, 3, 4\)"),
     ("attn_mask 3-D unbatched", lambda m: forward(m, query=Q[0], key=K[0], value=V[0],
                                                   attn_mask=np.zeros((4, 3, 4), bool)),
-     ValueError, r"attn_mask: expected shape \[L, S\] = \(3, 4\) or \[num_heads, L, S\] = "
+     ValueError, r"attn_mask: expected shape \[Tq, Tk\] = \(3, 4\) or \[num_heads, Tq, Tk\] = "
      r"\(2, 3, 4\), got \(4, 3, 4\)"),
     ("attn_mask integer", lambda m: forward(m, attn_mask=np.zeros((3, 4), np.int8)), TypeError,
      r"attn_mask: expected dtype bool .* got int8"),
@@ -703,25 +703,25 @@ BAD = [
      r"cache: expected the MultiheadAttentionCache returned by multihead_attention_forward, "
      r"got \w*AttentionCache"),
     ("d_output shape", lambda m: backward(m, Q[:, :2]), ValueError,
-     r"d_output: expected shape like the output \[N, L, E\] = \(2, 3, 6\), got \(2, 2, 6\)"),
+     r"d_output: expected shape like the output \[N, Tq, E\] = \(2, 3, 6\), got \(2, 2, 6\)"),
     ("d_output batch-first after a seq-first forward",
      lambda m: backward(m, Q, forward_kw={"batch_first": False, "query": Q.swapaxes(0, 1),
                                           "key": K.swapaxes(0, 1), "value": V.swapaxes(0, 1)}),
-     ValueError, r"d_output: expected shape like the output \[L, N, E\] = \(3, 2, 6\), got "
+     ValueError, r"d_output: expected shape like the output \[Tq, N, E\] = \(3, 2, 6\), got "
      r"\(2, 3, 6\)"),
     ("d_output float32", lambda m: backward(m, Q.astype(np.float32)), TypeError,
      r"d_output: dtype float32 does not match the dtype of query \(float64\)"),
     ("d_output list", lambda m: backward(m, Q.tolist()), TypeError,
-     r"d_output: expected a numpy.ndarray \[N, L, E\], got list"),
+     r"d_output: expected a numpy.ndarray \[N, Tq, E\], got list"),
     ("d_weights without weights",
      lambda m: backward(m, d_weights=np.zeros((2, 3, 4)), forward_kw={"need_weights": False}),
      ValueError, r"d_weights: the forward ran with need_weights=False"),
     ("d_weights shape", lambda m: backward(m, d_weights=np.zeros((2, 2, 3, 4))), ValueError,
-     r"d_weights: expected a 3-D array \[N, L, S\], got shape \(2, 2, 3, 4\)"),
+     r"d_weights: expected a 3-D array \[N, Tq, Tk\], got shape \(2, 2, 3, 4\)"),
     ("d_weights per head shape",
      lambda m: backward(m, d_weights=np.zeros((2, 3, 3, 4)),
                         forward_kw={"average_attn_weights": False}), ValueError,
-     r"d_weights: expected shape like the weights \[N, num_heads, L, S\] = \(2, 2, 3, 4\), got "
+     r"d_weights: expected shape like the weights \[N, num_heads, Tq, Tk\] = \(2, 2, 3, 4\), got "
      r"\(2, 3, 3, 4\)"),
 ]
 
@@ -739,7 +739,7 @@ def test_bad_input_is_a_clear_error(backend: str, call, error, message) -> None:
 
 
 def _padding_case(layout: str, separate: bool, need_weights: bool, masks: str) -> Case:
-    return Case(masks, layout, N=1 if layout == "unbatched" else 3, L=4, S=6, num_heads=2,
+    return Case(masks, layout, N=1 if layout == "unbatched" else 3, Tq=4, Tk=6, num_heads=2,
                 head_dim=3, kdim=4 if separate else None, vdim=5 if separate else None,
                 bias=True, sharing="distinct", need_weights=need_weights,
                 average=layout != "seq-first", d_weights=need_weights, scale=1.0,
@@ -748,15 +748,15 @@ def _padding_case(layout: str, separate: bool, need_weights: bool, masks: str) -
 
 def _padding_masks(case: Case, rng: np.random.Generator, *, blind_query: bool = False
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(key_padding_mask [N, S], attn_mask [N*h, L, S], both bool in torch's meaning, and the
-    padding: the keys [N, S] no query of any head may see, the queries [N, L] that may see no
+    """(key_padding_mask [N, Tk], attn_mask [N*h, Tq, Tk], both bool in torch's meaning, and the
+    padding: the keys [N, Tk] no query of any head may see, the queries [N, Tq] that may see no
     key in any head). Key 2 is seen by every query unless `blind_query`: then query 1 of the
     last batch row sees no key in any head, and query 2 of row 0 none in head 0 only (data)."""
-    N, L, S, h = case.N, case.L, case.S, case.num_heads
-    kpm = np.zeros((N, S), bool)
+    N, Tq, Tk, h = case.N, case.Tq, case.Tk, case.num_heads
+    kpm = np.zeros((N, Tk), bool)
     kpm[0, 4:] = True  # padding by key_padding_mask
     kpm[-1, 0] = True
-    attn = rng.random((N, h, L, S)) < 0.25
+    attn = rng.random((N, h, Tq, Tk)) < 0.25
     attn[..., 2] = False
     attn[-1, :, :, 3] = True  # padding by attn_mask alone: every query of every head
     attn[0, 0, :, 1] = True  # hidden from every query of head 0 only: data
@@ -768,7 +768,7 @@ def _padding_masks(case: Case, rng: np.random.Generator, *, blind_query: bool = 
     keys, queries = hidden.all(axis=(1, 2)), hidden.all(axis=(1, 3))
     assert keys[0, 4:].all() and keys[-1, [0, 3]].all() and not keys[0, 1]
     assert queries.any() == blind_query and not queries[0, 2]
-    return kpm, attn.reshape(N * h, L, S), keys, queries
+    return kpm, attn.reshape(N * h, Tq, Tk), keys, queries
 
 
 def _in_layout(case: Case, x: np.ndarray) -> np.ndarray:
@@ -781,7 +781,7 @@ def _padded(case: Case, kind: str, blind_query: bool = False) -> tuple[dict, np.
                                                                         np.ndarray]:
     """float64 arrays of the case with the masks of `_padding_masks` (bool, or float: -inf
     where hidden, random finite elsewhere) and zeros in the padding rows of key and value (and
-    of the query); (arrays, padding keys [N, S], padding queries [N, L])."""
+    of the query); (arrays, padding keys [N, Tk], padding queries [N, Tq])."""
     a = make_arrays(case)
     rng = np.random.default_rng(case.seed + 1)
     kpm, attn, keys, queries = _padding_masks(case, rng, blind_query=blind_query)

@@ -366,8 +366,8 @@ def multihead_attention(
 
     Parameters
     ----------
-    query : [N, L, E] (batch_first), [L, N, E] or [L, E].  key : [N, S, kdim] (same layout).
-    value : [N, S, vdim].  params : the module's parameters by state_dict name, e.g.
+    query : [N, Tq, E] (batch_first), [Tq, N, E] or [Tq, E].  key : [N, Tk, kdim] (same layout).
+    value : [N, Tk, vdim].  params : the module's parameters by state_dict name, e.g.
         ``dict(nn.MultiheadAttention(...).named_parameters())``; each receives its gradient.
     num_heads, key_padding_mask, attn_mask, is_causal, need_weights, average_attn_weights,
     batch_first : as `torch.nn.MultiheadAttention.forward` (True in a bool mask = not allowed;
@@ -376,7 +376,7 @@ def multihead_attention(
 
     Returns
     -------
-    output : like query with last size E.  weights : [N, L, S] (averaged) or [N, h, L, S], or
+    output : like query with last size E.  weights : [N, Tq, Tk] (averaged) or [N, h, Tq, Tk], or
     None when need_weights is False.
     """
     module = resolve_backend(backend)

@@ -329,8 +329,8 @@ class Seq2SeqAttention(_Backend, nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, *, max_len: int, bos: int, eos: int,
                       src_lengths=None) -> torch.Tensor:
-        """As `numpy_ref.greedy_decode`: tokens [B, L] (L <= max_len, bos not included), each
-        row padded with eos after its eos."""
+        """As `numpy_ref.greedy_decode`: tokens [B, T_out] (T_out <= max_len, bos not
+        included), each row padded with eos after its eos."""
         _check_decoding(max_len, 1, bos, eos, self.generator.out_features)
         memory, state, lengths, K = self._start(src, src_lengths)
         tokens = torch.full((src.shape[0],), bos, dtype=torch.long, device=src.device)
@@ -349,7 +349,7 @@ class Seq2SeqAttention(_Backend, nn.Module):
     def beam_search(self, src: torch.Tensor, *, beam_size: int, max_len: int, bos: int,
                     eos: int, src_lengths=None, length_penalty: float = 1.0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `numpy_ref.beam_search`: (tokens [B, L], scores [B]); a hypothesis' score is its
+        """As `numpy_ref.beam_search`: (tokens [B, T_out], scores [B]); a hypothesis' score is its
         summed log-probability over len ** length_penalty."""
         _check_decoding(max_len, beam_size, bos, eos, self.generator.out_features)
         B, k, V = src.shape[0], beam_size, self.generator.out_features

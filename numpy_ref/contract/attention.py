@@ -529,16 +529,16 @@ def like_weights(name: str, d: Any, weights: np.ndarray) -> np.ndarray:
     return d
 
 
-def additive_scores(query_proj: Any, key_proj: Any, v: Any):
+def additive_scores(query_proj: Any, key_proj: Any, u: Any):
     """Check `additive_scores_forward`'s arguments; return them."""
     qa = checks.float_array_ranks("query_proj", query_proj,
                                   (("B", "A"), ("B", "Tq", "A"), ("B", "h", "Tq", "A")))
     heads = qa.ndim == 4
     ka = checks.float_array("key_proj", key_proj,
                             ("B", "h", "Tk", "A") if heads else ("B", "Tk", "A"))
-    v = checks.float_array("v", v, ("A",))
+    u = checks.float_array("u", u, ("A",))
     checks.same_dtype("key_proj", ka, qa.dtype, "query_proj")
-    checks.same_dtype("v", v, qa.dtype, "query_proj")
+    checks.same_dtype("u", u, qa.dtype, "query_proj")
     if 0 in ka.shape or 0 in qa.shape:
         raise ValueError(f"key_proj/query_proj: expected non-empty axes, got {ka.shape} and "
                          f"{qa.shape}")
@@ -546,8 +546,8 @@ def additive_scores(query_proj: Any, key_proj: Any, v: Any):
     if qa.shape[:len(lead)] != lead or qa.shape[-1] != ka.shape[-1]:
         raise ValueError(f"query_proj: expected the leading axes {lead} and the width "
                          f"A = {ka.shape[-1]} of key_proj {ka.shape}, got {qa.shape}")
-    checks.shape_is("v", v, (ka.shape[-1],), "[A]")
-    return qa, ka, v
+    checks.shape_is("u", u, (ka.shape[-1],), "[A]")
+    return qa, ka, u
 
 
 def weighted_sum(weights: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:

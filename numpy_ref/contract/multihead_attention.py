@@ -4,7 +4,7 @@ with `torch.nn.MultiheadAttention`'s shapes, parameter names and mask convention
 `multihead_attention` checks every forward argument and turns torch's masks into the attention
 core's: a bool mask of torch's (True = NOT allowed) becomes the core's `mask` inverted
 (True = attend), a float mask becomes (part of) the core's `bias`, both in the heads layout
-[N, h, L, S] (broadcast views where the mask is shared). `is_causal` is resolved as torch does:
+[N, h, Tq, Tk] (broadcast views where the mask is shared). `is_causal` is resolved as torch does:
 it needs an `attn_mask`, and it replaces that mask by the core's own causal mask only where
 torch's `multi_head_attention_forward` hands the hint to SDPA (no key_padding_mask and
 need_weights False); elsewhere the given attn_mask is used and the hint changes nothing.
@@ -39,27 +39,27 @@ UNSUPPORTED = ("bias_k", "bias_v")
 class MultiheadAttentionInputs(NamedTuple):
     """The checked arguments of `multihead_attention_forward`."""
 
-    query: np.ndarray  # [N, L, E] or [L, N, E] (the caller's layout; unbatched: [1, L, E])
-    key: np.ndarray  # [N, S, kdim] or [S, N, kdim], likewise
-    value: np.ndarray  # [N, S, vdim] or [S, N, vdim], likewise
+    query: np.ndarray  # [N, Tq, E] or [Tq, N, E] (the caller's layout; unbatched: [1, Tq, E])
+    key: np.ndarray  # [N, Tk, kdim] or [Tk, N, kdim], likewise
+    value: np.ndarray  # [N, Tk, vdim] or [Tk, N, vdim], likewise
     projections: tuple[dict, dict, dict]  # q, k, v in-projections as linear params {weight, bias}
     out_proj: dict  # out_proj as linear params {"weight": [E, E], "bias": [E] (optional)}
-    mask: np.ndarray | None  # bool, broadcastable to [N, h, L, S], True = attend (the core's)
-    bias: np.ndarray | None  # float, broadcastable to [N, h, L, S], added to the scores
+    mask: np.ndarray | None  # bool, broadcastable to [N, h, Tq, Tk], True = attend (the core's)
+    bias: np.ndarray | None  # float, broadcastable to [N, h, Tq, Tk], added to the scores
     causal: bool  # the core's causal flag (torch's is_causal handed to SDPA)
     num_heads: int  # h
     head_dim: int  # E // num_heads
     batched: bool  # False for unbatched 2-D inputs (a batch axis of 1 was added in front)
-    batch_first: bool  # the batched layout: [N, L, E] (True) or [L, N, E]; True when unbatched
+    batch_first: bool  # the batched layout: [N, Tq, E] (True) or [Tq, N, E]; True when unbatched
     need_weights: bool  # whether the weights are returned
     average_attn_weights: bool  # whether they are averaged over the heads
     packed: bool  # params held in_proj_weight [3E, E] (else q/k/v_proj_weight)
     keys: tuple[str, ...]  # the params' keys, in order: d_params comes back in it
-    sizes: tuple[int, int, int, int]  # (N, L, S, E)
-    real_keys: np.ndarray | None  # bool, broadcastable to key's [N, S, 1] or [S, N, 1] (its
+    sizes: tuple[int, int, int, int]  # (N, Tq, Tk, E)
+    real_keys: np.ndarray | None  # bool, broadcastable to key's [N, Tk, 1] or [Tk, N, 1] (its
     #                               layout): True = a key/value row some query of some head may
     #                               see; None when every row is such (no padding)
-    real_queries: np.ndarray | None  # bool, broadcastable to query's [N, L, 1] or [L, N, 1]:
+    real_queries: np.ndarray | None  # bool, broadcastable to query's [N, Tq, 1] or [Tq, N, 1]:
     #                                  True = a query row that may see a key in some head; None
     #                                  when every row may
 
@@ -72,10 +72,10 @@ def _flag(name: str, value: Any) -> bool:
 
 def _inputs(query: Any, key: Any, value: Any, batch_first: bool
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    batched = ("N", "L", "E") if batch_first else ("L", "N", "E")
-    query = checks.float_array_ranks("query", query, (("L", "E"), batched))
+    batched = ("N", "Tq", "E") if batch_first else ("Tq", "N", "E")
+    query = checks.float_array_ranks("query", query, (("Tq", "E"), batched))
     rank = query.ndim
-    kv = ("S",) if rank == 2 else ("N", "S") if batch_first else ("S", "N")
+    kv = ("Tk",) if rank == 2 else ("N", "Tk") if batch_first else ("Tk", "N")
     how = "an unbatched (2-D)" if rank == 2 else "a batched (3-D)"
     for name, a, last in (("key", key, "kdim"), ("value", value, "vdim")):
         if isinstance(a, np.ndarray) and a.dtype in checks.FLOAT_DTYPES and a.ndim != rank:
@@ -172,16 +172,16 @@ def multihead_attention(query: Any, key: Any, value: Any, params: Any, num_heads
     batched = query.ndim == 3
     if not batched:  # torch adds the batch axis (batch_first does not apply)
         query, key, value = query[None], key[None], value[None]
-    layout = "[N, L, E]" if batch_first or not batched else "[L, N, E]"
+    layout = "[N, Tq, E]" if batch_first or not batched else "[Tq, N, E]"
     nl = (0, 1) if batch_first or not batched else (1, 0)
-    N, L = query.shape[nl[0]], query.shape[nl[1]]
-    S = key.shape[nl[1]]
+    N, Tq = query.shape[nl[0]], query.shape[nl[1]]
+    Tk = key.shape[nl[1]]
     if key.shape[nl[0]] != N or value.shape[nl[0]] != N:
         raise ValueError(f"key/value: batch N = {N} of query {layout} = {query.shape} must be "
                          f"theirs, got key {key.shape} and value {value.shape}"
-                         f"{'' if batch_first else ' (batch_first=False: [S, N, kdim])'}")
-    if value.shape[nl[1]] != S:
-        raise ValueError(f"value: expected the key's S = {S} steps (key {key.shape}), got "
+                         f"{'' if batch_first else ' (batch_first=False: [Tk, N, kdim])'}")
+    if value.shape[nl[1]] != Tk:
+        raise ValueError(f"value: expected the key's Tk = {Tk} steps (key {key.shape}), got "
                          f"shape {value.shape}")
     if 0 in query.shape or 0 in key.shape or 0 in value.shape:
         raise ValueError(f"query/key/value: every axis must be non-empty, got query "
@@ -205,16 +205,17 @@ def multihead_attention(query: Any, key: Any, value: Any, params: Any, num_heads
     dtype = query.dtype
     kpm = am = None
     if key_padding_mask is not None:
-        kpm = _mask("key_padding_mask", key_padding_mask, ((N, S),) if batched else ((S,),),
-                    ("[N, S]",) if batched else ("[S]",), dtype).reshape(N, 1, 1, S)
+        kpm = _mask("key_padding_mask", key_padding_mask, ((N, Tk),) if batched else ((Tk,),),
+                    ("[N, Tk]",) if batched else ("[Tk]",), dtype).reshape(N, 1, 1, Tk)
     if attn_mask is not None:
-        am = _mask("attn_mask", attn_mask, ((L, S), ((N if batched else 1) * h, L, S)),
-                   ("[L, S]", "[N*num_heads, L, S]" if batched else "[num_heads, L, S]"), dtype)
-        am = am if am.ndim == 2 else am.reshape(N, h, L, S)
+        am = _mask("attn_mask", attn_mask, ((Tq, Tk), ((N if batched else 1) * h, Tq, Tk)),
+                   ("[Tq, Tk]", "[N*num_heads, Tq, Tk]" if batched else "[num_heads, Tq, Tk]"),
+                   dtype)
+        am = am if am.ndim == 2 else am.reshape(N, h, Tq, Tk)
     if is_causal and am is None:
         raise ValueError("is_causal: torch needs attn_mask with the is_causal hint (its "
                          "RuntimeError: 'Need attn_mask if specifying the is_causal hint'); "
-                         "pass the causal mask, e.g. np.triu(np.ones((L, S), bool), 1)")
+                         "pass the causal mask, e.g. np.triu(np.ones((Tq, Tk), bool), 1)")
     causal = is_causal and kpm is None and not need_weights
     if causal:  # torch hands is_causal to SDPA and drops attn_mask
         am = None
@@ -226,28 +227,28 @@ def multihead_attention(query: Any, key: Any, value: Any, params: Any, num_heads
             mask = ~m if mask is None else mask & ~m
         else:
             bias = m if bias is None else bias + m
-    real = _real_rows(mask, bias, causal, need_weights, (N, L, S), h, dtype)
+    real = _real_rows(mask, bias, causal, need_weights, (N, Tq, Tk), h, dtype)
     if not (batch_first or not batched):  # [N?, T?, 1] -> [T?, N?, 1]
         real = [None if r is None else r.swapaxes(0, 1) for r in real]
     return MultiheadAttentionInputs(query, key, value, projections, out, mask, bias, causal, h,
                                     E // h, batched, batch_first or not batched, need_weights,
-                                    average, packed, keys, (N, L, S, E), *real)
+                                    average, packed, keys, (N, Tq, Tk, E), *real)
 
 
 def _real_rows(mask: np.ndarray | None, bias: np.ndarray | None, causal: bool,
                need_weights: bool, sizes: tuple[int, int, int], h: int, dtype: np.dtype
                ) -> list[np.ndarray | None]:
-    """[keys, queries]: bool [N?, S?, 1] (True = key row s of batch row n is data: some query
-    of some head may see it) and [N?, L?, 1] (True = query row l may see a key in some head),
+    """[keys, queries]: bool [N?, Tk?, 1] (True = key row s of batch row n is data: some query
+    of some head may see it) and [N?, Tq?, 1] (True = query row l may see a key in some head),
     each None when every row is data. The core decides (`core.padding`, or
     `core.padding_by_blocks` without the weights, as `attention_forward` does) from the
     arguments the core gets, with stand-ins [N, h, T, 1] for Q, K and V (only their shapes are
     read), and a row is padding when it is padding in every head."""
     if mask is None and bias is None and not causal:
         return [None, None]
-    N, L, S = sizes
-    keys = np.zeros((N, h, S, 1), dtype)
-    a = core.validate_attention(np.zeros((N, h, L, 1), dtype), keys, keys, "scaled_dot", None,
+    N, Tq, Tk = sizes
+    keys = np.zeros((N, h, Tk, 1), dtype)
+    a = core.validate_attention(np.zeros((N, h, Tq, 1), dtype), keys, keys, "scaled_dot", None,
                                 mask=mask, causal=causal, bias=bias, need_weights=need_weights)
     pad = core.padding(a, core.visibility(a)) if need_weights else core.padding_by_blocks(a)
     real = [None if r is None else r.any(axis=1) for r in pad]  # [N?, h?, T?, 1] -> [N?, T?, 1]
@@ -257,15 +258,15 @@ def _real_rows(mask: np.ndarray | None, bias: np.ndarray | None, causal: bool,
 def cotangents(a: MultiheadAttentionInputs, d_output: Any, d_weights: Any
                ) -> tuple[np.ndarray, np.ndarray | None]:
     """Check `multihead_attention_backward`'s cotangents against the forward; return d_output
-    in the batched layout [N, L, E] / [L, N, E] and d_weights per head [N, h, L, S] (an
+    in the batched layout [N, Tq, E] / [Tq, N, E] and d_weights per head [N, h, Tq, Tk] (an
     averaged one divided among the heads) or None."""
-    N, L, S, E = a.sizes
+    N, Tq, Tk, E = a.sizes
     h = a.num_heads
     dtype = a.query.dtype
-    out_axes = ("N", "L", "E") if a.batch_first else ("L", "N", "E")
-    out_shape = (N, L, E) if a.batch_first else (L, N, E)
+    out_axes = ("N", "Tq", "E") if a.batch_first else ("Tq", "N", "E")
+    out_shape = (N, Tq, E) if a.batch_first else (Tq, N, E)
     if not a.batched:
-        out_axes, out_shape = ("L", "E"), (L, E)
+        out_axes, out_shape = ("Tq", "E"), (Tq, E)
     d_output = checks.float_array("d_output", d_output, out_axes)
     checks.same_dtype("d_output", d_output, dtype, "query")
     checks.shape_is("d_output", d_output, out_shape, f"like the output [{', '.join(out_axes)}]")
@@ -275,8 +276,8 @@ def cotangents(a: MultiheadAttentionInputs, d_output: Any, d_weights: Any
     if not a.need_weights:
         raise ValueError("d_weights: the forward ran with need_weights=False and returned no "
                          "weights; pass d_weights=None")
-    w_axes = ("N", "L", "S") if a.average_attn_weights else ("N", "num_heads", "L", "S")
-    w_shape = (N, L, S) if a.average_attn_weights else (N, h, L, S)
+    w_axes = ("N", "Tq", "Tk") if a.average_attn_weights else ("N", "num_heads", "Tq", "Tk")
+    w_shape = (N, Tq, Tk) if a.average_attn_weights else (N, h, Tq, Tk)
     if not a.batched:
         w_axes, w_shape = w_axes[1:], w_shape[1:]
     d_weights = checks.float_array("d_weights", d_weights, w_axes)
@@ -284,7 +285,7 @@ def cotangents(a: MultiheadAttentionInputs, d_output: Any, d_weights: Any
     checks.shape_is("d_weights", d_weights, w_shape, f"like the weights [{', '.join(w_axes)}]")
     d_weights = d_weights if a.batched else d_weights[None]
     if a.average_attn_weights:  # w = mean over heads: each head gets dW / h
-        d_weights = np.broadcast_to((d_weights / dtype.type(h))[:, None], (N, h, L, S))
+        d_weights = np.broadcast_to((d_weights / dtype.type(h))[:, None], (N, h, Tq, Tk))
     return d_output, d_weights
 
 

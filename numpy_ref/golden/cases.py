@@ -323,12 +323,12 @@ _attention_config("heads_gqa_causal_bias_lengths", score="dot", layout="heads", 
 # multihead_attention
 
 
-def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
+def _mha_config(config: str, *, E: int, num_heads: int, N: int, Tq: int, Tk: int,
                 kdim: int | None = None, vdim: int | None = None, bias: bool = True,
                 batch_first: bool = True, key_padding_mask: bool = False,
                 attn_mask: str | None = None, average_attn_weights: bool = True,
                 need_weights: bool = True) -> None:
-    """attn_mask: None, "bool" or "float" ([L, S]). need_weights=False: no weights output and
+    """attn_mask: None, "bool" or "float" ([Tq, Tk]). need_weights=False: no weights output and
     no d_weights cotangent."""
     kdim = E if kdim is None else kdim
     vdim = E if vdim is None else vdim
@@ -337,7 +337,7 @@ def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
     def lay(T, size):
         return (N, T, size) if batch_first else (T, N, size)
 
-    w_shape = (N, L, S) if average_attn_weights else (N, num_heads, L, S)
+    w_shape = (N, Tq, Tk) if average_attn_weights else (N, num_heads, Tq, Tk)
 
     def make(rng):
         b = 1 / math.sqrt(E)
@@ -353,19 +353,19 @@ def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
         params["out_proj.weight"] = _uniform(rng, b, E, E)
         if bias:
             params["out_proj.bias"] = _normal(rng, E, scale=0.3)
-        inputs = {"query": _normal(rng, *lay(L, E)), "key": _normal(rng, *lay(S, kdim)),
-                  "value": _normal(rng, *lay(S, vdim))}
+        inputs = {"query": _normal(rng, *lay(Tq, E)), "key": _normal(rng, *lay(Tk, kdim)),
+                  "value": _normal(rng, *lay(Tk, vdim))}
         if key_padding_mask:
-            m = np.zeros((N, S), bool)
-            m[-1, S // 2:] = True  # the last row's second half is padding
+            m = np.zeros((N, Tk), bool)
+            m[-1, Tk // 2:] = True  # the last row's second half is padding
             inputs["key_padding_mask"] = m
         if attn_mask == "bool":
-            m = rng.random((L, S)) < 0.3
+            m = rng.random((Tq, Tk)) < 0.3
             m[:, 0] = False  # every query may see key 0
             inputs["attn_mask"] = m
         elif attn_mask == "float":
-            inputs["attn_mask"] = _normal(rng, L, S)
-        cots = {"d_output": _normal(rng, *lay(L, E))}
+            inputs["attn_mask"] = _normal(rng, Tq, Tk)
+        cots = {"d_output": _normal(rng, *lay(Tq, E))}
         if need_weights:
             cots["d_weights"] = _normal(rng, *w_shape)
         return inputs, params, cots
@@ -389,16 +389,16 @@ def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
     args.append(f"batch_first={batch_first}")
     masks = []
     if key_padding_mask:
-        masks.append("key_padding_mask=input.key_padding_mask (bool [N, S], True = padding)")
+        masks.append("key_padding_mask=input.key_padding_mask (bool [N, Tk], True = padding)")
     if attn_mask:
-        masks.append(f"attn_mask=input.attn_mask ({attn_mask} [L, S]"
+        masks.append(f"attn_mask=input.attn_mask ({attn_mask} [Tq, Tk]"
                      + (", True = not allowed)" if attn_mask == "bool" else ", added)"))
     text = (f"torch.nn.MultiheadAttention({', '.join(args)}) with its state_dict as params: "
             f"output, weights = mha(query, key, value{''.join(', ' + m for m in masks)}, "
             f"need_weights={need_weights}, average_attn_weights={average_attn_weights}); "
-            f"query {'[N, L, E]' if batch_first else '[L, N, E]'}, N={N}, L={L}, S={S}; "
-            + ("weights " + ("[N, L, S] averaged over heads" if average_attn_weights
-                             else "[N, h, L, S]")
+            f"query {'[N, Tq, E]' if batch_first else '[Tq, N, E]'}, N={N}, Tq={Tq}, Tk={Tk}; "
+            + ("weights " + ("[N, Tq, Tk] averaged over heads" if average_attn_weights
+                             else "[N, h, Tq, Tk]")
                + ". Backward with cotangents d_output and d_weights"
                if need_weights else "no weights. Backward with the cotangent d_output")
             + "; query, key and value are separate tensors, each with its own gradient.")
@@ -411,11 +411,11 @@ def _mha_config(config: str, *, E: int, num_heads: int, N: int, L: int, S: int,
               options, make, run)
 
 
-_mha_config("key_padding_mask", E=6, num_heads=2, N=2, L=3, S=4, key_padding_mask=True)
-_mha_config("kdim_vdim_float_mask", E=4, num_heads=2, N=2, L=3, S=4, kdim=3, vdim=5,
+_mha_config("key_padding_mask", E=6, num_heads=2, N=2, Tq=3, Tk=4, key_padding_mask=True)
+_mha_config("kdim_vdim_float_mask", E=4, num_heads=2, N=2, Tq=3, Tk=4, kdim=3, vdim=5,
             bias=False, batch_first=False, attn_mask="float", average_attn_weights=False)
-_mha_config("bool_attn_mask", E=6, num_heads=3, N=2, L=4, S=3, attn_mask="bool")
-_mha_config("no_weights_key_padding_mask", E=6, num_heads=2, N=2, L=3, S=4,
+_mha_config("bool_attn_mask", E=6, num_heads=3, N=2, Tq=4, Tk=3, attn_mask="bool")
+_mha_config("no_weights_key_padding_mask", E=6, num_heads=2, N=2, Tq=3, Tk=4,
             key_padding_mask=True, need_weights=False)
 
 

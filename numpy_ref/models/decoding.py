@@ -89,7 +89,7 @@ def greedy_decode(
     ``y_{t+1} = argmax_v logits_t[v]`` with the decoder's state carried step to step (the
     `numpy_ref.models` module docstring).
 
-    Returns tokens [B, L], L <= max_len (bos not included): each row up to and including its
+    Returns tokens [B, T_out], T_out <= max_len (bos not included): each row up to and including its
     eos, then eos again until the longest row ends; a row without eos has max_len tokens.
     Ties go to the lowest token id.
     """
@@ -135,8 +135,8 @@ def beam_search(
 
     Returns
     -------
-    tokens [B, L] : each row's best hypothesis (bos not included), padded with eos after its
-        eos up to the longest; L <= max_len.
+    tokens [B, T_out] : each row's best hypothesis (bos not included), padded with eos after its
+        eos up to the longest; T_out <= max_len.
     scores [B] : their scores, in the params' dtype.
     """
     dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend)
@@ -183,6 +183,6 @@ def beam_search(
     rows = np.arange(B)
     best_len = length[rows, pick]
     out = seqs[rows, pick]  # [B, steps]
-    L = int(best_len.max())
-    out = np.where(np.arange(out.shape[1])[None, :] < best_len[:, None], out, eos)[:, :L]
+    T_out = int(best_len.max())
+    out = np.where(np.arange(out.shape[1])[None, :] < best_len[:, None], out, eos)[:, :T_out]
     return out, final[rows, pick].astype(dtype)
