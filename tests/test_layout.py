@@ -6,7 +6,9 @@
   an attribute read through it would bind a half-initialised package while it imports that
   module); the golden-vector tool, which calls the public API and is not imported by the
   package, may;
-- `kernels` takes no private name (``_x``) from numpy_ref.
+- `kernels` takes no private name (``_x``) from numpy_ref;
+- the torch reference (`torch_impl.reference`, and the converter it loads params with) imports
+  neither numpy_ref nor kernels: it must stay independent of what it checks.
 """
 
 from __future__ import annotations
@@ -54,3 +56,13 @@ def test_kernels_take_no_private_name_from_numpy_ref(path: Path) -> None:
         if module.startswith("numpy_ref"):
             private = [n for n in names if n.startswith("_")]
             assert not private, f"{path.name} imports {private} from {module}"
+
+
+@pytest.mark.parametrize("path", [*files("torch_impl/reference"), REPO / "torch_impl/convert.py"],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_the_torch_reference_imports_nothing_it_checks(path: Path) -> None:
+    for module, _ in imports(path):
+        assert not module.startswith(("numpy_ref", "kernels")), f"{path.name} imports {module}"
+        if module.startswith("torch_impl"):
+            assert module in ("torch_impl.convert", "torch_impl.reference") or \
+                module.startswith("torch_impl.reference."), f"{path.name} imports {module}"
