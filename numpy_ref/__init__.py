@@ -1,7 +1,8 @@
 """Readable NumPy forward and backward passes for the LSTM + attention family. No autograd.
 
 Every differentiable op is a pair ``op_forward(...) -> (outputs..., cache)`` and
-``op_backward(d_outputs..., cache) -> (d_inputs..., d_params)``: the LSTM, attention and its
+``op_backward(d_outputs..., cache) -> (d_inputs..., d_params)``: the recurrent family (LSTM,
+GRU in both published variants, Elman RNN), attention and its
 parts, the layers (embedding, linear, cross-entropy); the models compose them (see
 `numpy_ref.models`), the optimizers update params dicts in place (`numpy_ref.optim`).
 """
@@ -25,6 +26,16 @@ from numpy_ref.attention import (
     weighted_sum_forward,
 )
 from numpy_ref.gradcheck import gradcheck, numerical_gradient
+from numpy_ref.gru import (
+    GRUCache,
+    GRUCellCache,
+    GRUDirectionCache,
+    gru_backward,
+    gru_cell_backward,
+    gru_cell_forward,
+    gru_forward,
+    init_gru_params,
+)
 from numpy_ref.layers import (
     CrossEntropyCache,
     EmbeddingCache,
@@ -64,6 +75,16 @@ from numpy_ref.multihead_attention import (
     multihead_attention_forward,
 )
 from numpy_ref.optim import SGD, Adam, AdamW, clip_grad_norm
+from numpy_ref.rnn import (
+    RNNCache,
+    RNNCellCache,
+    RNNDirectionCache,
+    init_rnn_params,
+    rnn_backward,
+    rnn_cell_backward,
+    rnn_cell_forward,
+    rnn_forward,
+)
 
 __all__ = [
     "SCORES",
@@ -76,12 +97,18 @@ __all__ = [
     "BiLSTMAttentionCache",
     "CrossEntropyCache",
     "EmbeddingCache",
+    "GRUCache",
+    "GRUCellCache",
+    "GRUDirectionCache",
     "LSTMCache",
     "LSTMCellCache",
     "LSTMDirectionCache",
     "LinearCache",
     "MaskedSoftmaxCache",
     "MultiheadAttentionCache",
+    "RNNCache",
+    "RNNCellCache",
+    "RNNDirectionCache",
     "Seq2SeqCache",
     "WeightedSumCache",
     "additive_scores_backward",
@@ -100,8 +127,14 @@ __all__ = [
     "embedding_forward",
     "gradcheck",
     "greedy_decode",
+    "gru_backward",
+    "gru_cell_backward",
+    "gru_cell_forward",
+    "gru_forward",
     "init_bilstm_attention_params",
+    "init_gru_params",
     "init_lstm_params",
+    "init_rnn_params",
     "init_seq2seq_params",
     "linear_backward",
     "linear_forward",
@@ -114,6 +147,10 @@ __all__ = [
     "multihead_attention_backward",
     "multihead_attention_forward",
     "numerical_gradient",
+    "rnn_backward",
+    "rnn_cell_backward",
+    "rnn_cell_forward",
+    "rnn_forward",
     "seq2seq_backward",
     "seq2seq_forward",
     "weighted_sum_backward",

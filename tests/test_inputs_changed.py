@@ -387,11 +387,56 @@ def _seq2seq(decoder: str, watched: tuple[str, ...]) -> Callable[[Any], Run]:
 
 
 # (case, the arrays each backend checks): numpy_ref checks every array its backward reads; the
+def _recurrent(kind: str) -> Callable[[Any], Run]:
+    """The GRU (torch's and the other variant) or the RNN, two layers, both directions."""
+    def make(m) -> Run:
+        rng = _rng(3)
+        init = ref.init_rnn_params if kind == "rnn" else ref.init_gru_params
+        params = init(4, 5, num_layers=2, bidirectional=True, rng=rng)
+        options = {"linear_before_reset": False} if kind == "gru_other" else {}
+        a = {"x": rng.standard_normal((6, 3, 4))}
+        d_out = rng.standard_normal((6, 3, 10))
+        forward = m.rnn_forward if kind == "rnn" else m.gru_forward
+        backward = m.rnn_backward if kind == "rnn" else m.gru_backward
+        op = "rnn" if kind == "rnn" else "gru"
+        return Run(lambda: forward(a["x"], params, num_layers=2, bidirectional=True, **options),
+                   lambda r: backward(d_out, r[2]),
+                   {"x": _input(a, "x"),
+                    **{f"params[{k!r}]": _param(params, k)
+                       for k in ("weight_ih_l0", "weight_hh_l0", "weight_ih_l1_reverse",
+                                 "weight_hh_l1")}},
+                   (f"{op}_forward", f"{op}_backward"))
+    return make
+
+
+def _recurrent_cell(kind: str) -> Callable[[Any], Run]:
+    def make(m) -> Run:
+        rng = _rng(4)
+        G = 1 if kind == "rnn" else 3
+        p = {"weight_ih": rng.standard_normal((G * 3, 4)),
+             "weight_hh": rng.standard_normal((G * 3, 3)),
+             "bias_ih": rng.standard_normal(G * 3), "bias_hh": rng.standard_normal(G * 3)}
+        a = {"x": rng.standard_normal((2, 4)), "h": rng.standard_normal((2, 3))}
+        d_h = rng.standard_normal((2, 3))
+        forward = m.rnn_cell_forward if kind == "rnn" else m.gru_cell_forward
+        backward = m.rnn_cell_backward if kind == "rnn" else m.gru_cell_backward
+        return Run(lambda: forward(a["x"], a["h"], p), lambda r: backward(d_h, r[1]),
+                   {**{k: _input(a, k) for k in a},
+                    **{f"params[{k!r}]": _param(p, k) for k in ("weight_ih", "weight_hh")}},
+                   (f"{kind}_cell_forward", f"{kind}_cell_backward"))
+    return make
+
+
 # kernels check the LSTM's, and those of the ops they take from numpy_ref (linear, the LSTM
 # cell, the scores, the embedding's forward); their attention and cross-entropy do not
 CASES: dict[str, tuple[Callable[[Any], Run], dict[str, tuple[str, ...] | None]]] = {
     "lstm": (_lstm, {"numpy_ref": None, "kernels": None}),
     "lstm_cell": (_lstm_cell, {"numpy_ref": None, "kernels": None}),
+    "gru": (_recurrent("gru"), {"numpy_ref": None}),
+    "gru_linear_before_reset_false": (_recurrent("gru_other"), {"numpy_ref": None}),
+    "rnn": (_recurrent("rnn"), {"numpy_ref": None}),
+    "gru_cell": (_recurrent_cell("gru"), {"numpy_ref": None}),
+    "rnn_cell": (_recurrent_cell("rnn"), {"numpy_ref": None}),
     "attention_general": (_attention_general, {"numpy_ref": None}),
     "attention_additive": (_attention_additive, {"numpy_ref": None}),
     "attention_no_weights": (_attention_no_weights, {"numpy_ref": None}),
