@@ -155,6 +155,7 @@ from kernels._config import JIT
 from kernels._util import as_type_of, sigmoid, tanh
 from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract.lstm import (
+    direction_bias,
     lstm_fingerprints,
     padding_mask,
     param_key,
@@ -681,7 +682,7 @@ def lstm_forward(
             arrays = []
             for d in range(D):
                 k = layer * D + d
-                bias = p[param_key("bias_ih", layer, d)] + p[param_key("bias_hh", layer, d)]
+                bias = direction_bias(p, layer, d, H, dtype)
                 arrays.append(_forward_arrays(T, d == 1, h0[k], c0[k], h_n[k], c_n[k],
                                               p[param_key("weight_hh", layer, d)], bias,
                                               p.get(param_key("weight_hr", layer, d))))

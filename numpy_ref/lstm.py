@@ -72,6 +72,7 @@ from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.lstm import (
     cell_fingerprints,
+    direction_bias,
     lstm_fingerprints,
     padding_mask,
     param_key,
@@ -153,15 +154,18 @@ def lstm_cell_forward(
     Parameters
     ----------
     x : [B, I] input.  h : [B, Ho] previous hidden state.  c : [B, H] previous cell state.
-    params : ``weight_ih`` [4H, I], ``weight_hh`` [4H, Ho], ``bias_ih`` [4H], ``bias_hh`` [4H],
-        optional ``weight_hr`` [P, H] (then Ho = P).
+    params : ``weight_ih`` [4H, I], ``weight_hh`` [4H, Ho], ``bias_ih`` [4H], ``bias_hh`` [4H]
+        (both or neither: torch's bias=False), optional ``weight_hr`` [P, H] (then Ho = P).
 
     Returns
     -------
     h_new [B, Ho], c_new [B, H], cache.
     """
     x, h, c, p, H, _ = validate_lstm_cell_inputs(x, h, c, params)
-    a = x @ p["weight_ih"].T + p["bias_ih"] + p["bias_hh"] + h @ p["weight_hh"].T
+    a = x @ p["weight_ih"].T
+    if "bias_ih" in p:  # torch's bias=False: no biases
+        a += p["bias_ih"] + p["bias_hh"]
+    a += h @ p["weight_hh"].T
     gates, c_new, tanh_c = _gates_forward(a, c)
     r = gates[:, 3 * H :] * tanh_c
     h_new = r @ p["weight_hr"].T if "weight_hr" in p else r
@@ -247,13 +251,15 @@ def init_lstm_params(
     num_layers: int = 1,
     bidirectional: bool = False,
     proj_size: int = 0,
+    bias: bool = True,
     rng: np.random.Generator | int | None = None,
     dtype: Any = np.float64,
 ) -> dict[str, np.ndarray]:
     """Random LSTM parameters initialised as torch does: every entry ~ U(-1/sqrt(H), 1/sqrt(H)).
 
     Sizes: ``weight_ih_l{k}`` [4H, I] (layer 0; D * Ho above), ``weight_hh_l{k}`` [4H, Ho],
-    ``bias_ih_l{k}``, ``bias_hh_l{k}`` [4H], ``weight_hr_l{k}`` [P, H] when proj_size = P > 0,
+    ``bias_ih_l{k}``, ``bias_hh_l{k}`` [4H] (none with ``bias=False``), ``weight_hr_l{k}``
+    [P, H] when proj_size = P > 0,
     and the same with ``_reverse`` for the second direction (their roles: the
     `numpy_ref.lstm` module docstring).
 
@@ -262,7 +268,8 @@ def init_lstm_params(
     validate_lstm_sizes(input_size, hidden_size, num_layers, proj_size)
     rng = np.random.default_rng(rng)
     bound = 1.0 / np.sqrt(hidden_size)
-    specs = param_specs(input_size, hidden_size, proj_size, num_layers, 2 if bidirectional else 1)
+    specs = param_specs(input_size, hidden_size, proj_size, num_layers, 2 if bidirectional else 1,
+                        bool(bias))
     return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s, _ in specs}
 
 
@@ -288,7 +295,8 @@ def lstm_forward(
     Parameters
     ----------
     x : [T, B, I] (or [B, T, I] with ``batch_first``), float32 or float64.
-    params : `torch.nn.LSTM.state_dict()` names and shapes, the dtype of x.
+    params : `torch.nn.LSTM.state_dict()` names and shapes, the dtype of x (no bias keys for
+        ``bias=False``).
     h0 : [L*D, B, Ho] and c0 : [L*D, B, H] initial states (never batch-first); zeros if None.
         Give both or neither.
     lengths : integer [B], each in 1..T, or None. Same result as packing the batch with
@@ -313,7 +321,7 @@ def lstm_forward(
             out, h, c, cache = _direction_forward(
                 layer_input, h0[k], c0[k], p[param_key("weight_ih", layer, d)],
                 p[param_key("weight_hh", layer, d)],
-                p[param_key("bias_ih", layer, d)] + p[param_key("bias_hh", layer, d)],
+                direction_bias(p, layer, d, H, xt.dtype),
                 p.get(param_key("weight_hr", layer, d)), mask, reverse=d == 1,
             )
             outputs.append(out)

@@ -482,3 +482,43 @@ def test_seed_bilstm_state_dict_loads_as_is(backend: str) -> None:
 @pytest.mark.cuda
 def test_seed_bilstm_state_dict_loads_as_is_cuda(backend: str) -> None:
     check_seed_bilstm_on("cuda", backend)
+
+
+@over_backends
+@pytest.mark.parametrize("case", [
+    Case(T=5, B=3, I=2, H=4, P=2, L=2, bidirectional=True, batch_first=True, use_h0=True,
+         lengths=(5, 1, 3), seed=12),
+    Case(T=4, B=2, I=3, H=3, P=0, L=1, bidirectional=False, batch_first=False, use_h0=False,
+         lengths=None, seed=13),
+], ids=["bi-2layers-proj-lengths", "uni"])
+def test_lstm_without_biases_matches_torch_bias_false(backend: str, case: Case) -> None:
+    """torch's ``bias=False``: no bias keys in the params, none in the gradients."""
+    a = make_arrays(case)
+    a["params"] = {k: v for k, v in a["params"].items() if not k.startswith("bias")}
+    ours, theirs = run_ours(case, a, backend), run_torch(case, a)
+    assert set(ours) == set(theirs) and not any("bias" in k for k in ours), sorted(ours)
+    for name, value in ours.items():
+        assert_close_policy(name, value, theirs[name], grad=name.startswith("d_"))
+
+
+def test_lstm_cell_without_biases_matches_torch_lstmcell_bias_false() -> None:
+    a = cell_arrays(3, 4, 5, seed=14)
+    a["params"] = {k: v for k, v in a["params"].items() if not k.startswith("bias")}
+    cell = torch.nn.LSTMCell(4, 5, bias=False, dtype=torch.float64)
+    cell.load_state_dict({k: torch.tensor(v) for k, v in a["params"].items()})
+    tx, th, tc = (torch.tensor(a[k], requires_grad=True) for k in "xhc")
+    t_h, t_c = cell(tx, (th, tc))
+    grads = torch.autograd.grad([t_h, t_c], [tx, th, tc, *cell.parameters()],
+                                [torch.tensor(a["dh"]), torch.tensor(a["dc"])])
+    ours = run_ours_cell(a)
+    want = [t_h, t_c, *grads]
+    names = ["h_new", "c_new", "d_x", "d_h", "d_c", "d_weight_ih", "d_weight_hh"]
+    assert list(ours) == names
+    for name, t in zip(names, want, strict=True):
+        assert_close_policy(name, ours[name], t.detach().numpy(), grad=name.startswith("d_"))
+
+
+def test_init_lstm_params_bias_false_has_torchs_keys() -> None:
+    ours = ref.init_lstm_params(3, 4, num_layers=2, bidirectional=True, proj_size=2, bias=False)
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, bias=False)
+    assert list(ours) == list(theirs.state_dict())

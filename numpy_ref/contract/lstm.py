@@ -28,12 +28,14 @@ def param_key(kind: str, layer: int, direction: int) -> str:
 
 
 def param_specs(
-    input_size: int, hidden_size: int, proj_size: int, num_layers: int, directions: int
+    input_size: int, hidden_size: int, proj_size: int, num_layers: int, directions: int,
+    bias: bool = True,
 ) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(key, shape, labels) of every parameter, in `torch.nn.LSTM.state_dict()` order.
 
     Per layer and direction: weight_ih [4H, I] (layer 0) or [4H, D*Ho], weight_hh [4H, Ho],
-    bias_ih [4H], bias_hh [4H], and weight_hr [P, H] when proj_size > 0.
+    bias_ih [4H], bias_hh [4H] (not with ``bias=False``), and weight_hr [P, H] when
+    proj_size > 0.
     """
     H, P = hidden_size, proj_size
     Ho = P or H
@@ -43,8 +45,9 @@ def param_specs(
             yield (param_key("weight_ih", layer, d), (4 * H, layer_in),
                    "[4H, I]" if layer == 0 else "[4H, D*Ho]")
             yield param_key("weight_hh", layer, d), (4 * H, Ho), "[4H, Ho]"
-            yield param_key("bias_ih", layer, d), (4 * H,), "[4H]"
-            yield param_key("bias_hh", layer, d), (4 * H,), "[4H]"
+            if bias:
+                yield param_key("bias_ih", layer, d), (4 * H,), "[4H]"
+                yield param_key("bias_hh", layer, d), (4 * H,), "[4H]"
             if P:
                 yield param_key("weight_hr", layer, d), (P, H), "[P, H]"
 
@@ -82,13 +85,14 @@ def _cell_params(params: Mapping[str, Any], I: int, dtype: np.dtype
     p = {
         "weight_ih": checks.param(params, "weight_ih", (4 * H, I), "[4H, I]", dtype, "x"),
         "weight_hh": checks.param(params, "weight_hh", (4 * H, Ho), "[4H, Ho]", dtype, "x"),
-        "bias_ih": checks.param(params, "bias_ih", (4 * H,), "[4H]", dtype, "x"),
-        "bias_hh": checks.param(params, "bias_hh", (4 * H,), "[4H]", dtype, "x"),
     }
+    if "bias_ih" in params or "bias_hh" in params:  # both or neither (torch's bias=False)
+        for k in ("bias_ih", "bias_hh"):
+            p[k] = checks.param(params, k, (4 * H,), "[4H]", dtype, "x")
     if P:
         p["weight_hr"] = checks.param(params, "weight_hr", (P, H), "[P, H]", dtype, "x")
     checks.no_unexpected_keys(params, set(p), "an LSTM cell has weight_ih, weight_hh, "
-                              "bias_ih, bias_hh and optionally weight_hr")
+                              "(both or neither) bias_ih, bias_hh and optionally weight_hr")
     return p, H, Ho
 
 
@@ -151,12 +155,13 @@ def _validate_lstm_params(params: Mapping[str, Any], I: int, num_layers: int, D:
     """Check every key and shape; return (validated dict, H, Ho)."""
     H = _hidden_size(params, "weight_hh_l0")
     P = checks.leading_dim(params, "weight_hr_l0", 2, "[P, H]") if "weight_hr_l0" in params else 0
+    bias = "bias_ih_l0" in params or "bias_hh_l0" in params  # torch's bias=False: neither
     p = {k: checks.param(params, k, shape, labels, dtype, "x")
-         for k, shape, labels in param_specs(I, H, P, num_layers, D)}
+         for k, shape, labels in param_specs(I, H, P, num_layers, D, bias)}
     checks.no_unexpected_keys(
         params, set(p),
         f"they do not fit num_layers={num_layers}, bidirectional={D == 2}, "
-        f"proj_size={P} (check those options)",
+        f"proj_size={P}, bias={bias} (check those options)",
     )
     return p, H, P or H
 
@@ -263,3 +268,12 @@ def validate_lstm_cotangents(
     d_h_n, d_c_n = finals
     d_out = d_output.transpose(1, 0, 2) if cache.batch_first else d_output  # [T, B, D*Ho]
     return d_out, d_h_n, d_c_n
+
+
+def direction_bias(p: Mapping[str, np.ndarray], layer: int, d: int, H: int, dtype: np.dtype
+                   ) -> np.ndarray:
+    """b_ih + b_hh [4H] of one direction, zeros without biases (torch's bias=False)."""
+    key = param_key("bias_ih", layer, d)
+    if key not in p:
+        return np.zeros(4 * H, dtype)
+    return p[key] + p[param_key("bias_hh", layer, d)]
