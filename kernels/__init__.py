@@ -40,14 +40,19 @@ from kernels.multihead_attention import (
     multihead_attention_forward,
 )
 from kernels.optim import SGD, Adam, AdamW, clip_grad_norm
+from kernels.recurrent import gru_backward, gru_forward, rnn_backward, rnn_forward
 from kernels.reexported import (
     attention_scores_backward,
     attention_scores_forward,
     embedding_forward,
+    gru_cell_backward,
+    gru_cell_forward,
     linear_backward,
     linear_forward,
     lstm_cell_backward,
     lstm_cell_forward,
+    rnn_cell_backward,
+    rnn_cell_forward,
 )
 from kernels.warmup import warmup
 
@@ -70,6 +75,10 @@ __all__ = [
     "cross_entropy_forward",
     "embedding_backward",
     "embedding_forward",
+    "gru_backward",
+    "gru_cell_backward",
+    "gru_cell_forward",
+    "gru_forward",
     "linear_backward",
     "linear_forward",
     "lstm_backward",
@@ -80,6 +89,10 @@ __all__ = [
     "masked_softmax_forward",
     "multihead_attention_backward",
     "multihead_attention_forward",
+    "rnn_backward",
+    "rnn_cell_backward",
+    "rnn_cell_forward",
+    "rnn_forward",
     "warmup",
     "weighted_sum_backward",
     "weighted_sum_forward",

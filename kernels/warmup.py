@@ -89,7 +89,7 @@ def _attention_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
 
 
 def _other_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
-    from numpy_ref import init_lstm_params
+    from numpy_ref import init_gru_params, init_lstm_params, init_rnn_params
 
     rng = np.random.default_rng(1)
     T, B, I, H = 4, 3, 5, 6
@@ -102,6 +102,17 @@ def _other_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
             out, _, cache = k.lstm_forward(x, params, num_layers=2, bidirectional=bidirectional,
                                            lengths=lengths)
             k.lstm_backward(np.ones_like(out), cache)
+        return run
+
+    def gru_rnn(op: str, **options):
+        def run():
+            init = init_gru_params if op == "gru" else init_rnn_params
+            params = init(I, H, num_layers=2, bidirectional=True, rng=0, dtype=dtype)
+            x = rng.standard_normal((T, B, I)).astype(dtype)
+            out, _, cache = getattr(k, f"{op}_forward")(x, params, num_layers=2,
+                                                        bidirectional=True,
+                                                        lengths=np.array([4, 2, 1]), **options)
+            getattr(k, f"{op}_backward")(np.ones_like(out), cache)
         return run
 
     def layers():
@@ -124,6 +135,9 @@ def _other_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
     return [("LSTM", lstm(False, 0, None)),
             ("LSTM, bidirectional, lengths", lstm(True, 0, np.array([4, 2, 1]))),
             ("LSTM, projections", lstm(True, 3, np.array([4, 2, 1]))),
+            ("GRU", gru_rnn("gru")),
+            ("GRU, linear_before_reset=False", gru_rnn("gru", linear_before_reset=False)),
+            ("RNN, tanh", gru_rnn("rnn")), ("RNN, relu", gru_rnn("rnn", nonlinearity="relu")),
             ("cross-entropy, embedding", layers), ("optimizers", optimizers)]
 
 

@@ -521,3 +521,75 @@ def test_other_ops_on_cuda_are_a_clear_error() -> None:
         functions.lstm(x, dict(m.named_parameters()), backend="kernels")
     with pytest.raises(ValueError, match="backend='kernels'"):
         functions.attention(x[0], x, x, backend="numpy_ref")
+
+
+RECURRENT_CASES = {
+    "gru-2-layers-bi-lengths-state": ("GRU", {"num_layers": 2, "bidirectional": True},
+                                      {"lengths": [4, 1, 3]}, True),
+    "gru-other-batch-first-no-bias": ("GRU", {"batch_first": True, "bias": False},
+                                      {"linear_before_reset": False,
+                                       "lengths": torch.tensor([2, 4, 4])}, False),
+    "rnn-tanh-bi-state": ("RNN", {"bidirectional": True}, {}, True),
+    "rnn-relu-2-layers-lengths": ("RNN", {"num_layers": 2, "nonlinearity": "relu"},
+                                  {"nonlinearity": "relu", "lengths": [3, 4, 1]}, False),
+}
+
+
+@over_backends
+@pytest.mark.parametrize("name", list(RECURRENT_CASES))
+def test_gru_and_rnn_gradcheck(backend: str, name: str) -> None:
+    mode, module_kw, options, with_state = RECURRENT_CASES[name]
+    torch.manual_seed(9)
+    m = getattr(torch.nn, mode)(2, 3, dtype=D64, **module_kw)
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in m.named_parameters()]
+    LD = m.num_layers * (2 if m.bidirectional else 1)
+    x = leaf(*((3, 4, 2) if m.batch_first else (4, 3, 2)), seed=1)
+    state = (leaf(LD, 3, 3, seed=2),) if with_state else ()
+    bridge = functions.gru if mode == "GRU" else functions.rnn
+
+    def call(x, *rest):
+        h0 = rest[0] if with_state else None
+        ps = rest[1:] if with_state else rest
+        return bridge(x, dict(zip(names, ps, strict=True)), num_layers=m.num_layers,
+                      bidirectional=m.bidirectional, batch_first=m.batch_first, h0=h0,
+                      backend=backend, **options)
+    assert gradcheck(call, (x, *state, *params))
+
+
+@over_backends
+@pytest.mark.parametrize("mode", ["GRU", "RNN"])
+def test_gru_and_rnn_match_packed_nn_modules_with_their_gradients(backend: str,
+                                                                  mode: str) -> None:
+    torch.manual_seed(10)
+    m = getattr(torch.nn, mode)(3, 4, num_layers=2, bidirectional=True, dtype=D64)
+    x, lengths = leaf(5, 3, 3, seed=1), torch.tensor([5, 2, 4])
+    params = dict(m.named_parameters())
+    bridge = functions.gru if mode == "GRU" else functions.rnn
+    out, h = bridge(x, params, num_layers=2, bidirectional=True, lengths=lengths,
+                    backend=backend)
+    out_t, h_t = reference.run_packed(m, x, None, lengths)
+    assert_same([out, h], [out_t, h_t])
+    inputs = (x, *params.values())
+    assert_same(grads_of([out, h], inputs), grads_of([out_t, h_t], inputs))
+
+
+@over_backends
+@pytest.mark.parametrize("mode", ["GRU", "RNN"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_and_rnn_cells_gradcheck_and_match_torch(backend: str, mode: str,
+                                                     bias: bool) -> None:
+    torch.manual_seed(11)
+    cell = getattr(torch.nn, f"{mode}Cell")(3, 2, bias=bias, dtype=D64)
+    names = [n for n, _ in cell.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in cell.named_parameters()]
+    x, h = leaf(4, 3, seed=1), leaf(4, 2, seed=2)
+    bridge = functions.gru_cell if mode == "GRU" else functions.rnn_cell
+
+    def call(x, h, *ps):
+        return bridge(x, h, dict(zip(names, ps, strict=True)), backend=backend)
+    assert gradcheck(call, (x, h, *params))
+    inputs = (x, h, *cell.parameters())
+    ours, theirs = call(*inputs), cell(x, h)
+    assert_same([ours], [theirs])
+    assert_same(grads_of([ours], inputs), grads_of([theirs], inputs))

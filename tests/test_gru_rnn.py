@@ -483,9 +483,9 @@ def test_init_params_have_torchs_names_shapes_and_bounds(mode: str, bias: bool) 
 def _gru(**kw):
     rng = np.random.default_rng(0)
     p = ref.init_gru_params(2, 3, rng=rng)
-    args = {"x": rng.standard_normal((4, 2, 2)), "params": p}
-    args.update(kw)
-    return lambda m: m.gru_forward(args.pop("x"), args.pop("params"), **args)
+    x = rng.standard_normal((4, 2, 2))
+    params = kw.pop("params", p)
+    return lambda m: m.gru_forward(x, params, **kw)
 
 
 BAD = [
@@ -533,3 +533,64 @@ BAD = [
 def test_bad_input_is_a_clear_error(backend: str, call, exc, message) -> None:
     with pytest.raises(exc, match=message):
         call(RECURRENT_BACKENDS[backend])
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels: caches shared with numpy_ref, deterministic, threads
+
+
+def _forward_backward(mod, case: Case, a: dict, backward_mod=None):
+    forward = _api(case.mode, mod)[0]
+    backward = _api(case.mode, backward_mod or mod)[1]
+    options = ({"linear_before_reset": case.linear_before_reset} if case.mode == "gru" else
+               {"nonlinearity": case.mode.removeprefix("rnn-")})
+    out, h_n, cache = forward(a["x"], a["params"], num_layers=case.L,
+                              bidirectional=case.bidirectional, batch_first=case.batch_first,
+                              h0=a["h0"], lengths=_lengths(case), **options)
+    return (out, h_n, *backward(a["d_output"], cache, d_h_n=a["d_h_n"]))
+
+
+KERNEL_CASES = [AWKWARD[0], AWKWARD[2], AWKWARD[3],
+                AWKWARD[0]._replace(linear_before_reset=False, T=9, lengths=(9, 1, 7, 3, 8, 2, 9))]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c.mode}-lbr{c.linear_before_reset}")
+@pytest.mark.parametrize("forward_by", ["numpy_ref", "kernels"])
+def test_kernels_caches_work_with_either_backward(case: Case, forward_by: str) -> None:
+    """A cache from one backend's forward gives the other backend's backward the same
+    gradients (float64, to 1e-12)."""
+    import kernels
+    a = make_arrays(case)
+    other = kernels if forward_by == "numpy_ref" else ref
+    mod = ref if forward_by == "numpy_ref" else kernels
+    mixed = _forward_backward(mod, case, a, backward_mod=other)
+    same = _forward_backward(other, case, a)
+    for got, want in zip(mixed[2:], same[2:], strict=True):
+        if isinstance(got, dict):
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, err_msg=k)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c.mode}-lbr{c.linear_before_reset}")
+def test_kernels_are_deterministic_and_two_threads_give_the_bits_of_one(monkeypatch,
+                                                                        case: Case) -> None:
+    import kernels
+    import kernels.lstm
+    a = cast(make_arrays(case), np.float32)
+
+    def flat(results):
+        return [r for x in results for r in (x.values() if isinstance(x, dict) else [x])]
+
+    first = flat(_forward_backward(kernels, case, a))
+    for _ in range(3):
+        for got, want in zip(flat(_forward_backward(kernels, case, a)), first, strict=True):
+            np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(kernels.lstm, "_MIN_WORK", 0)
+    monkeypatch.setattr(kernels.lstm, "_cpus", lambda: 2)
+    for got, want in zip(flat(_forward_backward(kernels, case, a)), first, strict=True):
+        np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(kernels.lstm, "TWO_THREADS", False)
+    for got, want in zip(flat(_forward_backward(kernels, case, a)), first, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -15,6 +15,7 @@ from kernels import (
     layers,
     lstm,
     optim,
+    recurrent,
     softmax,
 )
 
@@ -36,7 +37,10 @@ INNER = {"dot", "tanh", "sigmoid", "_clamp_length", "_single_finish", "_padded_f
          "_cell_forward_v2", "_emit_hidden", "_cell_backward", "_hidden_backward", "_gemm",
          # the flash kernels' per-item bodies: when their callers load from Numba's on-disk
          # cache, these never compile on their own, so their signatures depend on the cache
-         "_forward_item", "_backward_item"}
+         "_forward_item", "_backward_item",
+         # the GRU/RNN steps' pointwise passes, inside the compiled recurrences
+         "_gru_rz", "_gru_n", "_gru_step_backward", "_gru_reset_backward", "_carry",
+         "_rnn_cell", "_rnn_cell_backward"}
 
 
 @pytest.mark.skipif(bool(numba.config.DISABLE_JIT), reason="no compiled dispatchers without JIT")
@@ -46,7 +50,7 @@ def test_after_warmup_every_jitted_kernel_has_both_dtypes() -> None:
     kernels.warmup(progress=False)
     missing = []
     for module in (attention, attention_additive, attention_flash, attention_single, layers,
-                   lstm, optim, softmax):
+                   lstm, optim, recurrent, softmax):
         for name, obj in vars(module).items():
             if not isinstance(obj, CPUDispatcher) or name in INNER or name.endswith("_v1") \
                     or name.startswith("_check"):

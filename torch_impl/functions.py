@@ -11,16 +11,19 @@ calls our backward for it:
     lstm(x, params, *, num_layers, bidirectional, batch_first, h0, c0, lengths)
         -> (output, (h_n, c_n))                    over lstm_forward / lstm_backward
     lstm_cell(x, h, c, params) -> (h_new, c_new)   over lstm_cell_forward / lstm_cell_backward
+    gru(x, params, *, ..., linear_before_reset) / rnn(x, params, *, nonlinearity, ...)
+        -> (output, h_n)                           over gru_/rnn_forward and _backward
+    gru_cell(x, h, params) / rnn_cell(x, h, params) -> h_new      over the cells' pairs
 
-The math is the op's own (the docstrings of `numpy_ref.attention`, `numpy_ref.lstm` and
-`numpy_ref.multihead_attention`); a bridge only moves arrays. In forward it takes NumPy views of
-the tensors (no copy on the CPU), runs ``backend.op_forward`` and keeps the op's cache on the
-autograd context; in backward it gives the output cotangents to ``backend.op_backward`` and
-hands torch one gradient per input, in the forward's argument order (``d_params[name]`` for
-each entry of ``params``; ``d_params["bias"]`` for attention's ``bias``). An output that the
-loss does not use reaches the backward as ``None`` and is passed on as "no cotangent" (zeros
-for the context, the LSTM output and the cell's h; absent for the weights and the final
-states), so no zero array is built for it.
+The math is the op's own (the docstrings of `numpy_ref.attention`, `numpy_ref.lstm`,
+`numpy_ref.gru`, `numpy_ref.rnn` and `numpy_ref.multihead_attention`); a bridge only moves
+arrays. In forward it takes NumPy views of the tensors (no copy on the CPU), runs
+``backend.op_forward`` and keeps the op's cache on the autograd context; in backward it gives
+the output cotangents to ``backend.op_backward`` and hands torch one gradient per input, in the
+forward's argument order (``d_params[name]`` for each entry of ``params``; ``d_params["bias"]``
+for attention's ``bias``). An output that the loss does not use reaches the backward as
+``None`` and is passed on as "no cotangent" (zeros for the context, the LSTM output and the
+cell's h; absent for the weights and the final states), so no zero array is built for it.
 
 Conventions kept from torch:
 - dtype: float32 stays float32 and float64 float64; inputs of mixed dtype get the op's
@@ -538,3 +541,162 @@ def lstm_cell(
                                       **dict(zip(names, tensors, strict=True))})
     _host_only("lstm_cell", device, module, "kernels.cuda has no LSTM cell;")
     return LSTMCellFunction.apply(module, names, x, h, c, *tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# GRU and Elman RNN: one bridge for both layers, one for both cells
+
+
+@dataclass(frozen=True)
+class _RecurrentOptions:
+    backend: ModuleType
+    op: str  # "gru" or "rnn"
+    names: tuple[str, ...]
+    options: tuple[tuple[str, Any], ...]  # the forward's keyword arguments
+    has_state: bool
+
+
+class RecurrentFunction(torch.autograd.Function):
+    """``apply(options, x, h0, *params) -> (output, h_n)``; use `gru` or `rnn`."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, o: _RecurrentOptions, x, h0, *params):
+        forward = getattr(o.backend, f"{o.op}_forward")
+        output, h_n, cache = forward(_array(x), dict(zip(o.names, map(_array, params),
+                                                         strict=True)),
+                                     h0=_array(h0), **dict(o.options))
+        output, h_n = _tensor(output), _tensor(h_n)
+        ctx.options, ctx.cache = o, cache
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, output, h_n)
+        return output, h_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, d_output, d_h_n):
+        _saved(ctx)
+        o = ctx.options
+        if d_output is None:  # only the final state reaches the loss
+            d_output = torch.zeros_like(ctx.saved_tensors[1])
+        d_x, d_params, d_h0 = getattr(o.backend, f"{o.op}_backward")(
+            _array(d_output), ctx.cache, d_h_n=_array(d_h_n))
+        return (None, _tensor(d_x), _tensor(d_h0) if o.has_state else None,
+                *(_tensor(d_params[n]) for n in o.names))
+
+
+def _recurrent(op: str, x, params, h0, lengths, backend, **options) -> tuple:
+    module = resolve_backend(backend)
+    names, tensors = _params(op, params)
+    device = _device_of(op, {"x": x, "h0": h0, **dict(zip(names, tensors, strict=True))})
+    _host_only(op, device, module, f"kernels.cuda has no {op.upper()};")
+    o = _RecurrentOptions(module, op, names,
+                          (*options.items(), ("lengths", _host_option(lengths))),
+                          h0 is not None)
+    return RecurrentFunction.apply(o, x, h0, *tensors)
+
+
+def gru(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    h0: torch.Tensor | None = None,
+    lengths: Any = None,
+    linear_before_reset: bool = True,
+    backend: str | ModuleType = "numpy_ref",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gru_forward` (`torch.nn.GRU`'s semantics, or with ``linear_before_reset=False`` the
+    other published GRU) as a differentiable torch op; backward by `gru_backward`.
+
+    Per step ``r, z = sigmoid(..)``, ``n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn))``,
+    ``h' = (1 - z) n + z h``; the `numpy_ref.gru` module docstring has the derivation.
+
+    x : [T, B, I] (or [B, T, I]).  params : nn.GRU's parameters by name, e.g.
+    ``dict(nn.GRU(...).named_parameters())``; each receives its gradient.  h0 : [L*D, B, H]
+    or None (zeros); differentiable.  lengths : integer [B], packed semantics; not
+    differentiated.  backend : "numpy_ref" or "kernels"; CPU tensors only.
+    Returns output [T, B, D*H] (or [B, T, D*H]), zero at padded steps, and h_n [L*D, B, H].
+    """
+    return _recurrent("gru", x, params, h0, lengths, backend, num_layers=int(num_layers),
+                      bidirectional=bool(bidirectional), batch_first=bool(batch_first),
+                      linear_before_reset=linear_before_reset)
+
+
+def rnn(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    *,
+    nonlinearity: str = "tanh",
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    h0: torch.Tensor | None = None,
+    lengths: Any = None,
+    backend: str | ModuleType = "numpy_ref",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rnn_forward` (`torch.nn.RNN`'s semantics) as a differentiable torch op; backward by
+    `rnn_backward`: ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``, act tanh or
+    relu (the `numpy_ref.rnn` module docstring).
+
+    Arguments and results as `gru` (params of nn.RNN; [H, .] weights).
+    """
+    return _recurrent("rnn", x, params, h0, lengths, backend, nonlinearity=nonlinearity,
+                      num_layers=int(num_layers), bidirectional=bool(bidirectional),
+                      batch_first=bool(batch_first))
+
+
+class RecurrentCellFunction(torch.autograd.Function):
+    """``apply(backend, op, names, options, x, h, *params) -> h_new``; use `gru_cell` or
+    `rnn_cell`."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, backend: ModuleType, op: str, names: tuple[str, ...],
+                options: tuple[tuple[str, Any], ...], x, h, *params):
+        h_new, cache = getattr(backend, f"{op}_cell_forward")(
+            _array(x), _array(h), dict(zip(names, map(_array, params), strict=True)),
+            **dict(options))
+        h_new = _tensor(h_new)
+        ctx.backend, ctx.op, ctx.names, ctx.cache = backend, op, names, cache
+        ctx.save_for_backward(x, h, h_new)
+        return h_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, d_h_new):
+        _saved(ctx)
+        d_x, d_h, d_params = getattr(ctx.backend, f"{ctx.op}_cell_backward")(
+            _array(d_h_new), ctx.cache)
+        return (None, None, None, None, _tensor(d_x), _tensor(d_h),
+                *(_tensor(d_params[n]) for n in ctx.names))
+
+
+def _recurrent_cell(op: str, x, h, params, backend, **options) -> torch.Tensor:
+    module = resolve_backend(backend)
+    names, tensors = _params(f"{op}_cell", params)
+    device = _device_of(f"{op}_cell", {"x": x, "h": h, **dict(zip(names, tensors, strict=True))})
+    _host_only(f"{op}_cell", device, module, f"kernels.cuda has no {op.upper()} cell;")
+    return RecurrentCellFunction.apply(module, op, names, tuple(options.items()), x, h, *tensors)
+
+
+def gru_cell(x: torch.Tensor, h: torch.Tensor, params: Mapping[str, torch.Tensor], *,
+             linear_before_reset: bool = True,
+             backend: str | ModuleType = "numpy_ref") -> torch.Tensor:
+    """`gru_cell_forward` (`torch.nn.GRUCell`'s step) as a differentiable torch op:
+    ``h_new = (1 - z) n + z h`` (the `numpy_ref.gru` module docstring).
+
+    x : [B, I].  h : [B, H].  params : ``weight_ih`` [3H, I], ``weight_hh`` [3H, H], and both
+    or neither ``bias_ih``, ``bias_hh`` [3H].  Returns h_new [B, H].
+    """
+    return _recurrent_cell("gru", x, h, params, backend,
+                           linear_before_reset=linear_before_reset)
+
+
+def rnn_cell(x: torch.Tensor, h: torch.Tensor, params: Mapping[str, torch.Tensor], *,
+             nonlinearity: str = "tanh",
+             backend: str | ModuleType = "numpy_ref") -> torch.Tensor:
+    """`rnn_cell_forward` (`torch.nn.RNNCell`'s step) as a differentiable torch op:
+    ``h_new = act(x W_ih^T + b_ih + h W_hh^T + b_hh)``. Arguments as `gru_cell` ([H, .]
+    weights). Returns h_new [B, H]."""
+    return _recurrent_cell("rnn", x, h, params, backend, nonlinearity=nonlinearity)
