@@ -30,6 +30,11 @@ PROBLEMS: list[Problem] = [
     lstm.lstm_problem(32, 16, 64, 64, suites=("default",)),
     # Odd sizes, so that a shape or transpose mistake cannot hide behind a square matrix.
     lstm.lstm_problem(7, 3, 5, 11, suites=("quick",)),
+    # The rest of the recurrent family at the LSTM's sizes: GRU (torch's) and tanh RNN.
+    *(lstm.lstm_problem(*size, suites=suites, mode=mode)
+      for mode in ("gru", "rnn")
+      for size, suites in (((128, 64, 256, 256), ("default",)), ((32, 16, 64, 64), ("default",)),
+                           ((7, 3, 5, 11), ("quick",)))),
     # Single query (the seed's case): memory-bound, V is 128 MiB in float32, then 1 MiB.
     attention.attention_problem(256, 512, 256),
     attention.attention_problem(256, 512, 256, masked=True),
@@ -78,6 +83,10 @@ BACKENDS: list[Backend] = [
     lstm.TORCH_CUDA,
     lstm.NUMPY_REF,
     lstm.module_backend("kernels", kernels),
+    *(backend for op in ("gru", "rnn")
+      for backend in (lstm.torch_backend(op, "cpu"), lstm.torch_backend(op, "cuda"),
+                      lstm.module_backend("numpy_ref", numpy_ref, op),
+                      lstm.module_backend("kernels", kernels, op))),
     attention.TORCH_BMM_CPU,
     attention.TORCH_SDPA_CPU,
     attention.TORCH_BMM_CUDA,
@@ -102,7 +111,8 @@ BACKENDS: list[Backend] = [
 ]
 
 # op -> (backend name, device) that the "vs base" column divides by: the usual counterpart.
-BASELINES = {"lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu"),
+BASELINES = {"lstm": ("torch", "cpu"), "gru": ("torch", "cpu"), "rnn": ("torch", "cpu"),
+             "attention": ("torch_bmm", "cpu"),
              "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu")}
 
 

@@ -44,8 +44,8 @@ __all__ = ["BASELINES", "UNSURE", "plot_ratios", "plot_sweeps", "ratio_figure", 
 # op -> (backend, device) that ``vs_baseline`` divides by (a copy of benchmarks.cases.BASELINES,
 # so that plotting imports none of the backends).
 BASELINES: dict[str, tuple[str, str]] = {
-    "lstm": ("torch", "cpu"), "attention": ("torch_bmm", "cpu"),
-    "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu"),
+    "lstm": ("torch", "cpu"), "gru": ("torch", "cpu"), "rnn": ("torch", "cpu"),
+    "attention": ("torch_bmm", "cpu"), "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu"),
 }
 
 PASS_ORDER = ("forward", "forward+backward", "training step")
