@@ -76,4 +76,4 @@ def test_the_package_requires_numpy_alone() -> None:
     extras = project["optional-dependencies"]
     # the quick start's two commands install these: everything the suite and the tests import
     assert "lstm-attention-reference[kernels,torch,examples]" in extras["bench"]
-    assert "lstm-attention-reference[bench,golden,cuda]" in extras["test"]
+    assert "lstm-attention-reference[bench,golden,cuda,frameworks]" in extras["test"]
