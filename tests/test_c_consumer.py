@@ -1,6 +1,6 @@
 """The C consumer of the golden files, examples/c/golden_check.c, built and run.
 
-It is compiled warning-free (C11, -Wall -Wextra -Werror -pedantic) and run on the four cases
+It is compiled warning-free (C11, -Wall -Wextra -Werror -pedantic) and run on the six cases
 numpy_ref.golden writes for it: it must pass them all and name every output and gradient.
 Then it must fail: one stored value moved just past its tolerance is exit code 1 naming that
 tensor (and one moved by half its tolerance still passes, so the rule is the file's, not
@@ -24,9 +24,13 @@ from safetensors.numpy import load_file, save_file
 from numpy_ref import golden
 
 SOURCE = Path(__file__).resolve().parent.parent / "examples" / "c" / "golden_check.c"
-CASES = ("lstm_cell-basic-float64", "lstm_cell-basic-float32",
-         "attention-scaled_dot_lengths-float64", "attention-scaled_dot_lengths-float32")
-EXTRA = ("attention-scaled_dot_many-float32", "lstm_cell-proj-float64")  # no lengths; refused
+CASES = ("lstm_cell-basic-float64", "lstm_cell-basic-float32", "gru_cell-basic-float64",
+         "gru_cell-basic-float32", "attention-scaled_dot_lengths-float64",
+         "attention-scaled_dot_lengths-float32")
+# no lengths (checked); a projection and the other GRU (refused)
+EXTRA = ("attention-scaled_dot_many-float32", "lstm_cell-proj-float64",
+         "gru_cell-linear_before_reset_false-float64")
+COUNTED = {"lstm_cell": 9, "gru_cell": 7, "attention": 5}  # outputs and gradients per case
 CHECKED = ("output.", "grad.")  # the roles the exit status counts; cache.* is a debugging aid
 
 
@@ -36,7 +40,7 @@ def _compiler() -> str | None:
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the compiled checker, a directory with the four golden cases)."""
+    """(the compiled checker, a directory with the six golden cases and the extra ones)."""
     cc = _compiler()
     if cc is None:
         pytest.skip("no C compiler (cc or gcc) on PATH")
@@ -105,18 +109,21 @@ def test_passes_every_case_and_names_every_tensor(build: tuple[Path, Path]) -> N
     for case, text in sections.items():
         tensors, _ = _tensors(gold / f"{case}.safetensors")
         checked = [n for n in tensors if n.startswith(CHECKED)]
-        assert len(checked) == (9 if case.startswith("lstm_cell") else 5), checked
+        assert len(checked) == COUNTED[case.split("-")[0]], checked
         for name in checked:
             assert _row(text, name).split()[-1] == "ok", (case, name)
         for name in (n for n in tensors if n.startswith("cache.")):
             assert "ok (debug, not counted)" in _row(text, name), (case, name)
         assert f"=> {len(checked)} of {len(checked)} tensors pass" in text
-    assert r.stdout.strip().splitlines()[-1] == "PASS: 28 of 28 tensors pass"
+    total = 2 * sum(COUNTED.values())
+    assert r.stdout.strip().splitlines()[-1] == f"PASS: {total} of {total} tensors pass"
 
 
 @pytest.mark.parametrize(("case", "tensor"), [
     ("lstm_cell-basic-float64", "output.h_new"),
     ("lstm_cell-basic-float32", "grad.d_weight_ih"),
+    ("gru_cell-basic-float64", "grad.d_bias_hh"),
+    ("gru_cell-basic-float32", "output.h_new"),
     ("attention-scaled_dot_lengths-float64", "grad.d_query"),
     ("attention-scaled_dot_lengths-float32", "output.weights"),
 ])
@@ -202,3 +209,5 @@ def test_other_cases_of_the_two_ops(build: tuple[Path, Path]) -> None:
     assert "=> 5 of 5 tensors pass" in r.stdout
     r = _run(exe, gold / "lstm_cell-proj-float64.safetensors")
     assert r.returncode == 2 and "projection (param.weight_hr)" in r.stderr, r.stderr
+    r = _run(exe, gold / "gru_cell-linear_before_reset_false-float64.safetensors")
+    assert r.returncode == 2 and "linear_before_reset=false" in r.stderr, r.stderr

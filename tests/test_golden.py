@@ -102,8 +102,9 @@ def test_write_then_verify_every_case(full):
     assert golden.verify(full) == []
     assert golden.main(["verify", str(full)]) == 0
     families = {e["family"] for e in m["cases"].values()}
-    assert families == {"lstm_cell", "lstm", "attention", "multihead_attention", "embedding",
-                        "linear", "cross_entropy", "bilstm_attention", "seq2seq"}
+    assert families == {"lstm_cell", "lstm", "gru_cell", "gru", "rnn_cell", "rnn", "attention",
+                        "multihead_attention", "embedding", "linear", "cross_entropy",
+                        "bilstm_attention", "seq2seq"}
     total = sum(e["size"] for e in m["cases"].values())
     assert total < 4 << 20, f"the golden set is {total} bytes"
     for name, e in m["cases"].items():
@@ -395,6 +396,63 @@ def test_torch_lstm_all_options(full):
     _check_grads(t, {"output": out, "h_n": h_n, "c_n": c_n},
                  {"output": cot["d_output"], "h_n": cot["d_h_n"], "c_n": cot["d_c_n"]},
                  {"x": x, "h0": h0, "c0": c0, **dict(lstm.named_parameters())})
+
+
+@pytest.mark.parametrize(("case", "module"), [
+    ("gru_cell-basic-float64", "GRUCell"), ("rnn_cell-tanh-float64", "RNNCell"),
+    ("rnn_cell-relu_no_bias-float64", "RNNCell")])
+def test_torch_gru_and_rnn_cells(full, case, module):
+    inp, par, cot, t = _load(full, case)
+    options = _manifest(full)["cases"][case]["options"]
+    kw = {} if module == "GRUCell" else {"nonlinearity": options["nonlinearity"]}
+    cell = getattr(torch.nn, module)(options["input_size"], options["hidden_size"],
+                                     bias=options["bias"], dtype=torch.float64, **kw)
+    cell.load_state_dict({k: _t(v) for k, v in par.items()})
+    x, h = (_t(inp[k], True) for k in ("x", "h"))
+    _check_grads(t, {"h_new": cell(x, h)}, {"h_new": cot["d_h_new"]},
+                 {"x": x, "h": h, **dict(cell.named_parameters())})
+
+
+@pytest.mark.parametrize("case", ["gru-basic-float64", "gru-bidirectional_2layer_lengths-float64",
+                                  "gru-no_bias-float64", "rnn-tanh_bidirectional_lengths-float64",
+                                  "rnn-relu_batch_first-float64"])
+def test_torch_gru_and_rnn_layers_packed(full, case):
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    mode = case.split("-")[0].upper()
+    kw = {"nonlinearity": o["nonlinearity"]} if mode == "RNN" else {}
+    module = reference.recurrent_module(par, mode=mode, num_layers=o["num_layers"],
+                                        bidirectional=o["bidirectional"],
+                                        batch_first=o["batch_first"], **kw)
+    x = _t(inp["x"], True)
+    leaves = {"x": x}
+    h0 = None
+    if o["initial_state"]:
+        h0 = leaves["h0"] = _t(inp["h0"], True)
+    lengths = torch.from_numpy(inp["lengths"]) if "lengths" in inp else None
+    out, h_n = reference.run_packed(module, x, h0, lengths)
+    _check_grads(t, {"output": out, "h_n": h_n},
+                 {"output": cot["d_output"], "h_n": cot["d_h_n"]},
+                 {**leaves, **dict(module.named_parameters())})
+
+
+def test_the_other_gru_against_its_formula(full):
+    """The linear_before_reset=False files (torch has no such GRU) against the independent
+    per-sequence writing of tests/test_gru_rnn.py, in torch ops with autograd."""
+    from test_gru_rnn import Case, run_independent
+
+    inp, par, cot, t = _load(full, "gru-linear_before_reset_false-float64")
+    o = _manifest(full)["cases"]["gru-linear_before_reset_false-float64"]["options"]
+    case = Case("gru", T=o["seq_len"], B=o["batch"], I=o["input_size"], H=o["hidden_size"],
+                L=o["num_layers"], bidirectional=o["bidirectional"],
+                batch_first=o["batch_first"], use_h0=True, bias=True,
+                lengths=tuple(o["lengths"]), seed=0, linear_before_reset=False)
+    got = run_independent(case, {"params": par, "x": inp["x"], "h0": inp["h0"], **cot}, False)
+    for name in ("output", "h_n"):
+        _same(f"output.{name}", got[name], t[f"output.{name}"])
+    for name, value in got.items():
+        if name.startswith("d_"):
+            _same(f"grad.{name}", value, t[f"grad.{name}"])
 
 
 def test_torch_attention_scaled_dot_lengths(full):

@@ -1,5 +1,5 @@
 /*
- * golden_check.c -- check a plain C LSTM cell and attention against golden vectors.
+ * golden_check.c -- check a plain C LSTM cell, GRU cell and attention against golden vectors.
  *
  * The golden files are written by `python -m numpy_ref.golden write DIR`: one safetensors
  * file per case holding the inputs, parameters and cotangents of one call, the outputs and
@@ -14,9 +14,10 @@
  *   3. compares every output and gradient elementwise, |got - want| <= atol + rtol * |want|,
  *      and prints a table: the worst error, where it is, what was allowed.
  *
- * Usage:  golden_check DIR          (reads the four cases below from DIR)
- *         golden_check FILE...      (files of these two ops: an LSTM cell without projection,
- *                                    scaled-dot attention with many queries, either dtype)
+ * Usage:  golden_check DIR          (reads the six cases below from DIR)
+ *         golden_check FILE...      (files of these three ops: an LSTM cell without
+ *                                    projection, torch's GRU cell, scaled-dot attention with
+ *                                    many queries, either dtype)
  * Exit:   0 every tensor passes, 1 some tensor fails, 2 a file is unreadable or malformed.
  *
  * Build:  cc -std=c11 -O2 -Wall -Wextra -Werror -pedantic golden_check.c -lm -o golden_check
@@ -35,10 +36,12 @@
 
 _Static_assert(sizeof(double) == 8 && sizeof(float) == 4, "needs IEEE 754 float and double");
 
-/* The four cases `golden_check DIR` reads (names fixed by the golden file format). */
+/* The six cases `golden_check DIR` reads (names fixed by the golden file format). */
 static const char *const DEFAULT_CASES[] = {
     "lstm_cell-basic-float64",
     "lstm_cell-basic-float32",
+    "gru_cell-basic-float64",
+    "gru_cell-basic-float32",
     "attention-scaled_dot_lengths-float64",
     "attention-scaled_dot_lengths-float32",
 };
@@ -152,6 +155,88 @@ static void lstm_cell_backward_f64(int B, int I, int H, const double *x, const d
         for (int b = 0; b < B; b++) s += da[b * 4 * H + k];
         d_b_ih[k] = s; /* both biases are added to a: the same gradient */
         d_b_hh[k] = s;
+    }
+}
+
+/*
+ * GRU cell (torch.nn.GRUCell), gates stacked r, z, n in w_ih [3H, I], w_hh [3H, H]:
+ *   gi = x w_ih^T + b_ih,  gh = h w_hh^T + b_hh                        [B, 3H]
+ *   r = sigmoid(gi_r + gh_r),  z = sigmoid(gi_z + gh_z),  n = tanh(gi_n + r * gh_n)
+ *   h_new = (1 - z) * n + z * h                                        [B, H]
+ * The reset gate multiplies gh_n = W_hn h + b_hn as a whole (torch's GRU; ONNX calls it
+ * linear_before_reset=1).  Forward writes gates [B, 3H] (r, z, n activated) and keeps gh.
+ * Backward, from dh = dL/dh_new:
+ *   da_n = dh (1 - z) (1 - n^2),  da_z = dh (h - n) z (1 - z),  da_r = da_n gh_n r (1 - r)
+ *   dgi = [da_r, da_z, da_n],  dgh = [da_r, da_z, da_n * r]
+ *   d_x = dgi w_ih,  d_h = dh z + dgh w_hh,  dW_ih = dgi^T x,  dW_hh = dgh^T h,
+ *   db_ih = sum_b dgi,  db_hh = sum_b dgh      (so d_b_in != d_b_hn)
+ */
+static void gru_cell_forward_f64(int B, int I, int H, const double *x, const double *h,
+                                 const double *w_ih, const double *w_hh, const double *b_ih,
+                                 const double *b_hh, double *gh, double *gates, double *h_new)
+{
+    for (int b = 0; b < B; b++) {
+        double *gate = gates + b * 3 * H, *ghb = gh + b * 3 * H;
+        for (int k = 0; k < 3 * H; k++) { /* gi into gates for now, gh beside it */
+            double gi = b_ih[k], hh = b_hh[k];
+            for (int j = 0; j < I; j++) gi += x[b * I + j] * w_ih[k * I + j];
+            for (int j = 0; j < H; j++) hh += h[b * H + j] * w_hh[k * H + j];
+            gate[k] = gi;
+            ghb[k] = hh;
+        }
+        for (int j = 0; j < H; j++) {
+            double r = sigmoid_f64(gate[j] + ghb[j]), z = sigmoid_f64(gate[H + j] + ghb[H + j]);
+            double n = tanh(gate[2 * H + j] + r * ghb[2 * H + j]);
+            gate[j] = r, gate[H + j] = z, gate[2 * H + j] = n;
+            h_new[b * H + j] = (1.0 - z) * n + z * h[b * H + j];
+        }
+    }
+}
+
+static void gru_cell_backward_f64(int B, int I, int H, const double *x, const double *h,
+                                  const double *w_ih, const double *w_hh, const double *gh,
+                                  const double *gates, const double *d_h_new, double *dgi, double *dgh,
+                                  double *d_x, double *d_h, double *d_w_ih, double *d_w_hh, double *d_b_ih,
+                                  double *d_b_hh)
+{
+    for (int b = 0; b < B; b++) {
+        const double *gate = gates + b * 3 * H;
+        for (int j = 0; j < H; j++) {
+            double r = gate[j], z = gate[H + j], n = gate[2 * H + j], dh = d_h_new[b * H + j];
+            double da_n = dh * (1.0 - z) * (1.0 - n * n);
+            double da_z = dh * (h[b * H + j] - n) * z * (1.0 - z);
+            double da_r = da_n * gh[b * 3 * H + 2 * H + j] * r * (1.0 - r);
+            dgi[b * 3 * H + j] = da_r, dgi[b * 3 * H + H + j] = da_z;
+            dgi[b * 3 * H + 2 * H + j] = da_n;
+            dgh[b * 3 * H + j] = da_r, dgh[b * 3 * H + H + j] = da_z;
+            dgh[b * 3 * H + 2 * H + j] = da_n * r; /* the reset multiplies W_hn h + b_hn */
+        }
+        for (int j = 0; j < I; j++) {
+            double s = 0.0;
+            for (int k = 0; k < 3 * H; k++) s += dgi[b * 3 * H + k] * w_ih[k * I + j];
+            d_x[b * I + j] = s;
+        }
+        for (int j = 0; j < H; j++) {
+            double s = d_h_new[b * H + j] * gate[H + j]; /* h_new = ... + z * h */
+            for (int k = 0; k < 3 * H; k++) s += dgh[b * 3 * H + k] * w_hh[k * H + j];
+            d_h[b * H + j] = s;
+        }
+    }
+    for (int k = 0; k < 3 * H; k++) { /* parameter gradients: sums over the batch */
+        for (int j = 0; j < I; j++) {
+            double s = 0.0;
+            for (int b = 0; b < B; b++) s += dgi[b * 3 * H + k] * x[b * I + j];
+            d_w_ih[k * I + j] = s;
+        }
+        for (int j = 0; j < H; j++) {
+            double s = 0.0;
+            for (int b = 0; b < B; b++) s += dgh[b * 3 * H + k] * h[b * H + j];
+            d_w_hh[k * H + j] = s;
+        }
+        double si = 0.0, sh = 0.0;
+        for (int b = 0; b < B; b++) si += dgi[b * 3 * H + k], sh += dgh[b * 3 * H + k];
+        d_b_ih[k] = si; /* b_in and b_hn differ: only b_hn is scaled by r */
+        d_b_hh[k] = sh;
     }
 }
 
@@ -327,6 +412,75 @@ static void lstm_cell_backward_f32(int B, int I, int H, const float *x, const fl
         for (int b = 0; b < B; b++) s += da[b * 4 * H + k];
         d_b_ih[k] = s;
         d_b_hh[k] = s;
+    }
+}
+
+static void gru_cell_forward_f32(int B, int I, int H, const float *x, const float *h,
+                                 const float *w_ih, const float *w_hh, const float *b_ih,
+                                 const float *b_hh, float *gh, float *gates, float *h_new)
+{
+    for (int b = 0; b < B; b++) {
+        float *gate = gates + b * 3 * H, *ghb = gh + b * 3 * H;
+        for (int k = 0; k < 3 * H; k++) { /* gi into gates for now, gh beside it */
+            float gi = b_ih[k], hh = b_hh[k];
+            for (int j = 0; j < I; j++) gi += x[b * I + j] * w_ih[k * I + j];
+            for (int j = 0; j < H; j++) hh += h[b * H + j] * w_hh[k * H + j];
+            gate[k] = gi;
+            ghb[k] = hh;
+        }
+        for (int j = 0; j < H; j++) {
+            float r = sigmoid_f32(gate[j] + ghb[j]), z = sigmoid_f32(gate[H + j] + ghb[H + j]);
+            float n = tanhf(gate[2 * H + j] + r * ghb[2 * H + j]);
+            gate[j] = r, gate[H + j] = z, gate[2 * H + j] = n;
+            h_new[b * H + j] = (1.0f - z) * n + z * h[b * H + j];
+        }
+    }
+}
+
+static void gru_cell_backward_f32(int B, int I, int H, const float *x, const float *h,
+                                  const float *w_ih, const float *w_hh, const float *gh,
+                                  const float *gates, const float *d_h_new, float *dgi, float *dgh,
+                                  float *d_x, float *d_h, float *d_w_ih, float *d_w_hh, float *d_b_ih,
+                                  float *d_b_hh)
+{
+    for (int b = 0; b < B; b++) {
+        const float *gate = gates + b * 3 * H;
+        for (int j = 0; j < H; j++) {
+            float r = gate[j], z = gate[H + j], n = gate[2 * H + j], dh = d_h_new[b * H + j];
+            float da_n = dh * (1.0f - z) * (1.0f - n * n);
+            float da_z = dh * (h[b * H + j] - n) * z * (1.0f - z);
+            float da_r = da_n * gh[b * 3 * H + 2 * H + j] * r * (1.0f - r);
+            dgi[b * 3 * H + j] = da_r, dgi[b * 3 * H + H + j] = da_z;
+            dgi[b * 3 * H + 2 * H + j] = da_n;
+            dgh[b * 3 * H + j] = da_r, dgh[b * 3 * H + H + j] = da_z;
+            dgh[b * 3 * H + 2 * H + j] = da_n * r; /* the reset multiplies W_hn h + b_hn */
+        }
+        for (int j = 0; j < I; j++) {
+            float s = 0.0f;
+            for (int k = 0; k < 3 * H; k++) s += dgi[b * 3 * H + k] * w_ih[k * I + j];
+            d_x[b * I + j] = s;
+        }
+        for (int j = 0; j < H; j++) {
+            float s = d_h_new[b * H + j] * gate[H + j]; /* h_new = ... + z * h */
+            for (int k = 0; k < 3 * H; k++) s += dgh[b * 3 * H + k] * w_hh[k * H + j];
+            d_h[b * H + j] = s;
+        }
+    }
+    for (int k = 0; k < 3 * H; k++) { /* parameter gradients: sums over the batch */
+        for (int j = 0; j < I; j++) {
+            float s = 0.0f;
+            for (int b = 0; b < B; b++) s += dgi[b * 3 * H + k] * x[b * I + j];
+            d_w_ih[k * I + j] = s;
+        }
+        for (int j = 0; j < H; j++) {
+            float s = 0.0f;
+            for (int b = 0; b < B; b++) s += dgh[b * 3 * H + k] * h[b * H + j];
+            d_w_hh[k * H + j] = s;
+        }
+        float si = 0.0f, sh = 0.0f;
+        for (int b = 0; b < B; b++) si += dgi[b * 3 * H + k], sh += dgh[b * 3 * H + k];
+        d_b_ih[k] = si; /* b_in and b_hn differ: only b_hn is scaled by r */
+        d_b_hh[k] = sh;
     }
 }
 
@@ -1253,6 +1407,75 @@ static int run_lstm_cell(const Golden *g, DType dt, Tally *tally)
     return rc;
 }
 
+static int run_gru_cell(const Golden *g, DType dt, Tally *tally)
+{
+    Allocs mem = {{0}, 0};
+    size_t elem = dt == DT_F64 ? sizeof(double) : sizeof(float);
+    const char *lbr = find_meta(g, "linear_before_reset");
+    if (lbr && strcmp(lbr, "true") != 0) {
+        file_error(g, "is the GRU with linear_before_reset=%s; this program implements "
+                      "torch's (the reset after the product)", lbr);
+        return -1;
+    }
+    const int64_t *xs = shape_of(g, "input.x", 2), *hs = shape_of(g, "input.h", 2);
+    if (!xs || !hs) return -1;
+    const int64_t B = xs[0], I = xs[1], H = hs[1];
+    const int64_t sBI[] = {B, I}, sBH[] = {B, H}, sB3H[] = {B, 3 * H};
+    const int64_t s3HI[] = {3 * H, I}, s3HH[] = {3 * H, H}, s3H[] = {3 * H};
+    void *x = NULL, *h = NULL, *w_ih = NULL, *w_hh = NULL, *b_ih = NULL, *b_hh = NULL;
+    void *d_h_new = NULL;
+    if (!(x = keep(&mem, load_tensor(g, "input.x", dt, 2, sBI))) ||
+        !(h = keep(&mem, load_tensor(g, "input.h", dt, 2, sBH))) ||
+        !(w_ih = keep(&mem, load_tensor(g, "param.weight_ih", dt, 2, s3HI))) ||
+        !(w_hh = keep(&mem, load_tensor(g, "param.weight_hh", dt, 2, s3HH))) ||
+        !(b_ih = keep(&mem, load_tensor(g, "param.bias_ih", dt, 1, s3H))) ||
+        !(b_hh = keep(&mem, load_tensor(g, "param.bias_hh", dt, 1, s3H))) ||
+        !(d_h_new = keep(&mem, load_tensor(g, "cotangent.d_h_new", dt, 2, sBH)))) {
+        free_all(&mem);
+        return -1; /* the message is out */
+    }
+    void *gh = ALLOC_LIKE(B * 3 * H), *gates = ALLOC_LIKE(B * 3 * H), *h_new = ALLOC_LIKE(B * H);
+    void *dgi = ALLOC_LIKE(B * 3 * H), *dgh = ALLOC_LIKE(B * 3 * H);
+    void *d_x = ALLOC_LIKE(B * I), *d_h = ALLOC_LIKE(B * H);
+    void *d_w_ih = ALLOC_LIKE(3 * H * I), *d_w_hh = ALLOC_LIKE(3 * H * H);
+    void *d_b_ih = ALLOC_LIKE(3 * H), *d_b_hh = ALLOC_LIKE(3 * H);
+    if (!gh || !gates || !h_new || !dgi || !dgh || !d_x || !d_h || !d_w_ih || !d_w_hh ||
+        !d_b_ih || !d_b_hh) {
+        file_error(g, "out of memory");
+        free_all(&mem);
+        return -1;
+    }
+    const int b_ = (int)B, i_ = (int)I, h_ = (int)H;
+    if (dt == DT_F64) {
+        gru_cell_forward_f64(b_, i_, h_, x, h, w_ih, w_hh, b_ih, b_hh, gh, gates, h_new);
+        gru_cell_backward_f64(b_, i_, h_, x, h, w_ih, w_hh, gh, gates, d_h_new, dgi, dgh, d_x,
+                              d_h, d_w_ih, d_w_hh, d_b_ih, d_b_hh);
+    } else {
+        gru_cell_forward_f32(b_, i_, h_, x, h, w_ih, w_hh, b_ih, b_hh, gh, gates, h_new);
+        gru_cell_backward_f32(b_, i_, h_, x, h, w_ih, w_hh, gh, gates, d_h_new, dgi, dgh, d_x,
+                              d_h, d_w_ih, d_w_hh, d_b_ih, d_b_hh);
+    }
+    const struct {
+        const char *name;
+        const void *got;
+        int rank;
+        const int64_t *shape;
+    } results[] = {
+        {"output.h_new", h_new, 2, sBH},        {"grad.d_x", d_x, 2, sBI},
+        {"grad.d_h", d_h, 2, sBH},              {"grad.d_weight_ih", d_w_ih, 2, s3HI},
+        {"grad.d_weight_hh", d_w_hh, 2, s3HH},  {"grad.d_bias_ih", d_b_ih, 1, s3H},
+        {"grad.d_bias_hh", d_b_hh, 1, s3H},
+    };
+    int rc = 0;
+    print_table_header();
+    for (size_t n = 0; rc == 0 && n < sizeof results / sizeof results[0]; n++)
+        rc = compare(g, results[n].name, results[n].got, dt, results[n].rank, results[n].shape,
+                     0, tally);
+    if (rc == 0) rc = compare(g, "cache.gates", gates, dt, 2, sB3H, 1, tally);
+    free_all(&mem);
+    return rc;
+}
+
 static int run_attention(const Golden *g, DType dt, Tally *tally)
 {
     Allocs mem = {{0}, 0};
@@ -1384,10 +1607,13 @@ static int check_file(const char *path, Tally *total)
     int rc;
     if (strcmp(op, "lstm_cell") == 0) {
         rc = run_lstm_cell(&g, dt, &tally);
+    } else if (strcmp(op, "gru_cell") == 0) {
+        rc = run_gru_cell(&g, dt, &tally);
     } else if (strcmp(op, "attention") == 0) {
         rc = run_attention(&g, dt, &tally);
     } else {
-        file_error(&g, "unknown op \"%s\" (this program knows lstm_cell and attention)", op);
+        file_error(&g, "unknown op \"%s\" (this program knows lstm_cell, gru_cell and attention)",
+                   op);
         rc = -1;
     }
     golden_free(&g);

@@ -177,6 +177,154 @@ _lstm_config("all_options", T=5, B=3, I=3, H=5, num_layers=2, bidirectional=True
 
 
 # --------------------------------------------------------------------------------------------
+# gru_cell, rnn_cell
+
+
+def _recurrent_cell_config(family: str, config: str, B: int, I: int, H: int, *,
+                           linear_before_reset: bool = True, nonlinearity: str = "tanh",
+                           bias: bool = True) -> None:
+    G = 3 if family == "gru_cell" else 1
+
+    def make(rng):
+        bound = 1 / math.sqrt(H)
+        params = {"weight_ih": _uniform(rng, bound, G * H, I),
+                  "weight_hh": _uniform(rng, bound, G * H, H)}
+        if bias:
+            params.update(bias_ih=_uniform(rng, bound, G * H), bias_hh=_uniform(rng, bound, G * H))
+        inputs = {"x": _normal(rng, B, I), "h": _normal(rng, B, H, scale=0.5)}
+        return inputs, params, {"d_h_new": _normal(rng, B, H)}
+
+    def run(inp, par, cot):
+        if family == "gru_cell":
+            h_new, cache = ref.gru_cell_forward(inp["x"], inp["h"], par,
+                                                linear_before_reset=linear_before_reset)
+            d_x, d_h, d_p = ref.gru_cell_backward(cot["d_h_new"], cache)
+            extra = {"gates": cache.gates}
+        else:
+            h_new, cache = ref.rnn_cell_forward(inp["x"], inp["h"], par,
+                                                nonlinearity=nonlinearity)
+            d_x, d_h, d_p = ref.rnn_cell_backward(cot["d_h_new"], cache)
+            extra = {}
+        return {"h_new": h_new}, {"d_x": d_x, "d_h": d_h, **_param_grads(d_p)}, extra
+
+    if family == "gru_cell" and linear_before_reset:
+        semantics = f"""torch.nn.GRUCell({I}, {H}{'' if bias else ', bias=False'}): h_new =
+        cell(x, h), gate order r, z, n: r = sigmoid(x W_ir^T + b_ir + h W_hr^T + b_hr), z
+        likewise, n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)), h_new = (1 - z) * n + z *
+        h. cache.gates: the activated gates r, z, n [B, 3H]."""
+    elif family == "gru_cell":
+        semantics = f"""The GRU cell with the reset gate applied before the recurrent product
+        (ONNX GRU linear_before_reset=0, Keras reset_after=False; torch has no such cell):
+        r, z as torch.nn.GRUCell({I}, {H}) (gate order r, z, n, torch's names), n = tanh(x
+        W_in^T + b_in + (r * h) W_hn^T + b_hn), h_new = (1 - z) * n + z * h. cache.gates: the
+        activated gates r, z, n [B, 3H]."""
+    else:
+        semantics = f"""torch.nn.RNNCell({I}, {H}, nonlinearity='{nonlinearity}'): h_new =
+        {nonlinearity}(x @ weight_ih.T + bias_ih + h @ weight_hh.T + bias_hh)."""
+    semantics += " Backward: torch.autograd.grad(h_new, (x, h, *params), d_h_new)."
+    op = family.removesuffix("_cell")
+    register(family, config, f"numpy_ref.{op}_cell_forward / {op}_cell_backward", semantics,
+             {"batch": B, "input_size": I, "hidden_size": H, "bias": bias,
+              **({"linear_before_reset": linear_before_reset} if G == 3 else
+                 {"nonlinearity": nonlinearity})}, make, run)
+
+
+_recurrent_cell_config("gru_cell", "basic", 3, 4, 5)
+_recurrent_cell_config("gru_cell", "linear_before_reset_false", 3, 4, 5,
+                       linear_before_reset=False)
+_recurrent_cell_config("rnn_cell", "tanh", 3, 4, 5)
+_recurrent_cell_config("rnn_cell", "relu_no_bias", 3, 4, 5, nonlinearity="relu", bias=False)
+
+
+# --------------------------------------------------------------------------------------------
+# gru, rnn (the layer stacks)
+
+
+def _gru_rnn_config(family: str, config: str, *, T: int, B: int, I: int, H: int,
+                    num_layers: int = 1, bidirectional: bool = False,
+                    batch_first: bool = False, lengths: Sequence[int] | None = None,
+                    initial_state: bool = False, linear_before_reset: bool = True,
+                    nonlinearity: str = "tanh", bias: bool = True) -> None:
+    D = 2 if bidirectional else 1
+    LD = num_layers * D
+    init = ref.init_gru_params if family == "gru" else ref.init_rnn_params
+    options = ({"linear_before_reset": linear_before_reset} if family == "gru" else
+               {"nonlinearity": nonlinearity})
+
+    def make(rng):
+        params = init(I, H, num_layers=num_layers, bidirectional=bidirectional, bias=bias,
+                      rng=rng)
+        inputs = {"x": _normal(rng, B, T, I) if batch_first else _normal(rng, T, B, I)}
+        if initial_state:
+            inputs["h0"] = _normal(rng, LD, B, H, scale=0.5)
+        if lengths is not None:
+            inputs["lengths"] = _i64(lengths)
+        out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
+        return inputs, params, {"d_output": _normal(rng, *out_shape),
+                                "d_h_n": _normal(rng, LD, B, H)}
+
+    def run(inp, par, cot):
+        forward = ref.gru_forward if family == "gru" else ref.rnn_forward
+        backward = ref.gru_backward if family == "gru" else ref.rnn_backward
+        output, h_n, cache = forward(inp["x"], par, num_layers=num_layers,
+                                     bidirectional=bidirectional, batch_first=batch_first,
+                                     h0=inp.get("h0"), lengths=inp.get("lengths"), **options)
+        d_x, d_p, d_h0 = backward(cot["d_output"], cache, d_h_n=cot["d_h_n"])
+        grads = {"d_x": d_x, **_param_grads(d_p)}
+        if initial_state:
+            grads["d_h0"] = d_h0
+        return {"output": output, "h_n": h_n}, grads, {}
+
+    args = [f"{I}, {H}"]
+    if num_layers > 1:
+        args.append(f"num_layers={num_layers}")
+    if bidirectional:
+        args.append("bidirectional=True")
+    if batch_first:
+        args.append("batch_first=True")
+    if not bias:
+        args.append("bias=False")
+    if family == "rnn":
+        args.append(f"nonlinearity='{nonlinearity}'")
+    module = "GRU" if family == "gru" else "RNN"
+    if family == "gru" and not linear_before_reset:
+        text = f"""The GRU with the reset gate applied before the recurrent product (ONNX
+        linear_before_reset=0, Keras reset_after=False; torch has none), with
+        torch.nn.GRU({', '.join(args)})'s names and layout: n = tanh(x W_in^T + b_in +
+        (r * h) W_hn^T + b_hn), everything else as torch.nn.GRU"""
+    else:
+        text = f"torch.nn.{module}({', '.join(args)})"
+    text += f""" on x {'[B, T, I]' if batch_first else '[T, B, I]'} from
+    {'h0' if initial_state else 'a zero initial state'}"""
+    if lengths is not None:
+        text += """, packed with pack_padded_sequence(enforce_sorted=False) by lengths
+        (output exactly 0 at padded steps, d_output there ignored, grad.d_x there 0; h_n each
+        row's state after its last real step)"""
+    text += f"""; returns output and h_n [L*D, B, H], index 2*layer + direction. Backward:
+    torch.autograd.grad of (output, h_n) with cotangents d_output, d_h_n; grads of x
+    {', h0' if initial_state else ''} and every parameter."""
+    register(family, config, f"numpy_ref.{family}_forward / {family}_backward", text,
+             {"num_layers": num_layers, "bidirectional": bidirectional,
+              "batch_first": batch_first, "input_size": I, "hidden_size": H, "seq_len": T,
+              "batch": B, "bias": bias, "initial_state": initial_state,
+              "lengths": list(lengths) if lengths is not None else None, **options},
+             make, run)
+
+
+_gru_rnn_config("gru", "basic", T=4, B=3, I=4, H=5)
+_gru_rnn_config("gru", "bidirectional_2layer_lengths", T=5, B=3, I=3, H=4, num_layers=2,
+                bidirectional=True, lengths=[3, 5, 1], initial_state=True)
+_gru_rnn_config("gru", "linear_before_reset_false", T=5, B=3, I=3, H=4, bidirectional=True,
+                batch_first=True, lengths=[5, 2, 4], initial_state=True,
+                linear_before_reset=False)
+_gru_rnn_config("gru", "no_bias", T=4, B=2, I=3, H=4, bias=False)
+_gru_rnn_config("rnn", "tanh_bidirectional_lengths", T=5, B=3, I=3, H=4, num_layers=2,
+                bidirectional=True, lengths=[4, 1, 5], initial_state=True)
+_gru_rnn_config("rnn", "relu_batch_first", T=4, B=3, I=3, H=4, batch_first=True,
+                nonlinearity="relu")
+
+
+# --------------------------------------------------------------------------------------------
 # attention
 
 
