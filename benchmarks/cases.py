@@ -57,9 +57,13 @@ PROBLEMS: list[Problem] = [
     training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000),
     training.training_problem("luong", B=32, T=32, E=128, H=256, V=4000),
     training.training_problem("bahdanau", B=32, T=32, E=128, H=256, V=4000),
+    training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000, cell="gru"),
+    training.training_problem("luong", B=32, T=32, E=128, H=256, V=4000, cell="gru"),
     training.training_problem("classifier", B=3, T=5, E=4, H=3, V=11, suites=("quick",)),
     training.training_problem("luong", B=3, T=4, E=4, H=3, V=13, suites=("quick",)),
     training.training_problem("bahdanau", B=3, T=4, E=4, H=3, V=13, suites=("quick",)),
+    training.training_problem("classifier", B=3, T=5, E=4, H=3, V=11, cell="gru",
+                              suites=("quick",)),
     # The sweeps: the single-query core over T at fixed B and H, and over B at fixed T and H;
     # the LSTM over T and over H (= I). Powers of two, as the plots' log axes.
     *(attention.attention_problem(32, T, 256, suites=("sweep",),

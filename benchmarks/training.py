@@ -52,60 +52,66 @@ class TrainingInputs:
     params: dict[str, np.ndarray]  # the torch_impl module's state_dict
     batch: tuple[np.ndarray, ...]  # classifier: (ids [B, T], labels [B]);
     #                                seq2seq: (src [B, Ts], tgt_in [B, Tt], tgt_out [B, Tt])
+    cell: str = "lstm"  # the recurrent cell, "lstm" or "gru"
 
     def astype(self, dtype: np.dtype) -> TrainingInputs:
         """The same inputs with params in `dtype` (exact when widening float32 to float64)."""
         return replace(self, params={k: v.astype(dtype) for k, v in self.params.items()})
 
 
-def _forward_gflop(model: str, s: Mapping[str, int]) -> float:
-    """The forward's matrix-product flops (2 per multiply-add), in GFLOP."""
+def _forward_gflop(model: str, s: Mapping[str, int], G: int = 4) -> float:
+    """The forward's matrix-product flops (2 per multiply-add), in GFLOP (G gate blocks: 4
+    for the LSTM, 3 for the GRU)."""
     if model == "classifier":
         B, T, E, H, C = s["B"], s["T"], s["E"], s["H"], s["C"]
-        flops = 2 * 2 * T * B * 4 * H * (E + H)  # BiLSTM
+        flops = 2 * 2 * T * B * G * H * (E + H)  # BiLSTM (BiGRU)
         flops += 2 * 2 * B * T * 2 * H  # attention scores and context
         flops += 2 * B * 2 * H * C  # output layer
         return flops / 1e9
     B, Ts, Tt, E, H, V = s["B"], s["Ts"], s["Tt"], s["E"], s["H"], s["Vt"]
     H2 = 2 * H
-    flops = 2 * 2 * Ts * B * 4 * H * (E + H)  # encoder (one layer)
+    flops = 2 * 2 * Ts * B * G * H * (E + H)  # encoder (one layer)
     if model == "luong":
-        flops += 2 * Tt * B * 4 * H2 * (E + H2)  # decoder LSTM
+        flops += 2 * Tt * B * G * H2 * (E + H2)  # decoder LSTM
         flops += 2 * B * Tt * H2 * H2 + 2 * 2 * B * Tt * Ts * H2  # general score, context
         flops += 2 * B * Tt * 2 * H2 * H2 + 2 * B * Tt * H2 * V  # concat layer, generator
     else:
         flops += 2 * B * Ts * H2 * H2  # the keys' projection, once
         flops += Tt * (2 * B * H2 * H2 + 2 * B * Ts * H2)  # query projection, context
-        flops += Tt * 2 * B * 4 * H2 * (E + 2 * H2)  # the cell
+        flops += Tt * 2 * B * G * H2 * (E + 2 * H2)  # the cell
         flops += 2 * B * Tt * (2 * H2 + E) * V  # generator
     return flops / 1e9
 
 
 def training_problem(model: str, *, score: str | None = None, B: int, T: int, E: int, H: int,
-                     V: int, C: int = 2, suites: tuple[str, ...] = ("default",)) -> Problem:
+                     V: int, C: int = 2, cell: str = "lstm",
+                     suites: tuple[str, ...] = ("default",)) -> Problem:
     """A training step of `model` at batch B, T tokens (Ts = Tt = T for seq2seq), embedding
-    E, hidden H, vocabulary V (both vocabularies for seq2seq), C classes (classifier)."""
+    E, hidden H, vocabulary V (both vocabularies for seq2seq), C classes (classifier), with
+    LSTM or GRU cells."""
+    G = 4 if cell == "lstm" else 3
+    tag = "" if cell == "lstm" else "-gru"
     if model == "classifier":
         sizes = dict(B=B, T=T, E=E, H=H, V=V, C=C)
-        size = f"classifier,B{B},T{T},E{E},H{H},V{V}"
-        largest = Product(T * B, E + H, 4 * H)
+        size = f"classifier{tag},B{B},T{T},E{E},H{H},V{V}"
+        largest = Product(T * B, E + H, G * H)
     else:
         sizes = dict(B=B, Ts=T, Tt=T, E=E, H=H, Vs=V, Vt=V)
-        size = f"{model}{'-' + score if score else ''},B{B},T{T},E{E},H{H},V{V}"
+        size = f"{model}{'-' + score if score else ''}{tag},B{B},T{T},E{E},H{H},V{V}"
         largest = Product(B * T, 2 * H if model == "luong" else 4 * H + E, V)
 
     def make(dtype: np.dtype, rng: np.random.Generator) -> TrainingInputs:
         if model == "classifier":
-            params = numpy_ref.init_bilstm_attention_params(V, E, H, C, rng=rng)
+            params = numpy_ref.init_bilstm_attention_params(V, E, H, C, cell=cell, rng=rng)
             batch = (rng.integers(0, V, (B, T)), rng.integers(0, C, B))
         else:
             params = numpy_ref.init_seq2seq_params(V, V, E, H, decoder=model, score=score,
-                                                   rng=rng)
+                                                   cell=cell, rng=rng)
             tgt = rng.integers(0, V, (B, T + 1))
             batch = (rng.integers(0, V, (B, T)), tgt[:, :-1], tgt[:, 1:])
-        return TrainingInputs(model, score, sizes, params, batch).astype(dtype)
+        return TrainingInputs(model, score, sizes, params, batch, cell).astype(dtype)
 
-    forward = _forward_gflop(model, sizes)
+    forward = _forward_gflop(model, sizes, G)
     return Problem(
         op="train", size=size, suites=suites, make=make,
         reference=lambda inputs, pass_: _numpy_step(inputs.astype(np.float64), numpy_ref,
@@ -114,7 +120,7 @@ def training_problem(model: str, *, score: str | None = None, B: int, T: int, E:
         ceilings={TRAINING_STEP: gemm_ceiling(
             [largest], scale=3 * forward / largest.gflop,
             name=f"its GFLOP at the BLAS rate of its largest product {largest}")},
-        shape={"model": model, **sizes},
+        shape={"model": model, "cell": cell, **sizes},
     )
 
 
@@ -125,14 +131,16 @@ def _numpy_step(inputs: TrainingInputs, module: ModuleType, optimizer=None,
     p, one = inputs.params, np.ones((), next(iter(inputs.params.values())).dtype)
     if inputs.model == "classifier":
         ids, labels = inputs.batch
-        logits, _, cache = numpy_ref.bilstm_attention_forward(ids, p, backend=module)
+        logits, _, cache = numpy_ref.bilstm_attention_forward(ids, p, cell=inputs.cell,
+                                                              backend=module)
         loss, ce = module.cross_entropy_forward(logits, labels)
         grads = numpy_ref.bilstm_attention_backward(module.cross_entropy_backward(one, ce),
                                                     cache)
     else:
         src, tgt_in, tgt_out = inputs.batch
         logits, _, cache = numpy_ref.seq2seq_forward(src, tgt_in, p, decoder=inputs.model,
-                                                     score=inputs.score, backend=module)
+                                                     score=inputs.score, cell=inputs.cell,
+                                                     backend=module)
         V = logits.shape[-1]
         loss, ce = module.cross_entropy_forward(logits.reshape(-1, V), tgt_out.reshape(-1))
         d_logits = module.cross_entropy_backward(one, ce).reshape(logits.shape)
@@ -161,10 +169,10 @@ def _prepare_torch(inputs: TrainingInputs, pass_: str, *, device: str) -> Prepar
         true_float32()
     s = inputs.sizes
     if inputs.model == "classifier":
-        module = BiLSTMAttention(s["V"], s["E"], s["H"], s["C"])
+        module = BiLSTMAttention(s["V"], s["E"], s["H"], s["C"], cell=inputs.cell)
     else:
         module = Seq2SeqAttention(s["Vs"], s["Vt"], s["E"], s["H"], decoder=inputs.model,
-                                  score=inputs.score)
+                                  score=inputs.score, cell=inputs.cell)
     dtype = torch.float32 if next(iter(inputs.params.values())).dtype == np.float32 \
         else torch.float64
     module = load_numpy_(module.to(device=device, dtype=dtype), inputs.params)

@@ -35,6 +35,7 @@ class ModelCase(NamedTuple):
     lengths: tuple[int, ...] | None
     seed_compatible: bool
     seed: int
+    cell: str = "lstm"  # the recurrent cell, "lstm" or "gru"
 
 
 def case_params(case: ModelCase, dtype=np.float64) -> dict[str, np.ndarray]:
@@ -42,10 +43,12 @@ def case_params(case: ModelCase, dtype=np.float64) -> dict[str, np.ndarray]:
     and tanh leave their linear range), keyed as the torch module's state_dict."""
     rng = np.random.default_rng(case.seed + 1)
     if case.model == "classifier":
-        p = ref.init_bilstm_attention_params(case.V, case.E, case.H, case.Vt, rng=rng)
+        p = ref.init_bilstm_attention_params(case.V, case.E, case.H, case.Vt, cell=case.cell,
+                                             rng=rng)
     else:
         p = ref.init_seq2seq_params(case.V, case.Vt, case.E, case.H, decoder=case.model,
-                                    score=case.score, num_layers=case.L, rng=rng)
+                                    score=case.score, num_layers=case.L, cell=case.cell,
+                                    rng=rng)
     return {k: (v * 1.5).astype(dtype) for k, v in p.items()}
 
 
@@ -75,12 +78,12 @@ def run_ours(case: ModelCase, params: dict, inputs: dict, backend: str = "numpy_
     if case.model == "classifier":
         logits, attention, cache = ref.bilstm_attention_forward(
             inputs["src"], params, lengths=inputs["lengths"],
-            seed_compatible=case.seed_compatible, backend=mod)
+            seed_compatible=case.seed_compatible, cell=case.cell, backend=mod)
         grads = ref.bilstm_attention_backward(inputs["d_logits"], cache, d_attention=d_attention)
     else:
         logits, attention, cache = ref.seq2seq_forward(
             inputs["src"], inputs["tgt"], params, decoder=case.model, score=case.score,
-            src_lengths=inputs["lengths"], backend=mod)
+            src_lengths=inputs["lengths"], cell=case.cell, backend=mod)
         grads = ref.seq2seq_backward(inputs["d_logits"], cache, d_attention=d_attention)
     return logits, attention, grads
 
@@ -90,10 +93,10 @@ def torch_module(case: ModelCase, params: dict, device: str = "cpu") -> torch.nn
     dtype = torch.float64 if next(iter(params.values())).dtype == np.float64 else torch.float32
     if case.model == "classifier":
         m = BiLSTMAttention(case.V, case.E, case.H, case.Vt,
-                            seed_compatible=case.seed_compatible)
+                            seed_compatible=case.seed_compatible, cell=case.cell)
     else:
         m = Seq2SeqAttention(case.V, case.Vt, case.E, case.H, decoder=case.model,
-                             score=case.score, num_layers=case.L)
+                             score=case.score, num_layers=case.L, cell=case.cell)
     m = m.to(device=device, dtype=dtype)
     return load_numpy_(m, params)
 

@@ -22,9 +22,10 @@ over_backends = pytest.mark.parametrize("backend", list(BACKENDS))
 BOS, EOS = 0, 1
 
 
-def _case(decoder: str, score, V: int = 6, seed: int = 0, B: int = 4) -> ModelCase:
+def _case(decoder: str, score, V: int = 6, seed: int = 0, B: int = 4,
+          cell: str = "lstm") -> ModelCase:
     return ModelCase(decoder, score, B=B, Ts=5, Tt=0, V=7, Vt=V, E=3, H=3, L=2,
-                     lengths=(5, 1, 3, 4)[:B], seed_compatible=False, seed=seed)
+                     lengths=(5, 1, 3, 4)[:B], seed_compatible=False, seed=seed, cell=cell)
 
 
 def _source(case: ModelCase) -> tuple[np.ndarray, np.ndarray]:
@@ -112,21 +113,21 @@ def test_beam_size_one_is_greedy_decoding(backend, decoder, score) -> None:
 
 
 def check_decoding_against_torch_on(device: str, backend: str, decoder: str, score,
-                                    beam_size: int) -> None:
+                                    beam_size: int, cell: str = "lstm") -> None:
     """Greedy and beam search of a backend (float64, on the CPU) against the torch module's
     methods on `device`: the same tokens, and beam scores to 1e-12 relative."""
-    case = _case(decoder, score, V=9, seed=3)
+    case = _case(decoder, score, V=9, seed=3, cell=cell)
     params, (src, lengths) = _params(case), _source(case)
     m = torch_module(case, params, device)
     t_src, t_lengths = torch.tensor(src, device=device), torch.tensor(lengths, device=device)
     kw = dict(max_len=6, bos=BOS, eos=EOS)
     got = ref.greedy_decode(src, params, src_lengths=lengths, decoder=decoder, score=score,
-                            backend=BACKENDS[backend], **kw)
+                            cell=cell, backend=BACKENDS[backend], **kw)
     want = m.greedy_decode(t_src, src_lengths=t_lengths, **kw)
     np.testing.assert_array_equal(got, want.cpu().numpy())
     tokens, scores = ref.beam_search(src, params, beam_size=beam_size, src_lengths=lengths,
                                      decoder=decoder, score=score, length_penalty=0.7,
-                                     backend=BACKENDS[backend], **kw)
+                                     cell=cell, backend=BACKENDS[backend], **kw)
     t_tokens, t_scores = m.beam_search(t_src, beam_size=beam_size, src_lengths=t_lengths,
                                        length_penalty=0.7, **kw)
     np.testing.assert_array_equal(tokens, t_tokens.cpu().numpy())
@@ -139,6 +140,15 @@ def check_decoding_against_torch_on(device: str, backend: str, decoder: str, sco
 def test_decoding_matches_the_torch_modules_methods(backend, decoder, score,
                                                     beam_size) -> None:
     check_decoding_against_torch_on("cpu", backend, decoder, score, beam_size)
+
+
+@over_backends
+@pytest.mark.parametrize(("decoder", "score"), [("luong", "general"), ("bahdanau", None)])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_gru_decoding_matches_the_torch_modules_methods(backend, decoder, score,
+                                                        beam_size) -> None:
+    """The encoder-decoder with GRUs (a state without c) decodes as the torch module does."""
+    check_decoding_against_torch_on("cpu", backend, decoder, score, beam_size, cell="gru")
 
 
 @pytest.mark.cuda

@@ -59,7 +59,8 @@ def model_cases(draw, model: str, score: str | None = None, *, lengths: bool,
     sizes = st.sampled_from([1, 2, 3, 5])
     return ModelCase(model, score, B, Ts, draw(st.integers(1, 5)), draw(st.integers(2, 9)),
                      draw(st.integers(2, 9)), draw(sizes), draw(sizes), L, drawn,
-                     seed_compatible, draw(st.integers(0, 2**32 - 1)))
+                     seed_compatible, draw(st.integers(0, 2**32 - 1)),
+                     draw(st.sampled_from(["lstm", "gru"])))
 
 
 def check_gradients(case: ModelCase, backend: str, dtype=np.float64, device: str = "cpu",
@@ -230,7 +231,7 @@ def train_ours(case: ModelCase, params: dict, batches, backend: str, steps: int)
             ids, lengths, labels = batch
             logits, _, cache = ref.bilstm_attention_forward(
                 ids, params, lengths=lengths, seed_compatible=case.seed_compatible,
-                backend=mod)
+                cell=case.cell, backend=mod)
             loss, ce = mod.cross_entropy_forward(logits, labels)
             grads = ref.bilstm_attention_backward(mod.cross_entropy_backward(
                 np.ones((), logits.dtype), ce), cache)
@@ -238,7 +239,7 @@ def train_ours(case: ModelCase, params: dict, batches, backend: str, steps: int)
             src, src_lengths, tgt_in, tgt_out = batch
             logits, _, cache = ref.seq2seq_forward(src, tgt_in, params, decoder=case.model,
                                                    score=case.score, src_lengths=src_lengths,
-                                                   backend=mod)
+                                                   cell=case.cell, backend=mod)
             # [B, Tt, Vt] -> torch's [B, Vt, Tt] layout of cross_entropy with extra axes
             loss, ce = mod.cross_entropy_forward(logits.transpose(0, 2, 1), tgt_out)
             d_logits = mod.cross_entropy_backward(np.ones((), logits.dtype), ce)
@@ -281,6 +282,12 @@ TRAINING_CASES = {
                                 lengths=None, seed_compatible=False, seed=24),
     "bahdanau": ModelCase("bahdanau", None, 0, 0, 0, V=10, Vt=9, E=4, H=3, L=1, lengths=None,
                           seed_compatible=False, seed=25),
+    "classifier-gru": ModelCase("classifier", None, 0, 0, 0, V=12, Vt=3, E=4, H=5, L=1,
+                                lengths=None, seed_compatible=False, seed=26, cell="gru"),
+    "luong-general-gru": ModelCase("luong", "general", 0, 0, 0, V=10, Vt=9, E=4, H=3, L=2,
+                                   lengths=None, seed_compatible=False, seed=27, cell="gru"),
+    "bahdanau-gru": ModelCase("bahdanau", None, 0, 0, 0, V=10, Vt=9, E=4, H=3, L=1,
+                              lengths=None, seed_compatible=False, seed=28, cell="gru"),
 }
 
 
@@ -320,7 +327,7 @@ def test_training_matches_torch_cuda_step_for_step_float64(name: str) -> None:
 
 
 @over_backends
-@pytest.mark.parametrize("name", ["classifier", "luong-general", "bahdanau"])
+@pytest.mark.parametrize("name", ["classifier", "luong-general", "bahdanau", "bahdanau-gru"])
 def test_training_float32_within_policy(backend: str, name: str) -> None:
     """30 float32 steps: our losses stay as close to the float64 run as torch's float32 do."""
     case, params, batches = _training_setup(name)

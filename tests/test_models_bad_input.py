@@ -156,3 +156,19 @@ BAD = [
 def test_model_bad_input_raises_a_clear_error(backend, call, error, message) -> None:
     with pytest.raises(error, match=message):
         call(BACKENDS[backend])
+
+
+def test_the_models_cell_option_is_checked_and_the_params_must_fit_it() -> None:
+    ids = np.array([[1, 2, 3]])
+    p = ref.init_bilstm_attention_params(5, 2, 3, 2, rng=0)
+    with pytest.raises(ValueError, match=r"cell: expected one of \('lstm', 'gru'\), got 'rnn'"):
+        ref.bilstm_attention_forward(ids, p, cell="rnn")
+    # an LSTM classifier's params run as a GRU one: its keys are lstm.*, a GRU's gru.*
+    with pytest.raises(ValueError, match=r"params: missing key 'gru.weight_hh_l0'"):
+        ref.bilstm_attention_forward(ids, p, cell="gru")
+    s2s = ref.init_seq2seq_params(5, 6, 2, 3, cell="gru", rng=0)
+    with pytest.raises(ValueError, match=r"params\['encoder.weight_hh_l0'\]: expected shape "
+                                         r"\[4H, H\], got \(9, 3\)"):
+        ref.seq2seq_forward(ids, ids, s2s)  # a GRU seq2seq's params, run as the LSTM one
+    with pytest.raises(ValueError, match=r"cell: expected one of"):
+        ref.greedy_decode(ids, s2s, max_len=3, bos=0, eos=1, cell="LSTM")

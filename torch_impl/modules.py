@@ -57,16 +57,47 @@ class _Backend:
                 m.__dict__["_backend"] = value
 
 
-def _run_lstm(lstm: nn.LSTM, x: torch.Tensor, backend: str, lengths=None, state=None):
-    """``lstm`` (its own batch_first, layers and directions) on x [B, T, E] or [T, B, E], packed
-    by lengths, from state (h0, c0) or zeros, on the module's backend -> (output padded to T,
-    (h_n, c_n))."""
+CELLS = ("lstm", "gru")
+_LAYERS = {"lstm": nn.LSTM, "gru": nn.GRU}
+_CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
+
+
+def _cell_of(cell: str) -> str:
+    if cell not in CELLS:
+        raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
+    return cell
+
+
+def _run_lstm(rnn: nn.Module, x: torch.Tensor, backend: str, lengths=None, state=None):
+    """``rnn`` (an nn.LSTM or nn.GRU, its own batch_first, layers and directions) on x
+    [B, T, E] or [T, B, E], packed by lengths, from state (h0, c0), (h0, None) for a GRU, or
+    None for zeros, on the module's backend -> (output padded to T, (h_n, c_n or None))."""
+    h0, c0 = (None, None) if state is None else state
+    gru = isinstance(rnn, nn.GRU)
     if backend != "torch":
-        h0, c0 = (None, None) if state is None else state
-        return functions.lstm(x, dict(lstm.named_parameters()), num_layers=lstm.num_layers,
-                              bidirectional=lstm.bidirectional, batch_first=lstm.batch_first,
-                              h0=h0, c0=c0, lengths=lengths, backend=backend)
-    return run_packed(lstm, x, state, lengths)
+        options = {"num_layers": rnn.num_layers, "bidirectional": rnn.bidirectional,
+                   "batch_first": rnn.batch_first, "lengths": lengths, "backend": backend}
+        if gru:
+            out, h_n = functions.gru(x, dict(rnn.named_parameters()), h0=h0, **options)
+            return out, (h_n, None)
+        return functions.lstm(x, dict(rnn.named_parameters()), h0=h0, c0=c0, **options)
+    if gru:
+        out, h_n = run_packed(rnn, x, h0, lengths)
+        return out, (h_n, None)
+    return run_packed(rnn, x, state, lengths)
+
+
+def _run_cell(cell: nn.Module, x: torch.Tensor, state, backend: str):
+    """One step of an nn.LSTMCell or nn.GRUCell from state (s, m) or (s, None) -> the new
+    state, on the module's backend."""
+    s, m = state
+    gru = isinstance(cell, nn.GRUCell)
+    if backend == "torch":
+        return (cell(x, s), None) if gru else cell(x, (s, m))
+    params = dict(cell.named_parameters())
+    if gru:
+        return functions.gru_cell(x, s, params, backend=backend), None
+    return functions.lstm_cell(x, s, m, params, backend=backend)
 
 
 def _padding(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -176,14 +207,17 @@ class BiLSTMAttention(_Backend, nn.Module):
     seed_compatible : take the query as the seed does, ``h_n.view(-1, 2H)``, which mixes the
         sentences of a batch when B > 1; the default is each sentence's own
         ``cat(h_n[-2], h_n[-1])``.
+    cell : "lstm" (the seed's ``lstm``) or "gru" (an nn.GRU named ``gru``).
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int, n_hidden: int, num_classes: int,
-                 *, seed_compatible: bool = False, backend: str = "torch") -> None:
+                 *, seed_compatible: bool = False, cell: str = "lstm",
+                 backend: str = "torch") -> None:
         super().__init__()
         self.n_hidden, self.seed_compatible = n_hidden, bool(seed_compatible)
+        self.cell = _cell_of(cell)
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        self.lstm = nn.LSTM(embedding_dim, n_hidden, bidirectional=True)
+        setattr(self, cell, _LAYERS[cell](embedding_dim, n_hidden, bidirectional=True))
         self.out = nn.Linear(n_hidden * 2, num_classes)
         self.attention = Attention(2 * n_hidden, 2 * n_hidden, "dot")  # no parameters
         self.backend = backend
@@ -194,7 +228,7 @@ class BiLSTMAttention(_Backend, nn.Module):
         if lengths is not None:
             X = X.masked_fill(_padding(lengths, T), 0)  # padding is not data
         x = self.embedding(X).permute(1, 0, 2)  # [T, B, E], as the seed
-        output, (h_n, _) = _run_lstm(self.lstm, x, self.backend, lengths)
+        output, (h_n, _) = _run_lstm(getattr(self, self.cell), x, self.backend, lengths)
         output = output.permute(1, 0, 2)  # [B, T, 2H]
         if self.seed_compatible:  # the seed's final_state.view(-1, n_hidden * 2, 1)
             query = h_n.reshape(-1, self.n_hidden * 2)
@@ -205,35 +239,40 @@ class BiLSTMAttention(_Backend, nn.Module):
 
 
 class LuongDecoder(_Backend, nn.Module):
-    """Global attention without input feeding: ``lstm`` (nn.LSTM(E, 2H)) over the target,
-    ``attention`` with every step's state as a query, ``h~ = tanh(concat([c; s]))``."""
+    """Global attention without input feeding: ``lstm`` (nn.LSTM(E, 2H); ``gru``, an nn.GRU,
+    with cell "gru") over the target, ``attention`` with every step's state as a query,
+    ``h~ = tanh(concat([c; s]))``."""
 
-    def __init__(self, embedding_dim: int, state_size: int, score: str, *,
+    def __init__(self, embedding_dim: int, state_size: int, score: str, *, cell: str = "lstm",
                  backend: str = "torch") -> None:
         super().__init__()
-        self.lstm = nn.LSTM(embedding_dim, state_size, batch_first=True)
+        self.cell = _cell_of(cell)
+        setattr(self, cell, _LAYERS[cell](embedding_dim, state_size, batch_first=True))
         self.attention = Attention(state_size, state_size, score, attention_size=state_size)
         self.concat = nn.Linear(2 * state_size, state_size, bias=False)
         self.backend = backend
 
     def forward(self, y, memory, state, lengths):
-        """y [B, Tt, E], state (s, m) [B, 2H] each -> (features [B, Tt, 2H], attention
-        [B, Tt, Ts], the last state)."""
-        s, (h, c) = _run_lstm(self.lstm, y, self.backend,
-                              state=(state[0][None], state[1][None]))
+        """y [B, Tt, E], state (s, m) [B, 2H] each (m None for a GRU) -> (features
+        [B, Tt, 2H], attention [B, Tt, Ts], the last state)."""
+        s0, m0 = state
+        s, (h, c) = _run_lstm(getattr(self, self.cell), y, self.backend,
+                              state=(s0[None], None if m0 is None else m0[None]))
         context, attention = self.attention(s, memory, memory, lengths)
         features = torch.tanh(self.concat(torch.cat([context, s], dim=-1)))
-        return features, attention, (h[0], c[0])
+        return features, attention, (h[0], None if c is None else c[0])
 
 
 class BahdanauDecoder(_Backend, nn.Module):
     """Step by step: additive ``attention`` (with b) queried by the previous state, ``cell``
-    (nn.LSTMCell(E + 2H, 2H)) on ``[y_t; c_t]``; the generator reads ``[s_t; c_t; y_t]``."""
+    (nn.LSTMCell(E + 2H, 2H); an nn.GRUCell with cell "gru") on ``[y_t; c_t]``; the generator
+    reads ``[s_t; c_t; y_t]``."""
 
-    def __init__(self, embedding_dim: int, state_size: int, *, backend: str = "torch") -> None:
+    def __init__(self, embedding_dim: int, state_size: int, *, cell: str = "lstm",
+                 backend: str = "torch") -> None:
         super().__init__()
         self.attention = Attention(state_size, state_size, "additive", attention_size=state_size)
-        self.cell = nn.LSTMCell(embedding_dim + state_size, state_size)
+        self.cell = _CELLS[_cell_of(cell)](embedding_dim + state_size, state_size)
         self.backend = backend
 
     def forward(self, y, memory, state, lengths, projected_keys=None):
@@ -246,11 +285,7 @@ class BahdanauDecoder(_Backend, nn.Module):
         for t in range(y.shape[1]):
             c, w = self.attention(s, memory, memory, lengths, projected_keys=projected_keys)
             x = torch.cat([y[:, t], c], dim=1)
-            if self.backend == "torch":
-                s, m = self.cell(x, (s, m))
-            else:
-                s, m = functions.lstm_cell(x, s, m, dict(self.cell.named_parameters()),
-                                           backend=self.backend)
+            s, m = _run_cell(self.cell, x, (s, m), self.backend)
             features.append(torch.cat([s, c, y[:, t]], dim=1))
             weights.append(w)
         return torch.stack(features, 1), torch.stack(weights, 1), (s, m)
@@ -259,7 +294,8 @@ class BahdanauDecoder(_Backend, nn.Module):
 class Seq2SeqAttention(_Backend, nn.Module):
     """Encoder-decoder with attention: a bidirectional LSTM encoder (hidden H, L layers,
     packed by source lengths) and a Luong or Bahdanau decoder whose state, 2H wide, starts
-    from the last layer's final states of both directions.
+    from the last layer's final states of both directions. ``cell="gru"``: GRUs throughout
+    (the state has no c).
 
     ``forward(src [B, Ts], tgt [B, Tt], src_lengths=None) -> (logits [B, Tt, Vt], attention
     [B, Tt, Ts])``, teacher-forced: tgt holds the decoder's input tokens.
@@ -267,8 +303,9 @@ class Seq2SeqAttention(_Backend, nn.Module):
 
     def __init__(self, src_vocab: int, tgt_vocab: int, embedding_dim: int, hidden_size: int,
                  *, decoder: str = "luong", score: str | None = None, num_layers: int = 1,
-                 backend: str = "torch") -> None:
+                 cell: str = "lstm", backend: str = "torch") -> None:
         super().__init__()
+        self.cell = _cell_of(cell)
         if decoder not in DECODERS:
             raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
         score = {"luong": "general", "bahdanau": "additive"}[decoder] if score is None else score
@@ -280,25 +317,27 @@ class Seq2SeqAttention(_Backend, nn.Module):
         self.decoder_kind, self.score = decoder, score
         H2 = 2 * hidden_size
         self.src_embed = nn.Embedding(src_vocab, embedding_dim)
-        self.encoder = nn.LSTM(embedding_dim, hidden_size, num_layers=num_layers,
-                               bidirectional=True, batch_first=True)
+        self.encoder = _LAYERS[cell](embedding_dim, hidden_size, num_layers=num_layers,
+                                     bidirectional=True, batch_first=True)
         self.tgt_embed = nn.Embedding(tgt_vocab, embedding_dim)
         if decoder == "luong":
-            self.decoder = LuongDecoder(embedding_dim, H2, score)
+            self.decoder = LuongDecoder(embedding_dim, H2, score, cell=cell)
             self.generator = nn.Linear(H2, tgt_vocab)
         else:
-            self.decoder = BahdanauDecoder(embedding_dim, H2)
+            self.decoder = BahdanauDecoder(embedding_dim, H2, cell=cell)
             self.generator = nn.Linear(2 * H2 + embedding_dim, tgt_vocab)
         self.backend = backend
 
     def encode(self, src: torch.Tensor, src_lengths=None):
-        """-> (memory [B, Ts, 2H], (s_0, m_0) [B, 2H] each, lengths or None)."""
+        """-> (memory [B, Ts, 2H], (s_0, m_0) [B, 2H] each (m_0 None for a GRU), lengths or
+        None)."""
         B, Ts = src.shape
         lengths = _lengths(src_lengths, B, Ts, src.device)
         if lengths is not None:
             src = src.masked_fill(_padding(lengths, Ts), 0)  # padding is not data
         memory, (h_n, c_n) = _run_lstm(self.encoder, self.src_embed(src), self.backend, lengths)
-        state = (torch.cat([h_n[-2], h_n[-1]], 1), torch.cat([c_n[-2], c_n[-1]], 1))
+        state = (torch.cat([h_n[-2], h_n[-1]], 1),
+                 None if c_n is None else torch.cat([c_n[-2], c_n[-1]], 1))
         return memory, state, lengths
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_lengths=None
@@ -310,7 +349,7 @@ class Seq2SeqAttention(_Backend, nn.Module):
     def _start(self, src, src_lengths, repeat: int = 1):
         memory, state, lengths = self.encode(src, src_lengths)
         memory = memory.repeat_interleave(repeat, 0)
-        state = tuple(x.repeat_interleave(repeat, 0) for x in state)
+        state = tuple(None if x is None else x.repeat_interleave(repeat, 0) for x in state)
         lengths = None if lengths is None else lengths.repeat_interleave(repeat, 0)
         K = None
         if self.decoder_kind == "bahdanau" and self.backend == "torch":
@@ -381,7 +420,7 @@ class Seq2SeqAttention(_Backend, nn.Module):
             done = torch.where(carried, True, token == eos) & alive
             seqs = torch.cat([seqs[rows, beam], token[..., None]], dim=2)
             flat = (rows * k + beam).reshape(-1)
-            state = tuple(x[flat] for x in state)
+            state = tuple(None if x is None else x[flat] for x in state)
             tokens = token.reshape(-1)
             if bool((done | ~alive).all()):
                 break

@@ -20,19 +20,29 @@ from numpy_ref.contract.fields import documented
 from numpy_ref.contract.layers import integer_ids
 
 DECODERS = ("luong", "bahdanau")
+CELLS = ("lstm", "gru")
+GATES = {"lstm": 4, "gru": 3}
 DEFAULT_SCORE = {"luong": "general", "bahdanau": "additive"}
 
 
-def _lstm_keys(prefix: str, input_size: int, H: int, num_layers: int, D: int):
-    """(key, shape, labels) of a torch.nn.LSTM's state_dict under `prefix`."""
+def cell_of(cell: Any) -> str:
+    """Check a model's ``cell`` option: "lstm" or "gru"."""
+    if cell not in CELLS:
+        raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
+    return cell
+
+
+def _lstm_keys(prefix: str, input_size: int, H: int, num_layers: int, D: int, G: int = 4):
+    """(key, shape, labels) of a torch.nn.LSTM's (G = 3: nn.GRU's) state_dict under
+    `prefix`."""
     for layer in range(num_layers):
         for d in range(D):
             tail = f"_l{layer}" + ("_reverse" if d else "")
             ins, in_label = (input_size, "I") if layer == 0 else (D * H, "D*H")
-            yield f"{prefix}weight_ih{tail}", (4 * H, ins), f"[4H, {in_label}]"
-            yield f"{prefix}weight_hh{tail}", (4 * H, H), "[4H, H]"
-            yield f"{prefix}bias_ih{tail}", (4 * H,), "[4H]"
-            yield f"{prefix}bias_hh{tail}", (4 * H,), "[4H]"
+            yield f"{prefix}weight_ih{tail}", (G * H, ins), f"[{G}H, {in_label}]"
+            yield f"{prefix}weight_hh{tail}", (G * H, H), f"[{G}H, H]"
+            yield f"{prefix}bias_ih{tail}", (G * H,), f"[{G}H]"
+            yield f"{prefix}bias_hh{tail}", (G * H,), f"[{G}H]"
 
 
 def _check_spec(params: Mapping[str, Any], spec, dtype: np.dtype, model: str
@@ -59,12 +69,12 @@ def _float_param(params: Any, key: str, labels: str) -> np.ndarray:
     return a
 
 
-def _hidden(params: Any, key: str) -> int:
-    """H from ``params[key]``, an LSTM's weight_hh of shape [4H, H]."""
-    four_h = checks.leading_dim(params, key, 2, "[4H, H]")
-    if four_h % 4 or params[key].shape[1] != four_h // 4:
-        raise ValueError(f"params[{key!r}]: expected shape [4H, H], got {params[key].shape}")
-    return four_h // 4
+def _hidden(params: Any, key: str, G: int = 4) -> int:
+    """H from ``params[key]``, an LSTM's (G = 3: a GRU's) weight_hh of shape [GH, H]."""
+    rows = checks.leading_dim(params, key, 2, f"[{G}H, H]")
+    if rows % G or params[key].shape[1] != rows // G:
+        raise ValueError(f"params[{key!r}]: expected shape [{G}H, H], got {params[key].shape}")
+    return rows // G
 
 
 def token_ids(name: str, ids: Any, vocab: int, lengths: np.ndarray | None
@@ -108,25 +118,29 @@ class ClassifierSizes(NamedTuple):
     C: int  # classes
 
 
-def bilstm_attention(ids: Any, params: Any, lengths: Any, seed_compatible: Any):
-    """Check `bilstm_attention_forward`'s arguments.
+def bilstm_attention(ids: Any, params: Any, lengths: Any, seed_compatible: Any,
+                     cell: Any = "lstm"):
+    """Check `bilstm_attention_forward`'s arguments (the recurrent layer's params under
+    ``lstm.`` or, with ``cell="gru"``, ``gru.``).
 
     Returns ``(real_ids [B, T], lengths or None, params, sizes)``: the ids with padding
     replaced by 0, the validated params (the caller's arrays), and `ClassifierSizes`.
     """
     if not isinstance(seed_compatible, bool):
         raise TypeError(f"seed_compatible: expected True or False, got {seed_compatible!r}")
+    cell = cell_of(cell)
     if not isinstance(params, Mapping):
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     emb = _float_param(params, "embedding.weight", "[V, E]")
     V, E = emb.shape
-    H = _hidden(params, "lstm.weight_hh_l0")
+    G = GATES[cell]
+    H = _hidden(params, f"{cell}.weight_hh_l0", G)
     C = checks.leading_dim(params, "out.weight", 2, "[C, 2H]")
     spec = [("embedding.weight", (V, E), "[V, E]"),
-            *_lstm_keys("lstm.", E, H, 1, 2),
+            *_lstm_keys(f"{cell}.", E, H, 1, 2, G),
             ("out.weight", (C, 2 * H), "[C, 2H]"),
             ("out.bias", (C,), "[C]")]
-    p = _check_spec(params, spec, emb.dtype, "BiLSTM-attention classifier "
+    p = _check_spec(params, spec, emb.dtype, f"Bi{cell.upper()}-attention classifier "
                     f"(V={V}, E={E}, H={H}, C={C})")
     lengths = _lengths("lengths", lengths, ids)
     _, real = token_ids("ids", ids, V, lengths)
@@ -159,21 +173,24 @@ def seq2seq_config(decoder: Any, score: Any) -> str:
     return score
 
 
-def seq2seq_params(params: Any, decoder: str, score: str
+def seq2seq_params(params: Any, decoder: str, score: str, cell: str = "lstm"
                    ) -> tuple[dict[str, np.ndarray], Seq2SeqSizes]:
-    """Check a seq2seq params dict for `decoder` and `score`; return it and its sizes."""
+    """Check a seq2seq params dict for `decoder`, `score` and `cell`; return it and its
+    sizes."""
+    cell = cell_of(cell)
+    G = GATES[cell]
     if not isinstance(params, Mapping):
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     src = _float_param(params, "src_embed.weight", "[Vs, E]")
     Vs, E = src.shape
     Vt = checks.leading_dim(params, "tgt_embed.weight", 2, "[Vt, E]")
-    H = _hidden(params, "encoder.weight_hh_l0")
+    H = _hidden(params, "encoder.weight_hh_l0", G)
     L = 1
     while f"encoder.weight_ih_l{L}" in params:
         L += 1
     H2 = 2 * H
     spec = [("src_embed.weight", (Vs, E), "[Vs, E]"),
-            *_lstm_keys("encoder.", E, H, L, 2),
+            *_lstm_keys("encoder.", E, H, L, 2, G),
             ("tgt_embed.weight", (Vt, E), "[Vt, E]")]
     attention = []
     if score == "general":
@@ -184,29 +201,30 @@ def seq2seq_params(params: Any, decoder: str, score: str
                      ("decoder.attention.v", (H2,), "[A]"),
                      ("decoder.attention.b", (H2,), "[A]")]
     if decoder == "luong":
-        spec += [*_lstm_keys("decoder.lstm.", E, H2, 1, 1), *attention,
+        spec += [*_lstm_keys(f"decoder.{cell}.", E, H2, 1, 1, G), *attention,
                  ("decoder.concat.weight", (H2, 2 * H2), "[2H, 4H]"),
                  ("generator.weight", (Vt, H2), "[Vt, 2H]")]
     else:
         spec += [*attention,
-                 ("decoder.cell.weight_ih", (4 * H2, E + H2), "[8H, E + 2H]"),
-                 ("decoder.cell.weight_hh", (4 * H2, H2), "[8H, 2H]"),
-                 ("decoder.cell.bias_ih", (4 * H2,), "[8H]"),
-                 ("decoder.cell.bias_hh", (4 * H2,), "[8H]"),
+                 ("decoder.cell.weight_ih", (G * H2, E + H2), f"[{2 * G}H, E + 2H]"),
+                 ("decoder.cell.weight_hh", (G * H2, H2), f"[{2 * G}H, 2H]"),
+                 ("decoder.cell.bias_ih", (G * H2,), f"[{2 * G}H]"),
+                 ("decoder.cell.bias_hh", (G * H2,), f"[{2 * G}H]"),
                  ("generator.weight", (Vt, 2 * H2 + E), "[Vt, 4H + E]")]
     spec.append(("generator.bias", (Vt,), "[Vt]"))
-    model = (f"{decoder} seq2seq with the {score!r} score (Vs={Vs}, Vt={Vt}, E={E}, H={H}, "
-             f"L={L})")
+    model = (f"{decoder} seq2seq with the {score!r} score and {cell} cells (Vs={Vs}, Vt={Vt}, "
+             f"E={E}, H={H}, L={L})")
     return _check_spec(params, spec, src.dtype, model), Seq2SeqSizes(Vs, Vt, E, H, L)
 
 
-def seq2seq(src: Any, tgt: Any, params: Any, decoder: Any, score: Any, src_lengths: Any):
+def seq2seq(src: Any, tgt: Any, params: Any, decoder: Any, score: Any, src_lengths: Any,
+            cell: Any = "lstm"):
     """Check `seq2seq_forward`'s arguments.
 
     Returns ``(real_src [B, Ts], tgt [B, Tt], src_lengths or None, score, params, sizes)``.
     """
     score = seq2seq_config(decoder, score)
-    p, sizes = seq2seq_params(params, decoder, score)
+    p, sizes = seq2seq_params(params, decoder, score, cell)
     real_src, src_lengths = source(src, src_lengths, sizes.Vs)
     _, tgt = token_ids("tgt", tgt, sizes.Vt, None)
     if tgt.shape[0] != real_src.shape[0]:

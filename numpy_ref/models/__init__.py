@@ -8,6 +8,10 @@ at call time), and the cache remembers it, so the backward runs on the forward's
 Parameters are the state_dicts of `torch_impl.BiLSTMAttention` and
 `torch_impl.Seq2SeqAttention`.
 
+Every model takes ``cell="lstm"`` (default) or ``"gru"``: with a GRU every recurrence below is
+the GRU's (`numpy_ref.gru`, torch's variant), a state has no c (m_0, m_t do not exist), the
+classifier's layer is ``gru.*`` and the Luong decoder's ``decoder.gru.*``.
+
 Shapes
 ------
 B  batch      T  tokens per sentence     Ts, Tt  source and target tokens

@@ -15,6 +15,7 @@ from numpy_ref.contract import models as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import group, prefixed
+from numpy_ref.models import cells
 
 # --------------------------------------------------------------------------------------------
 # the seed classifier
@@ -26,10 +27,11 @@ class BiLSTMAttentionCache(NamedTuple):
 
     backend: ModuleType  # the module every op ran on
     embedding: Any  # embedding cache
-    lstm: Any  # LSTM cache (output [B, T, 2H], batch-first)
+    lstm: Any  # the recurrent layer's cache, LSTM or GRU (output [B, T, 2H], batch-first)
     attention: Any  # attention cache (query [B, 2H], keys = values = the LSTM output)
     out: Any  # linear cache
     seed_compatible: bool  # whether the query was the seed's view of h_n
+    cell: str  # "lstm" or "gru"
     keys: tuple[str, ...]  # the params' keys, in order: d_params comes back in it
     arguments: tuple[tuple[str, np.ndarray, bool], ...]  # the caller's ids and params and the
     #   returned attention by name: an array the ops' checks find changed since the forward
@@ -43,6 +45,7 @@ def bilstm_attention_forward(
     *,
     lengths: Any = None,
     seed_compatible: bool = False,
+    cell: str = "lstm",
     backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray, BiLSTMAttentionCache]:
     """The seed's BiLSTM-attention classifier.
@@ -55,12 +58,15 @@ def bilstm_attention_forward(
     ----------
     ids : integer token ids [B, T].
     params : `torch_impl.BiLSTMAttention`'s state_dict: ``embedding.weight`` [V, E],
-        ``lstm.*`` (one bidirectional layer, hidden H), ``out.weight`` [C, 2H], ``out.bias``.
+        ``lstm.*`` (one bidirectional layer, hidden H; ``gru.*`` with ``cell="gru"``),
+        ``out.weight`` [C, 2H], ``out.bias``.
     lengths : integer [B] in 1..T, or None. Packed LSTM, masked attention; ids past a
         sentence's length may be anything.
     seed_compatible : take the query as the seed does, ``h_n.view(-1, 2H)``, which mixes
         sentences when B > 1 (see the module docstring); the default is each sentence's own
         ``concat(h_n[-2], h_n[-1])``.
+    cell : "lstm" (the seed's) or "gru": the bidirectional layer is an nn.GRU, its h_n the
+        query's source (a GRU has no c).
     backend : the op module (`numpy_ref` or `kernels`; None: `numpy_ref`).
 
     Returns
@@ -75,11 +81,12 @@ def bilstm_attention_forward(
         np.allclose(np.concatenate(one), both)  # False: rows depend on their batch-mates
     """
     backend = op_module(backend)
-    real, lengths, p, sizes = contract.bilstm_attention(ids, params, lengths, seed_compatible)
+    real, lengths, p, sizes = contract.bilstm_attention(ids, params, lengths, seed_compatible,
+                                                        cell)
     B, H = real.shape[0], sizes.H
     x, emb_cache = backend.embedding_forward(real, group(p, "embedding"))  # [B, T, E]
-    output, (h_n, _), lstm_cache = backend.lstm_forward(
-        x, group(p, "lstm"), bidirectional=True, batch_first=True, lengths=lengths)
+    output, h_n, _, lstm_cache = cells.layers_forward(
+        backend, cell, x, group(p, cell), bidirectional=True, batch_first=True, lengths=lengths)
     if seed_compatible:  # the seed's final_state.view(-1, n_hidden * 2, 1): h_n [2, B, H]
         query = h_n.reshape(B, 2 * H)  # read in C order, as torch's view of its memory
     else:
@@ -89,7 +96,7 @@ def bilstm_attention_forward(
     logits, out_cache = backend.linear_forward(context, group(p, "out"))  # [B, C]
     named = unchanged.names({"ids": ids, "params": params}, {"attention": attention})
     cache = BiLSTMAttentionCache(backend, emb_cache, lstm_cache, att_cache, out_cache,
-                                 seed_compatible, tuple(p), named)
+                                 seed_compatible, cell, tuple(p), named)
     return logits, attention, cache
 
 
@@ -102,17 +109,17 @@ def bilstm_attention_backward(
     Each op's backward in reverse order; the LSTM output gets both attention gradients
     (``d_out = d_keys + d_values``) and ``d_h_n`` gets the query's. See
     the `numpy_ref.models` module docstring."""
-    backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, keys, named = \
-        checks.cache_of(cache, BiLSTMAttentionCache, "bilstm_attention_forward")
+    backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, cell, keys, named \
+        = checks.cache_of(cache, BiLSTMAttentionCache, "bilstm_attention_forward")
     # an input or output changed since the forward: each op's backward checks the arrays it
     # references first; the error names them as the caller passed them
     with unchanged.reported_as("bilstm_attention_forward", "bilstm_attention_backward", named), \
             unchanged.memoized():
         return _backward(backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible,
-                         keys, d_logits, d_attention)
+                         cell, keys, d_logits, d_attention)
 
 
-def _backward(backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, keys,
+def _backward(backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compatible, cell, keys,
               d_logits, d_attention):
     """`bilstm_attention_backward` on the cache's fields: each op's backward in reverse."""
     d_context, d_out = backend.linear_backward(d_logits, out_cache)  # logits = out(context)
@@ -124,8 +131,9 @@ def _backward(backend, emb_cache, lstm_cache, att_cache, out_cache, seed_compati
         d_h_n = d_query.reshape(2, B, H)
     else:  # query = concat(h_n[-2], h_n[-1])
         d_h_n = np.stack([d_query[:, :H], d_query[:, H:]])
-    d_x, d_lstm, _ = backend.lstm_backward(d_keys + d_values, lstm_cache, d_h_n=d_h_n)
+    d_x, d_rnn, _, _ = cells.layers_backward(backend, cell, d_keys + d_values, lstm_cache,
+                                             d_h_n=d_h_n)
     d_emb = backend.embedding_backward(d_x, emb_cache)  # x = embedding(ids)
-    grads = {**prefixed("embedding", d_emb), **prefixed("lstm", d_lstm),
+    grads = {**prefixed("embedding", d_emb), **prefixed(cell, d_rnn),
              **prefixed("out", d_out)}
     return {k: grads[k] for k in keys}

@@ -15,6 +15,7 @@ from numpy_ref.contract import unchanged
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import as_cell, group
+from numpy_ref.models import cells
 from numpy_ref.models.seq2seq import _bahdanau_layers, _bahdanau_step, _encode, _luong_output
 
 # --------------------------------------------------------------------------------------------
@@ -32,6 +33,7 @@ class _Decoder(NamedTuple):
     lengths: np.ndarray | None  # [N]
     K: np.ndarray | None  # bahdanau: memory W_key^T [N, Ts, A]
     p: dict[str, np.ndarray]  # the checked params
+    cell: str  # "lstm" or "gru"
 
     def repeat(self, k: int) -> _Decoder:
         """Each row k times (row b's copies at b*k .. b*k + k-1), for k beams."""
@@ -42,31 +44,33 @@ class _Decoder(NamedTuple):
 
 
 @unchanged.untracked()  # no backward follows: the ops record no fingerprints
-def _start(src, params, src_lengths, decoder, score, backend):
-    """Encode src; return (the `_Decoder`, s_0, m_0, sizes)."""
+def _start(src, params, src_lengths, decoder, score, backend, cell):
+    """Encode src; return (the `_Decoder`, s_0, m_0 (None with a GRU), sizes)."""
     backend = op_module(backend)
     score = contract.seq2seq_config(decoder, score)
-    p, sizes = contract.seq2seq_params(params, decoder, score)
+    p, sizes = contract.seq2seq_params(params, decoder, score, cell)
     real_src, src_lengths = contract.source(src, src_lengths, sizes.Vs)
-    memory, s0, m0, _ = _encode(backend, real_src, src_lengths, p, sizes.L)
+    memory, s0, m0, _ = _encode(backend, real_src, src_lengths, p, sizes.L, cell)
     K = None
     if decoder == "bahdanau":
         K, _ = backend.linear_forward(memory, {"weight": p["decoder.attention.W_key"]})
-    return _Decoder(backend, decoder, score, memory, src_lengths, K, p), s0, m0, sizes
+    return _Decoder(backend, decoder, score, memory, src_lengths, K, p, cell), s0, m0, sizes
 
 
 @unchanged.untracked()  # no backward follows: the ops record no fingerprints
-def _step(dec: _Decoder, tokens: np.ndarray, s: np.ndarray, m: np.ndarray):
-    """One decoder step for tokens [N]: -> (log-probabilities [N, Vt], s, m)."""
+def _step(dec: _Decoder, tokens: np.ndarray, s: np.ndarray, m: np.ndarray | None):
+    """One decoder step for tokens [N]: -> (log-probabilities [N, Vt], s, m (None with a
+    GRU))."""
     bk, p = dec.backend, dec.p
     y, _ = bk.embedding_forward(tokens, group(p, "tgt_embed"))  # [N, E]
     if dec.decoder == "luong":  # the teacher-forced decoder's equations, one step at a time
-        s, m, _ = bk.lstm_cell_forward(y, s, m, as_cell(group(p, "decoder.lstm")))
+        s, m, _ = cells.step_forward(bk, dec.cell, y, s, m,
+                                     as_cell(group(p, f"decoder.{dec.cell}")))
         logits, _, _ = _luong_output(bk, s, dec.memory, dec.lengths, dec.score, p)
     else:
         query_layer, cell = _bahdanau_layers(p)
         s, m, c, _, _ = _bahdanau_step(bk, y, s, m, dec.K, dec.memory, dec.lengths, query_layer,
-                                       p["decoder.attention.v"], cell)
+                                       p["decoder.attention.v"], cell, dec.cell)
         logits, _ = bk.linear_forward(np.concatenate([s, c, y], axis=1), group(p, "generator"))
     z = logits - logits.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True)), s, m  # log softmax
@@ -82,6 +86,7 @@ def greedy_decode(
     src_lengths: Any = None,
     decoder: str = "luong",
     score: str | None = None,
+    cell: str = "lstm",
     backend: ModuleType | None = None,
 ) -> np.ndarray:
     """Greedy decoding: start from bos, feed each step's most likely token back.
@@ -89,11 +94,11 @@ def greedy_decode(
     ``y_{t+1} = argmax_v logits_t[v]`` with the decoder's state carried step to step (the
     `numpy_ref.models` module docstring).
 
-    Returns tokens [B, T_out], T_out <= max_len (bos not included): each row up to and including its
-    eos, then eos again until the longest row ends; a row without eos has max_len tokens.
-    Ties go to the lowest token id.
+    Returns tokens [B, T_out], T_out <= max_len (bos not included): each row up to and
+    including its eos, then eos again until the longest row ends; a row without eos has max_len
+    tokens. Ties go to the lowest token id. ``cell``: the seq2seq's, "lstm" or "gru".
     """
-    dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend)
+    dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend, cell)
     contract.decoding(max_len, bos, eos, sizes.Vt)
     B = dec.memory.shape[0]
     tokens = np.full(B, bos, np.int64)
@@ -121,6 +126,7 @@ def beam_search(
     length_penalty: float = 1.0,
     decoder: str = "luong",
     score: str | None = None,
+    cell: str = "lstm",
     backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Beam search over all rows and beams at once: keep the k best hypotheses by
@@ -139,11 +145,11 @@ def beam_search(
         eos up to the longest; T_out <= max_len.
     scores [B] : their scores, in the params' dtype.
     """
-    dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend)
+    dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend, cell)
     contract.decoding(max_len, bos, eos, sizes.Vt, beam_size, length_penalty)
     B, k, V = dec.memory.shape[0], int(beam_size), sizes.Vt
     dec = dec.repeat(k)
-    s, m = np.repeat(s, k, axis=0), np.repeat(m, k, axis=0)  # [B*k, 2H]
+    s, m = np.repeat(s, k, axis=0), None if m is None else np.repeat(m, k, axis=0)  # [B*k, 2H]
     dtype = s.dtype
     total = np.full((B, k), -np.inf, dtype)  # sum of log-probabilities; -inf: no hypothesis
     total[:, 0] = 0
@@ -173,7 +179,7 @@ def beam_search(
         done = np.where(carried, True, token == eos) & alive
         seqs = np.concatenate([seqs[rows, beam], token[..., None]], axis=2)
         flat = (rows * k + beam).reshape(-1)
-        s, m, tokens = s[flat], m[flat], token.reshape(-1)
+        s, m, tokens = s[flat], None if m is None else m[flat], token.reshape(-1)
         if (done | ~alive).all():
             break
     with np.errstate(divide="ignore", invalid="ignore"):

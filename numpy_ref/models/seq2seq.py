@@ -15,6 +15,7 @@ from numpy_ref.contract import models as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import group, prefixed
+from numpy_ref.models import cells
 
 # --------------------------------------------------------------------------------------------
 # the encoder-decoder: the encoder
@@ -25,32 +26,42 @@ class EncoderCache(NamedTuple):
     """The encoder's caches."""
 
     embedding: Any  # src_embed cache
-    lstm: Any  # encoder LSTM cache (memory [B, Ts, 2H], batch-first)
+    lstm: Any  # encoder cache, LSTM or GRU (memory [B, Ts, 2H], batch-first)
     num_layers: int  # L
+    cell: str  # "lstm" or "gru"
 
 
-def _encode(backend, real_src, src_lengths, p, L):
-    """src -> (memory [B, Ts, 2H], s_0 [B, 2H], m_0 [B, 2H], EncoderCache)."""
+def _final(n: np.ndarray | None) -> np.ndarray | None:
+    """The last layer's two directions of a final state [2L, B, H], side by side [B, 2H]."""
+    return None if n is None else np.concatenate([n[-2], n[-1]], axis=1)
+
+
+def _encode(backend, real_src, src_lengths, p, L, cell="lstm"):
+    """src -> (memory [B, Ts, 2H], s_0 [B, 2H], m_0 [B, 2H] (None with a GRU),
+    EncoderCache)."""
     x, emb_cache = backend.embedding_forward(real_src, group(p, "src_embed"))  # [B, Ts, E]
-    memory, (h_n, c_n), lstm_cache = backend.lstm_forward(
-        x, group(p, "encoder"), num_layers=L, bidirectional=True, batch_first=True,
-        lengths=src_lengths)
-    s0 = np.concatenate([h_n[-2], h_n[-1]], axis=1)  # the last layer's two directions
-    m0 = np.concatenate([c_n[-2], c_n[-1]], axis=1)
-    return memory, s0, m0, EncoderCache(emb_cache, lstm_cache, L)
+    memory, h_n, c_n, rnn_cache = cells.layers_forward(
+        backend, cell, x, group(p, "encoder"), num_layers=L, bidirectional=True,
+        batch_first=True, lengths=src_lengths)
+    return memory, _final(h_n), _final(c_n), EncoderCache(emb_cache, rnn_cache, L, cell)
 
 
 def _encode_backward(backend, d_memory, d_s0, d_m0, cache: EncoderCache):
-    """(d_memory, d_s0, d_m0) -> the gradients of src_embed.* and encoder.*."""
+    """(d_memory, d_s0, d_m0 (None with a GRU)) -> the gradients of src_embed.* and
+    encoder.*."""
     B, H2 = d_s0.shape
     H, L = H2 // 2, cache.num_layers
-    d_h_n = np.zeros((2 * L, B, H), d_s0.dtype)
-    d_c_n = np.zeros((2 * L, B, H), d_s0.dtype)
-    d_h_n[-2], d_h_n[-1] = d_s0[:, :H], d_s0[:, H:]  # s_0 = concat(h_n[-2], h_n[-1])
-    d_c_n[-2], d_c_n[-1] = d_m0[:, :H], d_m0[:, H:]
-    d_x, d_lstm, _ = backend.lstm_backward(d_memory, cache.lstm, d_h_n=d_h_n, d_c_n=d_c_n)
+
+    def final(d):  # s_0 = concat(h_n[-2], h_n[-1]), and m_0 likewise
+        if d is None:
+            return None
+        full = np.zeros((2 * L, B, H), d_s0.dtype)
+        full[-2], full[-1] = d[:, :H], d[:, H:]
+        return full
+    d_x, d_rnn, _, _ = cells.layers_backward(backend, cache.cell, d_memory, cache.lstm,
+                                             d_h_n=final(d_s0), d_c_n=final(d_m0))
     d_emb = backend.embedding_backward(d_x, cache.embedding)
-    return {**prefixed("src_embed", d_emb), **prefixed("encoder", d_lstm)}
+    return {**prefixed("src_embed", d_emb), **prefixed("encoder", d_rnn)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,11 +72,12 @@ def _encode_backward(backend, d_memory, d_s0, d_m0, cache: EncoderCache):
 class LuongCache(NamedTuple):
     """The Luong decoder's caches."""
 
-    lstm: Any  # decoder.lstm cache (s [B, Tt, 2H])
+    lstm: Any  # decoder.lstm (decoder.gru) cache (s [B, Tt, 2H])
     attention: Any  # attention cache (queries s, keys = values = memory)
     concat: Any  # decoder.concat cache (input [c; s] [B, Tt, 4H])
     attentional: np.ndarray  # h~ = tanh(concat([c; s])) [B, Tt, 2H]; read
     generator: Any  # generator cache
+    cell: str  # "lstm" or "gru"
 
 
 def _luong_output(backend, s, memory, src_lengths, score, p):
@@ -84,12 +96,13 @@ def _luong_output(backend, s, memory, src_lengths, score, p):
     return logits, attention, (att_cache, concat_cache, h_att, gen_cache)
 
 
-def _luong_forward(backend, y, memory, s0, m0, src_lengths, score, p):
+def _luong_forward(backend, y, memory, s0, m0, src_lengths, score, p, cell="lstm"):
     """y [B, Tt, E] -> (logits [B, Tt, Vt], attention [B, Tt, Ts], LuongCache)."""
-    s, _, lstm_cache = backend.lstm_forward(y, group(p, "decoder.lstm"), batch_first=True,
-                                            h0=s0[None], c0=m0[None])  # [B, Tt, 2H]
+    s, _, _, rnn_cache = cells.layers_forward(
+        backend, cell, y, group(p, f"decoder.{cell}"), batch_first=True,
+        state=(s0[None], None if m0 is None else m0[None]))  # [B, Tt, 2H]
     logits, attention, caches = _luong_output(backend, s, memory, src_lengths, score, p)
-    return logits, attention, LuongCache(lstm_cache, *caches)
+    return logits, attention, LuongCache(rnn_cache, *caches, cell)
 
 
 def _luong_backward(backend, d_logits, d_attention, cache: LuongCache):
@@ -101,10 +114,11 @@ def _luong_backward(backend, d_logits, d_attention, cache: LuongCache):
     d_context, d_s = d_cat[..., :H2], d_cat[..., H2:]
     d_s_att, d_keys, d_values, d_att = backend.attention_backward(  # c = attention(s, mem, mem)
         d_context, cache.attention, d_weights=d_attention)
-    d_y, d_lstm, (d_h0, d_c0) = backend.lstm_backward(d_s + d_s_att, cache.lstm)  # s = LSTM(y)
-    grads = {**prefixed("decoder.lstm", d_lstm), **prefixed("decoder.attention", d_att),
+    d_y, d_rnn, d_h0, d_c0 = cells.layers_backward(backend, cache.cell, d_s + d_s_att,
+                                                   cache.lstm)  # s = LSTM(y)
+    grads = {**prefixed(f"decoder.{cache.cell}", d_rnn), **prefixed("decoder.attention", d_att),
              **prefixed("decoder.concat", d_concat), **prefixed("generator", d_gen)}
-    return d_y, d_keys + d_values, d_h0[0], d_c0[0], grads
+    return d_y, d_keys + d_values, d_h0[0], None if d_c0 is None else d_c0[0], grads
 
 
 @documented
@@ -126,6 +140,7 @@ class BahdanauCache(NamedTuple):
     steps: tuple[BahdanauStepCache, ...]  # Tt entries
     generator: Any  # generator cache (input [s; c; y] [B, Tt, 4H + E])
     state_size: int  # 2H
+    cell: str  # "lstm" or "gru"
 
 
 def _bahdanau_layers(p):
@@ -134,10 +149,12 @@ def _bahdanau_layers(p):
     return {"weight": att["W_query"], "bias": att["b"]}, group(p, "decoder.cell")
 
 
-def _bahdanau_step(backend, y_t, s, m, K, memory, src_lengths, query_layer, v, cell):
+def _bahdanau_step(backend, y_t, s, m, K, memory, src_lengths, query_layer, v, cell,
+                   kind="lstm"):
     """One Bahdanau step from s_{t-1}, m_{t-1}: ``qa = W_query s_{t-1} + b``,
     ``e = v . tanh(qa + K)``, ``w = softmax(e)``, ``c = w memory``,
-    ``s_t, m_t = cell([y_t; c], s_{t-1}, m_{t-1})``.
+    ``s_t, m_t = cell([y_t; c], s_{t-1}, m_{t-1})`` (an LSTM cell; `kind` "gru": a GRU cell,
+    m None).
 
     y_t [B, E], s and m [B, 2H], K [B, Ts, A] -> (s_t, m_t, c [B, 2H], w [B, Ts],
     BahdanauStepCache).
@@ -146,11 +163,12 @@ def _bahdanau_step(backend, y_t, s, m, K, memory, src_lengths, query_layer, v, c
     e, e_cache = backend.additive_scores_forward(qa, K, v)  # [B, Ts]
     w, sm_cache = backend.masked_softmax_forward(e, src_lengths)
     c, c_cache = backend.weighted_sum_forward(w, memory)  # [B, 2H]
-    s, m, cell_cache = backend.lstm_cell_forward(np.concatenate([y_t, c], axis=1), s, m, cell)
+    s, m, cell_cache = cells.step_forward(backend, kind, np.concatenate([y_t, c], axis=1), s, m,
+                                          cell)
     return s, m, c, w, BahdanauStepCache(q_cache, e_cache, sm_cache, c_cache, cell_cache)
 
 
-def _bahdanau_forward(backend, y, memory, s0, m0, src_lengths, p):
+def _bahdanau_forward(backend, y, memory, s0, m0, src_lengths, p, kind="lstm"):
     """y [B, Tt, E] -> (logits [B, Tt, Vt], attention [B, Tt, Ts], BahdanauCache)."""
     Tt = y.shape[1]
     att = group(p, "decoder.attention")
@@ -160,7 +178,7 @@ def _bahdanau_forward(backend, y, memory, s0, m0, src_lengths, p):
     states, contexts, weights, steps = [], [], [], []
     for t in range(Tt):
         s, m, c, w, step = _bahdanau_step(backend, y[:, t], s, m, K, memory, src_lengths,
-                                          query_layer, att["v"], cell)
+                                          query_layer, att["v"], cell, kind)
         states.append(s)
         contexts.append(c)
         weights.append(w)
@@ -168,7 +186,7 @@ def _bahdanau_forward(backend, y, memory, s0, m0, src_lengths, p):
     gen_in = np.concatenate([np.stack(states, 1), np.stack(contexts, 1), y], axis=-1)
     logits, gen_cache = backend.linear_forward(gen_in, group(p, "generator"))
     return logits, np.stack(weights, 1), BahdanauCache(keys_cache, tuple(steps), gen_cache,
-                                                      s0.shape[1])
+                                                      s0.shape[1], kind)
 
 
 def _bahdanau_backward(backend, d_logits, d_attention, cache: BahdanauCache):
@@ -181,11 +199,12 @@ def _bahdanau_backward(backend, d_logits, d_attention, cache: BahdanauCache):
     d_query_layer: dict[str, np.ndarray] = {}
     d_cell: dict[str, np.ndarray] = {}
     d_s = np.zeros((d_in.shape[0], H2), d_in.dtype)  # dL/ds_t from the steps after t
-    d_m = np.zeros_like(d_s)  # dL/dm_t, the cell state's
+    d_m = np.zeros_like(d_s) if cache.cell == "lstm" else None  # dL/dm_t (LSTM)
     for t in range(len(cache.steps) - 1, -1, -1):
         step = cache.steps[t]
         # s_t, m_t = cell([y_t; c_t], s_{t-1}, m_{t-1})
-        d_x, d_s, d_m, g_cell = backend.lstm_cell_backward(d_states[:, t] + d_s, d_m, step.cell)
+        d_x, d_s, d_m, g_cell = cells.step_backward(backend, cache.cell, d_states[:, t] + d_s,
+                                                    d_m, step.cell)
         d_y[:, t] += d_x[:, :E]
         # c_t = weighted_sum(w_t, memory)
         d_w, d_mem = backend.weighted_sum_backward(d_contexts[:, t] + d_x[:, E:], step.context)
@@ -244,6 +263,7 @@ def seq2seq_forward(
     decoder: str = "luong",
     score: str | None = None,
     src_lengths: Any = None,
+    cell: str = "lstm",
     backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Seq2SeqCache]:
     """The encoder-decoder with attention, teacher-forced.
@@ -264,6 +284,9 @@ def seq2seq_forward(
     score : the attention score; None is "general" for luong and "additive" for bahdanau
         (its only score).
     src_lengths : integer [B] in 1..Ts, or None.
+    cell : "lstm" or "gru": the encoder, the Luong decoder's layer (``decoder.gru.*``) and the
+        Bahdanau decoder's cell are GRUs; the decoder starts from the encoder's concatenated
+        final h (a GRU has no c).
     backend : the op module (`numpy_ref` or `kernels`; None: `numpy_ref`).
 
     Returns
@@ -272,15 +295,15 @@ def seq2seq_forward(
     """
     backend = op_module(backend)
     real_src, tgt, src_lengths, score, p, sizes = contract.seq2seq(src, tgt, params, decoder,
-                                                                   score, src_lengths)
-    memory, s0, m0, enc_cache = _encode(backend, real_src, src_lengths, p, sizes.L)
+                                                                   score, src_lengths, cell)
+    memory, s0, m0, enc_cache = _encode(backend, real_src, src_lengths, p, sizes.L, cell)
     y, tgt_cache = backend.embedding_forward(tgt, group(p, "tgt_embed"))  # [B, Tt, E]
     if decoder == "luong":
         logits, attention, dec_cache = _luong_forward(backend, y, memory, s0, m0, src_lengths,
-                                                      score, p)
+                                                      score, p, cell)
     else:
         logits, attention, dec_cache = _bahdanau_forward(backend, y, memory, s0, m0,
-                                                         src_lengths, p)
+                                                         src_lengths, p, cell)
     named = unchanged.names({"src": src, "tgt": tgt, "params": params},
                             {"attention": attention})
     cache = Seq2SeqCache(backend, decoder, enc_cache, tgt_cache, dec_cache, tuple(p), named)
