@@ -2,11 +2,14 @@
 
 `BiLSTMAttention`, `Seq2SeqAttention` and `Attention` are `nn.Module`s whose state_dicts are
 the parameter dicts of `numpy_ref.models`; `to_numpy(module)` gives such a dict and
-`load_numpy_(module, params)` loads one. The LSTM's counterpart is `torch.nn.LSTM` itself.
+`load_numpy_(module, params)` loads one. The recurrent layers' counterparts are `torch.nn.LSTM`,
+`nn.GRU` and `nn.RNN` themselves; the models take ``cell="lstm" | "gru"``.
 
 `torch_impl.functions` holds the autograd bridges (`attention`, `multihead_attention`, `lstm`,
-`lstm_cell`): our hand-written forward/backward pairs as differentiable torch ops. Every module
-takes ``backend="torch" | "numpy_ref" | "kernels"`` to run its attention and LSTMs on them.
+`lstm_cell`, `gru`, `gru_cell`, `rnn`, `rnn_cell`): our hand-written forward/backward pairs as
+differentiable torch ops. Every module takes ``backend="torch" | "numpy_ref" | "kernels"`` to
+run its attention and recurrent layers on them. `torch_impl.reference` is the one torch
+reference of each op that the tests, benchmarks and golden checks compare with.
 """
 
 try:
