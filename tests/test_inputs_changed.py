@@ -427,16 +427,18 @@ def _recurrent_cell(kind: str) -> Callable[[Any], Run]:
     return make
 
 
-# kernels check the LSTM's, and those of the ops they take from numpy_ref (linear, the LSTM
-# cell, the scores, the embedding's forward); their attention and cross-entropy do not
+# kernels check the LSTM's, the GRU's and the RNN's, and those of the ops they take from
+# numpy_ref (linear, the recurrent cells, the scores, the embedding's forward); their attention
+# and cross-entropy do not
 CASES: dict[str, tuple[Callable[[Any], Run], dict[str, tuple[str, ...] | None]]] = {
     "lstm": (_lstm, {"numpy_ref": None, "kernels": None}),
     "lstm_cell": (_lstm_cell, {"numpy_ref": None, "kernels": None}),
-    "gru": (_recurrent("gru"), {"numpy_ref": None}),
-    "gru_linear_before_reset_false": (_recurrent("gru_other"), {"numpy_ref": None}),
-    "rnn": (_recurrent("rnn"), {"numpy_ref": None}),
-    "gru_cell": (_recurrent_cell("gru"), {"numpy_ref": None}),
-    "rnn_cell": (_recurrent_cell("rnn"), {"numpy_ref": None}),
+    "gru": (_recurrent("gru"), {"numpy_ref": None, "kernels": None}),
+    "gru_linear_before_reset_false": (_recurrent("gru_other"), {"numpy_ref": None,
+                                                                "kernels": None}),
+    "rnn": (_recurrent("rnn"), {"numpy_ref": None, "kernels": None}),
+    "gru_cell": (_recurrent_cell("gru"), {"numpy_ref": None, "kernels": None}),
+    "rnn_cell": (_recurrent_cell("rnn"), {"numpy_ref": None, "kernels": None}),
     "attention_general": (_attention_general, {"numpy_ref": None}),
     "attention_additive": (_attention_additive, {"numpy_ref": None}),
     "attention_no_weights": (_attention_no_weights, {"numpy_ref": None}),
