@@ -2,11 +2,20 @@
 
 Every differentiable op is a pair ``op_forward(...) -> (outputs..., cache)`` and
 ``op_backward(d_outputs..., cache) -> (d_inputs..., d_params)``: the recurrent family (LSTM,
-GRU in both published variants, Elman RNN), attention and its
-parts, the layers (embedding, linear, cross-entropy); the models compose them (see
-`numpy_ref.models`), the optimizers update params dicts in place (`numpy_ref.optim`).
+GRU in both published variants, Elman RNN), attention and its parts, the layers (embedding,
+linear, cross-entropy), the Transformer's parts (layer norm, ReLU and GELU, the feed-forward
+block, the encoder and decoder layers and stacks, nn.Transformer); the models compose them
+(see `numpy_ref.models`), the optimizers update params dicts in place (`numpy_ref.optim`).
 """
 
+from numpy_ref.activations import (
+    GeluCache,
+    ReluCache,
+    gelu_backward,
+    gelu_forward,
+    relu_backward,
+    relu_forward,
+)
 from numpy_ref.attention import (
     SCORES,
     AdditiveScoresCache,
@@ -36,6 +45,7 @@ from numpy_ref.gru import (
     gru_forward,
     init_gru_params,
 )
+from numpy_ref.layer_norm import LayerNormCache, layer_norm_backward, layer_norm_forward
 from numpy_ref.layers import (
     CrossEntropyCache,
     EmbeddingCache,
@@ -85,6 +95,26 @@ from numpy_ref.rnn import (
     rnn_cell_forward,
     rnn_forward,
 )
+from numpy_ref.transformer import (
+    FeedForwardCache,
+    TransformerCache,
+    TransformerDecoderCache,
+    TransformerDecoderLayerCache,
+    TransformerEncoderCache,
+    TransformerEncoderLayerCache,
+    feed_forward_backward,
+    feed_forward_forward,
+    transformer_backward,
+    transformer_decoder_backward,
+    transformer_decoder_forward,
+    transformer_decoder_layer_backward,
+    transformer_decoder_layer_forward,
+    transformer_encoder_backward,
+    transformer_encoder_forward,
+    transformer_encoder_layer_backward,
+    transformer_encoder_layer_forward,
+    transformer_forward,
+)
 
 __all__ = [
     "SCORES",
@@ -97,19 +127,28 @@ __all__ = [
     "BiLSTMAttentionCache",
     "CrossEntropyCache",
     "EmbeddingCache",
+    "FeedForwardCache",
     "GRUCache",
     "GRUCellCache",
     "GRUDirectionCache",
+    "GeluCache",
     "LSTMCache",
     "LSTMCellCache",
     "LSTMDirectionCache",
+    "LayerNormCache",
     "LinearCache",
     "MaskedSoftmaxCache",
     "MultiheadAttentionCache",
     "RNNCache",
     "RNNCellCache",
     "RNNDirectionCache",
+    "ReluCache",
     "Seq2SeqCache",
+    "TransformerCache",
+    "TransformerDecoderCache",
+    "TransformerDecoderLayerCache",
+    "TransformerEncoderCache",
+    "TransformerEncoderLayerCache",
     "WeightedSumCache",
     "additive_scores_backward",
     "additive_scores_forward",
@@ -125,6 +164,10 @@ __all__ = [
     "cross_entropy_forward",
     "embedding_backward",
     "embedding_forward",
+    "feed_forward_backward",
+    "feed_forward_forward",
+    "gelu_backward",
+    "gelu_forward",
     "gradcheck",
     "greedy_decode",
     "gru_backward",
@@ -136,6 +179,8 @@ __all__ = [
     "init_lstm_params",
     "init_rnn_params",
     "init_seq2seq_params",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "linear_backward",
     "linear_forward",
     "lstm_backward",
@@ -147,12 +192,24 @@ __all__ = [
     "multihead_attention_backward",
     "multihead_attention_forward",
     "numerical_gradient",
+    "relu_backward",
+    "relu_forward",
     "rnn_backward",
     "rnn_cell_backward",
     "rnn_cell_forward",
     "rnn_forward",
     "seq2seq_backward",
     "seq2seq_forward",
+    "transformer_backward",
+    "transformer_decoder_backward",
+    "transformer_decoder_forward",
+    "transformer_decoder_layer_backward",
+    "transformer_decoder_layer_forward",
+    "transformer_encoder_backward",
+    "transformer_encoder_forward",
+    "transformer_encoder_layer_backward",
+    "transformer_encoder_layer_forward",
+    "transformer_forward",
     "weighted_sum_backward",
     "weighted_sum_forward",
 ]
