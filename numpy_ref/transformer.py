@@ -69,7 +69,7 @@ from numpy_ref.contract import layers as layers_contract
 from numpy_ref.contract import transformer as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
-from numpy_ref.contract.transformer import group
+from numpy_ref.contract.models import group
 
 __all__ = [
     "FeedForwardCache",

@@ -1,9 +1,9 @@
 """PyTorch counterparts of the `numpy_ref` models and the converters between the two.
 
-`BiLSTMAttention`, `Seq2SeqAttention` and `Attention` are `nn.Module`s whose state_dicts are
-the parameter dicts of `numpy_ref.models`; `to_numpy(module)` gives such a dict and
-`load_numpy_(module, params)` loads one. The recurrent layers' counterparts are `torch.nn.LSTM`,
-`nn.GRU` and `nn.RNN` themselves; the models take ``cell="lstm" | "gru"``.
+`BiLSTMAttention`, `Seq2SeqAttention`, `TransformerSeq2Seq` and `Attention` are `nn.Module`s
+whose state_dicts are the parameter dicts of `numpy_ref.models`; `to_numpy(module)` gives such
+a dict and `load_numpy_(module, params)` loads one. The recurrent layers' counterparts are
+`torch.nn.LSTM`, `nn.GRU` and `nn.RNN` themselves; the models take ``cell="lstm" | "gru"``.
 
 `torch_impl.functions` holds the autograd bridges (`attention`, `multihead_attention`, `lstm`,
 `lstm_cell`, `gru`, `gru_cell`, `rnn`, `rnn_cell`): our hand-written forward/backward pairs as
@@ -27,6 +27,7 @@ from torch_impl.modules import (
     LuongDecoder,
     Seq2SeqAttention,
 )
+from torch_impl.transformer import TransformerSeq2Seq
 
 __all__ = ["Attention", "BahdanauDecoder", "BiLSTMAttention", "LuongDecoder",
-           "Seq2SeqAttention", "functions", "load_numpy_", "to_numpy"]
+           "Seq2SeqAttention", "TransformerSeq2Seq", "functions", "load_numpy_", "to_numpy"]

@@ -87,12 +87,6 @@ def layer_norm(x: Any, params: Mapping[str, Any], eps: Any, variant: Any):
 # the layers' params
 
 
-def group(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of `params` under ``prefix.``, with the prefix removed."""
-    cut = len(prefix) + 1
-    return {k[cut:]: v for k, v in params.items() if k.startswith(prefix + ".")}
-
-
 @documented
 class LayerSizes(NamedTuple):
     """The sizes a layer's params fix."""

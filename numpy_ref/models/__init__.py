@@ -1,6 +1,6 @@
 r"""The models, forward and backward by hand, composed of the public op pairs: the seed's
-BiLSTM-attention classifier and an encoder-decoder with Luong or Bahdanau attention, with
-greedy decoding and beam search.
+BiLSTM-attention classifier, an encoder-decoder with Luong or Bahdanau attention, and the same
+frame as a Transformer (`numpy_ref.models.transformer`), with greedy decoding and beam search.
 
 Every function takes ``backend=``: a module with `numpy_ref`'s op signatures (`numpy_ref`
 itself by default, `kernels` for speed). The module is passed in (None: `numpy_ref`, imported
@@ -85,8 +85,36 @@ from numpy_ref.models.seq2seq import (
     seq2seq_backward,
     seq2seq_forward,
 )
+from numpy_ref.models.transformer import (
+    TransformerSeq2SeqCache,
+    init_transformer_seq2seq_params,
+    positional_encoding,
+    transformer_beam_search,
+    transformer_greedy_decode,
+    transformer_seq2seq_backward,
+    transformer_seq2seq_forward,
+)
 
-__all__ = ["BahdanauCache", "BahdanauStepCache", "BiLSTMAttentionCache", "EncoderCache",
-           "LuongCache", "Seq2SeqCache", "beam_search", "bilstm_attention_backward",
-           "bilstm_attention_forward", "greedy_decode", "init_bilstm_attention_params",
-           "init_seq2seq_params", "seq2seq_backward", "seq2seq_forward"]
+__all__ = [
+    "BahdanauCache",
+    "BahdanauStepCache",
+    "BiLSTMAttentionCache",
+    "EncoderCache",
+    "LuongCache",
+    "Seq2SeqCache",
+    "TransformerSeq2SeqCache",
+    "beam_search",
+    "bilstm_attention_backward",
+    "bilstm_attention_forward",
+    "greedy_decode",
+    "init_bilstm_attention_params",
+    "init_seq2seq_params",
+    "init_transformer_seq2seq_params",
+    "positional_encoding",
+    "seq2seq_backward",
+    "seq2seq_forward",
+    "transformer_beam_search",
+    "transformer_greedy_decode",
+    "transformer_seq2seq_backward",
+    "transformer_seq2seq_forward",
+]

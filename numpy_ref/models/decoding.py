@@ -100,18 +100,8 @@ def greedy_decode(
     """
     dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend, cell)
     contract.decoding(max_len, bos, eos, sizes.Vt)
-    B = dec.memory.shape[0]
-    tokens = np.full(B, bos, np.int64)
-    done = np.zeros(B, bool)
-    out = []
-    for _ in range(max_len):
-        log_p, s, m = _step(dec, tokens, s, m)
-        tokens = np.where(done, eos, log_p.argmax(axis=1))
-        out.append(tokens)
-        done |= tokens == eos
-        if done.all():
-            break
-    return np.stack(out, axis=1)
+    return greedy(lambda tokens, state: _rnn_step(dec, tokens, state), (s, m),
+                  dec.memory.shape[0], max_len, bos, eos)
 
 
 def beam_search(
@@ -147,39 +137,78 @@ def beam_search(
     """
     dec, s, m, sizes = _start(src, params, src_lengths, decoder, score, backend, cell)
     contract.decoding(max_len, bos, eos, sizes.Vt, beam_size, length_penalty)
-    B, k, V = dec.memory.shape[0], int(beam_size), sizes.Vt
-    dec = dec.repeat(k)
-    s, m = np.repeat(s, k, axis=0), None if m is None else np.repeat(m, k, axis=0)  # [B*k, 2H]
-    dtype = s.dtype
+    k = int(beam_size)
+    beams = dec.repeat(k)  # each row's memory once per beam
+    return beam(lambda tokens, state: _rnn_step(beams, tokens, state), (s, m),
+                dec.memory.shape[0], k, sizes.Vt, max_len, bos, eos, length_penalty, s.dtype)
+
+
+def _rnn_step(dec: _Decoder, tokens: np.ndarray, state: tuple) -> tuple[np.ndarray, tuple]:
+    """`_step` on a state (s, m) -> (log-probabilities, the new state)."""
+    log_p, s, m = _step(dec, tokens, *state)
+    return log_p, (s, m)
+
+
+# --------------------------------------------------------------------------------------------
+# the search, for any decoder: step(tokens [N], state) -> (log-probabilities [N, V], state),
+# a state being a tuple of arrays (or None) whose first axis is the N rows
+
+
+def _rows(state: tuple, index: np.ndarray) -> tuple:
+    return tuple(None if a is None else a[index] for a in state)
+
+
+def greedy(step: Any, state: tuple, B: int, max_len: int, bos: int, eos: int) -> np.ndarray:
+    """Greedy decoding of B rows with `step` (see `greedy_decode`): -> tokens [B, T_out]."""
+    tokens = np.full(B, bos, np.int64)
+    done = np.zeros(B, bool)
+    out = []
+    for _ in range(max_len):
+        log_p, state = step(tokens, state)
+        tokens = np.where(done, eos, log_p.argmax(axis=1))
+        out.append(tokens)
+        done |= tokens == eos
+        if done.all():
+            break
+    return np.stack(out, axis=1)
+
+
+def beam(step: Any, state: tuple, B: int, k: int, V: int, max_len: int, bos: int, eos: int,
+         length_penalty: float, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Beam search of B rows, k beams each, with `step` (see `beam_search`) on B*k rows (row
+    b's beams at b*k .. b*k + k-1; the state is repeated so here) -> (tokens [B, T_out],
+    scores [B])."""
+    state = tuple(None if a is None else np.repeat(a, k, axis=0) for a in state)  # [B*k, ...]
+    dtype = np.dtype(dtype)
     total = np.full((B, k), -np.inf, dtype)  # sum of log-probabilities; -inf: no hypothesis
     total[:, 0] = 0
     length = np.zeros((B, k), np.int64)
     done = np.zeros((B, k), bool)
     seqs = np.zeros((B, k, 0), np.int64)
     tokens = np.full(B * k, bos, np.int64)
-    for step in range(1, max_len + 1):
-        log_p, s, m = _step(dec, tokens, s, m)
+    for step_no in range(1, max_len + 1):
+        log_p, state = step(tokens, state)
         extended = total[..., None] + log_p.reshape(B, k, V)  # [B, k, V]
         extended[done] = -np.inf  # a finished hypothesis is not extended...
         kept = np.where(done, total, -np.inf)  # ... but carried as it is
         with np.errstate(divide="ignore", invalid="ignore"):
-            ranked = np.concatenate([extended.reshape(B, k * V) / dtype.type(step)**length_penalty,
+            ranked = np.concatenate([extended.reshape(B, k * V)
+                                     / dtype.type(step_no)**length_penalty,
                                      kept / np.maximum(length, 1).astype(dtype)**length_penalty],
                                     axis=1)  # [B, k*V + k]
         best = np.argsort(-ranked, axis=1, kind="stable")[:, :k]  # [B, k]
         carried = best >= k * V
-        beam = np.where(carried, best - k * V, best // V)
+        parent = np.where(carried, best - k * V, best // V)
         token = np.where(carried, eos, best % V)
         rows = np.arange(B)[:, None]
-        total = np.where(carried, total[rows, beam], extended.reshape(B, k * V)[
+        total = np.where(carried, total[rows, parent], extended.reshape(B, k * V)[
             rows, np.minimum(best, k * V - 1)])
         alive = np.isfinite(ranked[rows, best])
         total = np.where(alive, total, -np.inf)
-        length = np.where(carried, length[rows, beam], step)
+        length = np.where(carried, length[rows, parent], step_no)
         done = np.where(carried, True, token == eos) & alive
-        seqs = np.concatenate([seqs[rows, beam], token[..., None]], axis=2)
-        flat = (rows * k + beam).reshape(-1)
-        s, m, tokens = s[flat], None if m is None else m[flat], token.reshape(-1)
+        seqs = np.concatenate([seqs[rows, parent], token[..., None]], axis=2)
+        state, tokens = _rows(state, (rows * k + parent).reshape(-1)), token.reshape(-1)
         if (done | ~alive).all():
             break
     with np.errstate(divide="ignore", invalid="ignore"):
