@@ -10,8 +10,11 @@
   and metadata; a float32 case stores the float64 answer on its float32 inputs, rounded.
 - The files mean what their semantics say, checked with torch (`torch_impl.reference`) and not
   numpy_ref: torch.nn.LSTMCell, torch.nn.LSTM on a packed batch, masked softmax attention,
-  torch.nn.MultiheadAttention, F.cross_entropy, F.embedding, F.linear and the torch_impl
-  models reproduce the stored outputs and gradients of the float64 files within 1e-10.
+  torch.nn.MultiheadAttention, F.cross_entropy, F.embedding, F.linear, the torch_impl models,
+  F.layer_norm (and the Annotated Transformer's LayerNorm in torch ops), F.gelu,
+  torch.nn.TransformerEncoderLayer / DecoderLayer and torch.nn.Transformer reproduce the
+  stored outputs and gradients of the float64 files within 1e-10 (the Transformer's padding
+  rows, which torch computes from what they hold, set to 0 as the files have them).
 """
 
 from __future__ import annotations
@@ -104,7 +107,10 @@ def test_write_then_verify_every_case(full):
     families = {e["family"] for e in m["cases"].values()}
     assert families == {"lstm_cell", "lstm", "gru_cell", "gru", "rnn_cell", "rnn", "attention",
                         "multihead_attention", "embedding", "linear", "cross_entropy",
-                        "bilstm_attention", "seq2seq"}
+                        "bilstm_attention", "seq2seq", "layer_norm", "gelu",
+                        "transformer_encoder_layer", "transformer_decoder_layer",
+                        "transformer"}
+    assert len(golden.CONFIGS) == 67 and len(m["cases"]) == 134
     total = sum(e["size"] for e in m["cases"].values())
     assert total < 4 << 20, f"the golden set is {total} bytes"
     for name, e in m["cases"].items():
@@ -592,6 +598,106 @@ def test_torch_seq2seq(full, config):
     _check_grads(t, {"logits": logits, "attention": attention},
                  {"logits": cot["d_logits"], "attention": cot["d_attention"]},
                  dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("config", ["affine", "no_affine", "annotated"])
+def test_torch_layer_norm(full, config):
+    case = f"layer_norm-{config}-float64"
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    x = _t(inp["x"], True)
+    p = {k: _t(v, True) for k, v in par.items()}
+    assert set(p) == ({"weight", "bias"} if o["elementwise_affine"] else set())
+    if o["variant"] == "torch":
+        y = F.layer_norm(x, (o["normalized_shape"],), p.get("weight"), p.get("bias"),
+                         eps=o["eps"])
+        _, mean, r = torch.native_layer_norm(x, (o["normalized_shape"],), None, None, o["eps"])
+    else:  # the Annotated Transformer's: a_2 * (x - mean) / (std + eps) + b_2
+        mean = x.mean(-1, keepdim=True)
+        r = 1 / (x.std(-1, keepdim=True) + o["eps"])
+        y = p["weight"] * (x - mean) * r + p["bias"]
+    _same("cache.r", r, t["cache.r"])
+    _same("cache.x_hat", (x - mean) * r, t["cache.x_hat"])
+    _check_grads(t, {"y": y}, {"y": cot["d_y"]}, {"x": x, **p})
+
+
+@pytest.mark.parametrize("config", ["exact", "tanh"])
+def test_torch_gelu(full, config):
+    case = f"gelu-{config}-float64"
+    inp, _, cot, t = _load(full, case)
+    x = _t(inp["x"], True)
+    y = F.gelu(x, approximate=_manifest(full)["cases"][case]["options"]["approximate"])
+    _check_grads(t, {"y": y}, {"y": cot["d_y"]}, {"x": x})
+
+
+def _without_padding(out: torch.Tensor, kpm: np.ndarray | None, batch_first: bool
+                     ) -> torch.Tensor:
+    """out with the rows its key padding mask [N, T] marks set to 0, as the files store them
+    (torch computes those rows from what they hold; its other rows never read them)."""
+    if kpm is None:
+        return out
+    rows = torch.from_numpy(kpm if batch_first else kpm.T)[:, :, None]
+    return out.masked_fill(rows, 0.0)
+
+
+def _torch_mask(inp: dict, name: str) -> torch.Tensor | None:
+    return torch.from_numpy(inp[name]) if name in inp else None
+
+
+@pytest.mark.parametrize("config", ["post_norm_key_padding_mask", "pre_norm_causal_gelu"])
+def test_torch_transformer_encoder_layer(full, config):
+    case = f"transformer_encoder_layer-{config}-float64"
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    layer = torch.nn.TransformerEncoderLayer(
+        o["d_model"], o["nhead"], o["dim_feedforward"], dropout=0.0,
+        activation=o["activation"], layer_norm_eps=o["eps"], batch_first=o["batch_first"],
+        norm_first=o["norm_first"], dtype=torch.float64)
+    layer.load_state_dict({k: _t(v) for k, v in par.items()})
+    src = _t(inp["src"], True)
+    out = layer(src, src_mask=_torch_mask(inp, "src_mask"),
+                src_key_padding_mask=_torch_mask(inp, "src_key_padding_mask"))
+    out = _without_padding(out, inp.get("src_key_padding_mask"), o["batch_first"])
+    _check_grads(t, {"out": out}, {"out": cot["d_out"]},
+                 {"src": src, **dict(layer.named_parameters())})
+
+
+@pytest.mark.parametrize("config", ["post_norm_causal_memory_key_padding_mask",
+                                    "pre_norm_float_memory_mask"])
+def test_torch_transformer_decoder_layer(full, config):
+    case = f"transformer_decoder_layer-{config}-float64"
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    layer = torch.nn.TransformerDecoderLayer(
+        o["d_model"], o["nhead"], o["dim_feedforward"], dropout=0.0,
+        activation=o["activation"], layer_norm_eps=o["eps"], batch_first=o["batch_first"],
+        norm_first=o["norm_first"], dtype=torch.float64)
+    layer.load_state_dict({k: _t(v) for k, v in par.items()})
+    tgt, memory = _t(inp["tgt"], True), _t(inp["memory"], True)
+    out = layer(tgt, memory, tgt_mask=_torch_mask(inp, "tgt_mask"),
+                memory_mask=_torch_mask(inp, "memory_mask"),
+                memory_key_padding_mask=_torch_mask(inp, "memory_key_padding_mask"))
+    _check_grads(t, {"out": out}, {"out": cot["d_out"]},
+                 {"tgt": tgt, "memory": memory, **dict(layer.named_parameters())})
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")
+def test_torch_transformer(full):
+    case = "transformer-two_layers_masks-float64"
+    inp, par, cot, t = _load(full, case)
+    o = _manifest(full)["cases"][case]["options"]
+    model = torch.nn.Transformer(o["d_model"], o["nhead"], o["num_encoder_layers"],
+                                 o["num_decoder_layers"], o["dim_feedforward"], dropout=0.0,
+                                 dtype=torch.float64)
+    model.load_state_dict({k: _t(v) for k, v in par.items()})
+    src, tgt = _t(inp["src"], True), _t(inp["tgt"], True)
+    out = model(src, tgt, tgt_mask=_torch_mask(inp, "tgt_mask"),
+                **{k: _torch_mask(inp, k) for k in ("src_key_padding_mask",
+                                                    "tgt_key_padding_mask",
+                                                    "memory_key_padding_mask")})
+    out = _without_padding(out, inp["tgt_key_padding_mask"], batch_first=False)
+    _check_grads(t, {"out": out}, {"out": cot["d_out"]},
+                 {"src": src, "tgt": tgt, **dict(model.named_parameters())})
 
 
 def test_an_inflated_tolerance_fails_even_when_file_and_manifest_agree(small):

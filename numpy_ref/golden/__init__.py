@@ -93,6 +93,7 @@ written sorted, so two ``write`` runs on one machine produce byte-identical file
 """
 
 from numpy_ref.golden import cases as _cases  # noqa: F401  (registers every case at import)
+from numpy_ref.golden import transformer_cases as _transformer_cases  # noqa: F401  (the same)
 from numpy_ref.golden.cli import main
 from numpy_ref.golden.files import build_case, cast, read_file, write
 from numpy_ref.golden.registry import (
