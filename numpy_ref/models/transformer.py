@@ -196,8 +196,8 @@ def transformer_seq2seq_forward(
 ) -> tuple[np.ndarray, np.ndarray, TransformerSeq2SeqCache]:
     """The Transformer encoder-decoder with teacher forcing:
     ``logits = generator(decoder(tgt_embed(tgt), encoder(src_embed(src))))`` with a causal
-    target and the source's padding masked (the `numpy_ref.models.transformer` module
-    docstring).
+    target and the source's padding masked (the `numpy_ref.models.transformer`
+    module docstring).
 
     Parameters
     ----------
@@ -236,8 +236,8 @@ def transformer_seq2seq_backward(d_logits: np.ndarray, cache: TransformerSeq2Seq
                                  ) -> dict[str, np.ndarray]:
     """Backward of `transformer_seq2seq_forward`: the generator's, the decoder stack's, the
     encoder stack's (fed ``d_memory`` from every decoder layer), then the embeddings' with
-    ``d_table = embedding_backward(sqrt(E) d_x)`` (the `numpy_ref.models.transformer` module
-    docstring).
+    ``d_table = embedding_backward(sqrt(E) d_x)`` (the `numpy_ref.models.transformer`
+    module docstring).
 
     d_logits [B, Tt, Vt] -> d_params with the params' keys, in their order.
     """
@@ -369,7 +369,7 @@ def transformer_beam_search(
     backend: ModuleType | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Beam search with the Transformer: keep the k best hypotheses by
-    ``sum log p / len ** length_penalty`` (the rules of `beam_search`; the
+    ``score = sum log p / len ** length_penalty`` (the rules of `beam_search`; the
     `numpy_ref.models.transformer` module docstring).
 
     src [B, Ts] -> (tokens [B, T_out] padded with eos, scores [B] in the params' dtype).
