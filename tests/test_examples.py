@@ -1,8 +1,8 @@
 """The demos in examples/ run end to end: each is started as a user would start it (a
 subprocess from the repository root) with tiny sizes, and what it writes is checked: its
 figures, and results.json with sane values. The seed-compatible comparison must show the
-seed's batch dependence and the fixed model's absence of it; a bad --epochs is refused by
-argparse (exit status 2) with a message naming the option.
+seed's batch dependence and the fixed model's absence of it; a bad --epochs (--steps for the
+transformer) is refused by argparse (exit status 2) with a message naming the option.
 """
 
 from __future__ import annotations
@@ -107,6 +107,44 @@ def test_alignment_quick_run_writes_its_figures_and_results(tmp_path: Path) -> N
             assert len(ex["attention"]) == L + 1
             assert all(math.isclose(sum(row), 1.0, rel_tol=1e-9) for row in ex["attention"])
     assert r["machine"]["wall_s"] > 0
+
+
+def test_transformer_quick_run_writes_its_heatmaps_and_results(tmp_path: Path) -> None:
+    proc = run_demo("transformer.py", "--quick", "--steps", "6", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("encoder_self_attention.png", "decoder_cross_attention.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+        assert str(tmp_path / name) in proc.stdout, f"the demo does not say where {name} went"
+    r = read_results(tmp_path)
+    assert r["options"]["quick"] is True and r["options"]["steps"] == 6
+    assert r["options"]["backend"] == "numpy_ref" and r["sizes"]["steps"] == 6
+    layers, heads = r["sizes"]["layers"], r["sizes"]["nhead"]
+    assert [e["step"] for e in r["log"]] == [4, 6]  # every eval_every (4) steps and the last
+    assert finite(r["final_train_loss"]) and r["final_train_loss"] > 0
+    held_out = r["held_out"]
+    assert finite(held_out["loss"]) and held_out["loss"] > 0
+    for key in ("token_accuracy", "exact_match"):
+        assert finite(held_out[key]) and 0 <= held_out[key] <= 1, key
+    for key in ("cross_attention_agreement", "cross_attention_weight_on_aligned"):
+        assert len(held_out[key]) == layers and all(len(row) == heads for row in held_out[key])
+        assert all(finite(v) and 0 <= v <= 1 for row in held_out[key] for v in row), key
+    ex = r["example"]
+    L = len(ex["source"])
+    encoder, decoder = ex["encoder_self_attention"], ex["decoder_cross_attention"]
+    # [layers, heads, L, L] and [layers, heads, L + 1 outputs, L sources], rows summing to 1
+    assert [len(encoder), len(encoder[0]), len(encoder[0][0])] == [layers, heads, L]
+    assert [len(decoder), len(decoder[0]), len(decoder[0][0])] == [layers, heads, L + 1]
+    for grid in (encoder, decoder):
+        for row in (row for layer in grid for head in layer for row in head):
+            assert len(row) == L and math.isclose(sum(row), 1.0, rel_tol=1e-9)
+    assert r["machine"]["wall_s"] > 0 and finite(r["train_s"])
+
+
+def test_transformer_refuses_zero_steps(tmp_path: Path) -> None:
+    proc = run_demo("transformer.py", "--steps", "0", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "--steps" in proc.stderr and "expected an integer >= 1" in proc.stderr
+    assert not (tmp_path / "out").exists(), "nothing is written before the arguments pass"
 
 
 @pytest.mark.parametrize(("script", "epochs"), [("seed_classifier.py", "0"),
