@@ -52,8 +52,9 @@ row of the input is read as zeros, its row of the output is 0 and its row of eve
 gradient is 0, so whatever it holds (NaN and inf included) changes nothing, bit for bit.
 torch computes such a row from what it holds; a real row never reads it, so the real rows agree
 with torch. A query that may see no key at all gets attention 0 (its output is then built from
-the attention's output bias), where torch's regular path gives NaN and its fast path
-(inference, nested tensors) 0.
+the attention's output bias). torch 2.13's layers do the same in training (their attention runs
+without weights, through SDPA, which gives 0 there); the same layer in eval mode under no_grad
+(its fused fast path) gives NaN, as does nn.MultiheadAttention asked for its weights.
 """
 
 from __future__ import annotations
@@ -313,6 +314,7 @@ def transformer_encoder_layer_forward(
     backend = op_module(backend)
     o = _options(nhead, norm_first, activation, eps, batch_first)
     src = _data("src", src, o.batch_first)
+    contract.heads(o.nhead, src.shape[-1])
     contract.layer_params(params, src.shape[-1], src.dtype, decoder=False)
     pad = contract.padding_rows(src_key_padding_mask, src, o.batch_first)
     x = _zero_rows(src, pad)
@@ -431,6 +433,7 @@ def transformer_decoder_layer_forward(
     if memory.ndim != tgt.ndim:
         raise ValueError(f"memory: expected {tgt.ndim}-D like tgt {tgt.shape}, got shape "
                          f"{memory.shape}")
+    contract.heads(o.nhead, tgt.shape[-1])
     contract.layer_params(params, tgt.shape[-1], tgt.dtype, decoder=True)
     pad = contract.padding_rows(tgt_key_padding_mask, tgt, o.batch_first)
     memory_pad = contract.padding_rows(memory_key_padding_mask, memory, o.batch_first)
@@ -497,6 +500,7 @@ class TransformerEncoderCache(NamedTuple):
     layers: tuple[TransformerEncoderLayerCache, ...]  # each layer's cache, bottom first
     norm: Any  # the final norm's cache, or None without ``norm.*``
     pad: np.ndarray | None  # bool, broadcastable to src: its padding rows
+    keys: tuple[str, ...]  # the params' keys, in the caller's order (d_params comes back in it)
 
 
 @unchanged.memoized()
@@ -537,7 +541,7 @@ def transformer_encoder_forward(
     if "norm.weight" in params or "norm.bias" in params:
         x, norm = backend.layer_norm_forward(x, group(params, "norm"), eps=eps)
         x = _zero_rows(x, pad)
-    return x, TransformerEncoderCache(backend, tuple(caches), norm, pad)
+    return x, TransformerEncoderCache(backend, tuple(caches), norm, pad, tuple(params))
 
 
 def transformer_encoder_backward(d_out: np.ndarray, cache: TransformerEncoderCache
@@ -546,8 +550,8 @@ def transformer_encoder_backward(d_out: np.ndarray, cache: TransformerEncoderCac
     the top, ``d_x_i = layer_i_backward(d_x_{i+1})`` (the `numpy_ref.transformer` module docstring).
 
     d_out like out -> (d_src, d_params with ``layers.{i}.*`` and ``norm.*``)."""
-    backend, layers, norm, pad = checks.cache_of(cache, TransformerEncoderCache,
-                                                 "transformer_encoder_forward")
+    backend, layers, norm, pad, keys = checks.cache_of(cache, TransformerEncoderCache,
+                                                       "transformer_encoder_forward")
     grads: dict[str, np.ndarray] = {}
     d = d_out
     if norm is not None:
@@ -558,7 +562,7 @@ def transformer_encoder_backward(d_out: np.ndarray, cache: TransformerEncoderCac
     for i in reversed(range(len(layers))):
         d, g = transformer_encoder_layer_backward(d, layers[i])
         grads |= _prefixed(f"layers.{i}", g)
-    return d, _stack_order(grads, len(layers))
+    return d, {k: grads[k] for k in keys}
 
 
 @documented
@@ -569,6 +573,7 @@ class TransformerDecoderCache(NamedTuple):
     layers: tuple[TransformerDecoderLayerCache, ...]  # each layer's cache, bottom first
     norm: Any  # the final norm's cache, or None without ``norm.*``
     pad: np.ndarray | None  # bool, broadcastable to tgt: its padding rows
+    keys: tuple[str, ...]  # the params' keys, in the caller's order (d_params comes back in it)
 
 
 @unchanged.memoized()
@@ -617,7 +622,7 @@ def transformer_decoder_forward(
     if "norm.weight" in params or "norm.bias" in params:
         x, norm = backend.layer_norm_forward(x, group(params, "norm"), eps=eps)
         x = _zero_rows(x, pad)
-    return x, TransformerDecoderCache(backend, tuple(caches), norm, pad)
+    return x, TransformerDecoderCache(backend, tuple(caches), norm, pad, tuple(params))
 
 
 def transformer_decoder_backward(d_out: np.ndarray, cache: TransformerDecoderCache
@@ -627,8 +632,8 @@ def transformer_decoder_backward(d_out: np.ndarray, cache: TransformerDecoderCac
     module docstring).
 
     d_out like out -> (d_tgt, d_memory, d_params with ``layers.{i}.*`` and ``norm.*``)."""
-    backend, layers, norm, pad = checks.cache_of(cache, TransformerDecoderCache,
-                                                 "transformer_decoder_forward")
+    backend, layers, norm, pad, keys = checks.cache_of(cache, TransformerDecoderCache,
+                                                       "transformer_decoder_forward")
     grads: dict[str, np.ndarray] = {}
     d = d_out
     if norm is not None:
@@ -641,13 +646,7 @@ def transformer_decoder_backward(d_out: np.ndarray, cache: TransformerDecoderCac
         d, d_m, g = transformer_decoder_layer_backward(d, layers[i])
         d_memory = d_m if d_memory is None else d_memory + d_m
         grads |= _prefixed(f"layers.{i}", g)
-    return d, d_memory, _stack_order(grads, len(layers))
-
-
-def _stack_order(grads: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """A stack's gradients in its state_dict's order: layers 0..n-1, then the norm."""
-    keys = [k for i in range(n) for k in grads if k.startswith(f"layers.{i}.")]
-    return {k: grads[k] for k in keys + [k for k in grads if k.startswith("norm.")]}
+    return d, d_memory, {k: grads[k] for k in keys}
 
 
 @documented

@@ -255,12 +255,14 @@ class TransformerSeq2Seq(_Backend, nn.Module):
         return out, torch.stack(weights) if weights else None
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
-                tgt_mask: torch.Tensor | None = None, *, src_lengths: Any = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                tgt_mask: torch.Tensor | None = None, *, src_lengths: Any = None,
+                need_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (logits [B, Tt, Vt], the cross-attention weights [n_dec, B, h, Tt, Ts], or None
+        without need_weights: then no layer forms attention weights)."""
         if src_lengths is not None:
             src_mask = self.padding_mask(src_lengths, src)
         memory = self.encode(src, src_mask)
-        out, weights = self._decode(memory, src_mask, tgt, tgt_mask, True)
+        out, weights = self._decode(memory, src_mask, tgt, tgt_mask, need_weights)
         return self.generator(out), weights
 
     def _record_cross_attention(self, layer: nn.Module, into: list) -> Any:

@@ -87,6 +87,13 @@ def layer_norm(x: Any, params: Mapping[str, Any], eps: Any, variant: Any):
 # the layers' params
 
 
+def heads(nhead: int, E: int) -> None:
+    """nhead must be a positive divisor of d_model E (each head gets E / nhead features)."""
+    if nhead < 1 or E % nhead:
+        raise ValueError(f"nhead: expected a positive divisor of d_model = {E} (the data's "
+                         f"last axis), got {nhead}")
+
+
 @documented
 class LayerSizes(NamedTuple):
     """The sizes a layer's params fix."""

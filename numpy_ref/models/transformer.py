@@ -192,8 +192,9 @@ def transformer_seq2seq_forward(
     norm_first: bool = False,
     activation: str = "relu",
     eps: float = 1e-5,
+    need_weights: bool = True,
     backend: ModuleType | None = None,
-) -> tuple[np.ndarray, np.ndarray, TransformerSeq2SeqCache]:
+) -> tuple[np.ndarray, np.ndarray | None, TransformerSeq2SeqCache]:
     """The Transformer encoder-decoder with teacher forcing:
     ``logits = generator(decoder(tgt_embed(tgt), encoder(src_embed(src))))`` with a causal
     target and the source's padding masked (the `numpy_ref.models.transformer`
@@ -210,22 +211,26 @@ def transformer_seq2seq_forward(
     nhead : h, a divisor of E.
     src_lengths : integer [B], each in 1..Ts, or None (every source position is real).
     norm_first, activation, eps : the layers' (`transformer_encoder_layer_forward`).
+    need_weights : return the cross-attention weights (False: None, and every attention of the
+        model runs without forming its weights, as a training step needs).
     backend : the op module (`numpy_ref` when None, or `kernels`).
 
     Returns
     -------
     logits : [B, Tt, Vt].
-    attention : [n_dec, B, h, Tt, Ts], each decoder layer's cross-attention weights per head.
+    attention : [n_dec, B, h, Tt, Ts], each decoder layer's cross-attention weights per head
+        (None without need_weights).
     cache.
     """
     backend = op_module(backend)
     o = _options(nhead, norm_first, activation, eps)
+    need_weights = layer_contract.flag("need_weights", need_weights)
     p, sizes = _params(params)
     real_src, src_lengths = contract.source(src, src_lengths, sizes.Vs)
     kpm = _padding(src_lengths, real_src.shape[1])
     memory, c_src, c_enc = _encode(backend, real_src, kpm, p, o, sizes.E)
-    logits, c_tgt, c_dec, c_gen = _decode(backend, tgt, memory, kpm, p, o, sizes.E, True)
-    attention = np.stack([c.weights for c in c_dec.layers])
+    logits, c_tgt, c_dec, c_gen = _decode(backend, tgt, memory, kpm, p, o, sizes.E, need_weights)
+    attention = np.stack([c.weights for c in c_dec.layers]) if need_weights else None
     named = unchanged.names({"params": params})
     cache = TransformerSeq2SeqCache(backend, sizes, c_src, c_enc, c_tgt, c_dec, c_gen,
                                     tuple(params), named)

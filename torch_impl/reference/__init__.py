@@ -11,6 +11,10 @@ gradients that ours are compared with:
 - `recurrent_module` / `run_packed`: ``nn.LSTM`` (``nn.GRU``, ``nn.RNN``) holding a `numpy_ref`
   parameter dict, run on a batch packed by its lengths (``pack_padded_sequence`` with
   ``enforce_sorted=False``), as torch users run a padded batch.
+- `transformer_module` (`build_module` from sizes alone): ``nn.TransformerEncoderLayer``,
+  ``nn.TransformerDecoderLayer``, their stacks or ``nn.Transformer`` holding a `numpy_ref`
+  parameter dict, dropout 0, in train mode (torch's regular path); `layer_norm` (torch's and
+  the Annotated Transformer's) and `feed_forward` in torch ops.
 
 A reference is only useful if it is written independently of what it checks: nothing here
 imports `numpy_ref` or `kernels`.
@@ -18,6 +22,12 @@ imports `numpy_ref` or `kernels`.
 
 from torch_impl.reference.attention import attention, attention_scores, from_heads, to_heads
 from torch_impl.reference.recurrent import recurrent_module, run_packed
+from torch_impl.reference.transformer import (
+    build_module,
+    feed_forward,
+    layer_norm,
+    transformer_module,
+)
 
-__all__ = ["attention", "attention_scores", "from_heads", "recurrent_module", "run_packed",
-           "to_heads"]
+__all__ = ["attention", "attention_scores", "build_module", "feed_forward", "from_heads",
+           "layer_norm", "recurrent_module", "run_packed", "to_heads", "transformer_module"]
