@@ -26,6 +26,11 @@ shape: a streaming read (per-row sums, so that the read cannot be skipped) and a
 freshly allocated array (allocation and page faults included: every backend allocates its
 gradient), each the faster of a parallel Numba kernel and torch (``sum``, ``copy_``).
 
+Memory-bound ops over whole arrays (the layer norm): the pass's least traffic as a number of
+fresh copies and streaming reads of one array of the input's shape (`stream_ceilings`), each
+timed as above: a layer norm's forward reads x and writes y, one fresh copy; its backward reads
+x^ (or x) and d_y and writes d_x, one read and one fresh copy more.
+
 On CUDA the same rows are measured against the device's own streaming rates, timed with CUDA
 events in the same run on two buffers of V's bytes: the device-to-device copy bandwidth (torch
 ``copy_`` from one to the other; its rate counts the bytes read and the bytes written, as CUDA's
@@ -47,6 +52,7 @@ machine was seen to do, so that noise makes it higher (harder to reach), never l
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -282,6 +288,54 @@ def memory_ceilings(shape: tuple[int, int, int], lengths: np.ndarray | None = No
                                     seconds=forward_backward, size=size, bandwidth=bandwidth,
                                     names={"cuda": on_cuda_names["forward+backward"]}),
     }
+
+
+def stream_ceilings(shape: tuple[int, ...], passes: dict[str, tuple[int, int]],
+                    name: str = "x") -> dict[str, Ceiling]:
+    """The ceilings of an op that streams whole arrays of `shape` (a layer norm): pass ->
+    (copies, reads), the pass's least traffic as that many fresh copies of one such array
+    (read it, write a fresh one: allocation and page faults included) and that many streaming
+    reads of one. Each copy and read is timed on an array of `shape` as `memory_ceilings`'
+    are (the faster of a parallel Numba kernel and torch; best samples, a second look only
+    lowering them). On the CPU only."""
+    size = math.prod(shape)
+    lanes = (shape[0], math.prod(shape[1:-1]), shape[-1]) if len(shape) > 1 else (1, 1, size)
+    measured: dict[str, tuple[tuple[float, str], tuple[float, str]]] = {}
+
+    def read_and_copy(device: str, dtype: np.dtype, again: bool) -> tuple:
+        if device != "cpu":
+            raise ValueError(f"device: the CPU's read and copy only, got {device!r}")
+        key = np.dtype(dtype).name
+        if key not in measured or again:
+            values = np.random.default_rng(0).standard_normal(lanes).astype(dtype)
+            candidates = _torch_read_copy(values, size, device)
+            candidates.update(_numba_read_copy(values, np.full(lanes[0], lanes[1], np.int64)))
+            best = [min((min(time_calls(runs[op], repeat=_REPEAT, min_time=_MIN_TIME,
+                                        warmup=_WARMUP).times), library)
+                        for library, runs in candidates.items()) for op in ("read", "copy")]
+            if key in measured:
+                best = [min(new, old) for new, old in zip(best, measured[key], strict=True)]
+            measured[key] = tuple(best)
+        return measured[key]
+
+    def timed(copies: int, reads: int) -> Callable[..., tuple[float, str]]:
+        def seconds(device: str, dtype: np.dtype, again: bool = False) -> tuple[float, str]:
+            (read, read_by), (copy, copy_by) = read_and_copy(device, dtype, again)
+            by = [f"copy {copy_by}"] * bool(copies) + [f"read {read_by}"] * bool(reads)
+            same = len(by) == 1 or read_by == copy_by
+            return copies * copy + reads * read, (copy_by if copies else read_by) if same \
+                else ", ".join(by)
+        return seconds
+
+    def describe(copies: int, reads: int) -> str:
+        parts = [one if n == 1 else f"{n} {many}" for n, one, many in (
+            (copies, "fresh copy", "fresh copies"), (reads, "stream read", "stream reads")) if n]
+        return " + ".join(parts) + f" of {name} [{', '.join(map(str, shape))}]"
+
+    return {pass_: Ceiling(name=describe(copies, reads), unit="GB/s",
+                           seconds=timed(copies, reads),
+                           size=lambda dtype: _binary_size(size * np.dtype(dtype).itemsize))
+            for pass_, (copies, reads) in passes.items()}
 
 
 def cuda_memory_ceiling(work_gb: float, read_gbps: float, copy_gbps: float

@@ -45,7 +45,8 @@ __all__ = ["BASELINES", "UNSURE", "plot_ratios", "plot_sweeps", "ratio_figure", 
 # so that plotting imports none of the backends).
 BASELINES: dict[str, tuple[str, str]] = {
     "lstm": ("torch", "cpu"), "gru": ("torch", "cpu"), "rnn": ("torch", "cpu"),
-    "attention": ("torch_bmm", "cpu"), "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu"),
+    "attention": ("torch_bmm", "cpu"), "sdpa": ("torch_sdpa", "cpu"),
+    "layer_norm": ("torch", "cpu"), "train": ("torch", "cpu"),
 }
 
 PASS_ORDER = ("forward", "forward+backward", "training step")

@@ -15,6 +15,7 @@ except ModuleNotFoundError as e:  # numpy_ref needs NumPy alone; the kernels add
     raise ModuleNotFoundError(f"kernels needs Numba and SciPy ({e}): pip install "
                               "'lstm-attention-reference[kernels]'") from e
 
+from kernels.activations import GeluCache, gelu_backward, gelu_forward
 from kernels.attention import (
     KernelAttentionCache,
     KernelMaskedSoftmaxCache,
@@ -27,6 +28,7 @@ from kernels.attention import (
     weighted_sum_backward,
     weighted_sum_forward,
 )
+from kernels.layer_norm import KernelLayerNormCache, layer_norm_backward, layer_norm_forward
 from kernels.layers import (
     KernelCrossEntropyCache,
     cross_entropy_backward,
@@ -78,14 +80,6 @@ from kernels.transformer import (
 )
 from kernels.warmup import warmup
 
-# the compiled layer norm and GELU: kernels.layer_norm, kernels.activations
-from numpy_ref.activations import GeluCache, gelu_backward, gelu_forward
-from numpy_ref.layer_norm import (
-    LayerNormCache,
-    layer_norm_backward,
-    layer_norm_forward,
-)
-
 __all__ = [
     "SGD",
     "Adam",
@@ -94,8 +88,8 @@ __all__ = [
     "GeluCache",
     "KernelAttentionCache",
     "KernelCrossEntropyCache",
+    "KernelLayerNormCache",
     "KernelMaskedSoftmaxCache",
-    "LayerNormCache",
     "MultiheadAttentionCache",
     "TransformerCache",
     "TransformerDecoderCache",

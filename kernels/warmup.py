@@ -8,8 +8,8 @@ kernels are compiled with ``cache=True``, so the machine code lands next to the 
 explicit, with a progress bar: it calls every public op of this package, forward and backward,
 in both dtypes, on tiny inputs that reach each compiled path (the fused single-query core with
 and without masks and bias, the flash path with heads and grouped queries, every score, each
-with and without the weights, the LSTM with lengths and projections, the layers and the
-optimizers). Masks and
+with and without the weights, the LSTM with lengths and projections, the layers, the layer
+norm on one thread and on several, GELU exact and tanh, and the optimizers). Masks and
 biases are warmed up both broadcast and full-shape; read-only input arrays (``flags.writeable``
 False) are a type of their own and still compile on their first call.
 """
@@ -126,6 +126,27 @@ def _other_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
         out, cache = k.embedding_forward(np.array([[0, 2], [1, 1]]), {"weight": logits})
         k.embedding_backward(np.ones_like(out), cache)
 
+    def layer_norm():
+        from kernels import layer_norm as ln
+
+        x = rng.standard_normal((3, 8)).astype(dtype)
+        w, b = rng.standard_normal(8).astype(dtype), rng.standard_normal(8).astype(dtype)
+        # the serial kernels, then (every call on the threads for a moment) the parallel ones
+        for parallel_min in (ln._PARALLEL_MIN, 0):
+            saved, ln._PARALLEL_MIN = ln._PARALLEL_MIN, parallel_min
+            try:
+                for params, variant in (({"weight": w, "bias": b}, "torch"), ({}, "annotated")):
+                    y, cache = k.layer_norm_forward(x, params, variant=variant)
+                    k.layer_norm_backward(np.ones_like(y), cache)
+            finally:
+                ln._PARALLEL_MIN = saved
+
+    def gelu():
+        x = rng.standard_normal((3, 5)).astype(dtype)
+        for approximate in ("none", "tanh"):
+            y, cache = k.gelu_forward(x, approximate=approximate)
+            k.gelu_backward(np.ones_like(y), cache)
+
     def optimizers():
         params = {"w": rng.standard_normal((3, 4)).astype(dtype)}
         grads = {"w": np.ones_like(params["w"])}
@@ -138,7 +159,8 @@ def _other_calls(k, dtype) -> list[tuple[str, Callable[[], object]]]:
             ("GRU", gru_rnn("gru")),
             ("GRU, linear_before_reset=False", gru_rnn("gru", linear_before_reset=False)),
             ("RNN, tanh", gru_rnn("rnn")), ("RNN, relu", gru_rnn("rnn", nonlinearity="relu")),
-            ("cross-entropy, embedding", layers), ("optimizers", optimizers)]
+            ("cross-entropy, embedding", layers), ("layer norm", layer_norm), ("GELU", gelu),
+            ("optimizers", optimizers)]
 
 
 def warmup(*, progress: bool = True) -> dict[str, float]:
