@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import kernels
 import numpy_ref
-from benchmarks import attention, lstm, training
+from benchmarks import attention, layer_norm, lstm, training
 from benchmarks.core import OP_PASSES, PASSES, Backend, Case, Problem
 
 SUITES = ("default", "quick", "sweep")
@@ -53,12 +53,21 @@ PROBLEMS: list[Problem] = [
     attention.heads_problem(1, 4, 2048, 64),
     attention.heads_problem(1, 4, 8192, 64),
     attention.heads_problem(2, 4, 7, 5, h_kv=2, causal=True, suites=("quick",)),
+    # The Transformer's layer norm: memory-bound, at the training step's activations [B, T, E]
+    # (2 MiB in float32, held in cache) and at [M, E] of 32 MiB (from memory).
+    layer_norm.layer_norm_problem((32, 64, 256)),
+    layer_norm.layer_norm_problem((8192, 1024)),
+    layer_norm.layer_norm_problem((3, 5, 7), suites=("quick",)),
     # A training step of each model (forward, loss, backward, Adam) at a realistic size.
     training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000),
     training.training_problem("luong", B=32, T=32, E=128, H=256, V=4000),
     training.training_problem("bahdanau", B=32, T=32, E=128, H=256, V=4000),
     training.training_problem("classifier", B=64, T=64, E=128, H=256, V=1000, cell="gru"),
     training.training_problem("luong", B=32, T=32, E=128, H=256, V=4000, cell="gru"),
+    training.training_problem("transformer", B=32, T=64, E=256, H=1024, V=4000, nhead=8,
+                              layers=2),
+    training.training_problem("transformer", B=2, T=5, E=12, H=16, V=11, nhead=3, layers=1,
+                              suites=("quick",)),
     training.training_problem("classifier", B=3, T=5, E=4, H=3, V=11, suites=("quick",)),
     training.training_problem("luong", B=3, T=4, E=4, H=3, V=13, suites=("quick",)),
     training.training_problem("bahdanau", B=3, T=4, E=4, H=3, V=13, suites=("quick",)),
@@ -108,6 +117,9 @@ BACKENDS: list[Backend] = [
                                    max_T=2048),
     attention.heads_module_backend("kernels", kernels, need_weights=True),
     attention.heads_module_backend("kernels_no_weights", kernels, need_weights=False),
+    layer_norm.TORCH_CPU,
+    layer_norm.module_backend("numpy_ref", numpy_ref),
+    layer_norm.module_backend("kernels", kernels),
     training.TORCH_CPU,
     training.TORCH_CUDA,
     training.NUMPY_REF,
@@ -117,7 +129,8 @@ BACKENDS: list[Backend] = [
 # op -> (backend name, device) that the "vs base" column divides by: the usual counterpart.
 BASELINES = {"lstm": ("torch", "cpu"), "gru": ("torch", "cpu"), "rnn": ("torch", "cpu"),
              "attention": ("torch_bmm", "cpu"),
-             "sdpa": ("torch_sdpa", "cpu"), "train": ("torch", "cpu")}
+             "sdpa": ("torch_sdpa", "cpu"), "layer_norm": ("torch", "cpu"),
+             "train": ("torch", "cpu")}
 
 
 
