@@ -204,6 +204,9 @@ class TransformerEncoderLayerCache(NamedTuple):
     dtype: np.dtype  # src's dtype
     blocks: tuple[_Block, _Block]  # self-attention's, the feed-forward block's
     arguments: tuple  # the caller's arrays by name (`numpy_ref.contract.unchanged.names`)
+    fingerprints: unchanged.Fingerprints | None = None  # the caller's arrays as the forward saw
+    #   them (the ops inside record none: what they hold is the layer's own); the backward
+    #   checks them first
 
 
 def _attention_block(backend, o, p, prefix, x, kv, mask, kpm, is_causal, need_weights=False):
@@ -317,6 +320,19 @@ def transformer_encoder_layer_forward(
     contract.heads(o.nhead, src.shape[-1])
     contract.layer_params(params, src.shape[-1], src.dtype, decoder=False)
     pad = contract.padding_rows(src_key_padding_mask, src, o.batch_first)
+    named = unchanged.names({"src": src, "params": params, "src_mask": src_mask,
+                             "src_key_padding_mask": src_key_padding_mask})
+    fingerprints = _record("transformer_encoder_layer", named)
+    with unchanged.untracked():
+        out, blocks = _encoder_layer(backend, o, src, params, pad, src_mask,
+                                     src_key_padding_mask, is_causal)
+    cache = TransformerEncoderLayerCache(backend, o, pad, src.shape, src.dtype, blocks, named,
+                                         fingerprints)
+    return out, cache
+
+
+def _encoder_layer(backend, o, src, params, pad, src_mask, src_key_padding_mask, is_causal):
+    """The encoder layer's two residual blocks -> (out, (self-attention's, feed-forward's))."""
     x = _zero_rows(src, pad)
 
     def self_attention(z):
@@ -326,10 +342,7 @@ def transformer_encoder_layer_forward(
 
     x, sa, _ = _residual(backend, o, x, group(params, "norm1"), self_attention)
     x, ff, _ = _residual(backend, o, x, group(params, "norm2"), _ff_block(backend, o, params))
-    named = unchanged.names({"src": src, "params": params, "src_mask": src_mask,
-                             "src_key_padding_mask": src_key_padding_mask})
-    cache = TransformerEncoderLayerCache(backend, o, pad, src.shape, src.dtype, (sa, ff), named)
-    return _zero_rows(x, pad), cache
+    return _zero_rows(x, pad), (sa, ff)
 
 
 def transformer_encoder_layer_backward(d_out: np.ndarray, cache: TransformerEncoderLayerCache
@@ -342,10 +355,10 @@ def transformer_encoder_layer_backward(d_out: np.ndarray, cache: TransformerEnco
     d_out like out -> (d_src like src, d_params with the params' keys); padding rows'
     cotangents are ignored and their d_src is 0.
     """
-    backend, o, pad, shape, dtype, (sa, ff), named = checks.cache_of(
+    backend, o, pad, shape, dtype, (sa, ff), named, fingerprints = checks.cache_of(
         cache, TransformerEncoderLayerCache, "transformer_encoder_layer_forward")
-    with unchanged.reported_as("transformer_encoder_layer_forward",
-                               "transformer_encoder_layer_backward", named), unchanged.memoized():
+    unchanged.check(fingerprints)
+    with unchanged.untracked():
         d = _zero_rows(layers_contract.cotangent("d_out", d_out, shape, dtype,
                                                  "the layer's output"), pad)
         d, d_n2, d_ff, _ = _residual_backward(backend, o, d, ff, _ff_backward(backend))
@@ -353,6 +366,13 @@ def transformer_encoder_layer_backward(d_out: np.ndarray, cache: TransformerEnco
     grads = _prefixed("self_attn", d_sa) | d_ff | _prefixed("norm1", d_n1) | _prefixed(
         "norm2", d_n2)
     return _zero_rows(d, pad), _ordered(grads, named)
+
+
+def _record(op: str, named) -> unchanged.Fingerprints | None:
+    """Fingerprint a composite's caller arrays (`unchanged.names`) once, for its backward to
+    check; the ops it runs inside `unchanged.untracked` record none (None here when the
+    composite itself runs inside one, as a stack's layers do)."""
+    return unchanged.record(f"{op}_forward", f"{op}_backward", [(n, a) for n, a, _ in named])
 
 
 def _ordered(grads: dict[str, np.ndarray], named) -> dict[str, np.ndarray]:
@@ -375,6 +395,8 @@ class TransformerDecoderLayerCache(NamedTuple):
     weights: np.ndarray | None  # the cross-attention's weights [N, h, T, S] ([h, T, S]
     #   unbatched) when the forward was asked for them (need_weights), else None; not read
     arguments: tuple  # the caller's arrays by name (`numpy_ref.contract.unchanged.names`)
+    fingerprints: unchanged.Fingerprints | None = None  # the caller's arrays as the forward saw
+    #   them (the ops inside record none); the backward checks them first
 
 
 @unchanged.memoized()
@@ -437,6 +459,26 @@ def transformer_decoder_layer_forward(
     contract.layer_params(params, tgt.shape[-1], tgt.dtype, decoder=True)
     pad = contract.padding_rows(tgt_key_padding_mask, tgt, o.batch_first)
     memory_pad = contract.padding_rows(memory_key_padding_mask, memory, o.batch_first)
+    named = unchanged.names({"tgt": tgt, "memory": memory, "params": params,
+                             "tgt_mask": tgt_mask, "memory_mask": memory_mask,
+                             "tgt_key_padding_mask": tgt_key_padding_mask,
+                             "memory_key_padding_mask": memory_key_padding_mask})
+    fingerprints = _record("transformer_decoder_layer", named)
+    masks = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+             tgt_is_causal, memory_is_causal)
+    with unchanged.untracked():
+        out, blocks, weights = _decoder_layer(backend, o, tgt, memory, params, pad, memory_pad,
+                                              masks, need_weights)
+    cache = TransformerDecoderLayerCache(backend, o, pad, memory_pad, tgt.shape, tgt.dtype,
+                                         blocks, weights, named, fingerprints)
+    return out, cache
+
+
+def _decoder_layer(backend, o, tgt, memory, params, pad, memory_pad, masks, need_weights):
+    """The decoder layer's three residual blocks -> (out, their caches, the cross-attention
+    weights or None)."""
+    (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, tgt_is_causal,
+     memory_is_causal) = masks
     x, mem = _zero_rows(tgt, pad), _zero_rows(memory, memory_pad)
 
     def self_attention(z):
@@ -452,13 +494,7 @@ def transformer_decoder_layer_forward(
     x, sa, _ = _residual(backend, o, x, group(params, "norm1"), self_attention)
     x, ca, weights = _residual(backend, o, x, group(params, "norm2"), cross_attention)
     x, ff, _ = _residual(backend, o, x, group(params, "norm3"), _ff_block(backend, o, params))
-    named = unchanged.names({"tgt": tgt, "memory": memory, "params": params,
-                             "tgt_mask": tgt_mask, "memory_mask": memory_mask,
-                             "tgt_key_padding_mask": tgt_key_padding_mask,
-                             "memory_key_padding_mask": memory_key_padding_mask})
-    cache = TransformerDecoderLayerCache(backend, o, pad, memory_pad, tgt.shape, tgt.dtype,
-                                         (sa, ca, ff), weights, named)
-    return _zero_rows(x, pad), cache
+    return _zero_rows(x, pad), (sa, ca, ff), weights
 
 
 def transformer_decoder_layer_backward(d_out: np.ndarray, cache: TransformerDecoderLayerCache
@@ -469,15 +505,15 @@ def transformer_decoder_layer_backward(d_out: np.ndarray, cache: TransformerDeco
 
     d_out like out -> (d_tgt like tgt, d_memory like memory, d_params with the params' keys).
     Padding rows' cotangents are ignored; d_tgt and d_memory are 0 in padding rows."""
-    backend, o, pad, memory_pad, shape, dtype, (sa, ca, ff), _, named = checks.cache_of(
-        cache, TransformerDecoderLayerCache, "transformer_decoder_layer_forward")
+    backend, o, pad, memory_pad, shape, dtype, (sa, ca, ff), _, named, fingerprints = (
+        checks.cache_of(cache, TransformerDecoderLayerCache, "transformer_decoder_layer_forward"))
+    unchanged.check(fingerprints)
 
     def cross_backward(d, c):
         d_q, d_k, d_v, grads = backend.multihead_attention_backward(d, c)
         return d_q, grads, d_k + d_v
 
-    with unchanged.reported_as("transformer_decoder_layer_forward",
-                               "transformer_decoder_layer_backward", named), unchanged.memoized():
+    with unchanged.untracked():
         d = _zero_rows(layers_contract.cotangent("d_out", d_out, shape, dtype,
                                                  "the layer's output"), pad)
         d, d_n3, d_ff, _ = _residual_backward(backend, o, d, ff, _ff_backward(backend))
@@ -501,6 +537,8 @@ class TransformerEncoderCache(NamedTuple):
     norm: Any  # the final norm's cache, or None without ``norm.*``
     pad: np.ndarray | None  # bool, broadcastable to src: its padding rows
     keys: tuple[str, ...]  # the params' keys, in the caller's order (d_params comes back in it)
+    fingerprints: unchanged.Fingerprints | None = None  # the caller's arrays as the forward saw
+    #   them (the layers inside record none); the backward checks them first
 
 
 @unchanged.memoized()
@@ -528,6 +566,18 @@ def transformer_encoder_forward(
     """
     backend = op_module(backend)
     n = contract.stack_depth(params, "the encoder")
+    fingerprints = _record("transformer_encoder", unchanged.names(
+        {"src": src, "params": params, "mask": mask,
+         "src_key_padding_mask": src_key_padding_mask}))
+    with unchanged.untracked():
+        x, caches, norm, pad = _encoder(backend, src, params, n, nhead, norm_first, activation,
+                                        eps, mask, src_key_padding_mask, is_causal, batch_first)
+    return x, TransformerEncoderCache(backend, caches, norm, pad, tuple(params), fingerprints)
+
+
+def _encoder(backend, src, params, n, nhead, norm_first, activation, eps, mask,
+             src_key_padding_mask, is_causal, batch_first):
+    """The encoder's layers and norm -> (out, the layers' caches, the norm's, pad)."""
     caches, x = [], src
     for i in range(n):
         x, c = transformer_encoder_layer_forward(
@@ -541,7 +591,7 @@ def transformer_encoder_forward(
     if "norm.weight" in params or "norm.bias" in params:
         x, norm = backend.layer_norm_forward(x, group(params, "norm"), eps=eps)
         x = _zero_rows(x, pad)
-    return x, TransformerEncoderCache(backend, tuple(caches), norm, pad, tuple(params))
+    return x, tuple(caches), norm, pad
 
 
 def transformer_encoder_backward(d_out: np.ndarray, cache: TransformerEncoderCache
@@ -550,8 +600,15 @@ def transformer_encoder_backward(d_out: np.ndarray, cache: TransformerEncoderCac
     the top, ``d_x_i = layer_i_backward(d_x_{i+1})`` (the `numpy_ref.transformer` module docstring).
 
     d_out like out -> (d_src, d_params with ``layers.{i}.*`` and ``norm.*``)."""
-    backend, layers, norm, pad, keys = checks.cache_of(cache, TransformerEncoderCache,
-                                                       "transformer_encoder_forward")
+    backend, layers, norm, pad, keys, fingerprints = checks.cache_of(
+        cache, TransformerEncoderCache, "transformer_encoder_forward")
+    unchanged.check(fingerprints)
+    with unchanged.untracked():
+        return _encoder_backward(backend, layers, norm, pad, keys, d_out)
+
+
+def _encoder_backward(backend, layers, norm, pad, keys, d_out):
+    """The encoder's backward on its cache's fields: the norm's, then each layer's from the top."""
     grads: dict[str, np.ndarray] = {}
     d = d_out
     if norm is not None:
@@ -574,6 +631,8 @@ class TransformerDecoderCache(NamedTuple):
     norm: Any  # the final norm's cache, or None without ``norm.*``
     pad: np.ndarray | None  # bool, broadcastable to tgt: its padding rows
     keys: tuple[str, ...]  # the params' keys, in the caller's order (d_params comes back in it)
+    fingerprints: unchanged.Fingerprints | None = None  # the caller's arrays as the forward saw
+    #   them (the layers inside record none); the backward checks them first
 
 
 @unchanged.memoized()
@@ -607,6 +666,23 @@ def transformer_decoder_forward(
     """
     backend = op_module(backend)
     n = contract.stack_depth(params, "the decoder")
+    fingerprints = _record("transformer_decoder", unchanged.names(
+        {"tgt": tgt, "memory": memory, "params": params, "tgt_mask": tgt_mask,
+         "memory_mask": memory_mask, "tgt_key_padding_mask": tgt_key_padding_mask,
+         "memory_key_padding_mask": memory_key_padding_mask}))
+    masks = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+             tgt_is_causal, memory_is_causal)
+    with unchanged.untracked():
+        x, caches, norm, pad = _decoder(backend, tgt, memory, params, n, nhead, norm_first,
+                                        activation, eps, masks, batch_first, need_weights)
+    return x, TransformerDecoderCache(backend, caches, norm, pad, tuple(params), fingerprints)
+
+
+def _decoder(backend, tgt, memory, params, n, nhead, norm_first, activation, eps, masks,
+             batch_first, need_weights):
+    """The decoder's layers and norm -> (out, the layers' caches, the norm's, pad)."""
+    (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, tgt_is_causal,
+     memory_is_causal) = masks
     caches, x = [], tgt
     for i in range(n):
         x, c = transformer_decoder_layer_forward(
@@ -622,7 +698,7 @@ def transformer_decoder_forward(
     if "norm.weight" in params or "norm.bias" in params:
         x, norm = backend.layer_norm_forward(x, group(params, "norm"), eps=eps)
         x = _zero_rows(x, pad)
-    return x, TransformerDecoderCache(backend, tuple(caches), norm, pad, tuple(params))
+    return x, tuple(caches), norm, pad
 
 
 def transformer_decoder_backward(d_out: np.ndarray, cache: TransformerDecoderCache
@@ -632,8 +708,16 @@ def transformer_decoder_backward(d_out: np.ndarray, cache: TransformerDecoderCac
     module docstring).
 
     d_out like out -> (d_tgt, d_memory, d_params with ``layers.{i}.*`` and ``norm.*``)."""
-    backend, layers, norm, pad, keys = checks.cache_of(cache, TransformerDecoderCache,
-                                                       "transformer_decoder_forward")
+    backend, layers, norm, pad, keys, fingerprints = checks.cache_of(
+        cache, TransformerDecoderCache, "transformer_decoder_forward")
+    unchanged.check(fingerprints)
+    with unchanged.untracked():
+        return _decoder_backward(backend, layers, norm, pad, keys, d_out)
+
+
+def _decoder_backward(backend, layers, norm, pad, keys, d_out):
+    """The decoder's backward on its cache's fields: the norm's, then each layer's from the top,
+    d_memory summed."""
     grads: dict[str, np.ndarray] = {}
     d = d_out
     if norm is not None:

@@ -399,3 +399,51 @@ def test_bad_input_names_the_argument() -> None:
         ref.transformer_seq2seq_backward(d_logits[:, :1], cache)
     with pytest.raises(TypeError, match="TransformerSeq2SeqCache"):
         ref.transformer_seq2seq_backward(d_logits, "cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# an input changed between forward and backward
+
+
+@over_backends
+@pytest.mark.parametrize("what", ["params", "ids"])
+def test_the_model_refuses_an_input_changed_since_its_forward(backend: str, what: str) -> None:
+    """The model fingerprints its ids and params once (the ops inside record none)."""
+    case = Case(2, 4, 3, 6, 5, 12, 3, 16, 1, 1, False, "relu", True, None, 2)
+    params = case_params(case)
+    src, tgt, _, d_logits = case_inputs(case)
+    _, _, cache = ref.transformer_seq2seq_forward(src, tgt, params, nhead=3,
+                                                  backend=BACKENDS[backend])
+    if what == "params":
+        params["decoder.layers.0.linear2.weight"][0, 0] += 1
+        name = r"params\['decoder.layers.0.linear2.weight'\]"
+    else:
+        tgt[0, 0] = (tgt[0, 0] + 1) % case.Vt
+        name = "tgt"
+    with pytest.raises(ValueError, match=name + " changed between transformer_seq2seq_forward"):
+        ref.transformer_seq2seq_backward(d_logits, cache)
+
+
+@over_backends
+@pytest.mark.parametrize("op", ["encoder_layer", "decoder_layer", "encoder", "decoder"])
+def test_the_layers_and_stacks_refuse_an_input_changed_since_their_forward(backend: str,
+                                                                           op: str) -> None:
+    mod = BACKENDS[backend]
+    rng = np.random.default_rng(4)
+    p = ref.init_transformer_seq2seq_params(5, 5, d_model=8, nhead=2, dim_feedforward=6,
+                                            num_encoder_layers=2, num_decoder_layers=2, rng=rng)
+    stack = {k.removeprefix(f"{'decoder' if 'decoder' in op else 'encoder'}."): v
+             for k, v in p.items() if k.startswith("decoder." if "decoder" in op else "encoder.")}
+    layer = {k.removeprefix("layers.0."): v for k, v in stack.items()
+             if k.startswith("layers.0.")}
+    x, memory = rng.standard_normal((3, 2, 8)), rng.standard_normal((4, 2, 8))
+    params = layer if op.endswith("layer") else stack
+    forward = getattr(mod, f"transformer_{op}_forward")
+    backward = getattr(mod, f"transformer_{op}_backward")
+    args = (x, memory) if "decoder" in op else (x,)
+    out, cache = forward(*args, params, nhead=2)
+    memory[0, 0, 0] += 1 if "decoder" in op else 0
+    x[0, 0, 0] += 0 if "decoder" in op else 1
+    name = "memory" if "decoder" in op else "src"
+    with pytest.raises(ValueError, match=f"{name} changed between transformer_{op}_forward"):
+        backward(np.ones_like(out), cache)

@@ -170,7 +170,8 @@ class TransformerSeq2SeqCache(NamedTuple):
     decoder: Any  # the decoder stack's cache
     generator: Any  # the generator's linear cache
     keys: tuple[str, ...]  # the params' keys, in order (d_params comes back in it)
-    arguments: tuple  # the caller's arrays by name (`numpy_ref.contract.unchanged.names`)
+    fingerprints: unchanged.Fingerprints | None  # the caller's ids and params as the forward
+    #   saw them (the ops inside record none); the backward checks them first
 
 
 def _options(nhead, norm_first, activation, eps) -> _Options:
@@ -228,12 +229,18 @@ def transformer_seq2seq_forward(
     p, sizes = _params(params)
     real_src, src_lengths = contract.source(src, src_lengths, sizes.Vs)
     kpm = _padding(src_lengths, real_src.shape[1])
-    memory, c_src, c_enc = _encode(backend, real_src, kpm, p, o, sizes.E)
-    logits, c_tgt, c_dec, c_gen = _decode(backend, tgt, memory, kpm, p, o, sizes.E, need_weights)
+    # the caller's arrays fingerprinted once; the ops inside record none (what they hold is
+    # the model's own)
+    fingerprints = unchanged.record("transformer_seq2seq_forward", "transformer_seq2seq_backward",
+                                    [("src", src), ("tgt", tgt), *(
+                                        (f"params[{k!r}]", v) for k, v in p.items())])
+    with unchanged.untracked():
+        memory, c_src, c_enc = _encode(backend, real_src, kpm, p, o, sizes.E)
+        logits, c_tgt, c_dec, c_gen = _decode(backend, tgt, memory, kpm, p, o, sizes.E,
+                                              need_weights)
     attention = np.stack([c.weights for c in c_dec.layers]) if need_weights else None
-    named = unchanged.names({"params": params})
     cache = TransformerSeq2SeqCache(backend, sizes, c_src, c_enc, c_tgt, c_dec, c_gen,
-                                    tuple(params), named)
+                                    tuple(params), fingerprints)
     return logits, attention, cache
 
 
@@ -246,10 +253,10 @@ def transformer_seq2seq_backward(d_logits: np.ndarray, cache: TransformerSeq2Seq
 
     d_logits [B, Tt, Vt] -> d_params with the params' keys, in their order.
     """
-    backend, sizes, c_src, c_enc, c_tgt, c_dec, c_gen, keys, named = checks.cache_of(
+    backend, sizes, c_src, c_enc, c_tgt, c_dec, c_gen, keys, fingerprints = checks.cache_of(
         cache, TransformerSeq2SeqCache, "transformer_seq2seq_forward")
-    with unchanged.reported_as("transformer_seq2seq_forward", "transformer_seq2seq_backward",
-                               named), unchanged.memoized():
+    unchanged.check(fingerprints)
+    with unchanged.untracked():
         d_out, d_gen = backend.linear_backward(d_logits, c_gen)
         scale = d_out.dtype.type(math.sqrt(sizes.E))  # d_out: d_logits' dtype, checked
         d_y, d_memory, d_dec = backend.transformer_decoder_backward(d_out, c_dec)
