@@ -104,22 +104,24 @@ from numpy_ref.rnn import (
 )
 from numpy_ref.transformer import (
     FeedForwardCache,
-    TransformerCache,
-    TransformerDecoderCache,
     TransformerDecoderLayerCache,
-    TransformerEncoderCache,
     TransformerEncoderLayerCache,
     feed_forward_backward,
     feed_forward_forward,
+    transformer_decoder_layer_backward,
+    transformer_decoder_layer_forward,
+    transformer_encoder_layer_backward,
+    transformer_encoder_layer_forward,
+)
+from numpy_ref.transformer_stacks import (
+    TransformerCache,
+    TransformerDecoderCache,
+    TransformerEncoderCache,
     transformer_backward,
     transformer_decoder_backward,
     transformer_decoder_forward,
-    transformer_decoder_layer_backward,
-    transformer_decoder_layer_forward,
     transformer_encoder_backward,
     transformer_encoder_forward,
-    transformer_encoder_layer_backward,
-    transformer_encoder_layer_forward,
     transformer_forward,
 )
 
