@@ -71,7 +71,7 @@ from numpy_ref.contract import layers as layers_contract
 from numpy_ref.contract import transformer as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
-from numpy_ref.contract.models import group
+from numpy_ref.contract.models import group, prefixed
 
 __all__ = [
     "FeedForwardCache",
@@ -259,10 +259,6 @@ def _self_attention_backward(backend):
     return run
 
 
-def _prefixed(prefix: str, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {f"{prefix}.{k}": v for k, v in grads.items()}
-
-
 @unchanged.memoized()
 def transformer_encoder_layer_forward(
     src: np.ndarray,
@@ -355,7 +351,7 @@ def transformer_encoder_layer_backward(d_out: np.ndarray, cache: TransformerEnco
                                                  "the layer's output"), pad)
         d, d_n2, d_ff, _ = _residual_backward(backend, o, d, ff, _ff_backward(backend))
         d, d_n1, d_sa, _ = _residual_backward(backend, o, d, sa, _self_attention_backward(backend))
-    grads = _prefixed("self_attn", d_sa) | d_ff | _prefixed("norm1", d_n1) | _prefixed(
+    grads = prefixed("self_attn", d_sa) | d_ff | prefixed("norm1", d_n1) | prefixed(
         "norm2", d_n2)
     return _zero_rows(d, pad), _ordered(grads, named)
 
@@ -511,6 +507,6 @@ def transformer_decoder_layer_backward(d_out: np.ndarray, cache: TransformerDeco
         d, d_n3, d_ff, _ = _residual_backward(backend, o, d, ff, _ff_backward(backend))
         d, d_n2, d_ca, d_memory = _residual_backward(backend, o, d, ca, cross_backward)
         d, d_n1, d_sa, _ = _residual_backward(backend, o, d, sa, _self_attention_backward(backend))
-    grads = (_prefixed("self_attn", d_sa) | _prefixed("multihead_attn", d_ca) | d_ff
-             | _prefixed("norm1", d_n1) | _prefixed("norm2", d_n2) | _prefixed("norm3", d_n3))
+    grads = (prefixed("self_attn", d_sa) | prefixed("multihead_attn", d_ca) | d_ff
+             | prefixed("norm1", d_n1) | prefixed("norm2", d_n2) | prefixed("norm3", d_n3))
     return _zero_rows(d, pad), _zero_rows(d_memory, memory_pad), _ordered(grads, named)

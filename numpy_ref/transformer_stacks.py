@@ -26,11 +26,10 @@ from numpy_ref.contract import layers as layers_contract
 from numpy_ref.contract import transformer as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
-from numpy_ref.contract.models import group
+from numpy_ref.contract.models import group, prefixed
 from numpy_ref.transformer import (
     TransformerDecoderLayerCache,
     TransformerEncoderLayerCache,
-    _prefixed,
     _record,
     _zero_rows,
     transformer_decoder_layer_backward,
@@ -139,10 +138,10 @@ def _encoder_backward(backend, layers, norm, pad, keys, d_out):
         d = _zero_rows(layers_contract.cotangent("d_out", d_out, layers[0].shape,
                                                  layers[0].dtype, "the encoder's output"), pad)
         d, d_norm = backend.layer_norm_backward(d, norm)
-        grads |= _prefixed("norm", d_norm)
+        grads |= prefixed("norm", d_norm)
     for i in reversed(range(len(layers))):
         d, g = transformer_encoder_layer_backward(d, layers[i])
-        grads |= _prefixed(f"layers.{i}", g)
+        grads |= prefixed(f"layers.{i}", g)
     return d, {k: grads[k] for k in keys}
 
 
@@ -248,12 +247,12 @@ def _decoder_backward(backend, layers, norm, pad, keys, d_out):
         d = _zero_rows(layers_contract.cotangent("d_out", d_out, layers[0].shape,
                                                  layers[0].dtype, "the decoder's output"), pad)
         d, d_norm = backend.layer_norm_backward(d, norm)
-        grads |= _prefixed("norm", d_norm)
+        grads |= prefixed("norm", d_norm)
     d_memory = None
     for i in reversed(range(len(layers))):
         d, d_m, g = transformer_decoder_layer_backward(d, layers[i])
         d_memory = d_m if d_memory is None else d_memory + d_m
-        grads |= _prefixed(f"layers.{i}", g)
+        grads |= prefixed(f"layers.{i}", g)
     return d, d_memory, {k: grads[k] for k in keys}
 
 
@@ -324,5 +323,5 @@ def transformer_backward(d_out: np.ndarray, cache: TransformerCache
     ce, cd, keys = checks.cache_of(cache, TransformerCache, "transformer_forward")
     d_tgt, d_memory, g_dec = transformer_decoder_backward(d_out, cd)
     d_src, g_enc = transformer_encoder_backward(d_memory, ce)
-    grads = _prefixed("encoder", g_enc) | _prefixed("decoder", g_dec)
+    grads = prefixed("encoder", g_enc) | prefixed("decoder", g_dec)
     return d_src, d_tgt, {k: grads[k] for k in keys}

@@ -244,8 +244,8 @@ class TransformerSeq2Seq(_Backend, nn.Module):
                                        tgt_is_causal=True, memory_key_padding_mask=src_mask,
                                        need_weights=need_weights, backend=self.backend)
         weights: list[torch.Tensor] = []
-        hooks = [self._record_cross_attention(layer, weights) for layer in self.decoder.layers
-                 ] if need_weights else []
+        hooks = [h for layer in self.decoder.layers
+                 for h in self._record_cross_attention(layer, weights)] if need_weights else []
         try:
             out = self.decoder(y, memory, tgt_mask=tgt_mask, tgt_is_causal=True,
                                memory_key_padding_mask=src_mask)
@@ -265,9 +265,9 @@ class TransformerSeq2Seq(_Backend, nn.Module):
         out, weights = self._decode(memory, src_mask, tgt, tgt_mask, need_weights)
         return self.generator(out), weights
 
-    def _record_cross_attention(self, layer: nn.Module, into: list) -> Any:
-        """A hook that asks the layer's cross-attention for its weights per head (torch's layer
-        asks for none) and keeps them."""
+    def _record_cross_attention(self, layer: nn.Module, into: list) -> list[Any]:
+        """Two hooks on the layer's cross-attention: one asks it for its weights per head
+        (torch's layer asks for none), one keeps them; the caller removes both."""
         mha = layer.multihead_attn
 
         def ask(module, args, kwargs):
@@ -276,14 +276,8 @@ class TransformerSeq2Seq(_Backend, nn.Module):
         def keep(module, args, kwargs, output):
             into.append(output[1])
 
-        h1 = mha.register_forward_pre_hook(ask, with_kwargs=True)
-        h2 = mha.register_forward_hook(keep, with_kwargs=True)
-
-        class _Both:
-            def remove(self) -> None:
-                h1.remove()
-                h2.remove()
-        return _Both()
+        return [mha.register_forward_pre_hook(ask, with_kwargs=True),
+                mha.register_forward_hook(keep, with_kwargs=True)]
 
     @torch.no_grad()
     def _log_probs(self, memory, src_mask, prefix) -> torch.Tensor:

@@ -56,6 +56,7 @@ from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import group, prefixed
 from numpy_ref.models.decoding import beam, greedy
+from numpy_ref.transformer import _options  # the layers' options, checked once
 
 __all__ = ["TransformerSeq2SeqCache", "init_transformer_seq2seq_params", "positional_encoding",
            "transformer_beam_search", "transformer_greedy_decode",
@@ -122,16 +123,6 @@ def _causal(T: int) -> np.ndarray:
     return np.triu(np.ones((T, T), bool), k=1)
 
 
-@documented
-class _Options(NamedTuple):
-    """The stacks' options."""
-
-    nhead: int  # h
-    norm_first: bool  # pre-norm layers
-    activation: str  # "relu" or "gelu"
-    eps: float  # the layer norms' eps
-
-
 def _embed(backend, ids, table, E):
     """``table[ids] * sqrt(E) + PE`` -> (x [B, T, E], the embedding's cache)."""
     x, cache = backend.embedding_forward(ids, {"weight": table})
@@ -172,14 +163,6 @@ class TransformerSeq2SeqCache(NamedTuple):
     keys: tuple[str, ...]  # the params' keys, in order (d_params comes back in it)
     fingerprints: unchanged.Fingerprints | None  # the caller's ids and params as the forward
     #   saw them (the ops inside record none); the backward checks them first
-
-
-def _options(nhead, norm_first, activation, eps) -> _Options:
-    if isinstance(nhead, (bool, np.bool_)) or not isinstance(nhead, (int, np.integer)):
-        raise TypeError(f"nhead: expected an int, got {type(nhead).__name__}")
-    return _Options(int(nhead), layer_contract.flag("norm_first", norm_first),
-                    layer_contract.choice("activation", activation, layer_contract.ACTIVATIONS),
-                    layer_contract.positive("eps", eps))
 
 
 @unchanged.memoized()
@@ -224,7 +207,7 @@ def transformer_seq2seq_forward(
     cache.
     """
     backend = op_module(backend)
-    o = _options(nhead, norm_first, activation, eps)
+    o = _options(nhead, norm_first, activation, eps, True)
     need_weights = layer_contract.flag("need_weights", need_weights)
     p, sizes = _params(params)
     real_src, src_lengths = contract.source(src, src_lengths, sizes.Vs)
@@ -339,7 +322,7 @@ def _start(src, params, src_lengths, nhead, norm_first, activation, eps, backend
     """Encode src once -> (a step function over the state (prefix [N, t], memory, kpm), the
     state, sizes)."""
     backend = op_module(backend)
-    o = _options(nhead, norm_first, activation, eps)
+    o = _options(nhead, norm_first, activation, eps, True)
     p, sizes = _params(params)
     real_src, src_lengths = contract.source(src, src_lengths, sizes.Vs)
     kpm = _padding(src_lengths, real_src.shape[1])
