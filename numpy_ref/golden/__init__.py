@@ -9,6 +9,7 @@ torch call it is; the tests re-run some of them in torch).
     python -m numpy_ref.golden write DIR [--only PATTERN]   # every case, or those matching
     python -m numpy_ref.golden verify DIR                   # recompute and check everything
     python -m numpy_ref.golden list [DIR]                   # the cases (and their tensors)
+    python -m numpy_ref.golden write --format onnx DIR      # ONNX node tests (onnx_export)
 
 Files
 -----

@@ -1,4 +1,5 @@
-"""The command line: ``python -m numpy_ref.golden write|verify|list`` (the package docstring).
+"""The command line: ``python -m numpy_ref.golden write|verify|list`` (the package docstring);
+``write --format onnx`` writes ONNX backend node tests instead (`numpy_ref.golden.onnx_export`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from numpy_ref.golden.files import matches, write
 from numpy_ref.golden.registry import MANIFEST, all_cases
 from numpy_ref.golden.verify import verify
 
+FORMATS = ("safetensors", "onnx")  # write --format; the first is the default
+
 # --------------------------------------------------------------------------------------------
 # command line
 
@@ -20,6 +23,27 @@ from numpy_ref.golden.verify import verify
 def _size(n: int) -> str:
     return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 else \
         f"{n / (1 << 20):.2f} MiB"
+
+
+def _write_onnx(directory: str, only: Sequence[str] | None) -> int:
+    from numpy_ref.golden.onnx_export import summary_lines, write_onnx
+
+    try:
+        index = write_onnx(directory, only)
+    except ModuleNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write to {directory}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(index['cases'])} ONNX node tests (model.onnx, test_data_set_0/) to "
+          f"{Path(directory).resolve()} (index: onnx_cases.json):")
+    for line in summary_lines(index):
+        print(line)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--only", action="append", metavar="PATTERN",
                    help="only cases whose name contains PATTERN (or matches it as a glob "
                         "with * ? [...]); may be repeated")
+    w.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                   help="safetensors (default): the golden files and manifest; onnx: one "
+                        "ONNX backend node test per case an ONNX operator expresses "
+                        "(DIR/test_<case>/model.onnx, test_data_set_0/*.pb; forward only)")
     v = sub.add_parser("verify", help="recompute every case of DIR's manifest and check the "
                                       "files; exit 1 on any mismatch")
     v.add_argument("directory")
@@ -44,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls.add_argument("--only", action="append", metavar="PATTERN")
     args = parser.parse_args(argv)
 
+    if args.command == "write" and args.format == "onnx":
+        return _write_onnx(args.directory, args.only)
     if args.command == "write":
         try:
             manifest = write(args.directory, args.only)
