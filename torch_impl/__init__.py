@@ -10,6 +10,8 @@ a dict and `load_numpy_(module, params)` loads one. The recurrent layers' counte
 differentiable torch ops. Every module takes ``backend="torch" | "numpy_ref" | "kernels"`` to
 run its attention and recurrent layers on them. `torch_impl.reference` is the one torch
 reference of each op that the tests, benchmarks and golden checks compare with.
+`torch_impl.recorder` (`record`) records a module's intermediates under the names of
+`numpy_ref.divergence`, so that `numpy_ref.first_divergence` can say where it goes wrong.
 """
 
 try:
@@ -18,7 +20,7 @@ except ModuleNotFoundError as e:  # numpy_ref needs NumPy alone; torch_impl adds
     raise ModuleNotFoundError("torch_impl needs PyTorch: pip install "
                               "'lstm-attention-reference[torch]'") from e
 
-from torch_impl import functions
+from torch_impl import functions, recorder
 from torch_impl.convert import load_numpy_, to_numpy
 from torch_impl.modules import (
     Attention,
@@ -27,7 +29,9 @@ from torch_impl.modules import (
     LuongDecoder,
     Seq2SeqAttention,
 )
+from torch_impl.recorder import Recorder, record
 from torch_impl.transformer import TransformerSeq2Seq
 
 __all__ = ["Attention", "BahdanauDecoder", "BiLSTMAttention", "LuongDecoder",
-           "Seq2SeqAttention", "TransformerSeq2Seq", "functions", "load_numpy_", "to_numpy"]
+           "Recorder", "Seq2SeqAttention", "TransformerSeq2Seq", "functions", "load_numpy_",
+           "record", "recorder", "to_numpy"]
