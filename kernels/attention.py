@@ -99,6 +99,38 @@ class KernelAttentionCache(NamedTuple):
         return contract.row_statistic(self.inputs,
                                       contract.log_sum_exp(m, total, self.query.dtype))
 
+    @property
+    def logits(self) -> np.ndarray | None:
+        """[B, h, Tq, Tk] (the heads layout, whatever the caller's; the data's dtype): the
+        scores after scale, softcap and bias, before the masks and the softmax, as
+        numpy_ref's ``cache.logits`` (at padding keys and queries, the score of the zeros that
+        replace them); None after need_weights=False, where nothing of size Tq x Tk may exist.
+        The kernels overwrite their scores with the weights block by block, so these are
+        computed again on each read from the cached query and keys (the forward does not pay
+        for them): compare them with your pre-softmax scores."""
+        a = self.inputs
+        if self.weights is None:
+            return None
+        B, h, Tq, _ = self.query.shape
+        h_kv, Tk = self.keys.shape[1], self.keys.shape[2]
+        dtype = self.query.dtype
+        # what met the keys, its query rows stacked per kv head: [B, h_kv, G Tq, D]
+        q = _stacked(np.ascontiguousarray(self.core_query), h_kv)
+        k = contract.without_padding(self.keys, self.padding.keys)  # read or not, 0 as numpy_ref
+        with checks.quiet():
+            if a.score == "additive":  # u . tanh(qa_i + ka_j)
+                x = np.tanh(q[..., :, None, :] + k[..., None, :, :]) @ a.params["v"]
+            else:
+                x = q @ np.swapaxes(k, -1, -2)
+                if self.path == "single" and a.scale != 1:  # the flash path scaled q itself
+                    x = x * dtype.type(a.scale)
+            x = x.reshape(B, h, Tq, Tk)
+            if a.softcap is not None:
+                x = a.softcap * np.tanh(x / a.softcap)
+            if a.bias is not None:
+                x = x + a.bias
+        return x.astype(dtype, copy=False)
+
 
 _TRUE = np.ones(1, np.bool_)
 _ZERO = {np.dtype(t): np.zeros(1, t) for t in (np.float32, np.float64)}
@@ -143,17 +175,22 @@ def attention_forward(
     scale: float | None = None,
     bias: np.ndarray | None = None,
     need_weights: bool = True,
+    softcap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, KernelAttentionCache]:
     """Numba `numpy_ref.attention_forward`: same arguments, checks, shapes and results.
 
-    query [B, Hq], [B, Tq, Hq] or [B, h, Tq, D]; keys/values [B, Tk, H] or [B, h_kv, Tk, D];
-    returns context and weights (None with ``need_weights=False``: then nothing of size
-    Tq x Tk is formed) in the query's layout, and the cache (``cache.lse``: each query's
-    log-sum-exp).
+    ``s = cap(scale * score(q, k)) + bias`` with ``cap(x) = softcap * tanh(x / softcap)`` when
+    softcap (a finite c > 0) is given, else x (ONNX Attention's order: after the scale, before
+    the bias and the masks; every score); ``w = softmax(s)`` over the keys each query sees;
+    ``c = w v``. query [B, Hq], [B, Tq, Hq] or [B, h, Tq, D]; keys/values [B, Tk, H] or
+    [B, h_kv, Tk, D]; returns context and weights (None with ``need_weights=False``: then
+    nothing of size Tq x Tk is formed) in the query's layout, and the cache (``cache.lse``:
+    each query's log-sum-exp; ``cache.logits`` [B, h, Tq, Tk]: the scores s before the masks,
+    None without the weights).
     """
     same = values is keys
     a = contract.validate_attention(query, keys, values, score, params, lengths, mask, causal,
-                                    scale, bias, need_weights)
+                                    scale, bias, need_weights, softcap)
     B, h, Tq, _ = a.query.shape
     _, h_kv, Tk, _ = a.keys.shape
     Hv = a.values.shape[3]
@@ -170,6 +207,7 @@ def attention_forward(
     visible = _constant(_TRUE, shape) if visible is None else np.broadcast_to(visible, shape)
     bias4 = _constant(_ZERO[dtype], shape) if a.bias is None else a.bias
     scale = dtype.type(1.0 if a.scale is None else a.scale)
+    softcap = dtype.type(0.0 if a.softcap is None else a.softcap)  # 0: the kernels skip it
     # a query row that sees no key is zeroed (general's d_W = q^T d_q' would read it)
     q = np.ascontiguousarray(contract.without_padding(a.query, pad.queries))
     kv_real = _read_padding(a, pad, path)
@@ -195,8 +233,8 @@ def attention_forward(
     if path == "single":
         w_rows = weights[:, 0, 0] if a.need_weights else np.empty((B, 0), dtype)
         _single_forward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, masked, visible[:, 0, 0],
-                        bias4[:, 0, 0], scale, context64[:, 0, 0], context[:, 0, 0], w_rows,
-                        stats[:, 0, 0], a.need_weights)
+                        bias4[:, 0, 0], scale, softcap, context64[:, 0, 0], context[:, 0, 0],
+                        w_rows, stats[:, 0, 0], a.need_weights)
     else:
         if scale != 1:  # scaled once here: the scores come out of the product scaled
             with checks.quiet():
@@ -206,7 +244,8 @@ def attention_forward(
         R = block_rows(Tq if a.causal else rows, a.causal, B * h_kv, numba.get_num_threads())
         none = np.empty((0, 0, 0, 0), dtype)
         args = (_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked, visible,
-                a.bias is not None, bias4, score == "additive", u, R, _C, a.need_weights,
+                a.bias is not None, bias4, softcap, score == "additive", u, R, _C,
+                a.need_weights,
                 _stacked(context, h_kv),
                 _stacked(context64, h_kv) if context64.size else context64,
                 none if weights is None else _stacked(weights, h_kv), _stacked(stats, h_kv))
@@ -236,6 +275,7 @@ def attention_backward(
     dtype = q.dtype
     p, score = a.params, a.score
     scale = dtype.type(1.0 if a.scale is None else a.scale)
+    softcap = dtype.type(0.0 if a.softcap is None else a.softcap)
     dc, d_weights = contract.attention_cotangents(a, d_context, d_weights, Hv)
     dc = np.ascontiguousarray(dc)
     # an empty array stands for "no cotangent" (the cores test its shape)
@@ -254,7 +294,7 @@ def attention_backward(
                  else np.empty((0, 0), dtype))
         w_rows = w[:, 0, 0] if w is not None else np.empty((0, 0), dtype)
         _single_backward(core_q[:, 0, 0], k[:, 0], v[:, 0], lengths, masked, visible[:, 0, 0],
-                         bias4[:, 0, 0], scale, stats[:, 0, 0], context64[:, 0, 0],
+                         bias4[:, 0, 0], scale, softcap, stats[:, 0, 0], context64[:, 0, 0],
                          dc[:, 0, 0].astype(np.float64), dw_in, w_rows, w is not None, sum_kv,
                          d_core_q, d_keys, d_values, d_bias)
         d_bias = d_bias[:, None, None]
@@ -279,7 +319,8 @@ def attention_backward(
             B, h_kv, rows) if context64.size and w is None else np.empty((0, 0, 0)))
         none = np.empty((0, 0, 0, 0), dtype)
         args = (_stacked(core_q, h_kv), k, v, Tq, lengths, a.causal, masked, visible,
-                a.bias is not None, bias4, additive, p["v"] if additive else np.empty(0, dtype),
+                a.bias is not None, bias4, softcap, additive,
+                p["v"] if additive else np.empty(0, dtype),
                 R, _C, splits, w is not None, none if w is None else _stacked(w, h_kv),
                 none if d_weights is None else _stacked(np.ascontiguousarray(d_weights), h_kv),
                 _stacked(stats, h_kv), delta, _stacked(dc, h_kv), _stacked(d_core_q, h_kv),

@@ -94,7 +94,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels._config import JIT, PARALLEL_JIT
-from kernels._util import as_type_of, exp_nonpositive, max_prefix
+from kernels._util import as_type_of, exp_nonpositive, max_prefix, tanh
 from kernels.attention_additive import additive_block, additive_block_backward
 
 _C = 512  # keys per block (torch's kvSplitSize): S [R, C] float32 is 512 KiB at R = 256
@@ -133,11 +133,15 @@ def _row_limit(length, causal, step):
 
 
 @njit(**JIT)
-def _mask_row(row, j0, lim, masked, visible_row, has_bias, bias_row):
-    """In place over a block's scores row [cc] (keys j0 ..): + bias, -inf at the keys the
-    query does not see (j0 + j >= lim, or hidden by the mask or a -inf bias)."""
+def _mask_row(row, j0, lim, masked, visible_row, has_bias, bias_row, softcap):
+    """In place over a block's scores row [cc] (keys j0 ..): the softcap x -> c tanh(x / c)
+    when softcap = c > 0 (0: none), + bias, -inf at the keys the query does not see
+    (j0 + j >= lim, or hidden by the mask or a -inf bias)."""
     cc = row.shape[0]
     n = _clamp(lim - j0, 0, cc)
+    if softcap > 0:
+        for j in range(n):
+            row[j] = softcap * tanh(row[j] / softcap)
     if has_bias:
         for j in range(n):
             row[j] += bias_row[j0 + j]
@@ -150,8 +154,8 @@ def _mask_row(row, j0, lim, masked, visible_row, has_bias, bias_row):
 
 
 @njit(**PARALLEL_JIT)
-def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, additive, u,
-                   R, C, with_weights, context, context64, weights, stats):
+def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, softcap,
+                   additive, u, R, C, with_weights, context, context64, weights, stats):
     """q [B, h_kv, M, D] (scaled, stacked rows: M = G Tq), k [B, h_kv, Tk, D],
     v [B, h_kv, Tk, Dv] -> context [B, h_kv, M, Dv] (data dtype), stats [B, h_kv, M, 2]
     (float64 m and l; (-inf, 0) for a row that sees no key), context64 (float64, when Tk > C:
@@ -160,6 +164,7 @@ def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias
     block per row).
 
     lengths [B]; visible (bool) and bias: [B, h, Tq, Tk] views, read when masked / has_bias.
+    softcap (the data's dtype): c > 0 caps each score to c tanh(s / c) before the bias; 0: none.
     With `additive`, q and k are the projections qa [.., M, A] and ka [.., Tk, A] and the
     scores are u . tanh(qa_i + ka_j) (u [A]; `kernels.attention_additive`) instead of q . k.
     """
@@ -167,12 +172,13 @@ def _flash_forward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias
     seg = Tq if causal else M
     for item in prange(B * h_kv * (M // seg) * ((seg + R - 1) // R)):
         _forward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias,
-                      additive, u, R, C, with_weights, context, context64, weights, stats)
+                      softcap, additive, u, R, C, with_weights, context, context64, weights,
+                      stats)
 
 
 @njit(**JIT)
-def _forward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, additive,
-                  u, R, C, with_weights, context, context64, weights, stats):
+def _forward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, softcap,
+                  additive, u, R, C, with_weights, context, context64, weights, stats):
     """One item of the forward: the block of stacked rows `item` numbers (b, kv head g, the
     block), over all its keys; the arguments are `_flash_forward`'s."""
     _, h_kv, M, _ = q.shape
@@ -210,7 +216,7 @@ def _forward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias,
             hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
             row = s[r]
             _mask_row(row, j0, _row_limit(length, causal, i), masked, visible[b, hh, i],
-                      has_bias, bias[b, hh, i])
+                      has_bias, bias[b, hh, i], softcap)
             m_block = np.float64(max_prefix(row, cc))  # NaN if the row holds one
             m_new = np.nan if m_block != m_block or m[r] != m[r] else max(m[r], m_block)
             if m_new == -np.inf:  # every key so far hidden: p = 0
@@ -281,9 +287,9 @@ def _write_weights(p, w, i0, Tq, G, g, b, length, causal, masked, visible, l):
 
 
 @njit(**PARALLEL_JIT)
-def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, additive, u,
-                    R, C, splits, with_weights, weights, d_weights, stats, delta, dc, d_q,
-                    d_q_parts, d_k, d_v, d_u_parts, d_bias):
+def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, softcap,
+                    additive, u, R, C, splits, with_weights, weights, d_weights, stats, delta,
+                    dc, d_q, d_q_parts, d_k, d_v, d_u_parts, d_bias):
     """From dc [B, h_kv, M, Dv] (stacked rows, as q): d_q [B, h_kv, M, D] (the gradient of the
     scaled query: the caller multiplies by the scale), d_k [B, h_kv, Tk, D], d_v [B, h_kv, Tk,
     Dv] and, when has_bias, d_bias [B, h, Tq, Tk] (ds; the caller zeroes it first).
@@ -295,16 +301,18 @@ def _flash_backward(q, k, v, Tq, lengths, causal, masked, visible, has_bias, bia
     it cancels the rounding of the dP it is subtracted from (one dominant key: ds ~ 0). With
     splits > 1 each split writes d_q_parts[split] [.., M, D] instead of d_q. With `additive`
     (q, k the projections, as in the forward) d_q and d_k are d_qa and d_ka, and each item
-    adds its d_u into d_u_parts[item] [A] (float64; the caller sums them).
+    adds its d_u into d_u_parts[item] [A] (float64; the caller sums them). With a softcap
+    c > 0, d_bias is dS on the capped scores and the products take dS (1 - tanh(x / c)^2), x
+    the block's raw (scaled) scores, recomputed (with weights: one more product per block).
     """
     for item in prange(q.shape[0] * q.shape[1] * splits):
         _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias,
-                       additive, u, R, C, splits, with_weights, weights, d_weights, stats,
-                       delta, dc, d_q, d_q_parts, d_k, d_v, d_u_parts, d_bias)
+                       softcap, additive, u, R, C, splits, with_weights, weights, d_weights,
+                       stats, delta, dc, d_q, d_q_parts, d_k, d_v, d_u_parts, d_bias)
 
 
 @njit(**JIT)
-def _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias,
+def _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias, bias, softcap,
                    additive, u, R, C, splits, with_weights, weights, d_weights, stats, delta, dc,
                    d_q, d_q_parts, d_k, d_v, d_u_parts, d_bias):
     """One item of the backward: (b, kv head g, key split) that `item` numbers, every block
@@ -334,6 +342,8 @@ def _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias
     part_v = np.empty((width, Dv), q.dtype)
     part_k = np.empty((width, D), q.dtype)
     part_q = np.empty((R, D), q.dtype)
+    capped = softcap > 0
+    slope_buf = np.empty(R * width if capped else 0, q.dtype)  # 1 - tanh^2 per block entry
     i0 = 0
     while i0 < M:
         rr = min(R, M - i0)
@@ -347,18 +357,28 @@ def _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias
             cc = min(width, kend - j0)
             p = p_buf[:rr * cc].reshape((rr, cc))
             dp = dp_buf[:rr * cc].reshape((rr, cc))
+            slope = slope_buf[:rr * cc].reshape((rr, cc)) if capped else slope_buf.reshape((0, 0))
             if with_weights:
                 for r in range(rr):
                     p[r] = weights[b, g, i0 + r, j0:j0 + cc]
+                if capped:  # the raw scores, for the softcap's derivative
+                    if additive:
+                        additive_block(qb, k[b, g, j0:j0 + cc], u, slope)
+                    else:
+                        np.dot(qb, k[b, g, j0:j0 + cc].T, slope)
+                    _softcap_slope(slope, softcap)
             else:
                 if additive:
                     additive_block(qb, k[b, g, j0:j0 + cc], u, p)
                 else:
                     np.dot(qb, k[b, g, j0:j0 + cc].T, p)
+                if capped:  # from the raw scores, before they become the weights
+                    slope[:, :] = p
+                    _softcap_slope(slope, softcap)
                 for r in range(rr):
                     hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
                     _recompute_weights(p[r], j0, _row_limit(length, causal, i), masked,
-                                       visible[b, hh, i], has_bias, bias[b, hh, i],
+                                       visible[b, hh, i], has_bias, bias[b, hh, i], softcap,
                                        stats[b, g, i0 + r, 0], stats[b, g, i0 + r, 1])
             pv = part_v[:cc]
             np.dot(p.T, dob, pv)  # dV += P^T dO
@@ -386,6 +406,10 @@ def _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias
                 if has_bias:
                     hh, i = g * G + (i0 + r) // Tq, (i0 + r) % Tq
                     d_bias[b, hh, i, j0:j0 + cc] = dpr
+                if capped:  # dS on the raw scores: times 1 - tanh^2, still 0 where P is
+                    sr = slope[r]
+                    for j in range(cc):
+                        dpr[j] = zero if pr[j] == zero else dpr[j] * sr[j]
             if additive:  # the score's own backward, e recomputed
                 additive_block_backward(qb, k[b, g, j0:j0 + cc], u, dp, dqb[i0:i0 + rr],
                                         dkb[j0:j0 + cc], d_u_parts[item])
@@ -406,7 +430,19 @@ def _backward_item(item, q, k, v, Tq, lengths, causal, masked, visible, has_bias
 
 
 @njit(**JIT)
-def _recompute_weights(row, j0, lim, masked, visible_row, has_bias, bias_row, m, l):
+def _softcap_slope(x, softcap):
+    """In place over a block of raw scores x [rr, cc]: 1 - tanh(x / c)^2 with c = softcap, the
+    derivative of x -> c tanh(x / c)."""
+    one = as_type_of(1.0, softcap)
+    for r in range(x.shape[0]):
+        xr = x[r]
+        for j in range(x.shape[1]):
+            t = tanh(xr[j] / softcap)
+            xr[j] = one - t * t
+
+
+@njit(**JIT)
+def _recompute_weights(row, j0, lim, masked, visible_row, has_bias, bias_row, softcap, m, l):
     """In place over a block row of scores [cc]: the forward's weights p_j = exp(s_j - m) / l,
     exactly 0 at hidden keys and in a row that sees no key (l = 0). A NaN row (l NaN: a NaN
     score, or +inf next to another visible score) is NaN at every key it sees, a score of
@@ -422,7 +458,7 @@ def _recompute_weights(row, j0, lim, masked, visible_row, has_bias, bias_row, m,
             seen = j < n and (not masked or visible_row[j0 + j])
             row[j] = np.nan if seen else zero
         return
-    _mask_row(row, j0, lim, masked, visible_row, has_bias, bias_row)
+    _mask_row(row, j0, lim, masked, visible_row, has_bias, bias_row, softcap)
     mn = as_type_of(m, zero)
     inv = as_type_of(1.0 / l, zero)
     for j in range(row.shape[0]):  # exp, then / l in a second pass: the forward's roundings

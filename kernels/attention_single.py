@@ -74,7 +74,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels._config import JIT, PARALLEL_JIT
-from kernels._util import as_type_of, dot, exp_nonpositive
+from kernels._util import as_type_of, dot, exp_nonpositive, tanh
 
 
 @njit(**JIT)
@@ -102,14 +102,16 @@ _BLOCK = 128  # keys per block: its rows of K (and V) stay in L2 between the blo
 
 
 @njit(**PARALLEL_JIT)
-def _single_forward(q, k, v, lengths, masked, visible, bias, scale, context64, context, weights,
-                    stats, with_weights):
+def _single_forward(q, k, v, lengths, masked, visible, bias, scale, softcap, context64, context,
+                    weights, stats, with_weights):
     """q [B, H], k [B, T, H], v [B, T, Hv] -> context64 [B, Hv] (float64, kept for the
     backward), context [B, Hv], weights [B, T] (when with_weights; else any [B, x] array,
     not read), stats [B, 2] (float64: each row's max score m and l = sum_j exp(s_j - m);
     (-inf, 0) for a row that sees no key, NaN for a NaN row).
 
-    s_j = scale * q . k_j + bias[b, j]. Per row, blocks of `_BLOCK` keys: the block's scores
+    s_j = cap(scale * q . k_j) + bias[b, j], cap(x) = softcap tanh(x / softcap) when
+    softcap > 0 (the data's dtype; 0: no cap, x itself). Per row, blocks of `_BLOCK` keys: the
+    block's scores
     (kept in weights[b], or in a scratch of one block without weights; -inf at hidden keys),
     one rescale of the running sums when the block raises the running max, the block's exps in
     one vectorized loop, then the block's p_j v_j over the keys it sees, summed in the data's
@@ -137,7 +139,11 @@ def _single_forward(q, k, v, lengths, masked, visible, bias, scale, context64, c
             for u in range(nb):
                 s = -np.inf
                 if not masked or visible[b, j0 + u]:
-                    s = np.float64(dot(qb, kb[u], zero) * scale + bias[b, j0 + u])
+                    if softcap > 0:  # s = c tanh(x / c) + bias
+                        x = dot(qb, kb[u], zero) * scale
+                        s = np.float64(softcap * tanh(x / softcap) + bias[b, j0 + u])
+                    else:  # no cap: one expression, as before the cap existed (same bits)
+                        s = np.float64(dot(qb, kb[u], zero) * scale + bias[b, j0 + u])
                     if s > block_max:
                         block_max = s
                     elif s != s:
@@ -204,7 +210,7 @@ def _single_finish(acc, cb, wb, stats_b, n, m, l, zero, with_weights):
 
 
 @njit(**PARALLEL_JIT)
-def _single_backward(q, k, v, lengths, masked, visible, bias, scale, stats, context64,
+def _single_backward(q, k, v, lengths, masked, visible, bias, scale, softcap, stats, context64,
                      d_context64, d_weights, weights, with_weights, sum_kv, d_q, d_k, d_v,
                      d_bias):
     """One pass per row, writing d_q [B, H], d_k [B, T, H] (d_k + d_v when sum_kv, then d_v is
@@ -215,7 +221,8 @@ def _single_backward(q, k, v, lengths, masked, visible, bias, scale, stats, cont
     (d_context64: dc upcast); d_weights is [B, T], or empty when absent; `weights` [B, T] is
     read only with_weights, for d_weights and (the forward's own weight) a bias. One key at a
     time (blocks of keys, as in the forward, were 10% slower here: the pass is bound by its
-    writes, not by the scalar exp).
+    writes, not by the scalar exp). With softcap > 0, ds on the capped score goes to d_bias
+    and ds (1 - tanh(x / softcap)^2), x = scale q . k_j, to the products.
     """
     B, T, H = k.shape
     Hv = v.shape[2]
@@ -251,20 +258,32 @@ def _single_backward(q, k, v, lengths, masked, visible, bias, scale, stats, cont
                     d_bias[b, j] = zero
                 continue
             kj, vj = k[b, j], v[b, j]
+            slope, t = 1.0, zero  # d cap(x) / dx = 1 - tanh(x / c)^2 (with a softcap)
+            if softcap > 0:
+                t = tanh(dot(qb, kj, zero) * scale / softcap)
+                slope = 1.0 - np.float64(t) * t
             if has_db and with_weights:  # the forward's own weight: with fast-math,
                 w = np.float64(weights[b, j])  # (q.k s + bias) - m could be reassociated and
-            else:  # drift from it for a large bias
-                s = dot(qb, kj, zero) * scale
+            elif softcap > 0:  # drift from it for a large bias
+                s = softcap * as_type_of(t, zero)
                 if has_db:
                     s += bias[b, j]
                 w = np.exp(np.float64(s) - m) * inv_l  # recomputed
+            else:
+                s = dot(qb, kj, zero) * scale
+                if has_db:
+                    s += bias[b, j]
+                w = np.exp(np.float64(s) - m) * inv_l
             dw = dot(dcb, vj, 0.0)
             if has_dw:
                 dw += d_weights[b, j]
             ds = w * (dw - delta)
             if has_db:
                 d_bias[b, j] = as_type_of(ds, zero)
-            g = as_type_of(ds * scale, zero)  # ds_j times the score's scale
+            if softcap > 0:  # ds_j times the cap's derivative and the score's scale
+                g = as_type_of(ds * slope * scale, zero)
+            else:
+                g = as_type_of(ds * scale, zero)
             w_low = as_type_of(w, zero)
             for h in range(H):
                 dqb[h] += g * kj[h]

@@ -15,7 +15,9 @@ h = h_kv = 1 (and Tq = 1) for the first two; query head i reads kv head i // (h 
 
 Forward, per row b and head, for query i and key j
 --------------------------------------------------
-    s[i,j] = scale * score(q_i, k_j) + bias[i,j]                                [Tq, Tk]
+    s[i,j] = cap(scale * score(q_i, k_j)) + bias[i,j]                           [Tq, Tk]
+        cap(x) = x, or with softcap=c: c tanh(x / c) in (-c, c)   (Gemma 2's logit softcapping;
+                 ONNX Attention's softcap: after the scale, before the bias and the masks)
         "dot"        : q . k                      scale 1 by default         (Hq == Hk)
         "scaled_dot" : q . k                      scale 1/sqrt(Hk) by default
         "general"    : q^T W k = (q W) . k        W [Hq, Hk], scale 1 by default   (Luong)
@@ -47,14 +49,17 @@ With dc = dL/dc and an optional cotangent d_weights on the weights:
     dw    = dc v^T + d_weights
     ds    = w * (dw - delta),   delta[i] = sum_j w[i,j] dw[i,j]        d_bias = ds (summed over
                                                                        the axes bias broadcast)
+    dx    = ds * (1 - tanh(x / c)^2)   with softcap, x = scale * score (else dx = ds)
 The softmax vector-Jacobian product: dw_j/ds_l = w_j (1[j=l] - w_l). Hidden keys have w = 0,
 so ds = 0 there and nothing flows into them. When only the context has a cotangent (d_weights = 0),
 
     delta = sum_j w_j (dc . v_j) = dc . sum_j w_j v_j = <dc, c>,
 
 FlashAttention-2's identity: delta needs the context, not the weights, which is what lets a
-fused kernel recompute w from a saved log-sum-exp instead of storing it. The score's chain rule
-then gives the query and key gradients (g = scale * ds):
+fused kernel recompute w from a saved log-sum-exp instead of storing it. The softcap's
+derivative, d/dx c tanh(x / c) = 1 - tanh(x / c)^2, turns ds into dx (it goes to 0 where the
+cap saturates, |x| >> c). The score's chain rule then gives the query and key gradients
+(g = scale * dx):
 
     dot, scaled_dot   dq = g k                dk = g^T q
     general           with q' = q W:  dq' = g k,  dq = dq' W^T,  dW = sum q^T dq',  dk = g^T q'
@@ -410,12 +415,13 @@ class AttentionCache(NamedTuple):
     #                                      None without the weights, as the next three
     softmax: MaskedSoftmaxCache | None  # the weights [B, h, Tq, Tk]; read
     context: WeightedSumCache | None  # the weights and values; read
-    logits: np.ndarray | None  # [B, h, Tq, Tk] the scores after scale and bias, before the
-    #                            mask and the softmax (at padding keys, the score of the zeros
-    #                            that replaced them); not read by backward: compare it with
-    #                            your pre-softmax scores
+    logits: np.ndarray | None  # [B, h, Tq, Tk] the scores after scale, softcap and bias,
+    #                            before the mask and the softmax (at padding keys, the score
+    #                            of the zeros that replaced them); not read by backward:
+    #                            compare it with your pre-softmax scores. None without weights
     lse: np.ndarray  # [B], [B, Tq] or [B, h, Tq] (the weights' shape without Tk), the data's
-    #                  dtype: each query's log-sum-exp of its visible scaled scores,
+    #                  dtype: each query's log-sum-exp of its visible scaled (capped, biased)
+    #                  scores,
     #                  m + log sum_j exp(s_j - m) (-inf for a query that sees no key, NaN for a
     #                  NaN row); not read: compare a flash kernel's saved statistic with it
     blocks: BlockwiseCache | None  # need_weights=False: what its backward reads; else None
@@ -423,6 +429,28 @@ class AttentionCache(NamedTuple):
     #   reads (query, keys, values unless copied, the params read; mask and bias without the
     #   weights) and the returned weights (the context without them), as the forward saw
     #   them; the backward checks them first (`numpy_ref.contract.unchanged`)
+    softcap_tanh: np.ndarray | None = None  # [B, h, Tq, Tk] tanh(x / softcap) of the scaled
+    #   scores x, with a softcap and the weights; read for dx = ds (1 - tanh^2). Else None
+
+
+def _softcap(x: np.ndarray, softcap: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scores' softcap: x -> (c tanh(x / c), tanh(x / c)) with c = softcap (the tanh is
+    what the backward's derivative 1 - tanh^2 needs); (x, None) when softcap is None."""
+    if softcap is None:
+        return x, None
+    with checks.quiet():
+        t = np.tanh(x / softcap)
+        return softcap * t, t
+
+
+def _softcap_backward(ds: np.ndarray, t: np.ndarray | None) -> np.ndarray:
+    """d/dx of c tanh(x / c) is 1 - tanh(x / c)^2: ds on the capped scores -> dx on the
+    scaled ones (ds itself without a softcap, t None). ds = 0 stays exactly 0 (a hidden key,
+    even where t is NaN)."""
+    if t is None:
+        return ds
+    with checks.quiet():
+        return np.where(ds == 0, ds, ds * (1 - t * t))
 
 
 def _per_query_head(x: np.ndarray, group: int) -> np.ndarray:
@@ -452,10 +480,12 @@ def attention_forward(
     scale: float | None = None,
     bias: np.ndarray | None = None,
     need_weights: bool = True,
+    softcap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, AttentionCache]:
     """Attention: scores -> masked softmax over keys -> weighted sum of values.
 
-    ``s = scale * score(q, k) + bias``; ``w = softmax(s)`` over the keys each query sees;
+    ``s = cap(scale * score(q, k)) + bias`` with ``cap(x) = softcap * tanh(x / softcap)`` (or
+    ``x`` when softcap is None); ``w = softmax(s)`` over the keys each query sees;
     ``c = w v``. Composed of `attention_scores_forward`, `masked_softmax_forward` and
     `weighted_sum_forward`; the `numpy_ref.attention` module docstring has the math. With
     ``need_weights=False`` the same is computed block by block (FlashAttention's online
@@ -478,15 +508,21 @@ def attention_forward(
         attn_mask; -inf hides a key); its gradient is d_params["bias"].
     need_weights : return the weights; with False, weights is None and nothing of size
         Tq x Tk exists, not in the result, the cache or a temporary of the whole problem.
+    softcap : None, or c > 0 (finite): the scaled scores x become ``c * tanh(x / c)``, in
+        (-c, c), before the bias and the masks (ONNX Attention's order; Gemma 2's logit
+        softcapping). Every score, the additive one included (its scale is 1); the backward
+        multiplies by ``1 - tanh(x / c)^2``.
 
     Returns
     -------
     context : [B, Hv], [B, Tq, Hv] or [B, h, Tq, Dv].  weights : [B, Tk], [B, Tq, Tk] or
     [B, h, Tq, Tk] (0 at hidden keys; a query that sees no key has weights and context 0), or
-    None.  cache : its ``lse`` holds each query's log-sum-exp, whatever need_weights is.
+    None.  cache : its ``lse`` holds each query's log-sum-exp, whatever need_weights is, and
+    ``logits`` [B, h, Tq, Tk] (the heads layout, whatever the caller's) the scores after
+    scale, softcap and bias, before the masks (None without the weights).
     """
     a = contract.validate_attention(query, keys, values, score, params, lengths, mask, causal,
-                                    scale, bias, need_weights)
+                                    scale, bias, need_weights, softcap)
     if not a.need_weights:
         pad = contract.padding_by_blocks(a)
         with unchanged.untracked():  # the blocks' scores: recorded below, once
@@ -509,6 +545,7 @@ def attention_forward(
     v = _per_query_head(contract.without_padding(a.values, pad.keys), a.group)
     with unchanged.untracked():  # the three pairs' arrays: recorded below, once
         s, scores = attention_scores_forward(q, k, score=score, params=a.params, scale=a.scale)
+        s, tanh = _softcap(s, a.softcap)  # s = c tanh(s / c)
         if a.bias is not None:
             with checks.quiet():  # an infinite score plus the opposite infinite bias
                 s = s + a.bias
@@ -521,7 +558,7 @@ def attention_forward(
         ("values", unchanged.shared(values, v)), *contract.params_read(a.params)],
         outputs=[("weights", weights)])
     cache = AttentionCache(a, pad, scores, softmax, weighted, s,
-                           contract.row_statistic(a, softmax.lse), None, fingerprints)
+                           contract.row_statistic(a, softmax.lse), None, fingerprints, tanh)
     return a.to_user(c), weights, cache
 
 
@@ -536,7 +573,8 @@ def attention_backward(
     """Backward of `attention_forward`.
 
     ``dv = w^T dc``; ``dw = dc v^T + d_weights``; ``ds = w (dw - delta)`` with
-    ``delta_i = sum_j w_ij dw_ij``; then the score's chain rule for dq, dk (and ``d_bias = ds``
+    ``delta_i = sum_j w_ij dw_ij``; with a softcap ``dx = ds (1 - tanh(x / c)^2)``; then the
+    score's chain rule for dq, dk from dx (and ``d_bias = ds``
     summed over bias's broadcast axes). Derivation: the `numpy_ref.attention` module docstring.
     After a forward with ``need_weights=False`` the same gradients are computed block by block,
     the weights recomputed from each row's saved max and sum, with ``delta_i = <c_i, dc_i>``.
@@ -558,7 +596,7 @@ def attention_backward(
     d_params : the score params' keys ({} for dot and scaled_dot), and "bias" (bias's shape)
     when a bias was given.
     """
-    a, pad, scores, softmax, weighted, _, _, blocks, fingerprints = checks.cache_of(
+    a, pad, scores, softmax, weighted, _, _, blocks, fingerprints, tanh = checks.cache_of(
         cache, AttentionCache, "attention_forward")
     unchanged.check(fingerprints)
     sum_kv, out = contract.gradient_outputs(a, sum_kv, out, d_context, d_weights)
@@ -573,7 +611,8 @@ def attention_backward(
             with checks.quiet():
                 d_w = d_w + d_weights  # dw = dc v^T + d_weights
         ds = masked_softmax_backward(d_w, softmax)  # 0 at hidden keys
-        d_query, d_keys, d_params = attention_scores_backward(ds, scores)
+        d_query, d_keys, d_params = attention_scores_backward(_softcap_backward(ds, tanh),
+                                                              scores)
         if a.bias is not None:  # s = scores + bias
             with checks.quiet():
                 d_params["bias"] = contract.reduce_to(a.to_user(ds), a.bias_shape)
@@ -603,16 +642,18 @@ BLOCK_KEYS = 256  # keys per block
 
 def _block_scores(a: contract.AttentionInputs, q: np.ndarray, k: np.ndarray, rows: slice,
                   cols: slice, visible: np.ndarray | None
-                  ) -> tuple[np.ndarray, AttentionScoresCache]:
-    """The scaled, biased scores of one block [B, h, rows, cols], -inf at the keys a query
-    does not see; `visible` is `contract.visibility(a, rows=rows)` (None: all seen)."""
+                  ) -> tuple[np.ndarray, AttentionScoresCache, np.ndarray | None]:
+    """The scaled, capped, biased scores of one block [B, h, rows, cols], -inf at the keys a
+    query does not see; `visible` is `contract.visibility(a, rows=rows)` (None: all seen).
+    Also the score's cache and the softcap's tanh(x / c) of the block (None without one)."""
     s, scores = attention_scores_forward(q[:, :, rows], k[:, :, cols], score=a.score,
                                          params=a.params, scale=a.scale)
+    s, tanh = _softcap(s, a.softcap)
     if a.bias is not None:
         s = s + a.bias[:, :, rows, cols]
     if visible is not None:
         s = np.where(visible if visible.shape[3] == 1 else visible[..., cols], s, -np.inf)
-    return s, scores
+    return s, scores, tanh
 
 
 @checks.quiet()  # arithmetic only: NaN and inf in real data propagate quietly
@@ -642,7 +683,7 @@ def _forward_by_blocks(a: contract.AttentionInputs, pad: contract.Padding
         acc = np.zeros((B, h, n, Hv), dtype)
         for j0 in range(0, Tk, BLOCK_KEYS):
             cols = slice(j0, min(j0 + BLOCK_KEYS, Tk))
-            s, _ = _block_scores(a, q, k, rows, cols, visible)
+            s, _, _ = _block_scores(a, q, k, rows, cols, visible)
             m_new = np.maximum(m, s.max(axis=-1, keepdims=True))  # NaN stays NaN
             shift = np.where(m_new == -np.inf, 0, m_new)  # a row that has seen no key yet
             alpha = np.exp(m - shift)
@@ -662,7 +703,7 @@ def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc:
     """d_query [B, h, Tq, Hq], d_keys, d_values [B, h, Tk, ...] (per query head) and d_params,
     block by block: the block's weights p_j = exp(s_j - m) / l, then the weighted sum's and
     the score's own backward, with the softmax's delta_i = <c_i, dc_i> (FlashAttention-2), or
-    sum_j p_j dp_j when every key is in one block."""
+    sum_j p_j dp_j when every key is in one block; with a softcap, ds times 1 - tanh^2."""
     q, k, v, c, m, l = blocks
     Tq, Tk = q.shape[2], k.shape[2]
     one_block = Tk <= BLOCK_KEYS
@@ -678,7 +719,7 @@ def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc:
         visible = contract.visibility(a, rows=rows)
         for j0 in range(0, Tk, BLOCK_KEYS):
             cols = slice(j0, min(j0 + BLOCK_KEYS, Tk))
-            s, scores = _block_scores(a, q, k, rows, cols, visible)
+            s, scores, tanh = _block_scores(a, q, k, rows, cols, visible)
             p = np.exp(s - m[:, :, rows]) / l[:, :, rows]  # the forward's weights
             if visible is not None:  # exactly 0 at hidden keys, also in a row made NaN
                 p = np.where(visible if visible.shape[3] == 1 else visible[..., cols], p, 0)
@@ -691,7 +732,7 @@ def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc:
             d = np.sum(np.where(p == 0, 0, p * dp), axis=-1, keepdims=True) if one_block \
                 else delta[:, :, rows]
             ds = np.where(p == 0, 0, p * (dp - d))
-            dq, dk, dpar = attention_scores_backward(ds, scores)
+            dq, dk, dpar = attention_scores_backward(_softcap_backward(ds, tanh), scores)
             d_query[:, :, rows] += dq
             d_keys[:, :, cols] += dk
             for key, g in dpar.items():

@@ -40,11 +40,12 @@ def run_core(q, k, v, lengths, dc, dW=None, scale=1.0):
     scale = dtype.type(scale)
     visible = np.broadcast_to(np.True_, (B, T))  # what the wrapper passes without a mask
     bias = np.broadcast_to(dtype.type(0), (B, T))
-    ka._single_forward(q, k, v, lengths, False, visible, bias, scale, context64, context, weights,
-                       stats, True)
+    no_cap = dtype.type(0)  # softcap 0: none
+    ka._single_forward(q, k, v, lengths, False, visible, bias, scale, no_cap, context64, context,
+                       weights, stats, True)
     d_q, d_k, d_v = (np.full_like(a, np.nan) for a in (q, k, v))
     dW = np.zeros((0, 0), dtype) if dW is None else dW
-    ka._single_backward(q, k, v, lengths, False, visible, bias, scale, stats, context64,
+    ka._single_backward(q, k, v, lengths, False, visible, bias, scale, no_cap, stats, context64,
                         dc.astype(np.float64), dW, weights, True, False, d_q, d_k, d_v,
                         np.empty((0, 0), dtype))
     return {"context": context, "weights": weights, "d_query": d_q, "d_keys": d_k,
@@ -212,16 +213,17 @@ def run_flash(q, k, v, lengths, dc, *, causal: bool, with_weights: bool, R: int 
     context = np.full((B, 1, Tq, Dv), np.nan, dtype)
     context64, stats = np.full((B, 1, Tq, Dv), np.nan), np.full((B, 1, Tq, 2), np.nan)
     weights = np.full(shape, np.nan, dtype) if with_weights else np.empty((0, 0, 0, 0), dtype)
-    kaf._flash_forward(q, k, v, Tq, lengths, causal, False, visible, False, bias, False, u, R,
-                       C, with_weights, context, context64, weights, stats)
+    no_cap = dtype.type(0)  # softcap 0: none
+    kaf._flash_forward(q, k, v, Tq, lengths, causal, False, visible, False, bias, no_cap, False,
+                       u, R, C, with_weights, context, context64, weights, stats)
     d_q, d_k, d_v = (np.full_like(x, np.nan) for x in (q, k, v))
     d_q_parts = (np.full((splits, B, 1, Tq, D), np.nan, dtype) if splits > 1
                  else np.empty((0, 0, 0, 0, 0), dtype))
     delta = (np.empty((0, 0, 0)) if with_weights else
              np.einsum("bhix,bhix->bhi", context64, dc.astype(np.float64)))
-    kaf._flash_backward(q, k, v, Tq, lengths, causal, False, visible, False, bias, False, u, R,
-                        C, splits, with_weights, weights, np.empty((0, 0, 0, 0), dtype), stats,
-                        delta, dc, d_q, d_q_parts, d_k, d_v, np.empty((0, 0)),
+    kaf._flash_backward(q, k, v, Tq, lengths, causal, False, visible, False, bias, no_cap, False,
+                        u, R, C, splits, with_weights, weights, np.empty((0, 0, 0, 0), dtype),
+                        stats, delta, dc, d_q, d_q_parts, d_k, d_v, np.empty((0, 0)),
                         np.zeros((0, 0, 0, 0), dtype))
     if splits > 1:
         d_q = d_q_parts.sum(axis=0)

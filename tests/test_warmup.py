@@ -33,7 +33,8 @@ def test_warmup_calls_every_op_in_both_dtypes() -> None:
 # dispatchers record no signature), or kept as a measured baseline.
 INNER = {"dot", "tanh", "sigmoid", "_clamp_length", "_single_finish", "_padded_forward_row",
          "_sigmoid_libm", "_clamp", "_row_limit", "_mask_row", "_write_weights",
-         "_recompute_weights", "additive_block", "additive_block_backward", "_tanh_rounded",
+         "_recompute_weights", "_softcap_slope", "additive_block", "additive_block_backward",
+         "_tanh_rounded",
          "_cell_forward_v2", "_emit_hidden", "_cell_backward", "_hidden_backward", "_gemm",
          # the flash kernels' per-item bodies: when their callers load from Numba's on-disk
          # cache, these never compile on their own, so their signatures depend on the cache

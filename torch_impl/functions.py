@@ -182,6 +182,7 @@ class _AttentionOptions:
     scale: float | None
     has_bias: bool
     need_weights: bool
+    softcap: float | None = None
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -196,7 +197,7 @@ class AttentionFunction(torch.autograd.Function):
             arr(query), arr(keys), arr(values), score=o.score,
             params=dict(zip(o.names, map(arr, params), strict=True)) or None,
             lengths=o.lengths, mask=o.mask, causal=o.causal, scale=o.scale, bias=arr(bias),
-            need_weights=o.need_weights)
+            need_weights=o.need_weights, softcap=o.softcap)
         context = out(context)
         ctx.options, ctx.cache = o, cache
         ctx.set_materialize_grads(False)
@@ -235,11 +236,13 @@ def attention(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     need_weights: bool = True,
+    softcap: float | None = None,
     backend: str | ModuleType = "numpy_ref",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attention_forward` as a differentiable torch op; backward by `attention_backward`.
 
-    ``s = scale * score(q, k) + bias``, ``w = softmax(s)`` over the keys each query sees,
+    ``s = cap(scale * score(q, k)) + bias`` (``cap(x) = softcap * tanh(x / softcap)``, or x),
+    ``w = softmax(s)`` over the keys each query sees,
     ``c = w v`` (the `numpy_ref.attention` module docstring has the math and the derivation).
 
     Parameters
@@ -253,6 +256,8 @@ def attention(
     bias : float tensor broadcastable to the weights (SDPA's float attn_mask); differentiable.
     need_weights : return the weights; with False, None, and the backend forms nothing of size
         Tq x Tk (its flash path).
+    softcap : None, or c > 0: the scaled scores become c tanh(x / c) before the bias (as
+        `numpy_ref.attention_forward`; not on CUDA tensors: kernels.cuda has no softcap yet).
     backend : "numpy_ref", "kernels" (or the module). CUDA tensors need "kernels" and a GPU
         that numba-cuda sees, and `kernels.cuda`'s subset: one query per row, dot or
         scaled_dot.
@@ -275,7 +280,7 @@ def attention(
         _host_only("attention", device, module, "")
     options = _AttentionOptions(module, cuda, score, names, _host_option(lengths),
                                 _host_option(mask), bool(causal), scale, bias is not None,
-                                need_weights)  # the backend checks that it is a bool
+                                need_weights, softcap)  # the backend checks that it is a bool
     result = AttentionFunction.apply(options, query, keys, values, bias, *tensors)
     return result if need_weights else (result, None)
 

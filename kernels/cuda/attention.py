@@ -19,7 +19,8 @@ dtype), score "dot" or "scaled_dot", `scale`, `lengths`, `sum_kv`, `out`, `need_
 each key's raw score in a [B, Tk] device buffer between its two phases: with one query per row
 that buffer is the size of one key row per batch row, 1/H of the values). Not implemented
 (a ValueError naming the option and pointing at `kernels` or torch): rank-3/4 queries, the
-"general" and "additive" scores, `mask`, `bias`, ``causal=True``, `d_weights`.
+"general" and "additive" scores, `mask`, `bias`, ``causal=True``, `d_weights`, `softcap`
+("softcap is not supported by kernels.cuda yet").
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def attention_forward(
     scale: float | None = None,
     bias: Any = None,
     need_weights: bool = True,
+    softcap: float | None = None,
     _splits: int | None = None,
     _warps: int | None = None,
 ) -> tuple[Any, Any, CudaAttentionCache]:
@@ -180,6 +182,8 @@ def attention_forward(
         raise _unsupported("mask", "a boolean mask (use lengths for padding)")
     if bias is not None:
         raise _unsupported("bias", "an additive bias")
+    if contract.softcap_value(softcap) is not None:  # a bad softcap: the contract's error
+        raise ValueError(f"softcap: softcap is not supported by kernels.cuda yet; {_USE}")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if causal:

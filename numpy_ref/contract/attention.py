@@ -65,6 +65,7 @@ class AttentionInputs(NamedTuple):
     layout: str  # "single", "steps" or "heads": the query's rank
     group: int  # h // h_kv: query head hh reads kv head hh // group
     need_weights: bool  # whether the forward returns the weights (else nothing Tq x Tk exists)
+    softcap: float | None = None  # c of the scores' softcap s -> c tanh(s / c), or None
 
     def to_user(self, x: np.ndarray) -> np.ndarray:
         """[B, h, Tq, X] (common layout) -> the caller's layout: [B, X], [B, Tq, X] or as is."""
@@ -141,6 +142,20 @@ def score_scale(score: str, scale: Any, Hk: int) -> float | None:
     return float(scale)
 
 
+def softcap_value(softcap: Any) -> float | None:
+    """Check `attention_forward`'s softcap: None, or a real number c > 0 and finite (the scores
+    become c tanh(s / c)). Return it as a float (or None)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a positive finite real number or None, got "
+                        f"{type(softcap).__name__} {softcap!r}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected a positive finite real number or None (the scores "
+                         f"become softcap * tanh(s / softcap)), got {softcap!r}")
+    return float(softcap)
+
+
 def _broadcastable(name: str, a: np.ndarray, shape: tuple[int, ...], labels: str) -> np.ndarray:
     """`a` as a view broadcast to `shape`, or a ValueError naming both shapes."""
     try:
@@ -205,10 +220,11 @@ def check_arrays(query: Any, keys: Any, values: Any, score: Any, params: Any, sc
 def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: Any,
                        lengths: Any = None, mask: Any = None, causal: Any = False,
                        scale: Any = None, bias: Any = None,
-                       need_weights: Any = True) -> AttentionInputs:
+                       need_weights: Any = True, softcap: Any = None) -> AttentionInputs:
     """Check every `attention_forward` argument; return them in the heads layout."""
     query, keys, values, layout, p, scale = check_arrays(query, keys, values, score, params,
                                                          scale)
+    softcap = softcap_value(softcap)
     heads = layout == "heads"
     dtype = query.dtype
     if lengths is not None:
@@ -230,7 +246,7 @@ def validate_attention(query: Any, keys: Any, values: Any, score: Any, params: A
     if not isinstance(need_weights, (bool, np.bool_)):
         raise TypeError(f"need_weights: expected a bool, got {type(need_weights).__name__}")
     inputs = AttentionInputs(query, keys, values, p, lengths, None, bool(causal), scale, None,
-                             None, score, layout, h // h_kv, bool(need_weights))
+                             None, score, layout, h // h_kv, bool(need_weights), softcap)
     if mask is not None:
         mask = inputs.from_user(np.broadcast_to(bool_mask("mask", mask, weights, labels),
                                                 weights))
