@@ -6,6 +6,11 @@ GRU in both published variants, Elman RNN), attention and its parts, the layers 
 linear, cross-entropy), the Transformer's parts (layer norm, ReLU and GELU, the feed-forward
 block, the encoder and decoder layers and stacks, nn.Transformer); the models compose them
 (see `numpy_ref.models`), the optimizers update params dicts in place (`numpy_ref.optim`).
+
+Every op takes float64, float32, float16 and bfloat16 (``ml_dtypes.bfloat16``); the last two run
+as a same-precision reference and `truth` gives the float64 answer (`numpy_ref.precision`;
+`numpy_ref.testing.error_budget` judges a low-precision result). `first_divergence` names the
+first intermediate where an implementation leaves the reference (`numpy_ref.divergence`).
 """
 
 from numpy_ref.activations import (
@@ -33,6 +38,14 @@ from numpy_ref.attention import (
     masked_softmax_forward,
     weighted_sum_backward,
     weighted_sum_forward,
+)
+from numpy_ref.divergence import (
+    DivergenceError,
+    DivergenceReport,
+    Intermediates,
+    find_divergence,
+    first_divergence,
+    intermediates,
 )
 from numpy_ref.gradcheck import gradcheck, numerical_gradient
 from numpy_ref.gru import (
@@ -92,6 +105,7 @@ from numpy_ref.multihead_attention import (
     multihead_attention_forward,
 )
 from numpy_ref.optim import SGD, Adam, AdamW, clip_grad_norm
+from numpy_ref.precision import LowPrecisionCache, truth
 from numpy_ref.rnn import (
     RNNCache,
     RNNCellCache,
@@ -135,17 +149,21 @@ __all__ = [
     "AttentionScoresCache",
     "BiLSTMAttentionCache",
     "CrossEntropyCache",
+    "DivergenceError",
+    "DivergenceReport",
     "EmbeddingCache",
     "FeedForwardCache",
     "GRUCache",
     "GRUCellCache",
     "GRUDirectionCache",
     "GeluCache",
+    "Intermediates",
     "LSTMCache",
     "LSTMCellCache",
     "LSTMDirectionCache",
     "LayerNormCache",
     "LinearCache",
+    "LowPrecisionCache",
     "MaskedSoftmaxCache",
     "MultiheadAttentionCache",
     "RNNCache",
@@ -176,6 +194,8 @@ __all__ = [
     "embedding_forward",
     "feed_forward_backward",
     "feed_forward_forward",
+    "find_divergence",
+    "first_divergence",
     "gelu_backward",
     "gelu_forward",
     "gradcheck",
@@ -190,6 +210,7 @@ __all__ = [
     "init_rnn_params",
     "init_seq2seq_params",
     "init_transformer_seq2seq_params",
+    "intermediates",
     "layer_norm_backward",
     "layer_norm_forward",
     "linear_backward",
@@ -226,6 +247,7 @@ __all__ = [
     "transformer_greedy_decode",
     "transformer_seq2seq_backward",
     "transformer_seq2seq_forward",
+    "truth",
     "weighted_sum_backward",
     "weighted_sum_forward",
 ]

@@ -36,6 +36,7 @@ from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract import layers as layers_contract
 from numpy_ref.contract import transformer as contract
 from numpy_ref.contract.fields import documented
+from numpy_ref.precision import near_kink, same_precision
 
 try:  # a ufunc: vectorised and correctly rounded to an ulp
     from scipy.special import erf as _erf
@@ -63,23 +64,31 @@ class ReluCache(NamedTuple):
     """What `relu_backward` needs."""
 
     y: np.ndarray  # [...] the output max(x, 0); read (the gradient passes where y > 0)
+    flip: np.ndarray | None = None  # [...] bool, only in `numpy_ref.precision.kinks_flipped`:
+    #   the entries whose x is within rounding of the kink; the backward takes their
+    #   derivative the other way (the error budget's alternative truth)
 
 
+@same_precision()
 def relu_forward(x: np.ndarray) -> tuple[np.ndarray, ReluCache]:
     """``y = max(x, 0)`` elementwise (`torch.nn.functional.relu`): x [...] -> y [...] (the
     `numpy_ref.activations` module docstring)."""
     x = _data(x)
     y = np.maximum(x, 0)  # NaN stays NaN
-    return y, ReluCache(y)
+    return y, ReluCache(y, near_kink(x))
 
 
+@same_precision(backward=True)
 def relu_backward(d_y: np.ndarray, cache: ReluCache) -> np.ndarray:
     """Backward of `relu_forward`: ``d_x = d_y`` where ``y > 0`` (or y is NaN, as torch), else
     0; d_y [...] -> d_x [...] (the `numpy_ref.activations` module docstring)."""
-    (y,) = checks.cache_of(cache, ReluCache, "relu_forward")
+    y, flip = checks.cache_of(cache, ReluCache, "relu_forward")
     d_y = layers_contract.cotangent("d_y", d_y, y.shape, y.dtype, "the relu output")
+    stopped = y <= 0
+    if flip is not None:
+        stopped = stopped ^ flip
     with checks.quiet():
-        return np.where(y <= 0, y.dtype.type(0), d_y)
+        return np.where(stopped, y.dtype.type(0), d_y)
 
 
 @documented
@@ -92,6 +101,7 @@ class GeluCache(NamedTuple):
     #   checks it first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def gelu_forward(x: np.ndarray, *, approximate: str = "none") -> tuple[np.ndarray, GeluCache]:
     """``y = x Phi(x)`` elementwise (`torch.nn.functional.gelu`), or its tanh approximation
     with ``approximate="tanh"``: x [...] -> y [...]; the formulas: the `numpy_ref.activations`
@@ -108,6 +118,7 @@ def gelu_forward(x: np.ndarray, *, approximate: str = "none") -> tuple[np.ndarra
     return y.astype(x.dtype, copy=False), GeluCache(x, approximate, fingerprints)
 
 
+@same_precision(backward=True)
 def gelu_backward(d_y: np.ndarray, cache: GeluCache) -> np.ndarray:
     """Backward of `gelu_forward`: ``d_x = d_y (Phi(x) + x phi(x))`` (or the tanh
     approximation's derivative; the `numpy_ref.activations` module docstring): d_y [...] ->

@@ -99,6 +99,7 @@ from numpy_ref.contract import attention as contract
 from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract.attention import SCORES
 from numpy_ref.contract.fields import documented
+from numpy_ref.precision import rounded, same_precision
 
 __all__ = ["SCORES", "AdditiveScoresCache", "AttentionCache", "AttentionScoresCache",
            "MaskedSoftmaxCache", "WeightedSumCache", "additive_scores_backward",
@@ -127,6 +128,7 @@ class AdditiveScoresCache(NamedTuple):
     #   checks it first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def additive_scores_forward(
     query_proj: np.ndarray, key_proj: np.ndarray, u: np.ndarray
 ) -> tuple[np.ndarray, AdditiveScoresCache]:
@@ -149,6 +151,7 @@ def additive_scores_forward(
     return (s[:, 0] if single else s), AdditiveScoresCache(e, u, single, fingerprints)
 
 
+@same_precision(backward=True)
 def additive_scores_backward(
     d_scores: np.ndarray, cache: AdditiveScoresCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,6 +195,7 @@ class AttentionScoresCache(NamedTuple):
     #   the forward saw them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def attention_scores_forward(
     query: np.ndarray,
     keys: np.ndarray,
@@ -226,6 +230,7 @@ def attention_scores_forward(
     return s, AttentionScoresCache(q, k, score, p, scale, projected, energy, fingerprints)
 
 
+@same_precision(backward=True)
 def attention_scores_backward(
     d_scores: np.ndarray, cache: AttentionScoresCache
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -277,6 +282,7 @@ class MaskedSoftmaxCache(NamedTuple):
     #   made them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def masked_softmax_forward(
     scores: np.ndarray, lengths: Any = None, *, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, MaskedSoftmaxCache]:
@@ -310,12 +316,14 @@ def masked_softmax_forward(
         w = e / np.where(total == 0, 1, total)
     if mask is not None:
         w = np.where(mask, w, 0)  # already 0, except in a row made NaN by a visible NaN
+    w = rounded(w)  # float16/bfloat16: torch's softmax saves its output, in the dtype
     fingerprints = unchanged.record("masked_softmax_forward", "masked_softmax_backward", [],
                                     outputs=[("weights", w)])
     return w, MaskedSoftmaxCache(w, contract.log_sum_exp(m, total, w.dtype)[..., 0],
                                  fingerprints)
 
 
+@same_precision(backward=True)
 def masked_softmax_backward(d_weights: np.ndarray, cache: MaskedSoftmaxCache) -> np.ndarray:
     """Backward of `masked_softmax_forward`: ``d_scores = w * (dw - sum_j w_j dw_j)``.
 
@@ -349,6 +357,7 @@ class WeightedSumCache(NamedTuple):
     #   them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def weighted_sum_forward(
     weights: np.ndarray, values: np.ndarray
 ) -> tuple[np.ndarray, WeightedSumCache]:
@@ -365,6 +374,7 @@ def weighted_sum_forward(
     return (c[:, 0] if single else c), WeightedSumCache(w, values, single, fingerprints)
 
 
+@same_precision(backward=True)
 def weighted_sum_backward(
     d_context: np.ndarray, cache: WeightedSumCache
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -467,6 +477,7 @@ def _per_kv_head(d: np.ndarray, group: int) -> np.ndarray:
         return d.reshape(B, h // group, group, T, H).sum(axis=2)
 
 
+@same_precision()
 def attention_forward(
     query: np.ndarray,
     keys: np.ndarray,
@@ -562,6 +573,7 @@ def attention_forward(
     return a.to_user(c), weights, cache
 
 
+@same_precision(backward=True)
 def attention_backward(
     d_context: np.ndarray,
     cache: AttentionCache,
@@ -689,7 +701,7 @@ def _forward_by_blocks(a: contract.AttentionInputs, pad: contract.Padding
             alpha = np.exp(m - shift)
             p = np.exp(s - shift)  # exactly 0 at hidden keys
             l = alpha * l + p.sum(axis=-1, keepdims=True)
-            acc = alpha * acc + p @ v[:, :, cols]
+            acc = alpha * acc + rounded(p) @ v[:, :, cols]  # float16/bf16: p in the dtype
             m = m_new
         context[:, :, rows] = acc / np.where(l == 0, 1, l)
         row_max[:, :, rows], row_sum[:, :, rows] = m[..., 0], l[..., 0]
@@ -732,7 +744,9 @@ def _backward_by_blocks(a: contract.AttentionInputs, blocks: BlockwiseCache, dc:
             d = np.sum(np.where(p == 0, 0, p * dp), axis=-1, keepdims=True) if one_block \
                 else delta[:, :, rows]
             ds = np.where(p == 0, 0, p * (dp - d))
-            dq, dk, dpar = attention_scores_backward(_softcap_backward(ds, tanh), scores)
+            # float16/bfloat16: ds rounded before its products, as torch's flash backward
+            dq, dk, dpar = attention_scores_backward(rounded(_softcap_backward(ds, tanh)),
+                                                     scores)
             d_query[:, :, rows] += dq
             d_keys[:, :, cols] += dk
             for key, g in dpar.items():

@@ -23,7 +23,8 @@ float64        1e-7 (`testing.RTOL64`)      torch.testing's float64 default; a c
                                            implementation is near 1e-14
 float32        512 * eps32 = 6.1e-5         float32 rounding compounded over a few products
                                            and steps, against the float64 reference
-float16        16 * eps16 = 1.6e-2          (bfloat16 arrives as float32: pass your own)
+float16        16 * eps16 = 1.6e-2          a few roundings in the dtype; for a budget that
+bfloat16       16 * eps = 0.125             follows the precision: `testing.error_budget`
 =============  ==========================  ==================================================
 
 Entries that are not data (padded steps of a batch with ``lengths``, key/query rows that are
@@ -62,7 +63,8 @@ x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) and ``h`` (act(a)) per step, each [B,
 name           shape        value
 =============  ===========  ===========================================================
 ``scores``     W            scale * score(q, k), before the bias (`attention_scores_forward`)
-``logits``     W            scores + bias: what the softmax reads (== scores without bias)
+``logits``     W            softcap(scores) + bias: what the softmax reads (== scores without
+                            softcap and bias)
 ``lse``        W minus Tk   each query's log-sum-exp of its visible logits
 ``weights``    W            the softmax (0 at hidden keys: compared)
 ``context``    [.., Hv]     weights @ values
@@ -491,7 +493,7 @@ _FAMILIES: tuple[tuple[type, Callable[[Any], Intermediates]], ...] = (
 
 def intermediates(cache: Any) -> Intermediates:
     """Every intermediate value of a reference forward, ``name -> array``, in forward order:
-    e.g. ``"l0.forward.t3.f" = sigmoid(a_f)`` of step 3, ``"logits" = scale q.k + bias``.
+    e.g. ``"l0.forward.t3.f" = sigmoid(a_f)`` of step 3, ``"logits" = softcap(scale q.k) + bias``.
 
     cache : the cache of `lstm_forward`, `gru_forward`, `rnn_forward`, `attention_forward`,
         `multihead_attention_forward`, `transformer_encoder_layer_forward` or
@@ -510,13 +512,15 @@ def intermediates(cache: Any) -> Intermediates:
 
 def default_tolerance(dtype: Any) -> tuple[float, float]:
     """``(rtol, atol)`` for values of `dtype` checked by ``|got - want| <= atol + rtol |want|``
-    against a float64 reference: 1e-7 for float64, 512 eps32 for float32, 16 eps16 for
-    float16 (the table of the `numpy_ref.divergence` module docstring)."""
+    against a float64 reference: 1e-7 for float64, 512 eps32 for float32, 16 eps of the dtype
+    for float16 and bfloat16 (the table of the `numpy_ref.divergence` module docstring)."""
     dtype = np.dtype(dtype)
     if dtype == np.float32:
         return RTOL32, ATOL32
     if dtype == np.float16:
         return RTOL16, ATOL16
+    if dtype.name == "bfloat16":
+        return 16 * 2.0 ** -7, 16 * 2.0 ** -7
     return RTOL64, ATOL64
 
 
@@ -539,8 +543,8 @@ def describe(name: str) -> str:
 
 class DivergenceError(AssertionError):
     """Raised by `DivergenceReport.raise_if_diverged`: some value breaks ``|got - want| <=
-    atol + rtol |want|``; the message is the report (the `numpy_ref.divergence` module
-    docstring)."""
+    atol + rtol |want|``; the message is the report (the rule and the names: see the
+    module docstring of `numpy_ref.divergence`)."""
 
 
 def _np(a: Any) -> np.ndarray:

@@ -61,6 +61,7 @@ import numpy as np
 from numpy_ref.contract import checks, recurrent, unchanged
 from numpy_ref.contract.fields import documented
 from numpy_ref.lstm import sigmoid
+from numpy_ref.precision import emulated, rounded, same_precision, step_sum
 
 GATES = 3
 
@@ -73,13 +74,16 @@ def _gates(gi: np.ndarray, h: np.ndarray, p: Mapping[str, np.ndarray], lbr: bool
     H = h.shape[1]
     w_hh, b_hh = p["weight_hh"], p.get("bias_hh")
     gates = np.empty_like(gi)
+    # `rounded`: the identity except in float16/bfloat16 calls, where it rounds each result
+    # that torch's GRU cell writes in the dtype
     if lbr:
         gh = h @ w_hh.T
         if b_hh is not None:
             gh += b_hh
-        gates[:, :2 * H] = sigmoid(gi[:, :2 * H] + gh[:, :2 * H])  # r, z
+        gh = rounded(gh)
+        gates[:, :2 * H] = rounded(sigmoid(rounded(gi[:, :2 * H] + gh[:, :2 * H])))  # r, z
         gh_n = gh[:, 2 * H:]
-        gates[:, 2 * H:] = np.tanh(gi[:, 2 * H:] + gates[:, :H] * gh_n)
+        gates[:, 2 * H:] = rounded(np.tanh(rounded(gi[:, 2 * H:] + rounded(gates[:, :H] * gh_n))))
     else:
         gh_rz = h @ w_hh[:2 * H].T
         if b_hh is not None:
@@ -90,7 +94,7 @@ def _gates(gi: np.ndarray, h: np.ndarray, p: Mapping[str, np.ndarray], lbr: bool
             gh_n += b_hh[2 * H:]
         gates[:, 2 * H:] = np.tanh(gi[:, 2 * H:] + gh_n)
     z, n = gates[:, H:2 * H], gates[:, 2 * H:]
-    return gates, gh_n, n + z * (h - n)
+    return gates, gh_n, n + rounded(z * rounded(h - n))
 
 
 def _gates_backward(d_h_new: np.ndarray, gates: np.ndarray, gh_n: np.ndarray, h: np.ndarray,
@@ -100,22 +104,23 @@ def _gates_backward(d_h_new: np.ndarray, gates: np.ndarray, gh_n: np.ndarray, h:
     False). The module docstring derives each line."""
     H = h.shape[1]
     r, z, n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
-    d_n = d_h_new * (1 - z)  # h_new = n + z (h - n)
-    d_z = d_h_new * (h - n)
-    d_h = d_h_new * z
+    # `rounded`: the identity except in float16/bfloat16 calls (torch's autograd's roundings)
+    d_n = rounded(d_h_new * (1 - z))  # h_new = n + z (h - n)
+    d_z = rounded(d_h_new * (h - n))
+    d_h = rounded(d_h_new * z)
     d_gi = np.empty_like(gates)
-    d_gi[:, 2 * H:] = d_n * (1 - n * n)  # da_n
+    d_gi[:, 2 * H:] = rounded(d_n * (1 - n * n))  # da_n
     d_gh = np.empty_like(gates)
     if lbr:  # a_n = gi_n + r * gh_n
-        d_gh[:, 2 * H:] = d_gi[:, 2 * H:] * r
-        d_r = d_gi[:, 2 * H:] * gh_n
+        d_gh[:, 2 * H:] = rounded(d_gi[:, 2 * H:] * r)
+        d_r = rounded(d_gi[:, 2 * H:] * gh_n)
     else:  # a_n = gi_n + (r * h) W_hn^T + b_hn
         d_gh[:, 2 * H:] = d_gi[:, 2 * H:]
         d_rh = d_gi[:, 2 * H:] @ w_hh[2 * H:]
         d_r = d_rh * h
         d_h += d_rh * r
-    d_gi[:, :H] = d_r * r * (1 - r)  # r = sigmoid(a_r)
-    d_gi[:, H:2 * H] = d_z * z * (1 - z)
+    d_gi[:, :H] = rounded(d_r * r * (1 - r))  # r = sigmoid(a_r)
+    d_gi[:, H:2 * H] = rounded(d_z * z * (1 - z))
     d_gh[:, :2 * H] = d_gi[:, :2 * H]
     if lbr:
         d_h += d_gh @ w_hh
@@ -163,6 +168,7 @@ class GRUCellCache(NamedTuple):
     #   saw them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def gru_cell_forward(
     x: np.ndarray, h: np.ndarray, params: Mapping[str, np.ndarray], *,
     linear_before_reset: bool = True,
@@ -188,11 +194,12 @@ def gru_cell_forward(
     gi = x @ p["weight_ih"].T
     if "bias_ih" in p:
         gi += p["bias_ih"]
-    gates, gh_n, h_new = _gates(gi, h, p, lbr)
+    gates, gh_n, h_new = _gates(rounded(gi), h, p, lbr)  # rounded: float16/bfloat16 calls
     fingerprints = recurrent.cell_fingerprints("gru_cell_forward", "gru_cell_backward", x, h, p)
     return h_new, GRUCellCache(x, h, gates, gh_n, p, lbr, fingerprints)
 
 
+@same_precision(backward=True)
 def gru_cell_backward(
     d_h_new: np.ndarray, cache: GRUCellCache
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -261,6 +268,7 @@ def init_gru_params(
     return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s, _ in specs}
 
 
+@same_precision()
 def gru_forward(
     x: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -312,6 +320,7 @@ def gru_forward(
     return output, h_n, cache
 
 
+@same_precision(backward=True)
 def gru_backward(
     d_output: np.ndarray, cache: GRUCache, *, d_h_n: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -352,7 +361,7 @@ def _direction_forward(x, h, p, mask, reverse, lbr):
     gi = x.reshape(T * B, -1) @ p["weight_ih"].T  # all steps at once
     if "bias_ih" in p:
         gi += p["bias_ih"]
-    gi = gi.reshape(T, B, GATES * H)
+    gi = rounded(gi.reshape(T, B, GATES * H))  # rounded: float16/bfloat16 calls
     out = np.zeros((T, B, H), x.dtype)
     h_prev = np.empty((T, B, H), x.dtype)
     gates = np.empty((T, B, GATES * H), x.dtype)
@@ -360,6 +369,7 @@ def _direction_forward(x, h, p, mask, reverse, lbr):
     for t in range(T - 1, -1, -1) if reverse else range(T):
         h_prev[t] = h
         gates[t], gh_n[t], h_new = _gates(gi[t], h, p, lbr)
+        h_new = rounded(h_new)  # the state, in float16/bfloat16 calls
         if mask is None:
             h = out[t] = h_new
         else:  # padded rows keep their state and output 0
@@ -381,14 +391,23 @@ def _direction_backward(d_out, d_h, cache, p, mask, lbr):
         if mask is not None:  # h_t = m ? h_t^new : h_{t-1}
             d_h_new = np.where(mask[t], d_h_new, 0)
         gi_t, gh_t, d_h_prev = _gates_backward(d_h_new, gates[t], gh_n[t], h_prev[t], w_hh, lbr)
+        gi_t, gh_t = rounded(gi_t), rounded(gh_t)  # float16/bfloat16: torch's step gradients
         if mask is None:
             d_gi[t], d_gh[t], d_h = gi_t, gh_t, d_h_prev
         else:  # padded rows: no gate gradient, and dh passes through (dh_keep), exactly
             d_gi[t] = np.where(mask[t], gi_t, 0)
             d_gh[t] = np.where(mask[t], gh_t, 0)
             d_h = np.where(mask[t], d_h_prev, d_h)
+        d_h = rounded(d_h)  # float16/bfloat16 calls: torch's step gradients are in the dtype
     rows = T * B
     grads = _weight_grads(d_gi.reshape(rows, -1), d_gh.reshape(rows, -1),
                           x.reshape(rows, -1), h_prev.reshape(rows, H),
                           gates[:, :, :H].reshape(rows, H), p, lbr)
+    if emulated() is not None:  # float16/bfloat16: the hidden weights' terms summed per step
+        order = range(T) if reverse else range(T - 1, -1, -1)
+        grads["weight_hh"] = (step_sum(d_gh, h_prev, order) if lbr else np.concatenate([
+            step_sum(d_gh[:, :, :2 * H], h_prev, order),
+            step_sum(d_gh[:, :, 2 * H:], gates[:, :, :H] * h_prev, order)]))
+        if "bias_hh" in grads:
+            grads["bias_hh"] = step_sum(d_gh, None, order)
     return (d_gi.reshape(rows, -1) @ p["weight_ih"]).reshape(T, B, -1), grads, d_h

@@ -46,6 +46,7 @@ from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract import layers as layers_contract
 from numpy_ref.contract import transformer as contract
 from numpy_ref.contract.fields import documented
+from numpy_ref.precision import emulated, rounded, same_precision
 
 __all__ = ["LayerNormCache", "layer_norm_backward", "layer_norm_forward"]
 
@@ -64,6 +65,7 @@ class LayerNormCache(NamedTuple):
     #   backward checks it first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def layer_norm_forward(
     x: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -103,11 +105,30 @@ def layer_norm_forward(
         y = x_hat if weight is None else x_hat * weight
         if bias is not None:
             y = y + bias
+        if emulated() is not None and variant == "torch":
+            # float16/bfloat16: torch saves the mean and 1/std in the dtype for its backward
+            r = rounded(r)
+            x_hat = (x - rounded(x.mean(axis=-1, keepdims=True))) * r
     fingerprints = unchanged.record("layer_norm_forward", "layer_norm_backward",
                                     [("params['weight']", weight)])
     return y, LayerNormCache(x_hat, r, sigma, weight, bias is not None, variant, fingerprints)
 
 
+def _rowwise_sums(rows: np.ndarray, x_hat: np.ndarray, d_params: dict) -> dict:
+    """d_weight = sum_i dy_i x^_i and d_bias = sum_i dy_i ([N, E] -> [E]) as torch's CPU layer
+    norm backward forms them for float16/bfloat16: a row at a time into a buffer of the dtype
+    (each addition rounded; exactly torch's result on one thread)."""
+    sums = {}
+    for key, term in (("weight", lambda i: rows[i] * x_hat[i]), ("bias", lambda i: rows[i])):
+        if key in d_params:
+            acc = np.zeros(rows.shape[1], np.float32)
+            for i in range(rows.shape[0]):
+                acc = rounded(acc + term(i))
+            sums[key] = acc
+    return sums
+
+
+@same_precision(backward=True)
 def layer_norm_backward(d_y: np.ndarray, cache: LayerNormCache
                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of `layer_norm_forward`: d_y [..., E] -> (d_x [..., E], d_params with the
@@ -128,6 +149,8 @@ def layer_norm_backward(d_y: np.ndarray, cache: LayerNormCache
             d_params["weight"] = (rows * x_hat.reshape(-1, E)).sum(axis=0)
         if has_bias:
             d_params["bias"] = rows.sum(axis=0)
+        if emulated() is not None:  # float16/bfloat16: torch's CPU kernel adds row by row
+            d_params.update(_rowwise_sums(rows, x_hat.reshape(-1, E), d_params))
         g = d_y if weight is None else d_y * weight
         g_mean = g.mean(axis=-1, keepdims=True)
         projection = (g * x_hat).sum(axis=-1, keepdims=True)

@@ -48,6 +48,7 @@ import numpy as np
 from numpy_ref.contract import checks, unchanged
 from numpy_ref.contract import layers as contract
 from numpy_ref.contract.fields import documented
+from numpy_ref.precision import emulated, rounded, same_precision
 
 # --------------------------------------------------------------------------------------------
 # embedding
@@ -66,6 +67,7 @@ class EmbeddingCache(NamedTuple):
     #   (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def embedding_forward(
     ids: np.ndarray, params: Mapping[str, np.ndarray], *, padding_idx: int | None = None
 ) -> tuple[np.ndarray, EmbeddingCache]:
@@ -85,6 +87,7 @@ def embedding_forward(
     return out, EmbeddingCache(ids, weight.shape, weight.dtype, padding_idx, fingerprints)
 
 
+@same_precision(backward=True)
 def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np.ndarray]:
     """Backward of `embedding_forward`: d_out [..., E] -> {"weight": [V, E]}.
 
@@ -95,7 +98,11 @@ def embedding_backward(d_out: np.ndarray, cache: EmbeddingCache) -> dict[str, np
     unchanged.check(fingerprints)
     d_out = contract.cotangent("d_out", d_out, (*ids.shape, E), dtype, "the embedding output")
     d_weight = np.zeros((V, E), dtype)
-    np.add.at(d_weight, ids.reshape(-1), d_out.reshape(-1, E))  # out = W[ids]: rows scatter-add
+    if emulated() is None:
+        np.add.at(d_weight, ids.reshape(-1), d_out.reshape(-1, E))  # out = W[ids]: scatter-add
+    else:  # float16/bfloat16: torch's CPU backward adds the rows in the dtype, in order
+        for i, row in zip(ids.reshape(-1), d_out.reshape(-1, E), strict=True):
+            d_weight[i] = rounded(d_weight[i] + row)
     if padding_idx is not None:
         d_weight[padding_idx] = 0
     return {"weight": d_weight}
@@ -116,6 +123,7 @@ class LinearCache(NamedTuple):
     #   them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
                    ) -> tuple[np.ndarray, LinearCache]:
     """``y = x W^T + b``: x [..., I], params {"weight": [O, I], "bias": [O] (optional)} ->
@@ -132,6 +140,7 @@ def linear_forward(x: np.ndarray, params: Mapping[str, np.ndarray]
                                                                   fingerprints)
 
 
+@same_precision(backward=True)
 def linear_backward(d_y: np.ndarray, cache: LinearCache
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of `linear_forward`: d_y [..., O] -> (d_x [..., I], {"weight", "bias"}).
@@ -184,6 +193,7 @@ def _target_weights(targets, probabilities, class_weight, ls, ignore_index, C, d
     return q
 
 
+@same_precision()
 def cross_entropy_forward(
     logits: np.ndarray,
     targets: np.ndarray,
@@ -217,8 +227,10 @@ def cross_entropy_forward(
         logits, targets, ignore_index, reduction, label_smoothing, weight)
     dtype, C = logits.dtype, z.shape[1]
     s = z - z.max(axis=1, keepdims=True)  # [M, C], max-subtracted
-    log_sum = np.log(np.exp(s).sum(axis=1, keepdims=True))
-    log_p = s - log_sum  # log softmax
+    # float16/bfloat16 (`rounded`): torch's CPU log_softmax keeps each row's sum of
+    # exponentials in the dtype, and writes its output in it
+    log_sum = np.log(rounded(np.exp(s).sum(axis=1, keepdims=True)))
+    log_p = rounded(s - log_sum)  # log softmax
     q = _target_weights(t, probabilities, class_weight, label_smoothing, ignore_index, C, dtype)
     loss_rows = -(q * log_p).sum(axis=1)  # [M]
     denominator = contract.cross_entropy_denominator(reduction, t, probabilities, class_weight,
@@ -226,7 +238,12 @@ def cross_entropy_forward(
     if reduction == "none":
         loss = loss_rows.reshape(contract.row_shape(logits.shape))
     else:  # all ignored: the mean is NaN, as torch's
-        loss = dtype.type(loss_rows.sum() / denominator if denominator else np.nan)
+        total = loss_rows.sum()
+        if emulated() is not None:  # float16/bfloat16: torch's nll_loss adds rows in the dtype
+            total = np.float32(0)
+            for row in rounded(loss_rows):
+                total = rounded(np.asarray(total + row))
+        loss = dtype.type(total / denominator if denominator else np.nan)
     fingerprints = unchanged.record("cross_entropy_forward", "cross_entropy_backward", [
         ("targets", unchanged.shared(targets, t) if probabilities else None),
         ("weight", class_weight)])
@@ -236,6 +253,7 @@ def cross_entropy_forward(
     return loss, cache
 
 
+@same_precision(backward=True)
 def cross_entropy_backward(d_loss: Any, cache: CrossEntropyCache) -> np.ndarray:
     """Backward of `cross_entropy_forward`: d_loss (a scalar, or [N, d...] for reduction
     "none") -> d_logits, shaped like the logits.

@@ -84,6 +84,7 @@ from numpy_ref.contract.lstm import (
     validate_lstm_sizes,
     without_padding,
 )
+from numpy_ref.precision import emulated, rounded, same_precision, step_sum
 
 # --------------------------------------------------------------------------------------------
 # pointwise helpers
@@ -102,9 +103,10 @@ def _gates_forward(a: np.ndarray, c_prev: np.ndarray):
     gates[:, : 2 * H] = sigmoid(a[:, : 2 * H])  # i, f
     gates[:, 2 * H : 3 * H] = np.tanh(a[:, 2 * H : 3 * H])  # g
     gates[:, 3 * H :] = sigmoid(a[:, 3 * H :])  # o
+    gates = rounded(gates)  # float16/bfloat16 calls: each torch op's result is in the dtype
     i, f, g = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H]
-    c = f * c_prev + i * g
-    return gates, c, np.tanh(c)
+    c = rounded(rounded(f * c_prev) + rounded(i * g))
+    return gates, c, rounded(np.tanh(c))
 
 
 def _gates_backward(d_r, d_c, gates, c_prev, tanh_c):
@@ -114,13 +116,15 @@ def _gates_backward(d_r, d_c, gates, c_prev, tanh_c):
     """
     H = c_prev.shape[-1]
     i, f, g, o = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H], gates[:, 3 * H :]
-    d_c = d_c + d_r * o * (1 - tanh_c * tanh_c)  # r = o * tanh(c)
+    # `rounded` is the identity except in float16/bfloat16 calls, where it rounds each
+    # gradient where torch's autograd writes one in the dtype (a product, an activation's VJP)
+    d_c = rounded(d_c + rounded(rounded(d_r * o) * (1 - tanh_c * tanh_c)))  # r = o * tanh(c)
     da = np.empty_like(gates)
-    da[:, :H] = d_c * g * i * (1 - i)  # c = f * c_prev + i * g, i = sigmoid(a_i)
-    da[:, H : 2 * H] = d_c * c_prev * f * (1 - f)
-    da[:, 2 * H : 3 * H] = d_c * i * (1 - g * g)  # g = tanh(a_g)
-    da[:, 3 * H :] = d_r * tanh_c * o * (1 - o)
-    return da, d_c * f
+    da[:, :H] = rounded(d_c * g) * i * (1 - i)  # c = f * c_prev + i * g, i = sigmoid(a_i)
+    da[:, H : 2 * H] = rounded(d_c * c_prev) * f * (1 - f)
+    da[:, 2 * H : 3 * H] = rounded(d_c * i) * (1 - g * g)  # g = tanh(a_g)
+    da[:, 3 * H :] = rounded(d_r * tanh_c) * o * (1 - o)
+    return da, rounded(d_c * f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,6 +145,7 @@ class LSTMCellCache(NamedTuple):
     #   forward saw them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def lstm_cell_forward(
     x: np.ndarray, h: np.ndarray, c: np.ndarray, params: Mapping[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, LSTMCellCache]:
@@ -172,6 +177,7 @@ def lstm_cell_forward(
     return h_new, c_new, LSTMCellCache(x, h, c, gates, tanh_c, p, cell_fingerprints(x, h, c, p))
 
 
+@same_precision(backward=True)
 def lstm_cell_backward(
     d_h_new: np.ndarray, d_c_new: np.ndarray | None, cache: LSTMCellCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -273,6 +279,7 @@ def init_lstm_params(
     return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s, _ in specs}
 
 
+@same_precision()
 def lstm_forward(
     x: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -335,6 +342,7 @@ def lstm_forward(
     return output, (np.stack(h_n), np.stack(c_n)), cache
 
 
+@same_precision(backward=True)
 def lstm_backward(
     d_output: np.ndarray,
     cache: LSTMCache,
@@ -394,7 +402,7 @@ def _direction_forward(x, h, c, w_ih, w_hh, bias, w_hr, mask, reverse):
     c_last, cache)."""
     T, B, _ = x.shape
     H, Ho = c.shape[1], h.shape[1]
-    xw = (x.reshape(T * B, -1) @ w_ih.T + bias).reshape(T, B, 4 * H)  # all steps at once
+    xw = rounded((x.reshape(T * B, -1) @ w_ih.T + bias).reshape(T, B, 4 * H))  # all steps at once
     out = np.zeros((T, B, Ho), x.dtype)
     h_prev = np.empty((T, B, Ho), x.dtype)
     c_prev = np.empty((T, B, H), x.dtype)
@@ -402,10 +410,11 @@ def _direction_forward(x, h, c, w_ih, w_hh, bias, w_hr, mask, reverse):
     tanh_c = np.empty((T, B, H), x.dtype)
     for t in range(T - 1, -1, -1) if reverse else range(T):
         h_prev[t], c_prev[t] = h, c
-        gates[t], c_new, tanh_c[t] = _gates_forward(xw[t] + h @ w_hh.T, c)
+        gates[t], c_new, tanh_c[t] = _gates_forward(rounded(xw[t] + rounded(h @ w_hh.T)), c)
         h_new = gates[t, :, 3 * H :] * tanh_c[t]  # r_t
         if w_hr is not None:
             h_new = h_new @ w_hr.T
+        h_new, c_new = rounded(h_new), rounded(c_new)  # the state, in float16/bfloat16 calls
         if mask is None:
             h, c = h_new, c_new
             out[t] = h_new
@@ -435,12 +444,14 @@ def _direction_backward(d_out, d_h, d_c, cache, w_ih, w_hh, w_hr, mask):
             d_h_new_steps[t] = d_h_new
             d_r = d_h_new @ w_hr
         da_t, d_c_prev = _gates_backward(d_r, d_c_new, gates[t], c_prev[t], tanh_c[t])
+        da_t = rounded(da_t)  # float16/bfloat16 calls: torch's step gradients are in the dtype
         if mask is None:
             da[t], d_c = da_t, d_c_prev
         else:  # padded rows: da = 0 and dc passes through (dc_keep), exactly
             da[t] = np.where(mask[t], da_t, 0)
             d_c = np.where(mask[t], d_c_prev, d_c)
         d_h = da[t] @ w_hh + d_h_keep  # a_t = ... + h_{t-1} @ w_hh.T
+        d_h, d_c = rounded(d_h), rounded(d_c)  # float16/bfloat16 calls: torch's step gradients
     da2 = da.reshape(T * B, 4 * H)
     d_bias = da2.sum(axis=0)
     grads = {
@@ -449,6 +460,10 @@ def _direction_backward(d_out, d_h, d_c, cache, w_ih, w_hh, w_hr, mask):
         "bias_ih": d_bias,
         "bias_hh": d_bias.copy(),
     }
+    if emulated() is not None:  # float16/bfloat16: the hidden weights' terms summed per step
+        order = range(T) if reverse else range(T - 1, -1, -1)
+        grads["weight_hh"] = step_sum(da, h_prev, order)
+        grads["bias_hh"] = step_sum(da, None, order)
     if w_hr is not None:
         r = (gates[:, :, 3 * H :] * tanh_c).reshape(T * B, H)
         grads["weight_hr"] = d_h_new_steps.reshape(T * B, Ho).T @ r

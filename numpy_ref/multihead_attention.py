@@ -87,6 +87,7 @@ from numpy_ref.contract.attention import without_padding
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.multihead_attention import MultiheadAttentionInputs
+from numpy_ref.precision import same_precision
 
 __all__ = ["MultiheadAttentionCache", "multihead_attention_backward",
            "multihead_attention_forward"]
@@ -119,6 +120,7 @@ def _merge_heads(x: np.ndarray, a: MultiheadAttentionInputs) -> np.ndarray:
 
 
 @unchanged.memoized()  # the ops' fingerprints: each array once (one query for q, k and v)
+@same_precision()
 def multihead_attention_forward(
     query: np.ndarray,
     key: np.ndarray,
@@ -204,6 +206,7 @@ def multihead_attention_forward(
     return output, weights, cache
 
 
+@same_precision(backward=True)
 def multihead_attention_backward(
     d_output: np.ndarray,
     cache: MultiheadAttentionCache,

@@ -37,6 +37,7 @@ import numpy as np
 
 from numpy_ref.contract import checks, recurrent, unchanged
 from numpy_ref.contract.fields import documented
+from numpy_ref.precision import emulated, rounded, same_precision, step_sum
 
 GATES = 1
 
@@ -47,7 +48,7 @@ def _step(gi: np.ndarray, h: np.ndarray, p: Mapping[str, np.ndarray], relu: bool
     a = h @ p["weight_hh"].T
     if "bias_hh" in p:
         a += p["bias_hh"]
-    a = gi + a
+    a = rounded(gi + rounded(a))  # rounded: the identity except in float16/bfloat16 calls
     return np.maximum(a, 0) if relu else np.tanh(a)
 
 
@@ -83,6 +84,7 @@ class RNNCellCache(NamedTuple):
     #   saw them; the backward checks them first (`numpy_ref.contract.unchanged`)
 
 
+@same_precision()
 def rnn_cell_forward(
     x: np.ndarray, h: np.ndarray, params: Mapping[str, np.ndarray], *,
     nonlinearity: str = "tanh",
@@ -99,11 +101,12 @@ def rnn_cell_forward(
     gi = x @ p["weight_ih"].T
     if "bias_ih" in p:
         gi += p["bias_ih"]
-    h_new = _step(gi, h, p, act == "relu")
+    h_new = rounded(_step(rounded(gi), h, p, act == "relu"))  # rounded: float16/bfloat16
     fingerprints = recurrent.cell_fingerprints("rnn_cell_forward", "rnn_cell_backward", x, h, p)
     return h_new, RNNCellCache(x, h, h_new, p, act, fingerprints)
 
 
+@same_precision(backward=True)
 def rnn_cell_backward(
     d_h_new: np.ndarray, cache: RNNCellCache
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -115,7 +118,7 @@ def rnn_cell_backward(
     unchanged.check(cache.fingerprints)
     x, h, h_new, p, act, _ = cache
     d_h_new = recurrent.cell_cotangent(d_h_new, h)
-    da = _step_backward(d_h_new, h_new, act == "relu")
+    da = rounded(_step_backward(d_h_new, h_new, act == "relu"))  # rounded: float16/bfloat16
     return da @ p["weight_ih"], da @ p["weight_hh"], _weight_grads(da, x, h, p)
 
 
@@ -168,6 +171,7 @@ def init_rnn_params(
     return {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s, _ in specs}
 
 
+@same_precision()
 def rnn_forward(
     x: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -214,6 +218,7 @@ def rnn_forward(
     return output, h_n, cache
 
 
+@same_precision(backward=True)
 def rnn_backward(
     d_output: np.ndarray, cache: RNNCache, *, d_h_n: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -245,13 +250,13 @@ def _direction_forward(x, h, p, mask, reverse, relu):
     gi = x.reshape(T * B, -1) @ p["weight_ih"].T
     if "bias_ih" in p:
         gi += p["bias_ih"]
-    gi = gi.reshape(T, B, H)
+    gi = rounded(gi.reshape(T, B, H))  # rounded: float16/bfloat16 calls
     out = np.zeros((T, B, H), x.dtype)
     h_prev = np.empty((T, B, H), x.dtype)
     h_new = np.empty((T, B, H), x.dtype)
     for t in range(T - 1, -1, -1) if reverse else range(T):
         h_prev[t] = h
-        h_new[t] = _step(gi[t], h, p, relu)
+        h_new[t] = rounded(_step(gi[t], h, p, relu))  # rounded: float16/bfloat16 calls
         if mask is None:
             h = out[t] = h_new[t]
         else:  # padded rows keep their state and output 0
@@ -270,11 +275,17 @@ def _direction_backward(d_out, d_h, cache, p, mask, relu):
     for t in range(T) if reverse else range(T - 1, -1, -1):  # the forward loop, backwards
         d_h_new = d_out[t] + d_h
         if mask is None:
-            da[t] = _step_backward(d_h_new, h_new[t], relu)
+            da[t] = rounded(_step_backward(d_h_new, h_new[t], relu))  # rounded: float16/bf16
             d_h = da[t] @ w_hh
         else:  # padded rows: da = 0 and dh passes through (dh_keep), exactly
-            da[t] = np.where(mask[t], _step_backward(d_h_new, h_new[t], relu), 0)
+            da[t] = np.where(mask[t], rounded(_step_backward(d_h_new, h_new[t], relu)), 0)
             d_h = np.where(mask[t], da[t] @ w_hh, d_h)
+        d_h = rounded(d_h)  # float16/bfloat16 calls: torch's step gradients are in the dtype
     rows = T * B
     grads = _weight_grads(da.reshape(rows, H), x.reshape(rows, -1), h_prev.reshape(rows, H), p)
+    if emulated() is not None:  # float16/bfloat16: the hidden weights' terms summed per step
+        order = range(T) if reverse else range(T - 1, -1, -1)
+        grads["weight_hh"] = step_sum(da, h_prev, order)
+        if "bias_hh" in grads:
+            grads["bias_hh"] = step_sum(da, None, order)
     return (da.reshape(rows, H) @ p["weight_ih"]).reshape(T, B, -1), grads, d_h

@@ -29,6 +29,14 @@ with factor 2 for values and 3 for gradients (FlashAttention's test rule) and sc
 max|ref64|, or a larger scale for a result that is a sum cancelling far below its terms (its
 rounding error scales with the terms, not with the result: a small gradient next to large
 ones, a gradient through the softmax's VJP, a context).
+
+float16 and bfloat16 (`error_budget`, `judge`, `half_ulp`): a low-precision result is measured
+against the truth (the op in float64 on the same low-precision inputs) together with the
+same-precision reference (the op itself on those inputs; `numpy_ref.precision`):
+
+    max|ours - truth| <= factor * max|reference - truth| + ulp(scale) / 2
+
+factor 2 for outputs and 3 for gradients again, scale = max|truth| (`numpy_ref.error_budget`).
 """
 
 from __future__ import annotations
@@ -216,14 +224,30 @@ def assert_close_policy(name: str, ours: Any, ref64: Any, *, torch32: Any = None
     return float(err.max())
 
 
+# float16/bfloat16: the error budget (its own module, re-exported here with the other rules)
+from numpy_ref.error_budget import (  # noqa: E402
+    RESULT_NAMES,
+    Budgeted,
+    BudgetReport,
+    error_budget,
+    half_ulp,
+    judge,
+)
+
 __all__ = [
     "ATOL64",
     "EPS32",
+    "RESULT_NAMES",
     "RTOL64",
+    "BudgetReport",
+    "Budgeted",
     "Comparison",
     "assert_all_close",
     "assert_allclose_named",
     "assert_close_policy",
     "compare",
+    "error_budget",
     "float32_allowance",
+    "half_ulp",
+    "judge",
 ]

@@ -72,6 +72,7 @@ from numpy_ref.contract import transformer as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import group, prefixed
+from numpy_ref.precision import same_precision
 
 __all__ = [
     "FeedForwardCache",
@@ -101,6 +102,7 @@ class FeedForwardCache(NamedTuple):
     name: str  # "relu" or "gelu"
 
 
+@same_precision()
 def feed_forward_forward(
     x: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -128,6 +130,7 @@ def feed_forward_forward(
     return y, FeedForwardCache(backend, c1, ca, c2, name)
 
 
+@same_precision(backward=True)
 def feed_forward_backward(d_y: np.ndarray, cache: FeedForwardCache
                           ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of `feed_forward_forward`: ``d_a = act'(z) * (d_y W_2)``, ``d_x = d_a W_1``
@@ -260,6 +263,7 @@ def _self_attention_backward(backend):
 
 
 @unchanged.memoized()
+@same_precision()
 def transformer_encoder_layer_forward(
     src: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -333,6 +337,7 @@ def _encoder_layer(backend, o, src, params, pad, src_mask, src_key_padding_mask,
     return _zero_rows(x, pad), (sa, ff)
 
 
+@same_precision(backward=True)
 def transformer_encoder_layer_backward(d_out: np.ndarray, cache: TransformerEncoderLayerCache
                                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of `transformer_encoder_layer_forward`, each residual block in reverse:
@@ -388,6 +393,7 @@ class TransformerDecoderLayerCache(NamedTuple):
 
 
 @unchanged.memoized()
+@same_precision()
 def transformer_decoder_layer_forward(
     tgt: np.ndarray,
     memory: np.ndarray,
@@ -485,6 +491,7 @@ def _decoder_layer(backend, o, tgt, memory, params, pad, memory_pad, masks, need
     return _zero_rows(x, pad), (sa, ca, ff), weights
 
 
+@same_precision(backward=True)
 def transformer_decoder_layer_backward(d_out: np.ndarray, cache: TransformerDecoderLayerCache
                                        ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Backward of `transformer_decoder_layer_forward`, its three residual blocks in reverse

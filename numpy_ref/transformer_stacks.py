@@ -27,6 +27,7 @@ from numpy_ref.contract import transformer as contract
 from numpy_ref.contract.backend import op_module
 from numpy_ref.contract.fields import documented
 from numpy_ref.contract.models import group, prefixed
+from numpy_ref.precision import same_precision
 from numpy_ref.transformer import (
     TransformerDecoderLayerCache,
     TransformerEncoderLayerCache,
@@ -65,6 +66,7 @@ class TransformerEncoderCache(NamedTuple):
 
 
 @unchanged.memoized()
+@same_precision()
 def transformer_encoder_forward(
     src: np.ndarray,
     params: Mapping[str, np.ndarray],
@@ -117,6 +119,7 @@ def _encoder(backend, src, params, n, nhead, norm_first, activation, eps, mask,
     return x, tuple(caches), norm, pad
 
 
+@same_precision(backward=True)
 def transformer_encoder_backward(d_out: np.ndarray, cache: TransformerEncoderCache
                                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of `transformer_encoder_forward`: the norm's backward, then each layer's from
@@ -159,6 +162,7 @@ class TransformerDecoderCache(NamedTuple):
 
 
 @unchanged.memoized()
+@same_precision()
 def transformer_decoder_forward(
     tgt: np.ndarray,
     memory: np.ndarray,
@@ -224,6 +228,7 @@ def _decoder(backend, tgt, memory, params, n, nhead, norm_first, activation, eps
     return x, tuple(caches), norm, pad
 
 
+@same_precision(backward=True)
 def transformer_decoder_backward(d_out: np.ndarray, cache: TransformerDecoderCache
                                  ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Backward of `transformer_decoder_forward`: the norm's, then each layer's from the top,
@@ -265,6 +270,7 @@ class TransformerCache(NamedTuple):
     keys: tuple[str, ...]  # the params' keys, in order
 
 
+@same_precision()
 def transformer_forward(
     src: np.ndarray,
     tgt: np.ndarray,
@@ -314,6 +320,7 @@ def transformer_forward(
     return out, TransformerCache(ce, cd, tuple(params))
 
 
+@same_precision(backward=True)
 def transformer_backward(d_out: np.ndarray, cache: TransformerCache
                          ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Backward of `transformer_forward`: ``d_tgt, d_memory = decoder_backward(d_out)``, then

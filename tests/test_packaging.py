@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-NOT_NUMPY = ("torch", "numba", "scipy", "safetensors", "threadpoolctl", "tqdm", "matplotlib")
+NOT_NUMPY = ("torch", "numba", "scipy", "safetensors", "threadpoolctl", "tqdm", "matplotlib",
+             "ml_dtypes")
 
 BLOCKER = f"""
 import sys, importlib.abc
@@ -50,6 +51,13 @@ def test_numpy_ref_runs_every_op_family_with_numpy_alone() -> None:
         params = ref.init_bilstm_attention_params(10, 4, 3, 2, rng=rng)
         logits, _, cache = ref.bilstm_attention_forward(ids, params)
         ref.bilstm_attention_backward(np.ones_like(logits), cache)
+        h = x.astype(np.float16)  # float16 is NumPy's own: no ml_dtypes needed
+        out, _, cache = ref.lstm_forward(h, {k: v.astype(np.float16) for k, v in p.items()},
+                                         bidirectional=True)
+        assert out.dtype == np.float16
+        ref.lstm_backward(np.ones_like(out), cache)
+        from numpy_ref.testing import error_budget
+        assert error_budget(ref.gelu_forward, (h,), got={"y": ref.gelu_forward(h)[0]}).ok
         mods = sorted(m for m in {NOT_NUMPY!r} if m in sys.modules)
         assert not mods, mods
         print("ok")
@@ -76,4 +84,4 @@ def test_the_package_requires_numpy_alone() -> None:
     extras = project["optional-dependencies"]
     # the quick start's two commands install these: everything the suite and the tests import
     assert "lstm-attention-reference[kernels,torch,examples]" in extras["bench"]
-    assert "lstm-attention-reference[bench,golden,cuda,frameworks]" in extras["test"]
+    assert "lstm-attention-reference[bench,bfloat16,golden,cuda,frameworks]" in extras["test"]
