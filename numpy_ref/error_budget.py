@@ -165,6 +165,7 @@ class Budgeted(NamedTuple):
     got: Any  # the user's value there (a Python float)
     want: Any  # the truth there
     kink: float = 0.0  # the largest allowance added for a ReLU kink within rounding distance
+    floor: float = 0.0  # the half ulp of the dtype at the scale (allowed's last term)
 
     def __str__(self) -> str:
         verdict = "ok  " if self.ok else "FAIL"
@@ -222,14 +223,15 @@ def judge(name: str, got: Any, reference: Any, truth64: np.ndarray, dtype: np.dt
     err_ref = max(float(_errors(_as_array(r), truth64).max()) for r in runs)
     if scale is None:
         scale = _scale(truth64)
-    allowed = np.full(err.shape, factor * err_ref + half_ulp(scale, dtype))
+    floor = half_ulp(scale, dtype)
+    allowed = np.full(err.shape, factor * err_ref + floor)
     kinked = 0.0
     if kink is not None:
         allowed, kinked = allowed + kink, float(kink.max())
     ok = bool(np.all(err <= allowed))
     j = _index(err if ok else err - allowed)
     return Budgeted(name, ok, float(err[j]), err_ref, float(allowed[j]), factor, j,
-                    float(got[j].astype(np.float64)), float(truth64[j]), kinked)
+                    float(got[j].astype(np.float64)), float(truth64[j]), kinked, floor)
 
 
 def _scale(a: np.ndarray) -> float:

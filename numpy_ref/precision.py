@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -272,12 +273,48 @@ def _to(dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
     return cast
 
 
+# The torch CPU path each op's float16/bfloat16 reference follows (by the op's name prefix);
+# `same_precision` adds the line to the op's docstring.
+FOLLOWS = {
+    "lstm": "torch's native LSTM cell (aten/src/ATen/native/RNN.cpp), op by op; nn.LSTM in "
+            "bfloat16 runs oneDNN's fused cell, which rounds less",
+    "gru": "torch's native GRU cell (aten/src/ATen/native/RNN.cpp), op by op",
+    "rnn": "torch's native RNN cell (aten/src/ATen/native/RNN.cpp), op by op",
+    "attention": "SDPA's flash CPU kernel without the weights (p rounded before p V, ds before "
+                 "ds K), its math path with them (the softmax written in the dtype, then bmm)",
+    "additive": "torch's ops (linear, tanh, bmm), each result in the dtype",
+    "masked_softmax": "torch.softmax (computed in float32, written in the dtype)",
+    "weighted_sum": "torch.bmm (float32 accumulation, one rounding)",
+    "multihead": "nn.MultiheadAttention: its projections (addmm) and its attention (above)",
+    "linear": "F.linear (addmm: float32 accumulation, one rounding)",
+    "embedding": "F.embedding (its backward adds the rows in the dtype, in order)",
+    "cross_entropy": "F.cross_entropy (log_softmax with its sum kept in the dtype, nll_loss "
+                     "adding rows in the dtype)",
+    "layer_norm": "aten/src/ATen/native/cpu/layer_norm_kernel.cpp (mean and 1/std saved in "
+                  "the dtype; d_weight and d_bias added row by row in it)",
+    "relu": "F.relu", "gelu": "F.gelu (computed in float32, one rounding)",
+    "feed_forward": "the torch modules, op by op (each op's result in the dtype)",
+    "transformer": "the torch modules, op by op (each op's result in the dtype)",
+}
+
+
+def _follows(fn: Callable) -> str:
+    name = fn.__name__
+    return next((v for k, v in sorted(FOLLOWS.items(), key=lambda kv: -len(kv[0]))
+                 if name.startswith(k)), "")
+
+
 def same_precision(*, backward: bool = False) -> Callable[[Callable], Callable]:
     """Decorate a public forward (returning ``(outputs..., cache)``) or backward (taking a
-    cache) so that it accepts float16/bfloat16 as the module docstring describes."""
+    cache) so that it accepts float16/bfloat16 as the module docstring describes; the op's
+    docstring gets a line naming the torch path its low-precision reference follows."""
 
     def decorate(fn: Callable) -> Callable:
         op = fn.__name__
+        follows = _follows(fn)
+        if fn.__doc__ and follows:
+            fn.__doc__ = inspect.cleandoc(fn.__doc__) + "\n\n" + textwrap.fill(
+                f"float16/bfloat16: rounds as {follows} (`numpy_ref.precision`).", 92)
 
         @functools.wraps(fn)
         def forward(*args: Any, **kwargs: Any) -> Any:
