@@ -139,6 +139,7 @@ from numpy_ref.layer_norm import layer_norm_forward
 from numpy_ref.layers import linear_forward
 from numpy_ref.lstm import LSTMCache
 from numpy_ref.multihead_attention import MultiheadAttentionCache
+from numpy_ref.precision import LowPrecisionCache
 from numpy_ref.rnn import RNNCache
 from numpy_ref.testing import ATOL64, EPS32, RTOL64, Comparison, compare
 from numpy_ref.transformer import TransformerDecoderLayerCache, TransformerEncoderLayerCache
@@ -497,11 +498,14 @@ def intermediates(cache: Any) -> Intermediates:
 
     cache : the cache of `lstm_forward`, `gru_forward`, `rnn_forward`, `attention_forward`,
         `multihead_attention_forward`, `transformer_encoder_layer_forward` or
-        `transformer_decoder_layer_forward` (run on numpy_ref).
+        `transformer_decoder_layer_forward` (run on numpy_ref; a float16/bfloat16 call's cache
+        gives the values its same-precision reference computed, in float32).
 
     Returns an `Intermediates` (a dict; ``.valid`` marks the entries that are data). The names
     and shapes of each family: the `numpy_ref.divergence` module docstring.
     """
+    if isinstance(cache, LowPrecisionCache):
+        cache = cache.inner
     for cls, extract in _FAMILIES:
         if isinstance(cache, cls):
             return extract(cache)

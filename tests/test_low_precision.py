@@ -624,3 +624,19 @@ def test_torch_transformer_encoder_stack_passes_the_budget(dtype, seed, N, T,
                           grad_outputs=(d_out,),
                           got_grads={"d_src": tsrc.grad, **_grads(module)})
     assert_within(report)
+
+
+def test_the_first_divergence_report_reads_a_low_precision_cache_and_judges_its_dtype() -> None:
+    """A bfloat16 call's cache gives its intermediates (float32, as computed); a bfloat16
+    result is held to the dtype's default tolerance, and a planted bug is still found."""
+    rng = np.random.default_rng(3)
+    params = {k: low(v, "bfloat16") for k, v in ref.init_lstm_params(3, 4, rng=rng).items()}
+    x = low(rng.standard_normal((5, 2, 3)), "bfloat16")
+    out, _, cache = ref.lstm_forward(x, params)
+    named = ref.intermediates(cache)
+    assert "l0.forward.t4.h" in named and named["l0.forward.t4.h"].dtype == np.float32
+    assert ref.find_divergence(ref.lstm_forward, (x, params), {}, {"output": out}).ok
+    mine = {k: v.astype(BF16) for k, v in named.items()}
+    mine["l0.forward.t2.o"] = (mine["l0.forward.t2.o"].astype(np.float32) + 0.5).astype(BF16)
+    report = ref.find_divergence(ref.lstm_forward, (x, params), {}, mine)
+    assert report.first.name == "l0.forward.t2.o"
