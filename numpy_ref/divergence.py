@@ -195,6 +195,18 @@ def _step_valid(cache: Any, t: int) -> np.ndarray | None:
     return None if cache.mask is None else cache.mask[t]
 
 
+def _kept(new: np.ndarray, old: Any, valid: np.ndarray | None) -> np.ndarray:
+    """`new` on the rows that are data at this step, `old` on the padded ones."""
+    return new if valid is None else np.where(valid, new, old)
+
+
+def _add_step(out: Intermediates, prefix: str, valid: np.ndarray | None,
+              **named: np.ndarray) -> None:
+    """One step's values under ``{prefix}.{name}`` (e.g. ``l0.forward.t3.f``), in order."""
+    for name, value in named.items():
+        out.add(f"{prefix}.{name}", value, valid)
+
+
 def _finals(out: Intermediates, cache: Any, output: np.ndarray, finals: Sequence[tuple]) -> None:
     """output [T, B, X] (time-major, padded steps 0) in the caller's layout, then the finals."""
     valid = cache.mask
@@ -224,12 +236,10 @@ def _lstm(cache: LSTMCache) -> Intermediates:
             if w_hr is not None:
                 h = h @ w_hr.T
             valid = _step_valid(cache, t)
-            prefix = f"l{layer}.{label}.t{t}"
-            for name, value in (("i", i), ("f", f), ("g", g), ("o", o), ("c", c), ("h", h)):
-                out.add(f"{prefix}.{name}", value, valid)
-            step_out[t] = h if valid is None else np.where(valid, h, 0)
-            h_last = h if valid is None else np.where(valid, h, h_last)
-            c_last = c if valid is None else np.where(valid, c, c_last)
+            _add_step(out, f"l{layer}.{label}.t{t}", valid, i=i, f=f, g=g, o=o, c=c, h=h)
+            step_out[t] = _kept(h, 0, valid)
+            h_last = _kept(h, h_last, valid)
+            c_last = _kept(c, c_last, valid)
         outputs.setdefault(layer, []).append(step_out)
         h_n.append(h_last)
         c_n.append(c_last)
@@ -250,11 +260,9 @@ def _gru(cache: GRUCache) -> Intermediates:
             r, z, n = (dc.gates[t][:, k * H:(k + 1) * H] for k in range(3))
             h = n + z * (dc.h_prev[t] - n)  # the forward's own expression
             valid = _step_valid(cache, t)
-            prefix = f"l{layer}.{label}.t{t}"
-            for name, value in (("r", r), ("z", z), ("n", n), ("h", h)):
-                out.add(f"{prefix}.{name}", value, valid)
-            step_out[t] = h if valid is None else np.where(valid, h, 0)
-            h_last = h if valid is None else np.where(valid, h, h_last)
+            _add_step(out, f"l{layer}.{label}.t{t}", valid, r=r, z=z, n=n, h=h)
+            step_out[t] = _kept(h, 0, valid)
+            h_last = _kept(h, h_last, valid)
         outputs.setdefault(layer, []).append(step_out)
         h_n.append(h_last)
     _finals(out, cache, np.concatenate(outputs[cache.num_layers - 1], axis=-1),
@@ -284,10 +292,9 @@ def _rnn(cache: RNNCache) -> Intermediates:
             a = gi[t] + a
             h = dc.h_new[t]
             valid = _step_valid(cache, t)
-            out.add(f"l{layer}.{label}.t{t}.a", a, valid)
-            out.add(f"l{layer}.{label}.t{t}.h", h, valid)
-            step_out[t] = h if valid is None else np.where(valid, h, 0)
-            h_last = h if valid is None else np.where(valid, h, h_last)
+            _add_step(out, f"l{layer}.{label}.t{t}", valid, a=a, h=h)
+            step_out[t] = _kept(h, 0, valid)
+            h_last = _kept(h, h_last, valid)
         outputs.setdefault(layer, []).append(step_out)
         h_n.append(h_last)
     _finals(out, cache, np.concatenate(outputs[cache.num_layers - 1], axis=-1),

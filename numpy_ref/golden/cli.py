@@ -30,10 +30,7 @@ def _write_onnx(directory: str, only: Sequence[str] | None) -> int:
 
     try:
         index = write_onnx(directory, only)
-    except ModuleNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except (ModuleNotFoundError, ValueError) as e:  # no onnx; a bad --only
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
